@@ -1,0 +1,102 @@
+"""Device, compute dtype, memory, seeds and a GEMM probe: the one place that knows the backend.
+
+Policy: on Apple GPUs (Metal) and CUDA, keep bf16 weights and the quantized matmul (fast paths
+there). On the MLX CPU backend, bf16 GEMM and 4-bit ``quantized_matmul`` run at a few GFLOP/s
+while fp32 GEMM goes through BLAS at hundreds, so models are dequantized and computed in fp32.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+import mlx_med  # noqa: F401  (BLAS preload before mlx)
+
+
+@dataclass(frozen=True)
+class Backend:
+    device: str  # "cpu" or "gpu"
+    accelerator: str  # "Metal", "CUDA" or "none"
+    compute_dtype: mx.Dtype
+    quantized_compute: bool  # keep QuantizedLinear layers as they are
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.compute_dtype).replace("mlx.core.", "")
+
+    def describe(self) -> str:
+        kept = "kept quantized" if self.quantized_compute else "dequantized"
+        return f"{self.device} ({self.accelerator}), compute {self.dtype_name}, quantized weights {kept}"
+
+
+def detect_backend() -> Backend:
+    """The backend MLX will run on, and the compute policy for it."""
+    if mx.metal.is_available():
+        return Backend("gpu", "Metal", mx.bfloat16, True)
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return Backend("gpu", "CUDA", mx.bfloat16, True)
+    return Backend("cpu", "none", mx.float32, False)
+
+
+def prepare_for_compute(model: nn.Module, backend: Backend | None = None) -> nn.Module:
+    """Apply the backend's compute policy to a loaded model, in place.
+
+    On CPU: dequantize quantized layers and cast floating weights to fp32. Elsewhere: unchanged.
+    """
+    backend = backend or detect_backend()
+    if backend.quantized_compute:
+        return model
+    from mlx_lm.utils import dequantize_model
+
+    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in model.modules()):
+        model = dequantize_model(model)
+    model.set_dtype(backend.compute_dtype)
+    return model
+
+
+def gemm_gflops(n: int = 1024, repeats: int = 5, dtype: mx.Dtype = mx.float32) -> float:
+    """Measured n×n×n matmul throughput in GFLOP/s (best of ``repeats``)."""
+    a = mx.random.normal((n, n)).astype(dtype)
+    b = mx.random.normal((n, n)).astype(dtype)
+    mx.eval(a @ b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(a @ b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def system_memory_gb() -> float | None:
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def peak_memory_gb() -> float:
+    return mx.get_peak_memory() / 1e9
+
+
+def reset_peak_memory() -> None:
+    mx.reset_peak_memory()
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    mx.random.seed(seed)
+
+
+def platform_line() -> str:
+    return f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"

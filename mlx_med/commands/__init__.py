@@ -1,0 +1,1 @@
+"""One module per CLI verb; ``mlx_med.cli`` registers every ``command``/``commands`` found here."""

@@ -1,0 +1,47 @@
+"""``mlx-med doctor``: what MLX runs on here, how fast, and which compute path mlx-med will take."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+MIN_GOOD_GFLOPS = 50.0
+
+
+@click.command("doctor")
+@click.option("--size", default=1024, show_default=True, help="GEMM size n for the n×n×n probe.")
+def command(size: int) -> None:
+    """Check the MLX install: device, BLAS, measured GEMM speed, memory, compute dtype."""
+    import mlx_med
+    from mlx_med.blas import blas_in_use, preload_blas
+
+    try:
+        import mlx.core as mx
+
+        from mlx_med import backend
+    except Exception as err:  # a broken wheel fails here in many ways
+        click.echo(f"error: MLX cannot be imported: {err}", err=True)
+        sys.exit(1)
+    try:
+        info = backend.detect_backend()
+        gflops = backend.gemm_gflops(size)
+    except Exception as err:
+        click.echo(f"error: MLX is installed but cannot run a matmul: {err}", err=True)
+        sys.exit(1)
+
+    status = preload_blas()
+    mem = backend.system_memory_gb()
+    click.echo(f"mlx-med: {mlx_med.__version__}")
+    click.echo(f"platform: {backend.platform_line()}")
+    click.echo(f"mlx: {mx.__version__}")
+    click.echo(f"device: {info.device} (accelerator: {info.accelerator})")
+    click.echo(f"blas: {blas_in_use()} ({status.note})")
+    click.echo(f"gemm: {gflops:.1f} GFLOP/s (fp32, {size}x{size}x{size})")
+    click.echo(f"memory: {mem:.1f} GB" if mem else "memory: unknown")
+    click.echo(f"compute: {info.describe()}")
+    if info.device == "cpu" and gflops < MIN_GOOD_GFLOPS:
+        click.echo(
+            f"warning: fp32 GEMM is slow ({gflops:.1f} GFLOP/s); training will crawl. {status.note}",
+            err=True,
+        )
