@@ -1,0 +1,118 @@
+"""``mlx-med eval``: batched generation on an eval set, LLaMA-Factory BLEU-4/ROUGE and standard scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mlx_med.commands.options import config_option, force_option
+
+
+def decoding_options(func):
+    """Decoding flags shared by ``eval`` and the sweeps (each overrides the chosen preset)."""
+    options = [
+        click.option("--preset", help="Decoding preset: greedy | llamafactory (LLaMA-Factory's defaults: "
+                     "temperature 0.95, top_p 0.7, top_k 50) | balanced | creative.  [default: greedy]"),
+        click.option("--temperature", "--temp", "temperature", type=float,
+                     help="Sampling temperature; 0 is greedy (overrides the preset)."),
+        click.option("--top-p", type=float, help="Nucleus sampling top_p, 1 = off (overrides the preset)."),
+        click.option("--top-k", type=int, help="Keep the k most likely tokens, 0 = off (overrides the preset)."),
+        click.option("--min-p", type=float, help="Min-p sampling threshold, 0 = off (overrides the preset)."),
+        click.option("--repetition-penalty", type=float, help="Penalise repeated tokens, 1 = off."),
+        click.option("--max-new-tokens", type=int, help="Longest answer in tokens (overrides the preset; "
+                     "greedy: 256, llamafactory: 1024)."),
+        click.option("--seed", type=int, help="Random seed for sampling.  [default: 0]"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def model_options(func):
+    """Model and adapter flags shared by ``eval`` and the sweeps."""
+    options = [
+        click.option("--model", type=click.Path(path_type=Path), help="Base model folder (MLX or HF safetensors)."),
+        click.option("--adapter", type=click.Path(path_type=Path), help="One adapter / training run directory to apply."),
+        click.option("--sft", type=click.Path(path_type=Path), help="SFT run, mixed live with --pt at weight --alpha."),
+        click.option("--pt", type=click.Path(path_type=Path), help="PT run, mixed live with --sft."),
+        click.option("--alpha", type=float, help="SFT weight: ΔW = α·ΔW_sft + (1−α)·ΔW_pt.  [default: 0.5]"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.command("eval")
+@config_option
+@model_options
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Eval JSONL: {\"messages\": [...]} (last assistant turn = reference) or "
+                   "{\"prompt\", \"response\"|\"output\"|\"label\"}. For --suite safety: a probe file (default: starter set).")
+@click.option("-o", "--out", type=click.Path(path_type=Path),
+              help="Output folder: generated_predictions.jsonl, metrics.json. Re-running resumes an interrupted eval.")
+@click.option("--suite", type=click.Choice(["qa", "safety"]), default="qa", show_default=True,
+              help="qa: BLEU-4/ROUGE against references; safety: the safety screening probes.")
+@click.option("--limit", type=int, help="Evaluate only the first N rows.")
+@click.option("--batch-size", type=int, help="Sequences generated together.  [default: 8]")
+@decoding_options
+@click.option("--system", help="System prompt added to rows that have none (default: none, as in the study).")
+@click.option("--lang", type=click.Choice(["auto", "zh", "en"]),
+              help="Language for sacreBLEU's tokenizer (zh or 13a).  [default: auto, from the references]")
+@click.option("--ppl-data", type=click.Path(path_type=Path),
+              help="Held-out PT text (JSONL/txt): also report its perplexity (knowledge retention).")
+@click.option("--ppl-block-size", type=int, help="Tokens per perplexity block.  [default: 512]")
+@force_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table (for scripts).")
+def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit, batch_size, preset,
+            temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed, system, lang,
+            ppl_data, ppl_block_size, force, quiet) -> None:
+    """Generate answers for an eval set and score them (BLEU-4/ROUGE as LLaMA-Factory computes them).
+
+    \b
+    Examples:
+      mlx-med eval --model base --data data/demo/eval_toyhom_zh.jsonl -o evals/base --limit 20
+      mlx-med eval --model base --adapter runs/sft --data eval.jsonl -o evals/sft --preset llamafactory
+      mlx-med eval --model base --sft runs/sft --pt runs/pt --alpha 0.7 --data eval.jsonl -o evals/a07
+      mlx-med eval --suite safety --model base --adapter runs/sft -o evals/safety
+    """
+    from mlx_med.config import load_config
+
+    overrides = {
+        "model": model, "adapter": adapter, "sft": sft, "pt": pt, "alpha": alpha, "data": data, "out": out,
+        "limit": limit, "batch_size": batch_size, "system": system, "force": force or None,
+    }
+    decoding = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+                "repetition_penalty": repetition_penalty, "max_new_tokens": max_new_tokens, "seed": seed}
+    if suite == "safety":
+        run_safety(config_path, overrides, preset, decoding, quiet)
+        return
+    from mlx_med.evaluate import EvalConfig, run_eval
+
+    cfg = load_config(EvalConfig, config_path, {
+        **overrides, **decoding, "preset": preset, "lang": lang, "ppl_data": ppl_data,
+        "ppl_block_size": ppl_block_size,
+    })
+    run_eval(cfg, quiet=quiet)
+    if not quiet:
+        click.echo(f"wrote {Path(cfg.out) / 'generated_predictions.jsonl'} and metrics.json")
+
+
+def run_safety(config_path, overrides: dict, preset_name: str | None, decoding: dict, quiet: bool) -> None:
+    """``--suite safety``: the safety engineer's runner, with the same model/decoding flags."""
+    from mlx_med.config import load_config
+    from mlx_med.decoding import preset
+
+    try:
+        from mlx_med.safety import SafetyEvalConfig, run_safety_eval
+    except ImportError:
+        from mlx_med.errors import UserError
+
+        raise UserError("--suite safety needs mlx_med.safety, which this install lacks") from None
+    cfg = load_config(SafetyEvalConfig, config_path, {k: v for k, v in overrides.items() if k != "data"} | {
+        "data": str(overrides["data"]) if overrides.get("data") else None,
+        "progress": False if quiet else None,
+    })
+    base = preset(preset_name) if preset_name else cfg.decoding
+    cfg.decoding = base.with_overrides(**decoding)
+    run_safety_eval(cfg, echo=(lambda s: None) if quiet else None)

@@ -1,0 +1,403 @@
+"""The eval runner: eval JSONL → batched generation → ``generated_predictions.jsonl`` + ``metrics.json``.
+
+Rows are chat records (``{"messages": [...]}``, last assistant turn = reference) or
+``{"prompt", "response"|"output"|"label"}``; bad rows are counted and reported, never fatal.
+Finished predictions are appended to ``OUT/predictions.partial.jsonl`` as they come, so an
+interrupted run picks up where it stopped when started again with the same settings. Models are
+never mutated here beyond applying the requested adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import mlx_med  # noqa: F401  (BLAS preload before mlx)
+from mlx_med.config import config_to_dict
+from mlx_med.decoding import DecodingConfig, preset
+from mlx_med.errors import ConfigError, UserError
+
+PREDICTIONS = "generated_predictions.jsonl"
+METRICS = "metrics.json"
+PARTIAL = "predictions.partial.jsonl"
+STATE = "eval_state.json"
+LABEL_KEYS = ("final_decision",)
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate, on what, and how to decode. Flags > YAML > these defaults."""
+
+    model: Path | None = None  # base model folder (MLX or HF safetensors)
+    data: Path | None = None  # eval JSONL
+    out: Path | None = None  # output folder
+    adapter: Path | None = None  # one adapter / training run dir
+    sft: Path | None = None  # SFT adapter, merged live with `pt` at weight `alpha`
+    pt: Path | None = None
+    alpha: float = 0.5  # ΔW = α·ΔW_sft + (1−α)·ΔW_pt
+    preset: str = "greedy"  # decoding preset (mlx_med.decoding.PRESETS); fields below override it
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+    batch_size: int = 8
+    limit: int | None = None  # first N valid rows
+    system: str | None = None  # system prompt added to rows without one
+    lang: Literal["auto", "zh", "en"] = "auto"  # sacreBLEU tokenizer choice
+    ppl_data: Path | None = None  # held-out PT text: perplexity (knowledge retention)
+    ppl_block_size: int = 512
+    ppl_limit: int | None = 200  # PT records used for perplexity
+    force: bool = False  # replace a finished eval in `out`
+
+    def decoding(self) -> DecodingConfig:
+        """The preset with this config's explicit decoding fields on top."""
+        return preset(self.preset).with_overrides(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens, seed=self.seed,
+        )
+
+    def validate(self) -> None:
+        for name in ("model", "data", "out"):
+            if getattr(self, name) is None:
+                raise ConfigError(f"eval needs '{name}' (flag --{name.replace('_', '-')} or the YAML key)")
+        if self.adapter is not None and (self.sft is not None or self.pt is not None):
+            raise ConfigError("give either --adapter or --sft/--pt, not both")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        self.decoding()  # raises on bad values
+
+
+@dataclass
+class EvalRow:
+    """One eval item: the conversation up to the reference answer."""
+
+    index: int
+    source: str
+    messages: list[dict[str, str]]
+    reference: str
+    label: str | None = None
+
+
+@dataclass
+class EvalSet:
+    rows: list[EvalRow]
+    bad: int = 0
+    bad_reasons: list[str] = field(default_factory=list)
+
+
+def load_eval_rows(path: str | Path, limit: int | None = None) -> EvalSet:
+    """Eval rows from ``path``; bad records are counted (with the first reasons), not raised."""
+    from mlx_med.data import SkipReport, iter_examples
+
+    report = SkipReport()
+    rows: list[EvalRow] = []
+    for example in iter_examples(path, kind="chat", skip_bad=True, report=report):
+        messages = list(example.messages)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        label = next((str(example.meta[k]) for k in LABEL_KEYS if example.meta.get(k) is not None), None)
+        rows.append(EvalRow(len(rows), example.source, messages[:last], messages[last]["content"], label))
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        why = f" ({report.summary()})" if report.skipped else ""
+        raise UserError(f"{path}: no usable eval rows{why}")
+    return EvalSet(rows, report.skipped, report.reasons)
+
+
+def load_for_eval(model: Path, adapter: Path | None = None, sft: Path | None = None,
+                  pt: Path | None = None, alpha: float = 0.5):
+    """Model + tokenizer with adapters applied (live, so α can change later without re-fusing).
+
+    Returns:
+        ``(loaded, live)``: a ``LoadedModel`` and the ``LiveAdapters`` handle (None without adapters).
+    """
+    try:
+        from mlx_med.live import load_with_adapters
+    except ImportError:
+        load_with_adapters = None
+    if load_with_adapters is not None:
+        return load_with_adapters(model, adapter=adapter, sft=sft, pt=pt, alpha=alpha)
+    from mlx_med.models import load_model
+
+    if sft is not None or pt is not None:
+        raise UserError("--sft/--pt need mlx_med.live (live adapter merging), which this install lacks")
+    loaded = load_model(model)
+    if adapter is not None:  # an mlx-med adapter dir is an mlx-lm adapter dir
+        from mlx_lm.tuner.utils import load_adapters
+
+        loaded.model = load_adapters(loaded.model, str(adapter))
+    return loaded, None
+
+
+def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` (+ adapters) on ``cfg.data``; write predictions and metrics to ``cfg.out``.
+
+    Args:
+        cfg: what to run; ``cfg.out`` may hold an interrupted run with the same settings (resumed).
+        quiet: no progress bar and no printed table.
+        loaded: an already loaded ``LoadedModel`` to use instead of loading ``cfg.model`` (sweeps
+            reuse one model; the adapters it carries are the caller's business).
+
+    Returns:
+        The metrics dict written to ``metrics.json``.
+    """
+    cfg.validate()
+    decoding = cfg.decoding()
+    evalset = load_eval_rows(cfg.data, cfg.limit)
+    out = Path(cfg.out)
+    state = _state(cfg, decoding)
+    done = _prepare_out_dir(out, state, cfg.force)
+    todo = [row for row in evalset.rows if row.index not in done]
+    if not quiet and done:
+        print(f"resuming: {len(done)} of {len(evalset.rows)} predictions already in {out / PARTIAL}")
+    if loaded is None:
+        loaded, _ = load_for_eval(cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.alpha)
+
+    start = time.perf_counter()
+    generated = _generate(loaded, todo, decoding, cfg, out / PARTIAL, quiet)
+    seconds = time.perf_counter() - start
+    done.update(generated)
+
+    records = [done[row.index] for row in evalset.rows]
+    from mlx_med.io import atomic_write_json, atomic_write_text
+    from mlx_med.metrics import compute_metrics
+
+    atomic_write_text(out / PREDICTIONS, "".join(
+        json.dumps({"prompt": r["prompt"], "predict": r["predict"], "label": r["label"]}, ensure_ascii=False) + "\n"
+        for r in records
+    ))
+    metrics = compute_metrics(
+        [r["predict"] for r in records], [r["label"] for r in records],
+        labels=[row.label for row in evalset.rows],
+        generation_tokens=[r["generation_tokens"] for r in records], lang=cfg.lang,
+    )
+    new_tokens = sum(r["generation_tokens"] for r in generated.values())
+    metrics["throughput"] = {"sequences": len(generated), "generated_tokens": new_tokens, "seconds": round(seconds, 3),
+                             "tokens_per_s": round(new_tokens / seconds, 3) if seconds > 0 else 0.0,
+                             "batch_size": cfg.batch_size, "resumed": len(records) - len(generated)}
+    metrics["finish_reasons"] = _count(r["finish_reason"] for r in records)
+    metrics["bad_rows"] = {"count": evalset.bad, "first": evalset.bad_reasons}
+    if cfg.ppl_data is not None:
+        texts = load_ppl_texts(cfg.ppl_data, cfg.ppl_limit)
+        metrics["perplexity"] = perplexity_stats(loaded.model, loaded.tokenizer, texts, cfg.ppl_block_size)
+    metrics["config"] = {**config_to_dict(cfg), "decoding": config_to_dict(decoding)}
+    atomic_write_json(out / METRICS, metrics)
+    (out / PARTIAL).unlink(missing_ok=True)
+    if not quiet:
+        print(format_metrics_table({str(out): metrics}))
+        if evalset.bad:
+            print(f"skipped {evalset.bad} bad row(s); first: {evalset.bad_reasons[0]}")
+    return metrics
+
+
+def _state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
+    """What must match for a partial run to be resumed: inputs and decoding, not batch size."""
+    from mlx_med.fingerprint import model_fingerprint, path_fingerprint
+
+    adapters = {k: str(v) for k, v in (("adapter", cfg.adapter), ("sft", cfg.sft), ("pt", cfg.pt)) if v is not None}
+    return {
+        "model": model_fingerprint(cfg.model),
+        "adapters": {k: path_fingerprint(v) for k, v in adapters.items()},
+        "alpha": cfg.alpha if cfg.sft or cfg.pt else None,
+        "data": path_fingerprint(cfg.data),
+        "limit": cfg.limit,
+        "system": cfg.system,
+        "decoding": config_to_dict(decoding),
+    }
+
+
+def _prepare_out_dir(out: Path, state: dict[str, Any], force: bool) -> dict[int, dict]:
+    """Create ``out`` or reopen an interrupted run in it; return the predictions already made."""
+    from mlx_med.io import atomic_write_json
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    if force:
+        for name in (PARTIAL, STATE, METRICS, PREDICTIONS):
+            (out / name).unlink(missing_ok=True)
+    elif (out / METRICS).exists():
+        raise UserError(f"{out} already holds a finished eval ({METRICS}); pass --force to replace it")
+    done: dict[int, dict] = {}
+    if (out / PARTIAL).exists():
+        try:
+            previous = json.loads((out / STATE).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            previous = None
+        if previous != state:
+            raise UserError(f"{out} holds an interrupted eval with different model, data or decoding "
+                            "settings; pass --force to start over")
+        done = read_partial(out / PARTIAL)
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} already exists and is not an eval folder; pass --force to use it anyway")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / STATE, state)
+    return done
+
+
+def read_partial(path: Path) -> dict[int, dict]:
+    """Predictions of an interrupted run, by row index; a torn last line is ignored."""
+    done: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                done[int(record["index"])] = record
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+    return done
+
+
+def _generate(loaded, rows: list[EvalRow], decoding: DecodingConfig, cfg: EvalConfig, partial: Path,
+              quiet: bool) -> dict[int, dict]:
+    from mlx_med.generate import generate_batch
+
+    made: dict[int, dict] = {}
+    if not rows:
+        return made
+    # Repair a torn last line from an interrupted write, so appended records start on a fresh line.
+    if partial.exists() and partial.stat().st_size and not partial.read_bytes().endswith(b"\n"):
+        with open(partial, "a", encoding="utf-8") as f:
+            f.write("\n")
+    with open(partial, "a", encoding="utf-8") as f:
+        def keep(i: int, result) -> None:
+            row = rows[i]
+            record = {"index": row.index, "prompt": result.prompt, "predict": result.text, "label": row.reference,
+                      "prompt_tokens": result.prompt_tokens, "generation_tokens": result.generation_tokens,
+                      "finish_reason": result.finish_reason}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            made[row.index] = record
+
+        generate_batch(loaded.model, loaded.tokenizer, [row.messages for row in rows], decoding,
+                       batch_size=cfg.batch_size, system=cfg.system, progress=not quiet, on_result=keep)
+    return made
+
+
+def _count(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------- perplexity (knowledge retention)
+
+
+def load_ppl_texts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Raw texts for perplexity: PT records as they are, chat records as their turns joined."""
+    from mlx_med.data import iter_examples
+
+    texts = []
+    for example in iter_examples(path, kind="any", skip_bad=True):
+        texts.append(example.text if example.text is not None
+                     else "\n".join(m["content"] for m in example.messages))
+        if limit is not None and len(texts) >= limit:
+            break
+    if not texts:
+        raise UserError(f"{path}: no usable text for perplexity")
+    return texts
+
+
+def token_nll(model, tokenizer, texts: list[str], block_size: int = 512, batch_size: int = 4) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats) and the number of predicted tokens.
+
+    Texts are tokenized, joined with the EOS token and cut into non-overlapping blocks of
+    ``block_size + 1`` tokens; each block predicts its last ``block_size`` tokens.
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if block_size < 1:
+        raise UserError(f"block_size must be >= 1, got {block_size}")
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream += list(tokenizer.encode(text))
+        if eos is not None:
+            stream.append(eos)
+    step = block_size + 1
+    blocks = [stream[i:i + step] for i in range(0, len(stream), block_size)]
+    blocks = [b for b in blocks if len(b) > 1]
+    total, count = 0.0, 0
+    # equal-length blocks go together; the shorter tail block runs alone
+    full = [b for b in blocks if len(b) == step]
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    groups += [[b] for b in blocks if len(b) != step]
+    for group in groups:
+        batch = mx.array(group)
+        logits = model(batch[:, :-1]).astype(mx.float32)
+        loss = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
+        total += loss.item()
+        count += batch.shape[0] * (batch.shape[1] - 1)
+    return total, count
+
+
+def perplexity(model, tokenizer, texts: list[str], block_size: int = 512, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) of ``texts`` under ``model`` (see ``token_nll`` for the blocking)."""
+    import math
+
+    total, count = token_nll(model, tokenizer, texts, block_size, batch_size)
+    if count == 0:
+        raise UserError("no tokens to score for perplexity (texts are empty)")
+    return math.exp(total / count)
+
+
+def perplexity_stats(model, tokenizer, texts: list[str], block_size: int = 512) -> dict[str, float]:
+    """``{"perplexity", "nll", "tokens", "texts", "block_size"}`` for metrics.json."""
+    import math
+
+    total, count = token_nll(model, tokenizer, texts, block_size)
+    if count == 0:
+        raise UserError("no tokens to score for perplexity (texts are empty)")
+    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
+            "texts": len(texts), "block_size": block_size}
+
+
+# ---------------------------------------------------------------- tables
+
+
+def metrics_row(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one eval, flat (used by tables, sweeps and the report)."""
+    row = {k: metrics.get(k) for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")}
+    row["sacrebleu"] = metrics.get("sacrebleu", {}).get("bleu")
+    row["rougeL(rs)"] = metrics.get("rouge_score", {}).get("rougeL")
+    if "choice" in metrics:
+        row["accuracy"] = metrics["choice"]["accuracy"]
+    row["out_tokens"] = metrics.get("lengths", {}).get("mean_output_tokens")
+    if "perplexity" in metrics:
+        row["ppl"] = metrics["perplexity"]["perplexity"]
+    row["n"] = metrics.get("n")
+    return row
+
+
+def markdown_table(rows: list[dict[str, Any]], digits: int = 2) -> str:
+    """A GitHub markdown table; the columns are the union of the rows' keys, in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.{digits}f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def format_metrics_table(named: dict[str, dict[str, Any]]) -> str:
+    """Markdown table of several evals' headline metrics, one row per name."""
+    return markdown_table([{"eval": name, **metrics_row(m)} for name, m in named.items()])
