@@ -1,0 +1,124 @@
+"""Live α: several adapters on one model with runtime weights equal the fused model."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from random_adapters import ALL, make_adapter
+
+from mlx_med.adapter_format import read_adapter
+from mlx_med.errors import UserError
+from mlx_med.live import MultiLoRALinear, attach_adapters, load_with_adapters
+from mlx_med.models import load_model
+
+TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 11]])
+
+
+@pytest.fixture
+def pair(tmp_path, tiny_model):
+    pt = make_adapter(tiny_model, tmp_path / "pt", rank=4, lora_alpha=8, keys=ALL, seed=1, phase="pt")
+    sft = make_adapter(tiny_model, tmp_path / "sft", rank=2, lora_alpha=16, keys=ALL, seed=2, phase="sft")
+    return tiny_model, tmp_path / "sft", tmp_path / "pt", sft, pt
+
+
+def manual_fused_logits(model_dir, terms) -> np.ndarray:
+    """Reference: W ← W + Σ c·ΔW written straight into the base weights."""
+    loaded = load_model(model_dir)
+    named = dict(loaded.model.named_modules())
+    for coefficient, adapter in terms:
+        for module in adapter.modules():
+            layer = named[module]
+            layer.weight = layer.weight + coefficient * adapter.delta(module)
+    return np.array(loaded.model(TOKENS))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_live_alpha_equals_fused(pair, alpha):
+    model_dir, sft_dir, pt_dir, sft, pt = pair
+    loaded, live = load_with_adapters(model_dir, sft=sft_dir, pt=pt_dir, alpha=0.5)
+    live.set_alpha(alpha)
+    assert live.alpha == pytest.approx(alpha)
+    got = np.array(loaded.model(TOKENS))
+    want = manual_fused_logits(model_dir, [(alpha, sft), (1 - alpha, pt)])
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_switching_back_and_detach_restore(pair):
+    model_dir, sft_dir, pt_dir, *_ = pair
+    base = np.array(load_model(model_dir).model(TOKENS))
+    loaded, live = load_with_adapters(model_dir, sft=sft_dir, pt=pt_dir, alpha=0.0)
+    at0 = np.array(loaded.model(TOKENS))
+    live.set_alpha(1.0)
+    at1 = np.array(loaded.model(TOKENS))
+    assert np.abs(at1 - at0).max() > 1e-2  # the two adapters really differ
+    live.set_alpha(0.0)
+    np.testing.assert_allclose(np.array(loaded.model(TOKENS)), at0, atol=1e-5)
+    live.set_weights(sft=0.0, pt=0.0)
+    np.testing.assert_allclose(np.array(loaded.model(TOKENS)), base, atol=1e-5)
+    assert live.alpha is None
+    # The parameter tree holds only base weights, under <module>.linear.
+    names = [k for k, _ in tree_flatten(loaded.model.parameters())]
+    assert not any("lora" in k for k in names) and any(k.endswith("q_proj.linear.weight") for k in names)
+    live.detach()
+    assert not any(isinstance(m, MultiLoRALinear) for m in loaded.model.modules())
+    np.testing.assert_allclose(np.array(loaded.model(TOKENS)), base, atol=1e-6)
+
+
+def test_stacked_sft_means_pt_plus_own(tmp_path, tiny_llama):
+    pt = make_adapter(tiny_llama, tmp_path / "pt", seed=3, phase="pt")
+    own = make_adapter(tiny_llama, tmp_path / "sft", seed=4, phase="sft", stacked_on=tmp_path / "pt")
+    loaded, live = load_with_adapters(tiny_llama, sft=tmp_path / "sft", pt=tmp_path / "pt", alpha=0.3)
+    assert live.parents == {"sft": "pt"} and live.coefficients == pytest.approx({"sft": 0.3, "pt": 1.0})
+    want = manual_fused_logits(tiny_llama, [(1.0, pt), (0.3, own)])
+    np.testing.assert_allclose(np.array(loaded.model(TOKENS)), want, atol=2e-4, rtol=1e-4)
+    # A stacked run given alone brings its PT run along: the SFT model exactly.
+    loaded1, live1 = load_with_adapters(tiny_llama, adapter=tmp_path / "sft")
+    assert set(live1.adapters) == {"adapter", "stacked_on"}
+    want1 = manual_fused_logits(tiny_llama, [(1.0, pt), (1.0, own)])
+    np.testing.assert_allclose(np.array(loaded1.model(TOKENS)), want1, atol=2e-4, rtol=1e-4)
+
+
+def test_stacked_on_other_pt_refused(tmp_path, tiny_llama):
+    make_adapter(tiny_llama, tmp_path / "pt", seed=3)
+    make_adapter(tiny_llama, tmp_path / "pt2", seed=5)
+    make_adapter(tiny_llama, tmp_path / "sft", seed=4, phase="sft", stacked_on=tmp_path / "pt")
+    with pytest.raises(UserError, match="trained on top of"):
+        load_with_adapters(tiny_llama, sft=tmp_path / "sft", pt=tmp_path / "pt2")
+
+
+def test_quantized_base_layers(tmp_path, tiny_llama):
+    """The live layer wraps QuantizedLinear too (GPU policy keeps them quantized)."""
+    import mlx.nn as nn
+
+    adapter = make_adapter(tiny_llama, tmp_path / "a", seed=6)
+    loaded = load_model(tiny_llama)
+    nn.quantize(loaded.model, group_size=32, bits=8)
+    ref = load_model(tiny_llama)
+    nn.quantize(ref.model, group_size=32, bits=8)
+    live = attach_adapters(loaded.model, {"a": read_adapter(tmp_path / "a")}, {"a": 1.0})
+    assert isinstance(live.layers["model.layers.0.self_attn.q_proj"].linear, nn.QuantizedLinear)
+    x = mx.random.normal((3, 64))
+    layer = dict(ref.model.named_modules())["model.layers.0.self_attn.q_proj"]
+    want = layer(x) + x @ adapter.delta("model.layers.0.self_attn.q_proj").T
+    got = live.layers["model.layers.0.self_attn.q_proj"](x)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-4)
+
+
+def test_errors(pair, tmp_path, tiny_qwen2, tiny_llama):
+    model_dir, sft_dir, pt_dir, *_ = pair
+    _, live = load_with_adapters(model_dir, sft=sft_dir, pt=pt_dir)
+    with pytest.raises(UserError, match="no adapter named"):
+        live.set_weights(chat=1.0)
+    with pytest.raises(UserError, match="not both"):
+        load_with_adapters(model_dir, adapter=sft_dir, sft=sft_dir, pt=pt_dir)
+    with pytest.raises(UserError, match="go together"):
+        load_with_adapters(model_dir, sft=sft_dir)
+    loaded, none = load_with_adapters(model_dir)
+    assert none is None and loaded.model is not None
+    # An adapter with other layer sizes is refused with the module named.
+    other = make_adapter(tiny_llama, tmp_path / "other", seed=7)
+    other.weights = {k: mx.concatenate([v, v], axis=0) if k.endswith("lora_a") else v for k, v in other.weights.items()}
+    with pytest.raises(UserError, match=r"_proj is 128→\d+ in the adapter but 64→"):
+        attach_adapters(load_model(tiny_qwen2).model, {"x": other}, {"x": 1.0})
