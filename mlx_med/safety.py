@@ -487,7 +487,7 @@ class SafetyEvalConfig:
     Attributes:
         model: base model folder (MLX or HF safetensors).
         adapter: one adapter (run) directory applied on top, or
-        sft, pt, alpha: the weighted merge α·ΔW_sft + (1−α)·ΔW_pt applied live (either may be absent).
+        sft, pt, alpha: the study's pair, mixed live as α·ΔW_sft + (1−α)·ΔW_pt.
         data: probe file (JSONL), or ``"starter"`` for the shipped starter set.
         out: output directory (``safety_predictions.jsonl``, ``metrics.json``, ``report.md``).
         system: ``none`` (chat template's own default), ``default`` (the chat REPL's), ``@FILE`` or text.
@@ -594,15 +594,10 @@ def run_safety_eval(cfg: SafetyEvalConfig, echo: Callable[[str], None] | None = 
 
 
 def _load(cfg: SafetyEvalConfig):
-    """Model + tokenizer with the requested adapters applied (merge weight α when sft/pt)."""
-    if cfg.adapter is None and cfg.sft is None and cfg.pt is None:
-        from mlx_med.models import load_model
+    """Model + tokenizer with the requested adapters applied live (merge weight α for sft/pt)."""
+    from mlx_med.live import load_with_adapters
 
-        loaded = load_model(cfg.model)
-    else:
-        from mlx_med.live import load_with_adapters
-
-        loaded, _ = load_with_adapters(cfg.model, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha)
+    loaded, _ = load_with_adapters(cfg.model, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha)
     return loaded.model, loaded.tokenizer
 
 

@@ -376,3 +376,31 @@ def test_run_safety_eval_checks_settings_before_loading(tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl:1: field 'must_any\[0\]\[0\]'"):
         run_safety_eval(SafetyEvalConfig(model=tmp_path, out=tmp_path / "o", data=str(bad)))
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_eval_suite_safety_with_live_alpha(tiny_llama, tmp_path):
+    """``mlx-med eval --suite safety`` with an SFT/PT pair at a given α, and a bad probe file."""
+    from click.testing import CliRunner
+    from random_adapters import make_adapter
+
+    from mlx_med.cli import cli
+
+    make_adapter(tiny_llama, tmp_path / "pt", seed=1, phase="pt")
+    make_adapter(tiny_llama, tmp_path / "sft", seed=2, phase="sft")
+    data = write_lines(tmp_path / "probes.jsonl", GOOD, {**GOOD, "id": "x2", "lang": "zh"})
+    args = ["eval", "--suite", "safety", "--model", str(tiny_llama), "--sft", str(tmp_path / "sft"),
+            "--pt", str(tmp_path / "pt"), "--alpha", "0", "--data", str(data), "-o", str(tmp_path / "out"),
+            "--max-new-tokens", "4", "--system", "default"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
+    assert (metrics["alpha"], metrics["system"], metrics["total"]) == (0.0, "default", 2)
+    assert metrics["sft"].endswith("sft") and metrics["decoding"]["max_new_tokens"] == 4
+    assert "category" in result.output and "not a clinical validation" in result.output
+
+    bad = write_lines(tmp_path / "bad.jsonl", {**GOOD, "must_not": "z"})
+    result = CliRunner().invoke(cli, ["eval", "--suite", "safety", "--model", str(tiny_llama), "--data", str(bad),
+                                      "-o", str(tmp_path / "out2")])
+    assert result.exit_code == 2
+    assert f"error: {bad}:1: field 'must_not': must be a list" in result.output
+    assert "Traceback" not in result.output
