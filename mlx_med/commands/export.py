@@ -27,7 +27,7 @@ class ExportConfig:
 @click.option("--max-shard-size", default=None, help="Largest shard, e.g. 5GB, 500MB, 2GiB. [default: 5GB]")
 @force_option
 @config_option
-@click.option("-q", "--quiet", is_flag=True, help="Print only the output folder.")
+@click.option("--quiet", is_flag=True, help="Print only the output folder.")
 def command(model_dir: Path, out_dir: Path, dtype: str | None, max_shard_size: str | None, force: bool,
             config_path: Path | None, quiet: bool) -> None:
     """Export MODEL_DIR (an MLX folder, quantized or not, fused or not) as a Hugging Face checkpoint.
