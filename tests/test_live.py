@@ -10,6 +10,7 @@ from random_adapters import ALL, make_adapter
 
 from mlx_med.adapter_format import read_adapter
 from mlx_med.errors import UserError
+from mlx_med.fuse import fuse_model
 from mlx_med.live import MultiLoRALinear, attach_adapters, load_with_adapters
 from mlx_med.models import load_model
 
@@ -34,15 +35,19 @@ def manual_fused_logits(model_dir, terms) -> np.ndarray:
     return np.array(loaded.model(TOKENS))
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-def test_live_alpha_equals_fused(pair, alpha):
+def test_live_alpha_equals_fused(pair, tmp_path):
+    """One live model switched through α ∈ {0, 0.3, 1} gives the logits of the model fused at that α."""
     model_dir, sft_dir, pt_dir, sft, pt = pair
     loaded, live = load_with_adapters(model_dir, sft=sft_dir, pt=pt_dir, alpha=0.5)
-    live.set_alpha(alpha)
-    assert live.alpha == pytest.approx(alpha)
-    got = np.array(loaded.model(TOKENS))
-    want = manual_fused_logits(model_dir, [(alpha, sft), (1 - alpha, pt)])
-    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    for alpha in (0.0, 0.3, 1.0):
+        live.set_alpha(alpha)
+        assert live.alpha == pytest.approx(alpha)
+        got = np.array(loaded.model(TOKENS))
+        fuse_model(model_dir, tmp_path / f"fused-{alpha}", sft=sft_dir, pt=pt_dir, alpha=alpha, dtype="float32")
+        fused = np.array(load_model(tmp_path / f"fused-{alpha}").model(TOKENS))
+        np.testing.assert_allclose(got, fused, atol=2e-4, rtol=1e-4)
+        manual = manual_fused_logits(model_dir, [(alpha, sft), (1 - alpha, pt)])
+        np.testing.assert_allclose(got, manual, atol=2e-4, rtol=1e-4)
 
 
 def test_switching_back_and_detach_restore(pair):
