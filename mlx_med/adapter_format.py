@@ -93,6 +93,8 @@ def read_adapter(path: str | Path) -> Adapter:
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not path.is_dir():
         raise UserError(f"adapter directory not found: {path}")
+    if not weights_path.is_file() and (path / "adapter_model.safetensors").is_file():
+        raise UserError(f"{path}: a PEFT adapter; import it first: mlx-med import-adapter {path} -o ADAPTER_DIR")
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise UserError(f"{path}: missing {needed.name} (is this a training run or adapter directory?)")

@@ -78,13 +78,14 @@ def pair_weights(alpha: float | None = None, w_sft: float | None = None, w_pt: f
 
 
 def adapter_fingerprints(adapter: Adapter) -> set[str]:
-    """Fingerprints a ``stacked_on`` reference to ``adapter`` may carry (weights file or whole dir)."""
+    """Fingerprints a ``stacked_on`` reference to ``adapter`` may carry: ``file_fingerprint`` of its
+    weights file (what ``train`` records) or ``path_fingerprint`` of it."""
     from mlx_med.fingerprint import file_fingerprint, path_fingerprint
 
-    if adapter.path is None:
+    weights = Path(adapter.path or "") / WEIGHTS_FILE
+    if adapter.path is None or not weights.is_file():
         return set()
-    weights = Path(adapter.path) / WEIGHTS_FILE
-    return {file_fingerprint(weights), path_fingerprint(weights), path_fingerprint(adapter.path)}
+    return {file_fingerprint(weights), path_fingerprint(weights)}
 
 
 def stacked_parents(adapters: dict[str, Adapter]) -> dict[str, str]:
@@ -99,12 +100,19 @@ def stacked_parents(adapters: dict[str, Adapter]) -> dict[str, str]:
         if not ref:
             continue
         fingerprint, ref_path = str(ref.get("fingerprint") or ""), ref.get("path")
+        found = _find_stacked_dir(adapter, ref_path)
         for other_name, other in adapters.items():
             if other is adapter:
                 continue
+            same_dir = found is not None and other.path is not None and found.resolve() == Path(other.path).resolve()
             if fingerprint and fingerprint in adapter_fingerprints(other):
                 parents[name] = other_name
-            elif not fingerprint and ref_path and other.path and Path(ref_path).resolve() == Path(other.path).resolve():
+            elif same_dir and fingerprint:
+                raise UserError(
+                    f"{adapter.path or name}: was trained on top of {other.path} when its weights had fingerprint "
+                    f"{fingerprint}, but they have changed since (PT retrained?); retrain the SFT run on it"
+                )
+            elif same_dir:
                 parents[name] = other_name
         if name not in parents:
             given = ", ".join(f"{n}={a.path}" for n, a in adapters.items() if a is not adapter) or "none"
@@ -187,16 +195,27 @@ def with_stacked_parent(adapter: Adapter) -> dict[str, Adapter]:
     ref = adapter.meta.stacked_on
     if not ref:
         return {"adapter": adapter}
-    ref_path = ref.get("path")
-    if not ref_path or not Path(ref_path).is_dir():
+    ref_path = _find_stacked_dir(adapter, ref.get("path"))
+    if ref_path is None:
         raise UserError(
-            f"{adapter.path}: was trained on top of the PT adapter {ref_path}, which is not there; "
+            f"{adapter.path}: was trained on top of the PT adapter {ref.get('path')}, which is not there; "
             "pass --sft/--pt explicitly"
         )
     adapters = {"adapter": adapter, "stacked_on": read_adapter(ref_path)}
     stacked_parents(adapters)  # verifies the fingerprint
     check_same_base(adapters)
     return adapters
+
+
+def _find_stacked_dir(adapter: Adapter, ref_path: str | None) -> Path | None:
+    """The PT run a stacked adapter names: as recorded, or (a relative path recorded from another working
+    directory) beside the SFT run, e.g. runs/pt next to runs/sft. The fingerprint is checked afterwards."""
+    if not ref_path:
+        return None
+    candidates = [Path(ref_path)]
+    if adapter.path is not None and not Path(ref_path).is_absolute():
+        candidates += [Path(adapter.path).parent / Path(ref_path).name]
+    return next((c for c in candidates if c.is_dir()), None)
 
 
 # --------------------------------------------------------------------------------------- merging

@@ -188,3 +188,29 @@ def test_cli_merge(runs, tmp_path):
     config.write_text(f"sft: {runs / 'sft'}\npt: {runs / 'pt'}\nalpha: 0.2\n")
     ok = CliRunner().invoke(cli, ["merge", "-c", str(config), "-o", str(tmp_path / "m2"), "-q"])
     assert ok.exit_code == 0 and read_adapter(tmp_path / "m2").meta.extra["merge"]["weights"]["pt"] == 0.8
+
+
+def test_stacked_lookup_and_changed_pt(tmp_path, tiny_llama):
+    from mlx_med.adapter_format import write_adapter
+    from mlx_med.merge import with_stacked_parent
+
+    make_adapter(tiny_llama, tmp_path / "pt", seed=1)
+    sft = make_adapter(tiny_llama, tmp_path / "sft", seed=2, phase="sft", stacked_on=tmp_path / "pt")
+    # Recorded relative to another working directory: found beside the SFT run, fingerprint checked.
+    sft.meta.stacked_on["path"] = "elsewhere/runs/pt"
+    write_adapter(sft, tmp_path / "sft")
+    found = with_stacked_parent(read_adapter(tmp_path / "sft"))
+    assert found["stacked_on"].path == tmp_path / "pt"
+    make_adapter(tiny_llama, tmp_path / "pt", seed=9)  # PT retrained after SFT was stacked on it
+    with pytest.raises(UserError, match="have changed since"):
+        with_stacked_parent(read_adapter(tmp_path / "sft"))
+    with pytest.raises(UserError, match="have changed since"):
+        load_pair(tmp_path / "sft", tmp_path / "pt")
+
+
+def test_peft_folder_hint(tmp_path):
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (tmp_path / "peft" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="a PEFT adapter; import it first: mlx-med import-adapter"):
+        load_pair(tmp_path / "peft", tmp_path / "peft")
