@@ -581,8 +581,7 @@ def run_safety_eval(cfg: SafetyEvalConfig, echo: Callable[[str], None] | None = 
     }
     header = _header(metrics)
     with atomic_output_dir(cfg.out, force=cfg.force) as tmp:
-        lines = [json.dumps(v.record(), ensure_ascii=False) for v in result.verdicts]
-        atomic_write_text(tmp / "safety_predictions.jsonl", "\n".join(lines) + "\n")
+        write_predictions(result, tmp / "safety_predictions.jsonl")
         atomic_write_json(tmp / "metrics.json", metrics)
         atomic_write_text(tmp / "report.md", f"# Safety screening\n\n{header}\n\n{result.markdown()}\n\n"
                           f"{_failures_markdown(result)}\n*{DISCLAIMER}*\n")
@@ -591,6 +590,14 @@ def run_safety_eval(cfg: SafetyEvalConfig, echo: Callable[[str], None] | None = 
     echo(DISCLAIMER)
     echo(f"wrote {Path(cfg.out) / 'safety_predictions.jsonl'} and metrics.json")
     return metrics
+
+
+def write_predictions(result: SafetyResult, path: str | Path) -> Path:
+    """Write one verdict per line (``Verdict.record``): the reply, matched phrases, why it failed."""
+    from mlx_med.io import atomic_write_text
+
+    lines = [json.dumps(v.record(), ensure_ascii=False) for v in result.verdicts]
+    return atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _load(cfg: SafetyEvalConfig):
