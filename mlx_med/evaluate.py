@@ -121,22 +121,11 @@ def load_for_eval(model: Path, adapter: Path | None = None, sft: Path | None = N
     Returns:
         ``(loaded, live)``: a ``LoadedModel`` and the ``LiveAdapters`` handle (None without adapters).
     """
-    try:
-        from mlx_med.live import load_with_adapters
-    except ImportError:
-        load_with_adapters = None
-    if load_with_adapters is not None:
-        return load_with_adapters(model, adapter=adapter, sft=sft, pt=pt, alpha=alpha)
-    from mlx_med.models import load_model
+    from mlx_med.live import load_with_adapters, print_notes
 
-    if sft is not None or pt is not None:
-        raise UserError("--sft/--pt need mlx_med.live (live adapter merging), which this install lacks")
-    loaded = load_model(model)
-    if adapter is not None:  # an mlx-med adapter dir is an mlx-lm adapter dir
-        from mlx_lm.tuner.utils import load_adapters
-
-        loaded.model = load_adapters(loaded.model, str(adapter))
-    return loaded, None
+    loaded, live = load_with_adapters(model, adapter=adapter, sft=sft, pt=pt, alpha=alpha)
+    print_notes(live)
+    return loaded, live
 
 
 def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any]:

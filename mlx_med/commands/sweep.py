@@ -1,0 +1,116 @@
+"""``mlx-med sweep decoding|alpha``: metrics over a decoding grid, or over the merge weight α (live)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mlx_med.commands.eval import decoding_options, model_options
+from mlx_med.commands.options import config_option, force_option
+
+
+def common_options(func):
+    """Eval flags both sweeps share."""
+    options = [
+        click.option("--data", type=click.Path(path_type=Path), help="Eval JSONL (as for mlx-med eval)."),
+        click.option("-o", "--out", type=click.Path(path_type=Path),
+                     help="Sweep folder; re-running it reuses finished settings and resumes an interrupted one."),
+        click.option("--limit", type=int, help="Evaluate only the first N rows at each setting."),
+        click.option("--batch-size", type=int, help="Sequences generated together.  [default: 8]"),
+        click.option("--system", help="System prompt added to rows that have none."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _overrides(**values) -> dict:
+    force = values.pop("force", None)
+    return {**values, "force": force or None}
+
+
+@click.group("sweep")
+def command() -> None:
+    """Sweep decoding settings or the SFT/PT merge weight α; tables, CSV and plots per sweep."""
+
+
+@command.command("decoding")
+@config_option
+@model_options
+@common_options
+@click.option("--grid", "grids", multiple=True, metavar="NAME=V1,V2,...",
+              help="Values of one decoding setting (temperature, top_p, top_k, min_p, repetition_penalty, "
+                   "max_new_tokens, seed); repeat for a full grid.")
+@decoding_options
+@force_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no table.")
+def decoding(config_path, model, adapter, sft, pt, alpha, data, out, limit, batch_size, system, grids, preset,
+             temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed, force, quiet) -> None:
+    """Metrics at every point of a decoding grid → decoding_sweep.csv / .md / .png.
+
+    \b
+    Settings not in the grid come from --preset and the other decoding flags. Greedy points
+    (temperature 0) that differ only in sampling knobs are generated once.
+    Example:
+      mlx-med sweep decoding --model base --adapter runs/sft --data eval.jsonl -o sweeps/dec --limit 50 \\
+        --grid temperature=0,0.3,0.7,0.95 --grid top_p=0.7,0.9,1.0
+    """
+    from mlx_med.config import load_config
+    from mlx_med.sweep import DecodingSweepConfig, parse_grid, run_decoding_sweep
+
+    cfg = load_config(DecodingSweepConfig, config_path, _overrides(
+        model=model, adapter=adapter, sft=sft, pt=pt, alpha=alpha, data=data, out=out, limit=limit,
+        batch_size=batch_size, system=system, preset=preset, temperature=temperature, top_p=top_p, top_k=top_k,
+        min_p=min_p, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
+        force=force, grid=parse_grid(list(grids)) if grids else None,
+    ))
+    run_decoding_sweep(cfg, quiet=quiet)
+
+
+@command.command("alpha")
+@config_option
+@click.option("--model", type=click.Path(path_type=Path), help="Base model folder (MLX or HF safetensors).")
+@click.option("--sft", type=click.Path(path_type=Path), help="SFT run directory.")
+@click.option("--pt", type=click.Path(path_type=Path), help="PT run directory.")
+@common_options
+@click.option("--alphas", help="α values: a list (0,0.5,1) or a range A,B,...,C with step B−A.  "
+                               "[default: 0,0.1,...,1]")
+@click.option("--ppl-data", type=click.Path(path_type=Path),
+              help="Held-out PT text: perplexity at each α (knowledge retention).")
+@click.option("--ppl-limit", type=int, help="PT records used for perplexity.  [default: 200]")
+@click.option("--ppl-block-size", type=int, help="Tokens per perplexity block.  [default: 512]")
+@click.option("--safety-probes", type=click.Path(path_type=Path),
+              help="Safety probe file: adds the safety pass rate at each α as a third axis.")
+@click.option("--metric", help="QA metric the α rule maximises.  [default: rouge-l]")
+@click.option("--ppl-tolerance", type=float,
+              help="α rule: allowed relative rise over the sweep's lowest perplexity.  [default: 0.1]")
+@click.option("--safety-margin", type=float,
+              help="α rule: allowed drop in safety pass rate (points) below α=1.  [default: 5]")
+@decoding_options
+@force_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no table.")
+def alpha(config_path, model, sft, pt, data, out, limit, batch_size, system, alphas, ppl_data, ppl_limit,
+          ppl_block_size, safety_probes, metric, ppl_tolerance, safety_margin, preset, temperature, top_p, top_k,
+          min_p, repetition_penalty, max_new_tokens, seed, force, quiet) -> None:
+    """QA metrics, held-out perplexity (and safety) at each α, switched live → alpha_sweep.* and the picked α.
+
+    \b
+    Rule: the highest --metric among α whose perplexity is ≤ (1 + --ppl-tolerance) × the sweep's
+    lowest and whose safety pass rate is ≥ the α=1 rate − --safety-margin; ties → larger α.
+    Example:
+      mlx-med sweep alpha --model base --sft runs/sft --pt runs/pt --alphas 0,0.25,...,1 \\
+        --data eval.jsonl --ppl-data pt_heldout.jsonl -o sweeps/alpha --limit 50
+    """
+    from mlx_med.config import load_config
+    from mlx_med.sweep import AlphaSweepConfig, run_alpha_sweep
+
+    cfg = load_config(AlphaSweepConfig, config_path, _overrides(
+        model=model, sft=sft, pt=pt, data=data, out=out, limit=limit, batch_size=batch_size, system=system,
+        alphas=alphas, ppl_data=ppl_data, ppl_limit=ppl_limit, ppl_block_size=ppl_block_size,
+        safety_probes=safety_probes, preset=preset, temperature=temperature, top_p=top_p, top_k=top_k,
+        min_p=min_p, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
+        force=force, **{"rule.metric": metric, "rule.ppl_tolerance": ppl_tolerance,
+                        "rule.safety_margin": safety_margin},
+    ))
+    run_alpha_sweep(cfg, quiet=quiet)

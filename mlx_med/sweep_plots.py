@@ -1,0 +1,87 @@
+"""PNG plots of the decoding and α sweeps (matplotlib Agg, written atomically)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+PANELS = ("bleu-4", "rouge-l")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp)
+    fig.clf()
+    _pyplot().close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def plot_decoding_sweep(rows: list[dict[str, Any]], keys: list[str], out: Path) -> Path:
+    """BLEU-4 and ROUGE-L against the first grid key, one line per combination of the other keys."""
+    plt = _pyplot()
+    x_key, series_keys = keys[0], keys[1:]
+    series: dict[str, list[tuple[float, dict]]] = {}
+    for row in rows:
+        name = ", ".join(f"{k}={row[k]:g}" for k in series_keys) or "all"
+        series.setdefault(name, []).append((row[x_key], row))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5.5 * len(PANELS), 4), dpi=110)
+    for ax, metric in zip(axes, PANELS):
+        for name, points in series.items():
+            points.sort(key=lambda p: p[0])
+            xs = [p[0] for p in points]
+            ys = [p[1].get(metric) for p in points]
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(f"{metric} (LLaMA-Factory, ×100)")
+        ax.set_title(f"{metric} vs {x_key}")
+        ax.grid(alpha=0.3)
+    if len(series) > 1:
+        axes[-1].legend(fontsize=8)
+    fig.suptitle("decoding sweep")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_alpha_sweep(rows: list[dict[str, Any]], metric: str, picked: float | None, out: Path) -> Path:
+    """QA scores (left axis) and held-out perplexity (right axis) against α; safety pass rate if present."""
+    plt = _pyplot()
+    rows = sorted(rows, key=lambda r: r["alpha"])
+    alphas = [r["alpha"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    shown = [m for m in dict.fromkeys([metric, *PANELS]) if any(r.get(m) is not None for r in rows)]
+    for m in shown:
+        ax.plot(alphas, [r.get(m) for r in rows], marker="o", label=f"{m} (QA)")
+    if any(r.get("safety") is not None for r in rows):
+        ax.plot(alphas, [r.get("safety") for r in rows], marker="s", linestyle="--", color="tab:green",
+                label="safety pass rate (%)")
+    ax.set_xlabel("α  (ΔW = α·ΔW_sft + (1−α)·ΔW_pt)")
+    ax.set_ylabel("score (×100)")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if any(r.get("ppl") is not None for r in rows):
+        right = ax.twinx()
+        line = right.plot(alphas, [r.get("ppl") for r in rows], marker="^", color="tab:red",
+                          label="held-out PT perplexity")
+        right.set_ylabel("perplexity (lower = more retained)")
+        handles += line
+        labels += [line[0].get_label()]
+    if picked is not None:
+        ax.axvline(picked, color="gray", linestyle=":", linewidth=1.5)
+        ax.annotate(f"picked α={picked:g}", (picked, ax.get_ylim()[1]), textcoords="offset points",
+                    xytext=(4, -12), fontsize=8, color="gray")
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    ax.set_title("α sweep: QA vs knowledge retention")
+    fig.tight_layout()
+    return _save(fig, out)
