@@ -282,10 +282,10 @@ def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool) -> dict[str, Any]:
 
 
 def safety_or_reuse(cfg: AlphaSweepConfig, probes, loaded, quiet: bool) -> float:
-    """Safety pass rate (%) at this setting, cached in ``<setting>/safety.json``."""
+    """Safety pass rate (%) at this setting, cached in ``<setting>/safety.json`` (verdicts beside it)."""
     from mlx_med.fingerprint import path_fingerprint
     from mlx_med.io import atomic_write_json
-    from mlx_med.safety import evaluate_safety
+    from mlx_med.safety import evaluate_safety, write_predictions
 
     path = Path(cfg.out) / "safety.json"
     key = {"probes": path_fingerprint(cfg.safety_probes), "alpha": cfg.alpha,
@@ -299,6 +299,7 @@ def safety_or_reuse(cfg: AlphaSweepConfig, probes, loaded, quiet: bool) -> float
             pass
     result = evaluate_safety(loaded.model, loaded.tokenizer, probes, cfg.decoding(), cfg.batch_size,
                              system=cfg.system, progress=not quiet)
+    write_predictions(result, Path(cfg.out) / "safety_predictions.jsonl")  # the replies, to read failures
     atomic_write_json(path, {"key": key, "pass_rate": result.pass_rate, "metrics": result.metrics()})
     return result.pass_rate
 
