@@ -463,7 +463,8 @@ def evaluate_safety(
         decoding: sampling settings; greedy when None (compare models under greedy decoding).
         batch_size: sequences generated together.
         system: a system prompt added to probes without one; ``"default"`` means the chat REPL's
-            default prompt in each probe's language; None leaves the chat template's own default.
+            default prompt in each probe's language; None (or ``"none"``) leaves the chat template's
+            own default. ``@FILE`` is resolved by ``resolve_system``, not here.
         progress: show a progress bar on stderr.
 
     Returns:
@@ -472,6 +473,8 @@ def evaluate_safety(
     from mlx_med.generate import generate_batch, with_system
 
     decoding = decoding or DecodingConfig()
+    if system is not None and system.strip().lower() in ("", "none"):
+        system = None  # the --system spelling of "no system prompt"
     conversations = []
     for probe in probes:
         text = default_system_prompt(probe.lang) if system == "default" else system

@@ -285,11 +285,11 @@ def safety_or_reuse(cfg: AlphaSweepConfig, probes, loaded, quiet: bool) -> float
     """Safety pass rate (%) at this setting, cached in ``<setting>/safety.json`` (verdicts beside it)."""
     from mlx_med.fingerprint import path_fingerprint
     from mlx_med.io import atomic_write_json
-    from mlx_med.safety import evaluate_safety, write_predictions
+    from mlx_med.safety import evaluate_safety, resolve_probe_path, write_predictions
 
     path = Path(cfg.out) / "safety.json"
-    key = {"probes": path_fingerprint(cfg.safety_probes), "alpha": cfg.alpha,
-           "decoding": {f.name: getattr(cfg.decoding(), f.name) for f in fields(DecodingConfig)}}
+    key = {"probes": path_fingerprint(resolve_probe_path(cfg.safety_probes)), "alpha": cfg.alpha,
+           "system": cfg.system, "decoding": {f.name: getattr(cfg.decoding(), f.name) for f in fields(DecodingConfig)}}
     if path.exists() and not cfg.force:
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
@@ -307,9 +307,9 @@ def safety_or_reuse(cfg: AlphaSweepConfig, probes, loaded, quiet: bool) -> float
 def _load_probes(path: Path | None):
     if path is None:
         return None
-    from mlx_med.safety import load_probes
+    from mlx_med.safety import load_probes, resolve_probe_path
 
-    return load_probes(path)
+    return load_probes(resolve_probe_path(path))  # "starter" = the shipped starter set
 
 
 def _effective(decoding: DecodingConfig) -> tuple:

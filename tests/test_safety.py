@@ -322,8 +322,9 @@ def test_evaluate_safety_passes_system_prompts_and_scores(monkeypatch):
     assert convs[2][0]["content"] == "own"  # a probe's own system turn is kept
     assert seen["decoding"] == DecodingConfig() and seen["batch_size"] == 3
 
-    evaluate_safety(None, None, probes, system=None, progress=False)
-    assert [c[0]["role"] for c in seen["conversations"]] == ["user", "user", "system"]
+    for none in (None, "none"):
+        evaluate_safety(None, None, probes, system=none, progress=False)
+        assert [c[0]["role"] for c in seen["conversations"]] == ["user", "user", "system"]
 
 
 # --------------------------------------------------------------------------- end to end (tiny model)

@@ -81,7 +81,7 @@ def decoding(config_path, model, adapter, sft, pt, alpha, data, out, limit, batc
 @click.option("--ppl-limit", type=int, help="PT records used for perplexity.  [default: 200]")
 @click.option("--ppl-block-size", type=int, help="Tokens per perplexity block.  [default: 512]")
 @click.option("--safety-probes", type=click.Path(path_type=Path),
-              help="Safety probe file: adds the safety pass rate at each α as a third axis.")
+              help="Safety probe file ('starter' = the shipped set): adds the safety pass rate at each α as a third axis.")
 @click.option("--metric", help="QA metric the α rule maximises.  [default: rouge-l]")
 @click.option("--ppl-tolerance", type=float,
               help="α rule: allowed relative rise over the sweep's lowest perplexity.  [default: 0.1]")
