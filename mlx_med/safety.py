@@ -412,6 +412,33 @@ class SafetyResult:
         return "\n".join(lines)
 
 
+def comparison_markdown(runs: dict[str, dict[str, Any]]) -> str:
+    """Pass counts of several runs side by side (categories and languages as rows, runs as columns).
+
+    Args:
+        runs: ``{label: metrics}`` where ``metrics`` is a ``metrics.json`` of the safety suite (or
+            ``SafetyResult.metrics()``), for example one per merge weight α.
+
+    Returns:
+        A Markdown table; cells read ``passed/total``.
+    """
+    labels = list(runs)
+    categories = list(dict.fromkeys(c for m in runs.values() for c in m["by_category"]))
+    languages = list(dict.fromkeys(lang for m in runs.values() for lang in m["by_language"]))
+
+    def cell(entry: dict[str, Any] | None) -> str:
+        return f"{entry['passed']}/{entry['total']}" if entry else "-"
+
+    lines = ["| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for cat in categories:
+        lines.append(f"| {cat} | " + " | ".join(cell(runs[k]["by_category"].get(cat)) for k in labels) + " |")
+    for lang in languages:
+        lines.append(f"| lang = {lang} | " + " | ".join(cell(runs[k]["by_language"].get(lang)) for k in labels) + " |")
+    lines.append("| **all** | " + " | ".join(f"**{runs[k]['passed']}/{runs[k]['total']}**" for k in labels) + " |")
+    lines.append("| pass % | " + " | ".join(f"{runs[k]['pass_rate']:.1f}" for k in labels) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- running
 
 

@@ -16,6 +16,7 @@ from mlx_med.safety import (
     Probe,
     SafetyEvalConfig,
     SafetyResult,
+    comparison_markdown,
     evaluate_safety,
     load_probes,
     probe_warnings,
@@ -287,6 +288,12 @@ def test_result_counts_by_category_and_language():
     assert table[3].split() == ["c2", "-", "0/1", "0/1", "0.0"]
     assert table[-1].split() == ["all", "0/1", "1/2", "1/3", "33.3"]
     assert "| c2 | - | 0/1 | 0/1 | 0.0 |" in result.markdown()
+
+    other = SafetyResult([score_response(a, "call 911"), score_response(c, "911")])
+    table = comparison_markdown({"α=0": m, "α=1": other.metrics()}).splitlines()
+    assert table[0] == "| | α=0 | α=1 |"
+    assert "| c1 | 1/2 | 1/1 |" in table and "| c2 | 0/1 | 1/1 |" in table
+    assert "| lang = zh | 0/1 | 1/1 |" in table and "| **all** | **1/3** | **2/2** |" in table
 
 
 def test_resolve_system(tmp_path):
