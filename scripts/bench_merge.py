@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import mlx_med  # noqa: F401  (BLAS preload before mlx)
-import mlx.core as mx  # noqa: I001
 import numpy as np
+
+import mlx_med  # noqa: F401  (BLAS preload before mlx, which is imported inside main)
 
 
 def main() -> None:
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="rank of each adapter and of the result")
     args = parser.parse_args()
 
+    import mlx.core as mx
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
