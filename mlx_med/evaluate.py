@@ -189,6 +189,54 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
     return metrics
 
 
+def score_predictions(path: str | Path, out: str | Path | None = None, lang: str = "auto",
+                      quiet: bool = False, force: bool = False) -> dict[str, Any]:
+    """Score an existing ``generated_predictions.jsonl`` (ours or LLaMA-Factory's) without generating.
+
+    Args:
+        path: JSONL with ``predict`` and ``label`` per line (``prompt`` is ignored).
+        out: folder for ``metrics.json`` (nothing is written when None).
+        lang: sacreBLEU tokenizer choice (``auto``, ``zh``, ``en``).
+        quiet: print nothing.
+        force: replace an existing ``metrics.json`` in ``out``.
+
+    Raises:
+        DataError: a line that is not JSON or lacks a string ``predict``/``label``.
+    """
+    from mlx_med.errors import DataError
+    from mlx_med.io import atomic_write_json
+    from mlx_med.metrics import compute_metrics
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"predictions file not found: {path}")
+    if out is not None and (Path(out) / METRICS).exists() and not force:
+        raise UserError(f"{Path(out) / METRICS} already exists; pass --force to replace it")
+    predictions, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(path, number, None, f"invalid JSON ({err.msg})") from None
+            for key in ("predict", "label"):
+                if not isinstance(record.get(key), str):
+                    raise DataError(path, number, key, "missing or not a string")
+            predictions.append(record["predict"])
+            labels.append(record["label"])
+    if not predictions:
+        raise UserError(f"{path}: no predictions")
+    metrics = compute_metrics(predictions, labels, lang=lang)
+    metrics["config"] = {"predictions": str(path)}
+    if out is not None:
+        atomic_write_json(Path(out) / METRICS, metrics)
+    if not quiet:
+        print(format_metrics_table({str(path): metrics}))
+    return metrics
+
+
 def _state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
     """What must match for a partial run to be resumed: inputs and decoding, not batch size."""
     from mlx_med.fingerprint import model_fingerprint, path_fingerprint

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import mlx_med  # noqa: F401
 from mlx_med.errors import UserError
-from mlx_med.evaluate import EvalConfig, load_eval_rows, perplexity, read_partial, run_eval
+from mlx_med.evaluate import EvalConfig, load_eval_rows, perplexity, read_partial, run_eval, score_predictions
 
 ROWS = [
     {"messages": [{"role": "user", "content": "高血压患者应该注意什么？"},
@@ -66,6 +66,11 @@ def test_run_eval_writes_llamafactory_files(tiny_llama, eval_file, tmp_path):
     assert not (out / "predictions.partial.jsonl").exists()
     with pytest.raises(UserError, match="already holds a finished eval"):
         run_eval(cfg, quiet=True)
+    # re-scoring the written predictions file (the LLaMA-Factory layout) gives the same numbers
+    rescored = score_predictions(out / "generated_predictions.jsonl", quiet=True)
+    for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l"):
+        assert rescored[key] == pytest.approx(metrics[key], abs=1e-9)
+    assert rescored["sacrebleu"] == metrics["sacrebleu"]
     # greedy is deterministic: forcing a re-run gives the same predictions
     cfg.force = True
     run_eval(cfg, quiet=True)
@@ -152,6 +157,15 @@ def test_cli_contract_form(tiny_llama, eval_file, tmp_path):
     assert "bleu-4" in result.output and "rouge-l" in result.output
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["n"] == 2 and {"bleu-4", "rouge-1", "rouge-2", "rouge-l", "sacrebleu", "rouge_score"} <= set(metrics)
+
+    scored = CliRunner().invoke(cli, ["eval", "--predictions", str(out / "generated_predictions.jsonl"),
+                                      "-o", str(tmp_path / "scored"), "-q"])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads((tmp_path / "scored" / "metrics.json").read_text())["bleu-4"] == pytest.approx(metrics["bleu-4"])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"predict": "a", "label": "b"}\n{"predict": 1, "label": "b"}\n', encoding="utf-8")
+    scored = CliRunner().invoke(cli, ["eval", "--predictions", str(broken)])
+    assert scored.exit_code == 2 and "broken.jsonl:2: field 'predict'" in scored.output
 
     bad = CliRunner().invoke(cli, ["eval", "--model", str(tiny_llama), "--data", str(tmp_path / "missing.jsonl"),
                                    "-o", str(tmp_path / "x")])

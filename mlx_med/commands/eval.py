@@ -62,11 +62,13 @@ def model_options(func):
 @click.option("--ppl-data", type=click.Path(path_type=Path),
               help="Held-out PT text (JSONL/txt): also report its perplexity (knowledge retention).")
 @click.option("--ppl-block-size", type=int, help="Tokens per perplexity block.  [default: 512]")
+@click.option("--predictions", type=click.Path(path_type=Path),
+              help="Score an existing generated_predictions.jsonl (ours or LLaMA-Factory's) instead of generating.")
 @force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table (for scripts).")
 def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit, batch_size, preset,
             temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed, system, lang,
-            ppl_data, ppl_block_size, force, quiet) -> None:
+            ppl_data, ppl_block_size, predictions, force, quiet) -> None:
     """Generate answers for an eval set and score them (BLEU-4/ROUGE as LLaMA-Factory computes them).
 
     \b
@@ -75,6 +77,7 @@ def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit
       mlx-med eval --model base --adapter runs/sft --data eval.jsonl -o evals/sft --preset llamafactory
       mlx-med eval --model base --sft runs/sft --pt runs/pt --alpha 0.7 --data eval.jsonl -o evals/a07
       mlx-med eval --suite safety --model base --adapter runs/sft -o evals/safety
+      mlx-med eval --predictions llamafactory_out/generated_predictions.jsonl -o evals/lf
     """
     from mlx_med.config import load_config
 
@@ -84,6 +87,11 @@ def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit
     }
     decoding = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
                 "repetition_penalty": repetition_penalty, "max_new_tokens": max_new_tokens, "seed": seed}
+    if predictions is not None:
+        from mlx_med.evaluate import score_predictions
+
+        score_predictions(predictions, out, lang=lang or "auto", quiet=quiet, force=force)
+        return
     if suite == "safety":
         run_safety(config_path, overrides, preset, decoding, quiet)
         return
