@@ -147,6 +147,8 @@ def fuse_model(
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(model_dir).resolve():
+        raise UserError(f"-o {out_dir} is the base model folder itself; fuse into a new folder")
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
     adapters, weights = resolve_adapters(adapter, sft, pt, alpha, w_sft, w_pt)
@@ -182,8 +184,8 @@ def fuse_model(
             new_layer.bias = layer.bias.astype(target)
         if requantize and isinstance(layer, nn.QuantizedLinear):
             new_layer, layer_report = _requantize(layer, new_weight, weight, delta, layer_report)
-        elif isinstance(layer, nn.QuantizedLinear):
-            config.setdefault("quantization", {})[path] = False  # mlx-lm: leave this layer unquantized
+        elif isinstance(layer, nn.QuantizedLinear) and isinstance(config.get("quantization"), dict):
+            config["quantization"][path] = False  # mlx-lm's per-layer convention: leave this one unquantized
         fused.append((path, new_layer))
         report.layers.append(layer_report)
         mx.eval(new_layer.parameters())

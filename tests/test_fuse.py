@@ -114,6 +114,8 @@ def test_dtype_and_refusals(runs, tiny_llama, tmp_path):
     assert fused["model.norm"].weight.dtype == mx.bfloat16  # one dtype for the whole model
     with pytest.raises(UserError, match="already exists"):
         fuse_model(tiny_llama, tmp_path / "bf16", adapter=runs / "pt")
+    with pytest.raises(UserError, match="is the base model folder itself"):
+        fuse_model(tiny_llama, tiny_llama, adapter=runs / "pt", force=True)
     with pytest.raises(UserError, match="--dtype must be one of"):
         fuse_model(tiny_llama, tmp_path / "x", adapter=runs / "pt", dtype="int8")
     with pytest.raises(UserError, match="missing --alpha"):
