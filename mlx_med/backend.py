@@ -52,7 +52,12 @@ def prepare_for_compute(model: nn.Module, backend: Backend | None = None) -> nn.
         return model
     from mlx_lm.utils import dequantize_model
 
-    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in model.modules()):
+    quantized = [m for m in model.modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    for m in quantized:  # dequantize in the compute dtype: fp16 scales would round every weight to fp16
+        m.scales = m.scales.astype(backend.compute_dtype)
+        if m.get("biases") is not None:
+            m.biases = m.biases.astype(backend.compute_dtype)
+    if quantized:
         model = dequantize_model(model)
     model.set_dtype(backend.compute_dtype)
     return model
