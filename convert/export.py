@@ -72,8 +72,9 @@ class ExportReport:
             worst = max(self.layer_errors, key=lambda e: e.quant_rel_rms)
             mean = sum(e.quant_rel_rms for e in self.layer_errors) / len(self.layer_errors)
             export_worst = max(e.export_rel_rms for e in self.layer_errors)
+            bits = "/".join(str(b) for b in sorted({e.bits for e in self.layer_errors}))
             lines.append(
-                f"source was quantized ({q.get('bits')}-bit, group {q.get('group_size')}): "
+                f"source was quantized ({bits}-bit, group {q.get('group_size')}): "
                 f"{len(self.layer_errors)} layers dequantized; estimated quantization error "
                 f"(relative RMS) mean {mean:.4f}, worst {worst.quant_rel_rms:.4f} ({worst.name}); "
                 f"rounding to {self.dtype} adds at most {export_worst:.2e}"
