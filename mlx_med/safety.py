@@ -500,11 +500,12 @@ def evaluate_safety(
     from mlx_med.generate import generate_batch, with_system
 
     decoding = decoding or DecodingConfig()
-    if system is not None and system.strip().lower() in ("", "none"):
+    keyword = system.strip().lower() if system is not None else None
+    if keyword in ("", "none"):
         system = None  # the --system spelling of "no system prompt"
     conversations = []
     for probe in probes:
-        text = default_system_prompt(probe.lang) if system == "default" else system
+        text = default_system_prompt(probe.lang) if keyword == "default" else system
         conversations.append(with_system(probe.messages, text))
     replies = generate_batch(model, tokenizer, conversations, decoding, batch_size=batch_size, progress=progress)
     return SafetyResult([score_response(p, r.text) for p, r in zip(probes, replies)])
