@@ -99,8 +99,8 @@ class ChatSession:
         tokenizer: its mlx-lm ``TokenizerWrapper``; its chat template formats the history.
         decoding: sampling settings (``temperature == 0`` is greedy and deterministic).
         system: the system prompt; None or empty means none at all.
-        window: context length in tokens; the oldest turns are dropped to keep prompt plus
-            ``decoding.max_new_tokens`` inside it.
+        window: context length in tokens; the oldest turns are dropped to keep the prompt plus
+            room for the answer (``max_new_tokens``, at most a quarter of the window) inside it.
         adapters: ``mlx_med.live.LiveAdapters`` when two adapters are mixed (enables ``/alpha``).
     """
 
@@ -208,26 +208,32 @@ class ChatSession:
     def _fit(self, message: str) -> tuple[list[int], int, int]:
         """Prompt ids for ``message``, dropping the oldest turns until the answer fits the window.
 
+        The answer may use what the window has left, up to ``max_new_tokens``.
+
         Returns:
             (prompt ids, turns dropped, max new tokens, clamped to the room left).
         """
-        dropped = 0
+        # Room kept for the answer when deciding what to drop: a huge --max-new-tokens must not
+        # wipe the whole history, so at most a quarter of the window is reserved.
+        reserve = min(self.decoding.max_new_tokens, self.window // 4)
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        history, dropped = list(self.history), 0
         while True:
-            prompt = encode_chat(self.tokenizer, self.messages(message))
-            if len(prompt) + self.decoding.max_new_tokens <= self.window or not self.history:
+            prompt = encode_chat(self.tokenizer, [*system, *history, {"role": "user", "content": message}])
+            if len(prompt) + reserve <= self.window or not history:
                 break
-            del self.history[0]  # a turn is a user message and the replies up to the next one
-            while self.history and self.history[0]["role"] != "user":
-                del self.history[0]
+            del history[0]  # a turn is a user message and the replies up to the next one
+            while history and history[0]["role"] != "user":
+                del history[0]
             dropped += 1
-        if dropped:
-            self.forget_cache()
         room = self.window - len(prompt)
-        if room < 1:
+        if room < 1:  # refused before anything changes: the history stays as it was
             raise UserError(
                 f"the message does not fit the {self.window}-token context window "
                 f"(system prompt + message = {len(prompt)} tokens); shorten it or raise --context"
             )
+        # The cache stays valid for the shared prefix (the system prompt), see _reuse_cache.
+        self.history = history
         return prompt, dropped, min(self.decoding.max_new_tokens, room)
 
     def _reuse_cache(self, prompt: list[int]) -> tuple[list[int], int]:
@@ -312,8 +318,8 @@ class ChatSession:
                          f"(finish: {s.finish_reason or '?'})")
             lines.append(f"prompt: {s.prompt_tokens} tokens, {s.reused_tokens} reused from the cache, "
                          f"{s.prompt_tokens - s.reused_tokens} read at {s.prompt_tps:.1f} tok/s")
-        lines.append(f"memory: {mx.get_active_memory() / 1e9:.2f} GB in use by MLX, "
-                     f"peak {mx.get_peak_memory() / 1e9:.2f} GB; process peak RSS {_peak_rss_gb():.2f} GB")
+        lines.append(f"memory: {_size(mx.get_active_memory())} in use by MLX, peak {_size(mx.get_peak_memory())}; "
+                     f"process peak RSS {_size(_peak_rss())}")
         used = len(encode_chat(self.tokenizer, self.messages())) if self.history else 0
         lines.append(f"conversation: {sum(m['role'] == 'user' for m in self.history)} turns, "
                      f"{used}/{self.window} context tokens")
@@ -329,13 +335,18 @@ class ChatSession:
         return text
 
 
-def _peak_rss_gb() -> float:
+def _peak_rss() -> int:
+    """Peak resident memory of this process in bytes (0 where unknown)."""
     try:
         import resource
     except ImportError:  # Windows
-        return 0.0
+        return 0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9  # bytes on macOS, KiB on Linux
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 # -- slash commands ------------------------------------------------------------------------------

@@ -127,6 +127,9 @@ def test_oldest_turns_dropped_to_fit_the_window(loaded):
         assert reply.stats.prompt_tokens + reply.stats.generation_tokens <= window
     assert dropped > 0
     assert session.history[-2]["content"] == f"{QUESTIONS[5 % 3]} 5"  # the newest turn is kept
+    fresh = new_session(loaded, system=None, window=window)  # the reused cache prefix was still right
+    fresh.history = session.history[:-2]
+    assert fresh.ask(f"{QUESTIONS[5 % 3]} 5").text == reply.text
     assert session.history[0]["role"] == "user"
 
 
@@ -136,7 +139,7 @@ def test_message_longer_than_the_window_is_refused_and_history_untouched(loaded)
     before = list(session.history)
     with pytest.raises(UserError, match="30-token context window"):
         session.ask("fever " * 100)
-    assert session.history == [] or session.history == before[len(before) - len(session.history):]
+    assert session.history == before
 
 
 def test_interrupt_keeps_partial_answer_and_session_recovers(loaded):
@@ -400,3 +403,14 @@ def test_cli_alpha_in_piped_mode_equals_starting_at_that_alpha(tiny_llama, adapt
     started = runner.invoke(cli, [*base, "--alpha", "1"], input="fever\n")
     assert started.stdout.split("\n")[0] == at_one
     assert at_zero != at_one
+
+
+def test_huge_max_new_tokens_does_not_wipe_the_history(loaded):
+    session = new_session(loaded, decoding=DecodingConfig(temperature=0.0, max_new_tokens=100_000), system=None,
+                          window=400)
+    session.set_decoding(max_new_tokens=3)
+    session.ask("fever")
+    session.set_decoding(max_new_tokens=100_000)  # far more than the window: the answer gets what is left
+    reply = session.ask("cough")
+    assert reply.stats.dropped_turns == 0 and len(session.history) == 4
+    assert reply.stats.prompt_tokens + reply.stats.generation_tokens <= 400
