@@ -120,6 +120,7 @@ def export_hf(
     from mlx.utils import tree_flatten
     from mlx_lm.utils import dequantize_model, load_model
 
+    dtype = dtype or "bfloat16"
     if dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, not {dtype!r}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)

@@ -20,8 +20,8 @@ import mlx_med  # noqa: F401  (BLAS preload before mlx)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PROMPTS = [
-    "What is the capital of France?",
+PROMPTS = [  # open questions, so that answers run past the 20 compared tokens
+    "What is the capital of France, and what is it famous for?",
     "Give three tips for staying healthy.",
     "What are the common symptoms of the flu?",
     "Explain what high blood pressure is in simple words.",
@@ -59,6 +59,8 @@ def main() -> None:
         out = []
         for token, _ in generate_step(mx.array(ids), loaded.model, max_tokens=args.tokens):
             out.append(int(token))
+            if out[-1] in tok.eos_token_ids:  # both sides stop at eos, as chat and generate do
+                break
         mlx_greedy.append(out)
     print(f"mlx: {time.perf_counter() - start:.1f}s")
 
@@ -70,7 +72,7 @@ def main() -> None:
         model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         max_delta, agree, total = 0.0, 0, 0
-        same_tokens, same_prompts = 0, 0
+        same_tokens, same_prompts, compared = 0, 0, 0
         with torch.no_grad():
             for ids, ref, greedy in zip(prompts, mlx_logits, mlx_greedy):
                 logits = model(torch.tensor([ids])).logits[0].numpy()
@@ -78,13 +80,19 @@ def main() -> None:
                 agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
                 total += len(ids)
                 gen = model.generate(torch.tensor([ids]), max_new_tokens=args.tokens, do_sample=False,
-                                     eos_token_id=None, pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+                                     pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
                 prefix = next((i for i, (a, b) in enumerate(zip(gen, greedy)) if a != b), min(len(gen), len(greedy)))
                 same_tokens += prefix
-                same_prompts += int(prefix >= args.tokens)
+                same_prompts += int(gen == greedy)
+                if gen != greedy:  # show how close the two candidates were where they parted
+                    step = model(torch.tensor([ids + greedy[:prefix]])).logits[0, -1]
+                    top = torch.topk(step, 2).values
+                    print(f"  diverged at token {prefix}: top-2 logit margin {float(top[0] - top[1]):.2e}")
+                compared += len(greedy)
         print(f"{dtype}: max |Δlogit| {max_delta:.2e}, top-1 agreement {agree}/{total} "
-              f"({100 * agree / total:.1f}%), greedy: {same_prompts}/{len(prompts)} prompts identical for "
-              f"{args.tokens} tokens ({same_tokens}/{len(prompts) * args.tokens} tokens before first divergence)")
+              f"({100 * agree / total:.1f}%), greedy: {same_prompts}/{len(prompts)} continuations identical "
+              f"({same_tokens}/{compared} tokens before a first divergence; lengths "
+              f"{[len(g) for g in mlx_greedy]}, max {args.tokens})")
     print("first answer (mlx):", tok.decode(mlx_greedy[0]))
 
 
