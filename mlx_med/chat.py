@@ -43,7 +43,8 @@ class ChatConfig:
     sft: str | None = None  # with pt: two adapters mixed live, ΔW = α·ΔW_sft + (1−α)·ΔW_pt
     pt: str | None = None
     alpha: float = 0.5
-    system: str | None = None  # None: prompts.DEFAULT_SYSTEM_PROMPT
+    system: str | None = None  # None: the default prompt in ``lang``; "@FILE": read from FILE
+    lang: str = "en"  # language of the default system prompt (en, zh)
     temperature: float = 0.7
     top_p: float = 0.9
     top_k: int = 0
@@ -51,6 +52,19 @@ class ChatConfig:
     max_new_tokens: int = 256
     context: int | None = None  # tokens; None: the model's own window
     seed: int = 0
+
+    def system_prompt(self) -> str | None:
+        """The system prompt these settings ask for (``--system @FILE`` reads FILE)."""
+        from mlx_med.prompts import system_prompt
+
+        if self.system is None:
+            return system_prompt(self.lang)
+        if self.system.startswith("@"):
+            path = Path(self.system[1:]).expanduser()
+            if not path.is_file():
+                raise UserError(f"--system {self.system}: file not found: {path}")
+            return path.read_text(encoding="utf-8").strip() or None
+        return self.system or None
 
     def decoding(self) -> DecodingConfig:
         return DecodingConfig(

@@ -414,3 +414,18 @@ def test_huge_max_new_tokens_does_not_wipe_the_history(loaded):
     reply = session.ask("cough")
     assert reply.stats.dropped_turns == 0 and len(session.history) == 4
     assert reply.stats.prompt_tokens + reply.stats.generation_tokens <= 400
+
+
+def test_cli_lang_and_system_file(tiny_llama, loaded, tmp_path):
+    runner = CliRunner()
+    args = ["chat", "--model", str(tiny_llama), "--temp", "0", "--max-new-tokens", "2", "--json", "-q"]
+    zh = json.loads(runner.invoke(cli, [*args, "--lang", "zh"], input="发热\n").stdout)
+    expected = encode_chat(loaded.tokenizer, [{"role": "user", "content": "发热"}], DEFAULT_SYSTEM_PROMPT_ZH)
+    assert zh["prompt_tokens"] == len(expected)
+    prompt_file = tmp_path / "system.txt"
+    prompt_file.write_text("You are a terse nurse.\n")
+    from_file = json.loads(runner.invoke(cli, [*args, "--system", f"@{prompt_file}"], input="fever\n").stdout)
+    expected = encode_chat(loaded.tokenizer, [{"role": "user", "content": "fever"}], "You are a terse nurse.")
+    assert from_file["prompt_tokens"] == len(expected)
+    missing = runner.invoke(cli, [*args, "--system", f"@{tmp_path / 'nope.txt'}"], input="fever\n")
+    assert missing.exit_code == 2 and "file not found" in missing.stderr

@@ -18,7 +18,8 @@ from mlx_med.commands.options import config_option
 @click.option("--sft", type=click.Path(), help="SFT run directory, mixed live with --pt (needs --pt).")
 @click.option("--pt", type=click.Path(), help="PT run directory, mixed live with --sft (needs --sft).")
 @click.option("--alpha", type=float, help="SFT weight α of the mix: ΔW = α·ΔW_sft + (1−α)·ΔW_pt.  [default: 0.5]")
-@click.option("--system", help="System prompt replacing the default medical-assistant one ('' for none).")
+@click.option("--system", help="System prompt replacing the default medical-assistant one ('' for none, @FILE to read it).")
+@click.option("--lang", type=click.Choice(["en", "zh"]), help="Language of the default system prompt.  [default: en]")
 @click.option("--temp", "temperature", type=float, help="Sampling temperature; 0 is greedy.  [default: 0.7]")
 @click.option("--top-p", type=float, help="Nucleus sampling top_p (1 = off).  [default: 0.9]")
 @click.option("--top-k", type=int, help="Keep only the k most likely tokens (0 = off).  [default: 0]")
@@ -29,7 +30,7 @@ from mlx_med.commands.options import config_option
 @click.option("--json", "as_json", is_flag=True, help="Piped mode: print one JSON object per answer.")
 @click.option("--no-history", is_flag=True, help="Answer every message on its own, without earlier turns.")
 @click.option("-q", "--quiet", is_flag=True, help="No start-up banner.")
-def command(config_path, model, adapter, sft, pt, alpha, system, temperature, top_p, top_k,
+def command(config_path, model, adapter, sft, pt, alpha, system, lang, temperature, top_p, top_k,
             repetition_penalty, max_new_tokens, context, seed, as_json, no_history, quiet) -> None:
     """Chat with a model: streamed answers, multi-turn history, slash commands (/help).
 
@@ -44,7 +45,7 @@ def command(config_path, model, adapter, sft, pt, alpha, system, temperature, to
     from mlx_med.errors import UserError
 
     cfg = load_config(ChatConfig, config_path, {
-        "model": model, "adapter": adapter, "sft": sft, "pt": pt, "alpha": alpha, "system": system,
+        "model": model, "adapter": adapter, "sft": sft, "pt": pt, "alpha": alpha, "system": system, "lang": lang,
         "temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty,
         "max_new_tokens": max_new_tokens, "context": context, "seed": seed,
     })
@@ -54,25 +55,25 @@ def command(config_path, model, adapter, sft, pt, alpha, system, temperature, to
         raise UserError("give either --adapter RUN or --sft RUN --pt RUN, not both")
     if bool(cfg.sft) != bool(cfg.pt):
         raise UserError("--sft and --pt go together (use --adapter for a single adapter)")
-    decoding = cfg.decoding()  # validate sampling flags before spending seconds on loading
+    decoding = cfg.decoding()  # validate flags before spending seconds on loading
+    system = cfg.system_prompt()
     interactive = sys.stdin.isatty() and not as_json
-    run(cfg, decoding, interactive, as_json, not no_history, quiet)
+    run(cfg, decoding, system, interactive, as_json, not no_history, quiet)
 
 
-def run(cfg, decoding, interactive: bool, as_json: bool, keep_history: bool, quiet: bool) -> None:
+def run(cfg, decoding, system: str | None, interactive: bool, as_json: bool, keep_history: bool,
+        quiet: bool) -> None:
     import time
 
     import mlx_med  # noqa: F401  (BLAS preload before mlx)
     from mlx_med.backend import seed_everything
     from mlx_med.chat import ChatSession, context_window, run_interactive, run_piped
     from mlx_med.live import load_with_adapters, print_notes
-    from mlx_med.prompts import DEFAULT_SYSTEM_PROMPT
 
     start = time.perf_counter()
     loaded, adapters = load_with_adapters(cfg.model, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha)
     seconds = time.perf_counter() - start
     seed_everything(cfg.seed)
-    system = DEFAULT_SYSTEM_PROMPT if cfg.system is None else cfg.system
     window = context_window(loaded.config, cfg.context)
     session = ChatSession(loaded.model, loaded.tokenizer, decoding, system=system, window=window, adapters=adapters)
     if not quiet:
