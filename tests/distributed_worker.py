@@ -1,0 +1,57 @@
+"""One process of a distributed training test: ``mlx.launch -n 2 ... distributed_worker.py WATCH CONFIG...``.
+
+Trains with ``run_training`` on each config in turn and prints one line ``WRITES <rank> <json list>`` naming every file it
+created, replaced or opened for writing under WATCH (Python audit events, plus MLX's native savers).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlx_med  # noqa: F401  (BLAS preload before mlx)
+
+WRITE_EVENTS = {"os.rename", "os.replace", "os.mkdir", "os.remove", "shutil.rmtree", "os.unlink"}
+
+
+def main() -> None:
+    import mlx.core as mx
+
+    from mlx_med.config import load_config
+    from mlx_med.train_config import TrainConfig
+    from mlx_med.trainer import run_training
+
+    watch, configs = str(Path(sys.argv[1]).resolve()), [Path(p) for p in sys.argv[2:]]
+    writes: list[str] = []
+
+    def note(path) -> None:
+        text = str(Path(str(path)).resolve()) if isinstance(path, (str, Path)) else ""
+        if text.startswith(watch):
+            writes.append(text)
+
+    def audit(event: str, args: tuple) -> None:
+        if event == "open" and args and isinstance(args[0], (str, Path)):
+            mode, flags = args[1], args[2] if len(args) > 2 else 0
+            if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags and flags & 0o3):
+                note(args[0])
+        elif event in WRITE_EVENTS and args:
+            note(args[0])
+
+    for name in ("save_safetensors", "savez", "save"):
+        native = getattr(mx, name)
+
+        def wrapped(path, *args, _native=native, **kwargs):
+            note(path)
+            return _native(path, *args, **kwargs)
+
+        setattr(mx, name, wrapped)
+    sys.addaudithook(audit)
+    for config in configs:
+        run_training(load_config(TrainConfig, config), quiet=True)
+    rank = mx.distributed.init().rank()
+    print(f"WRITES {rank} {json.dumps(sorted(set(writes)))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+import json
+import os
+import signal
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_med.adapter_format import read_adapter
+from mlx_med.config import load_config
+from mlx_med.errors import ConfigError, DataError, UserError
+from mlx_med.train_config import TrainConfig
+from mlx_med.trainer import completed_run, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+REPETITIVE = "The patient presented with fever, cough and shortness of breath for three days. "
+CHATS = [
+    [{"role": "user", "content": "Is aspirin indicated after a stroke?"},
+     {"role": "assistant", "content": "Yes, for secondary prevention."}],
+    [{"role": "user", "content": "高血压患者应该注意什么？"},
+     {"role": "assistant", "content": "低盐饮食，规律服用降压药。"}],
+    [{"role": "user", "content": "Fever and cough for three days?"},
+     {"role": "assistant", "content": "See a doctor if breathing becomes difficult."}],
+    [{"role": "user", "content": "Maximum paracetamol dose?"},
+     {"role": "assistant", "content": "Do not exceed the maximum daily dose."}],
+] * 3
+
+
+def pt_data(tmp_path: Path, docs: int = 12) -> Path:
+    path = tmp_path / "pt.jsonl"
+    path.write_text("".join(json.dumps({"text": REPETITIVE * (2 + i % 3)}) + "\n" for i in range(docs)))
+    return path
+
+
+def sft_data(tmp_path: Path) -> Path:
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in CHATS))
+    return path
+
+
+def config(tmp_path: Path, model: Path, data: Path, name: str = "run", **overrides) -> TrainConfig:
+    base = {"phase": "pt", "model": str(model), "data.train": str(data), "output": str(tmp_path / name),
+            "iters": 6, "max_seq_len": 32, "optim.batch_size": 2, "log_every": 1, "eval.every": 3,
+            "optim.learning_rate": 5e-3, "data.cache_dir": str(tmp_path / "cache"), "checkpoint.every": 0}
+    return load_config(TrainConfig, None, {**base, **overrides})
+
+
+def losses(run: Path, key: str = "train_loss") -> list[float]:
+    return [r[key] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def test_pt_loss_falls_on_repetitive_text(tmp_path, tiny_llama):
+    run = run_training(config(tmp_path, tiny_llama, pt_data(tmp_path), iters=30, log_every=5,
+                              **{"eval.every": 10, "optim.learning_rate": 1e-2, "lora.alpha": 64}), quiet=True)
+    train = losses(run)
+    assert train[-1] < train[0] - 0.4, train
+    val = losses(run, "val_loss")
+    initial = json.loads((run / "done.json").read_text())["initial_val_loss"]
+    assert len(val) == 3 and initial > val[0] > val[1] > val[2] and val[2] < initial - 0.6, (initial, val)
+    for name in ("adapters.safetensors", "adapter_config.json", "run.yaml", "loss_curve.png", "done.json"):
+        assert (run / name).is_file(), name
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("step", "train_loss", "val_loss", "train_ppl", "learning_rate", "tokens_per_sec", "peak_memory_gb"):
+        assert key in record
+    assert record["tokens"] == 30 * 2 * 32  # packed: every position is a loss token
+
+
+def test_adapter_delta_is_what_the_model_applies_and_mlx_lm_loads_it(tmp_path, tiny_model):
+    from mlx_lm.utils import load as mlx_load
+
+    from mlx_med.models import load_model
+
+    run = run_training(config(tmp_path, tiny_model, pt_data(tmp_path), **{"lora.rank": 4, "lora.alpha": 8}),
+                       quiet=True)
+    adapter = read_adapter(run)
+    meta = adapter.meta
+    assert meta.phase == "pt" and meta.base_fingerprint and meta.stacked_on is None
+    assert meta.data["train"]["fingerprint"] and adapter.scale == 2.0 and adapter.rank == 4
+    assert len(adapter.modules()) == 2 * 7  # every linear of attention + MLP, both layers
+    assert all(k.startswith("model.layers.") for k in adapter.weights)
+    assert max(float(mx.abs(adapter.delta(m)).max()) for m in adapter.modules()) > 0  # it learned something
+
+    tokens = mx.array([[1, 60, 70, 80, 90, 100, 2]])
+    with_lora, _ = mlx_load(str(tiny_model), adapter_path=str(run))
+    base = load_model(tiny_model).model
+    for module in adapter.modules():
+        layer = base
+        for part in module.split("."):
+            layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+        layer.weight = layer.weight + adapter.delta(module)
+    np.testing.assert_allclose(np.array(with_lora(tokens)), np.array(base(tokens)), atol=2e-4)
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_losses(tmp_path, tiny_llama):
+    data = pt_data(tmp_path)
+    common = {"iters": 8, "lora.dropout": 0.1, "checkpoint.every": 4, "optim.grad_accumulation": 2,
+              "schedule.warmup_steps": 2}
+    whole = run_training(config(tmp_path, tiny_llama, data, "whole", **common), quiet=True)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_6(step, record):
+        if step == 6:
+            raise Crash
+
+    cfg = config(tmp_path, tiny_llama, data, "crashed", **common)
+    with pytest.raises(Crash):
+        run_training(cfg, quiet=True, on_step=crash_at_6)
+    assert not (tmp_path / "crashed" / "done.json").exists()
+    assert len(losses(tmp_path / "crashed")) == 6  # steps 5-6 were logged after the checkpoint at 4
+    with pytest.raises(UserError, match="already exists"):
+        run_training(cfg, quiet=True)
+    run_training(cfg, quiet=True, resume=True)
+    np.testing.assert_allclose(losses(tmp_path / "crashed"), losses(whole), rtol=1e-5)
+    np.testing.assert_allclose(losses(tmp_path / "crashed", "val_loss"), losses(whole, "val_loss"), rtol=1e-5)
+    a, b = read_adapter(whole), read_adapter(tmp_path / "crashed")
+    for key in a.weights:
+        np.testing.assert_allclose(np.array(a.weights[key]), np.array(b.weights[key]), atol=1e-6)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_llama):
+    cfg = config(tmp_path, tiny_llama, pt_data(tmp_path), iters=5)
+
+    def interrupt_at_2(step, record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, quiet=True, on_step=interrupt_at_2)
+    run = Path(cfg.output)
+    assert (run / "checkpoints" / "step-0000002" / "optimizer.safetensors").is_file()
+    assert (run / "adapters.safetensors").is_file() and not (run / "done.json").exists()
+    run_training(cfg, quiet=True, resume=True)
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4, 5]
+    assert completed_run(cfg) == run
+
+
+def test_accumulation_equals_the_larger_batch(tmp_path, tiny_llama):
+    data = pt_data(tmp_path)
+    big = run_training(config(tmp_path, tiny_llama, data, "big", **{"optim.batch_size": 4}), quiet=True)
+    acc = run_training(config(tmp_path, tiny_llama, data, "acc", **{"optim.grad_accumulation": 2}), quiet=True)
+    np.testing.assert_allclose(losses(acc), losses(big), rtol=1e-5)
+    assert "effective batch 4" in (acc / "run.yaml").read_text()
+
+
+def test_finished_run_is_detected_without_training_again(tmp_path, tiny_llama):
+    cfg = config(tmp_path, tiny_llama, pt_data(tmp_path), iters=2)
+    run = run_training(cfg, quiet=True)
+    stamp = (run / "adapters.safetensors").stat().st_mtime_ns
+    assert completed_run(cfg) == run
+    assert run_training(cfg, quiet=True, on_step=lambda *a: pytest.fail("trained again")) == run
+    assert (run / "adapters.safetensors").stat().st_mtime_ns == stamp
+    changed = config(tmp_path, tiny_llama, pt_data(tmp_path, docs=13), iters=2)  # new data content
+    assert completed_run(changed) is None
+
+
+def test_sft_stacked_on_pt_applies_both_deltas(tmp_path, tiny_qwen2):
+    from mlx_med.lora import apply_frozen_adapter, apply_lora
+    from mlx_med.models import load_model
+
+    pt = run_training(config(tmp_path, tiny_qwen2, pt_data(tmp_path), "pt", iters=3), quiet=True)
+    sft_cfg = config(tmp_path, tiny_qwen2, sft_data(tmp_path), "sft", phase="sft", iters=3, max_seq_len=64,
+                     on_top_of=str(pt), **{"lora.rank": 4, "lora.target_modules": ["q_proj", "v_proj"]})
+    sft = run_training(sft_cfg, quiet=True)
+    meta = read_adapter(sft).meta
+    assert meta.phase == "sft" and meta.stacked_on["path"] == str(pt) and meta.stacked_on["phase"] == "pt"
+    assert meta.target_modules == ["self_attn.q_proj", "self_attn.v_proj"]
+
+    stacked = load_model(tiny_qwen2).model
+    apply_frozen_adapter(stacked, pt)
+    apply_lora(stacked, sft_cfg.lora)
+    stacked.load_weights(list(read_adapter(sft).weights.items()), strict=False)
+    fused = load_model(tiny_qwen2).model
+    for adapter in (read_adapter(pt), read_adapter(sft)):
+        for module in adapter.modules():
+            layer = fused
+            for part in module.split("."):
+                layer = layer[int(part)] if part.isdigit() else getattr(layer, part)
+            layer.weight = layer.weight + adapter.delta(module)
+    tokens = mx.array([[1, 60, 70, 80, 90, 2]])
+    np.testing.assert_allclose(np.array(stacked(tokens)), np.array(fused(tokens)), atol=2e-4)
+
+
+def test_sft_trains_and_counts_only_assistant_tokens(tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    from mlx_med.sft_data import encode_chat
+
+    cfg = config(tmp_path, tiny_llama, sft_data(tmp_path), phase="sft", iters=4, max_seq_len=64,
+                 **{"data.val_ratio": 0.25, "optim.batch_size": 3})
+    run = run_training(cfg, quiet=True)
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    per_chat = [int(encode_chat(m, tok).targets[1:].sum()) for m in CHATS]
+    tokens = [r["tokens"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    steps = np.diff([0, *tokens])
+    assert all(min(per_chat) * 3 <= s <= max(per_chat) * 3 for s in steps)  # 3 chats' answers per step
+    assert all(np.isfinite(losses(run))) and losses(run, "val_loss")
+
+
+def test_early_stopping(tmp_path, tiny_llama):
+    cfg = config(tmp_path, tiny_llama, pt_data(tmp_path), iters=20, **{
+        "eval.every": 2, "eval.early_stopping_patience": 2, "eval.early_stopping_min_delta": 100.0})
+    run = run_training(cfg, quiet=True)
+    done = json.loads((run / "done.json").read_text())
+    assert done["stopped_early"] and done["steps"] == 6
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, tiny_llama):
+    chats = sft_data(tmp_path)
+    with pytest.raises(DataError, match=r"sft.jsonl:1: .*PT data needs raw text"):
+        run_training(config(tmp_path, tiny_llama, chats), quiet=True)
+    assert not (tmp_path / "run").exists()  # nothing half-written
+    with pytest.raises(UserError, match="model folder not found"):
+        run_training(config(tmp_path, tmp_path / "nope", chats), quiet=True)
+    with pytest.raises(ConfigError, match="no linear layer named 'qkv'"):
+        run_training(config(tmp_path, tiny_llama, pt_data(tmp_path), **{"lora.target_modules": ["qkv"]}), quiet=True)
+    with pytest.raises(ConfigError, match="requested 5 layers but the model only has 2"):
+        run_training(config(tmp_path, tiny_llama, pt_data(tmp_path), **{"lora.num_layers": 5}), quiet=True)
+    with pytest.raises(UserError, match="do not fill one block"):
+        run_training(config(tmp_path, tiny_llama, pt_data(tmp_path, docs=2), max_seq_len=500,
+                            **{"data.val_ratio": 0.0}), quiet=True)
+
+
+@pytest.mark.parametrize("recipe", ["demo-pt", "demo-sft", "qwen2.5-14b-pt", "qwen2.5-14b-sft"])
+def test_shipped_recipes_load(recipe):
+    cfg = load_config(TrainConfig, REPO / "configs" / f"{recipe}.yaml")
+    assert cfg.phase in ("pt", "sft") and cfg.iters > 0
