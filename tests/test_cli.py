@@ -19,9 +19,10 @@ def test_doctor_reports_gemm_and_fast_blas():
     line = next(ln for ln in out.splitlines() if ln.startswith("gemm: "))
     gflops = float(line.split()[1])
     assert "GFLOP/s" in line
+    assert gflops > 0
     if sys.platform.startswith("linux"):
-        assert "blas: OpenBLAS" in out
-        assert gflops > 50, out
+        # Which BLAS is mapped is deterministic; its speed is measured in scripts/bench_backend.py.
+        assert "blas: OpenBLAS (OpenBLAS preloaded)" in out, out
     assert "compute: " in out
 
 
