@@ -49,7 +49,8 @@ def command(model, backend, q_bits, q_group_size, dtype, batch_size, max_seq_len
     16/24/32/64 GB machines. Nothing is loaded or downloaded. Examples:
       mlx-med plan --model configs/models/qwen2.5-14b.json --q-bits 4 --max-seq-len 1024 \\
           --batch-size 1 --lora-rank 16 --backend gpu
-      mlx-med plan -c configs/demo-pt.yaml --backend cpu
+      mlx-med plan -c configs/qwen2.5-14b-pt.yaml --backend gpu   # uses configs/models/qwen2.5-14b.json
+      mlx-med plan -c configs/demo-pt.yaml --model runs/demo/base --backend cpu
       mlx-med plan --model base-4bit --grad-checkpoint
     """
     from mlx_med.plan import estimate, fit_table, format_plan, read_model_shape
@@ -61,13 +62,23 @@ def command(model, backend, q_bits, q_group_size, dtype, batch_size, max_seq_len
                  "q_group_size": None if q_group_size is None else int(q_group_size),
                  "target_modules": None if target_modules is None
                  else [t.strip() for t in target_modules.split(",") if t.strip()]}
+    from mlx_med.errors import UserError
+
     settings, recipe_model = _settings(config_path, overrides)
+    note = None
+    if model is None and recipe_model is None and config_path is not None:
+        model = _architecture_for(config_path)
+        if model is not None:
+            note = f"the recipe names no model; planning {model.name}"
+            if settings.q_bits is None:  # the shipped recipes are QLoRA recipes on a 4-bit, group-64 base
+                settings.q_bits, settings.q_group_size = 4, overrides["q_group_size"] or 64
+                note += f" as a {settings.q_bits}-bit base (--q-bits to change)"
     model = model or recipe_model
     if model is None:
-        raise click.UsageError("give --model MODEL_DIR_OR_CONFIG_JSON or a recipe (-c) that names a model")
+        known = ", ".join(str(p) for p in sorted(Path("configs/models").glob("*.json")))
+        raise UserError("give --model MODEL_DIR_OR_CONFIG_JSON (or a recipe that names a model)"
+                        + (f"; architectures shipped: {known}" if known else ""))
     if recipe_model is not None and model == recipe_model and not Path(model).exists():
-        from mlx_med.errors import UserError
-
         raise UserError(f"{config_path}: model {model} is not on this machine; pass --model with its "
                         "config.json (e.g. configs/models/qwen2.5-14b.json) to plan without it")
     shape = read_model_shape(model)
@@ -89,7 +100,18 @@ def command(model, backend, q_bits, q_group_size, dtype, batch_size, max_seq_len
             "fits": {f"{size}GB": verdict for size, _, verdict in fit_table(plan)},
         }, indent=2))
         return
+    if note:
+        click.echo(f"note: {note}")
     click.echo(format_plan(plan))
+
+
+def _architecture_for(recipe: Path) -> Path | None:
+    """``configs/models/<name>.json`` for a recipe ``configs/<name>-pt.yaml`` / ``-sft.yaml``, if shipped."""
+    name = recipe.stem
+    for suffix in ("-pt", "-sft"):
+        name = name.removesuffix(suffix)
+    candidate = recipe.parent / "models" / f"{name}.json"
+    return candidate if candidate.is_file() else None
 
 
 def _settings(config_path: Path | None, overrides: dict):
