@@ -8,7 +8,8 @@ Accepted, per record (JSONL line, JSON list item, or text file):
 - Alpaca ``{"instruction", "input"?, "output", "system"?, "history"?}`` (LLaMA-Factory's form);
 - ``{"prompt", "completion" | "response" | "output" | "label"}``.
 
-A path may be a file (``.jsonl``, ``.json``, ``.txt``), a directory of such files, or a local
+A path may be a file (``.jsonl``, ``.json``, ``.txt``), a glob (``data/pt_*.jsonl``), a directory of
+such files, or a local
 Hugging Face dataset directory (``datasets.save_to_disk``; streamed, never loaded whole).
 
 Bad records raise ``DataError`` naming file, line and field; with ``skip_bad`` they are counted and
@@ -17,6 +18,7 @@ reported instead. No tokenizers or models here: that is ``mlx_med.train``'s job.
 
 from __future__ import annotations
 
+import glob
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -106,6 +108,11 @@ def iter_examples(
 
 
 def _data_files(path: Path) -> list[Path]:
+    if not path.exists() and glob.has_magic(str(path)):
+        matches = sorted(Path(m) for m in glob.glob(str(path)))
+        if not matches:
+            raise UserError(f"no data files match {path}")
+        return [f for m in matches for f in _data_files(m)]
     if not path.exists():
         raise UserError(f"data path not found: {path}")
     if path.is_file():

@@ -8,6 +8,7 @@ architecture differ while a multi-GB checkpoint is fingerprinted in milliseconds
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 from pathlib import Path
@@ -47,9 +48,14 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 
 def path_fingerprint(path: str | Path) -> str:
-    """Fingerprint of a data file or of every file under a directory."""
+    """Fingerprint of a data file, of every file under a directory, or of every file a glob matches."""
     path = Path(path)
     digest = hashlib.sha256()
+    if not path.exists() and glob.has_magic(str(path)):  # a glob such as data/pt_*.jsonl
+        for match in sorted(glob.glob(str(path))):
+            digest.update(os.fsencode(match))
+            digest.update(path_fingerprint(match).encode())
+        return digest.hexdigest()[:16]
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
         digest.update(os.fsencode(file.relative_to(path) if path.is_dir() else file.name))

@@ -116,3 +116,21 @@ def test_missing_path_and_empty_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .jsonl, .json, .txt files"):
         load_examples(tmp_path / "empty")
+
+
+def test_glob_paths(tmp_path):
+    jsonl(tmp_path, [{"text": "a"}], "pt_a.jsonl")
+    jsonl(tmp_path, [{"text": "b"}], "pt_b.jsonl")
+    jsonl(tmp_path, [{"text": "c"}], "other.jsonl")
+    assert [e.text for e in load_examples(tmp_path / "pt_*.jsonl")] == ["a", "b"]
+    with pytest.raises(UserError, match="no data files match"):
+        load_examples(tmp_path / "zz_*.jsonl")
+
+
+def test_glob_fingerprint_follows_content(tmp_path):
+    from mlx_med.fingerprint import path_fingerprint
+
+    jsonl(tmp_path, [{"text": "a"}], "pt_a.jsonl")
+    before = path_fingerprint(tmp_path / "pt_*.jsonl")
+    jsonl(tmp_path, [{"text": "changed"}], "pt_a.jsonl")
+    assert path_fingerprint(tmp_path / "pt_*.jsonl") != before
