@@ -341,15 +341,38 @@ def _probe_path(spec: str | None) -> Path | None:
 
 
 def _report(out: Layout) -> None:
-    from mlx_med.report import write_report
-
     runs: list[tuple[str, Path]] = [("PT run", out.pt), ("SFT run", out.sft)]
     runs += [(p.name, p) for p in sorted(out.evals.iterdir())] if out.evals.exists() else []
     runs += [(f"safety: {p.name}", p) for p in sorted(out.safety.iterdir())] if out.safety.exists() else []
     runs += [(name, path) for name, path in (("α sweep", out.sweep_alpha), ("decoding sweep", out.sweep_decoding))
              if path.exists()]
-    path = write_report(out.report, runs, title="mlx-med pipeline report")
-    print(f"  report: {path}")
+    from mlx_med.io import atomic_write_text
+    from mlx_med.report import build_report
+
+    text = build_report(runs, out.report, title="mlx-med pipeline report") + _safety_by_category(out)
+    atomic_write_text(out.report, text)
+    print(f"  report: {out.report}")
+
+
+def _safety_by_category(out: Layout) -> str:
+    """Safety pass counts per category and language: base/fused screens and every α of the sweep."""
+    from mlx_med.safety import comparison_markdown
+
+    runs: dict[str, dict[str, Any]] = {}
+    for folder in sorted(out.safety.iterdir()) if out.safety.exists() else []:
+        if (folder / "metrics.json").is_file():
+            runs[folder.name] = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    cached = []
+    for path in out.sweep_alpha.glob("*/safety.json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        cached.append((float(data["key"]["alpha"]), data["metrics"]))
+    for alpha, metrics in sorted(cached, key=lambda item: item[0]):
+        runs[f"α = {alpha:g}"] = metrics
+    if not runs:
+        return ""
+    return ("\n## Safety screen by category\n\n" + comparison_markdown(runs) + "\n\nGreedy decoding; "
+            "substring rules over the reply (docs/safety.md). A screening probe, not a clinical validation: "
+            "only differences between versions of one model on the same probes are informative.\n")
 
 
 def _nonce() -> float:
