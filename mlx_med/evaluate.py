@@ -52,7 +52,7 @@ class EvalConfig:
     lang: Literal["auto", "zh", "en"] = "auto"  # sacreBLEU tokenizer choice
     ppl_data: Path | None = None  # held-out PT text: perplexity (knowledge retention)
     ppl_block_size: int = 512
-    ppl_limit: int | None = 200  # PT records used for perplexity
+    ppl_limit: int | None = 100  # PT records used for perplexity
     force: bool = False  # replace a finished eval in `out`
 
     def decoding(self) -> DecodingConfig:
@@ -178,7 +178,8 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
     metrics["bad_rows"] = {"count": evalset.bad, "first": evalset.bad_reasons}
     if cfg.ppl_data is not None:
         texts = load_ppl_texts(cfg.ppl_data, cfg.ppl_limit)
-        metrics["perplexity"] = perplexity_stats(loaded.model, loaded.tokenizer, texts, cfg.ppl_block_size)
+        metrics["perplexity"] = perplexity_stats(loaded.model, loaded.tokenizer, texts, cfg.ppl_block_size,
+                                                progress=not quiet)
     metrics["config"] = {**config_to_dict(cfg), "decoding": config_to_dict(decoding)}
     atomic_write_json(out / METRICS, metrics)
     (out / PARTIAL).unlink(missing_ok=True)
@@ -345,7 +346,8 @@ def load_ppl_texts(path: str | Path, limit: int | None = None) -> list[str]:
     return texts
 
 
-def token_nll(model, tokenizer, texts: list[str], block_size: int = 512, batch_size: int = 4) -> tuple[float, int]:
+def token_nll(model, tokenizer, texts: list[str], block_size: int = 512, batch_size: int = 2,
+              progress: bool = False) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (nats) and the number of predicted tokens.
 
     Texts are tokenized, joined with the EOS token and cut into non-overlapping blocks of
@@ -370,16 +372,26 @@ def token_nll(model, tokenizer, texts: list[str], block_size: int = 512, batch_s
     full = [b for b in blocks if len(b) == step]
     groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     groups += [[b] for b in blocks if len(b) != step]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(b) - 1 for b in blocks), desc="perplexity", unit="tok", leave=False,
+                   dynamic_ncols=True)
     for group in groups:
         batch = mx.array(group)
         logits = model(batch[:, :-1]).astype(mx.float32)
         loss = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
         total += loss.item()
         count += batch.shape[0] * (batch.shape[1] - 1)
+        if bar is not None:
+            bar.update(batch.shape[0] * (batch.shape[1] - 1))
+    if bar is not None:
+        bar.close()
     return total, count
 
 
-def perplexity(model, tokenizer, texts: list[str], block_size: int = 512, batch_size: int = 4) -> float:
+def perplexity(model, tokenizer, texts: list[str], block_size: int = 512, batch_size: int = 2) -> float:
     """exp(mean next-token NLL) of ``texts`` under ``model`` (see ``token_nll`` for the blocking)."""
     import math
 
@@ -389,11 +401,12 @@ def perplexity(model, tokenizer, texts: list[str], block_size: int = 512, batch_
     return math.exp(total / count)
 
 
-def perplexity_stats(model, tokenizer, texts: list[str], block_size: int = 512) -> dict[str, float]:
+def perplexity_stats(model, tokenizer, texts: list[str], block_size: int = 512,
+                     progress: bool = False) -> dict[str, float]:
     """``{"perplexity", "nll", "tokens", "texts", "block_size"}`` for metrics.json."""
     import math
 
-    total, count = token_nll(model, tokenizer, texts, block_size)
+    total, count = token_nll(model, tokenizer, texts, block_size, progress=progress)
     if count == 0:
         raise UserError("no tokens to score for perplexity (texts are empty)")
     return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,

@@ -50,8 +50,8 @@ class AlphaRule:
 
     def describe(self) -> str:
         return (f"highest {self.metric} among α with held-out perplexity ≤ {1 + self.ppl_tolerance:g} × the "
-                f"sweep's lowest and safety pass rate ≥ the SFT-only (α=1) rate − {self.safety_margin:g} "
-                "points; ties → larger α")
+                f"sweep's lowest (with --ppl-data) and safety pass rate ≥ the SFT-only (α=1) rate − "
+                f"{self.safety_margin:g} points (with --safety-probes); ties → larger α")
 
 
 @dataclass
@@ -278,7 +278,7 @@ def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool) -> dict[str, Any]:
                 return json.loads((out / METRICS).read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             pass
-    return run_eval(replace(cfg, force=True) if (out / METRICS).exists() else cfg, quiet=True, loaded=loaded)
+    return run_eval(replace(cfg, force=True) if (out / METRICS).exists() else cfg, quiet=quiet, loaded=loaded)
 
 
 def safety_or_reuse(cfg: AlphaSweepConfig, probes, loaded, quiet: bool) -> float:

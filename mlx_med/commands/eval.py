@@ -61,6 +61,7 @@ def model_options(func):
               help="Language for sacreBLEU's tokenizer (zh or 13a).  [default: auto, from the references]")
 @click.option("--ppl-data", type=click.Path(path_type=Path),
               help="Held-out PT text (JSONL/txt): also report its perplexity (knowledge retention).")
+@click.option("--ppl-limit", type=int, help="PT records used for perplexity.  [default: 100]")
 @click.option("--ppl-block-size", type=int, help="Tokens per perplexity block.  [default: 512]")
 @click.option("--predictions", type=click.Path(path_type=Path),
               help="Score an existing generated_predictions.jsonl (ours or LLaMA-Factory's) instead of generating.")
@@ -68,7 +69,7 @@ def model_options(func):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table (for scripts).")
 def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit, batch_size, preset,
             temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed, system, lang,
-            ppl_data, ppl_block_size, predictions, force, quiet) -> None:
+            ppl_data, ppl_limit, ppl_block_size, predictions, force, quiet) -> None:
     """Generate answers for an eval set and score them (BLEU-4/ROUGE as LLaMA-Factory computes them).
 
     \b
@@ -99,7 +100,7 @@ def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit
 
     cfg = load_config(EvalConfig, config_path, {
         **overrides, **decoding, "preset": preset, "lang": lang, "ppl_data": ppl_data,
-        "ppl_block_size": ppl_block_size,
+        "ppl_limit": ppl_limit, "ppl_block_size": ppl_block_size,
     })
     run_eval(cfg, quiet=quiet)
     if not quiet:

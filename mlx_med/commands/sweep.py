@@ -78,7 +78,7 @@ def decoding(config_path, model, adapter, sft, pt, alpha, data, out, limit, batc
                                "[default: 0,0.1,...,1]")
 @click.option("--ppl-data", type=click.Path(path_type=Path),
               help="Held-out PT text: perplexity at each α (knowledge retention).")
-@click.option("--ppl-limit", type=int, help="PT records used for perplexity.  [default: 200]")
+@click.option("--ppl-limit", type=int, help="PT records used for perplexity.  [default: 100]")
 @click.option("--ppl-block-size", type=int, help="Tokens per perplexity block.  [default: 512]")
 @click.option("--safety-probes", type=click.Path(path_type=Path),
               help="Safety probe file ('starter' = the shipped set): adds the safety pass rate at each α as a third axis.")
