@@ -23,6 +23,7 @@ class Batch:
     inputs: np.ndarray  # (b, L) int32
     targets: np.ndarray  # (b, L) int32, inputs shifted by one
     mask: np.ndarray  # (b, L) float32, 1 where the target counts in the loss
+    input_tokens: int = 0  # real (non-padding) input positions, the compute actually spent
 
     @property
     def tokens(self) -> int:
@@ -81,9 +82,10 @@ def pad_sequences(seqs: list[np.ndarray], masks: list[np.ndarray], multiple: int
     inputs = np.zeros((n, width), np.int32)
     targets = np.zeros((n, width), np.int32)
     mask = np.zeros((n, width), np.float32)
+    lengths = [len(seq) - 1 for seq in seqs]
     for i, (seq, m) in enumerate(zip(seqs, masks)):
         length = len(seq) - 1
         inputs[i, :length] = seq[:-1]
         targets[i, :length] = seq[1:]
         mask[i, :length] = m[1:]
-    return Batch(inputs, targets, mask)
+    return Batch(inputs, targets, mask, sum(lengths))

@@ -83,7 +83,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer) ->
             raise UserError(f"{path}: optimizer state lacks {key}")
         return saved[key]
 
-    optimizer.state = tree_map_with_path(restore, optimizer.state)
+    # In place: compiled update functions hold a reference to this very dict.
+    optimizer.state.update(tree_map_with_path(restore, optimizer.state))
     for key in ("step", "learning_rate"):
         if key in saved:
             optimizer.state[key] = saved[key]

@@ -181,4 +181,4 @@ class PackedDataset:
         for i, w in enumerate(windows):
             length = len(w) - 1
             inputs[i, :length], targets[i, :length], mask[i, :length] = w[:-1], w[1:], 1.0
-        return Batch(inputs, targets, mask)
+        return Batch(inputs, targets, mask, sum(len(w) - 1 for w in windows))

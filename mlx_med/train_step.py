@@ -116,19 +116,36 @@ def _checkpointed(cls: type) -> type:
 
 
 class StepRunner:
-    """Runs micro-batches, accumulates summed gradients, applies the token-weighted update."""
+    """Runs micro-batches, accumulates summed gradients, applies the token-weighted update.
+
+    The update (all-reduce, division by the token count, clipping, AdamW) always runs as one
+    ``mx.compile``-d function: its shapes are those of the adapter, whatever the batch.
+    """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, grad_clip: float | None,
-                 head_split=None, world: mx.distributed.Group | None = None):
+                 head_split=None, world: mx.distributed.Group | None = None, compile: bool = False):
+        """``compile``: also trace forward + backward with ``mx.compile`` (worth it for fixed shapes,
+        i.e. packed PT blocks; SFT batches change shape every step and would re-trace)."""
         self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+        self.world_size = world.size() if world is not None else 1
         self.world = world
         self.selected = head_split is not None
-        loss = selected_loss(head_split) if self.selected else masked_loss
-        self.loss = loss
-        self.value_and_grad = nn.value_and_grad(model, loss)
+        self.loss = selected_loss(head_split) if self.selected else masked_loss
+        value_and_grad = nn.value_and_grad(model, self.loss)
+        self.value_and_grad = value_and_grad
+        if compile:
+            # The parameters and the dropout RNG are implicit inputs; value_and_grad writes the
+            # traced parameters back into the model, so they are outputs too.
+            state = [model.state, mx.random.state]
+            traced = mx.compile(lambda *arrays: value_and_grad(model, *arrays), inputs=state, outputs=state)
+            self.value_and_grad = lambda _model, *arrays: traced(*arrays)
+        optimizer.init(model.trainable_parameters())
+        state = [model.state, optimizer.state]
+        self._apply = mx.compile(self._apply_update, inputs=state, outputs=state)
         self._grads = None
         self._loss_sum = mx.array(0.0)
         self._tokens = mx.array(0.0)
+        self._inputs = 0
 
     def arrays(self, batch: Batch) -> tuple:
         arrays = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
@@ -138,36 +155,46 @@ class StepRunner:
             arrays += (mx.array(np.flatnonzero(batch.mask.reshape(-1)).astype(np.uint32)),)
         return arrays
 
-    def accumulate(self, batch: Batch) -> None:
-        """Forward + backward of one micro-batch; gradients are kept as per-token sums."""
+    def accumulate(self, batch: Batch, last: bool = False) -> None:
+        """Forward + backward of one micro-batch; gradients are kept as per-token sums.
+
+        ``last``: the step's final micro-batch, left lazy so that backward and update run as one graph.
+        """
         (loss_sum, tokens), grads = self.value_and_grad(self.model, *self.arrays(batch))
         self._grads = grads if self._grads is None else tree_map(mx.add, self._grads, grads)
         self._loss_sum = self._loss_sum + loss_sum
         self._tokens = self._tokens + tokens
-        mx.eval(self._grads, self._loss_sum, self._tokens)
+        self._inputs += batch.input_tokens
+        if not last:  # bound memory: one micro-batch's graph at a time
+            mx.eval(self._grads, self._loss_sum, self._tokens)
 
-    def update(self) -> tuple[float, int, float]:
-        """Average over all tokens of all processes, clip, step.
-
-        Returns:
-            (mean loss of this step, loss tokens across processes, gradient norm before clipping).
-        """
-        grads, loss_sum, tokens = self._grads, self._loss_sum, self._tokens
-        if self.world is not None and self.world.size() > 1:
-            # average_gradients divides by the world size; so does averaging the counts, so the
-            # ratio below is Σ gradient sums / Σ tokens over all processes.
-            grads = average_gradients(grads, group=self.world)
-            loss_sum = mx.distributed.all_sum(loss_sum, group=self.world, stream=mx.cpu) / self.world.size()
-            tokens = mx.distributed.all_sum(tokens, group=self.world, stream=mx.cpu) / self.world.size()
-        grads = tree_map(lambda g: g / tokens, grads)
+    def _apply_update(self, grads, counts):
+        if self.world_size > 1:
+            # One all-reduce for gradients and counts. Both are averaged over processes, so the
+            # ratio below is Σ gradient sums / Σ tokens over all of them.
+            reduced = average_gradients({"grads": grads, "counts": counts}, group=self.world)
+            grads, counts = reduced["grads"], reduced["counts"]
+        grads = tree_map(lambda g: g / counts[1], grads)
         grad_norm = mx.array(0.0)
         if self.grad_clip is not None:
             grads, grad_norm = optim.clip_grad_norm(grads, self.grad_clip)
         self.optimizer.update(self.model, grads)
-        mx.eval(self.model.trainable_parameters(), self.optimizer.state, loss_sum, tokens, grad_norm)
-        self._grads, self._loss_sum, self._tokens = None, mx.array(0.0), mx.array(0.0)
-        world = self.world.size() if self.world is not None else 1
-        return (loss_sum / tokens).item(), round(tokens.item() * world), grad_norm.item()
+        return counts, grad_norm
+
+    def update(self) -> tuple[float, int, int, float]:
+        """Average over all tokens of all processes, clip, step.
+
+        Returns:
+            (mean loss of this step, loss tokens and input tokens across processes, gradient norm
+            before clipping, or 0 without clipping).
+        """
+        counts = mx.stack([self._loss_sum, self._tokens, mx.array(float(self._inputs))])
+        counts, grad_norm = self._apply(self._grads, counts)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state, counts, grad_norm)
+        self._grads, self._loss_sum, self._tokens, self._inputs = None, mx.array(0.0), mx.array(0.0), 0
+        loss_sum, tokens, inputs = counts.tolist()
+        w = self.world_size
+        return loss_sum / tokens, round(tokens * w), round(inputs * w), grad_norm.item()
 
 
 def evaluate_loss(model: nn.Module, batches, loss, world: mx.distributed.Group | None = None) -> tuple[float, int]:

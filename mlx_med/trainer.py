@@ -58,8 +58,8 @@ class LoopState:
     best_val: float = math.inf
     bad_evals: int = 0
     initial_val_loss: float | None = None
-    window: dict[str, float] = field(default_factory=lambda: {"loss_sum": 0.0, "tokens": 0, "seconds": 0.0,
-                                                               "steps": 0, "grad_norm": 0.0})
+    window: dict[str, float] = field(default_factory=lambda: {"loss_sum": 0.0, "tokens": 0, "inputs": 0,
+                                                               "seconds": 0.0, "steps": 0, "grad_norm": 0.0})
 
 
 def load_run_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -149,7 +149,7 @@ def run_training(cfg: TrainConfig, quiet: bool = False, *, json_log: bool = Fals
     schedule = BatchSchedule(data.train, cfg.optim.batch_size, rank, size)
     optimizer = build_optimizer(cfg)
     head_split = split_head(model) if cfg.phase == "sft" else None
-    runner = StepRunner(model, optimizer, cfg.optim.grad_clip, head_split, world)
+    runner = StepRunner(model, optimizer, cfg.optim.grad_clip, head_split, world, compile=cfg.phase == "pt")
     accum = cfg.optim.grad_accumulation
     per_epoch = len(schedule.batches_in_epoch(0))
     effective = cfg.optim.batch_size * size * accum
@@ -218,14 +218,15 @@ def run_training(cfg: TrainConfig, quiet: bool = False, *, json_log: bool = Fals
                 for micro in range(accum):
                     k = (step - 1) * accum + micro
                     mx.random.seed((cfg.seed * 1_000_003 + k) * 131 + rank)  # dropout, reproducible on resume
-                    runner.accumulate(schedule.micro_batch(k))
-                loss, tokens, grad_norm = runner.update()
+                    runner.accumulate(schedule.micro_batch(k), last=micro == accum - 1)
+                loss, tokens, inputs, grad_norm = runner.update()
                 seconds = time.perf_counter() - start
                 state.step, state.tokens_seen = step, state.tokens_seen + tokens
                 state.train_seconds += seconds
                 w = state.window
                 w["loss_sum"] += loss * tokens
                 w["tokens"] += tokens
+                w["inputs"] += inputs
                 w["seconds"] += seconds
                 w["steps"] += 1
                 w["grad_norm"] += grad_norm
@@ -285,11 +286,12 @@ def _record(state: LoopState, step: int, optimizer, schedule: BatchSchedule, acc
         "train_loss": loss,
         "train_ppl": _ppl(loss),
         "learning_rate": optimizer.learning_rate.item(),
-        "tokens_per_sec": round(w["tokens"] / w["seconds"], 2) if w["seconds"] else None,
+        "tokens_per_sec": round(w["tokens"] / w["seconds"], 2) if w["seconds"] else None,  # loss tokens
+        "input_tokens_per_sec": round(w["inputs"] / w["seconds"], 2) if w["seconds"] else None,  # + prompts
         "tokens": state.tokens_seen,
         "grad_norm": w["grad_norm"] / max(1, w["steps"]),
         "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 4),
-        "elapsed_s": round(state.train_seconds, 2),
+        "elapsed_s": round(state.train_seconds, 4),
     }
     state.window = LoopState().window
     return record
@@ -327,7 +329,7 @@ def _restore(path: Path, model, optimizer, world: int) -> LoopState:
     best = saved.get("best_val")
     return LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], train_seconds=saved["train_seconds"],
                      best_val=math.inf if best is None else best, bad_evals=saved["bad_evals"],
-                     initial_val_loss=saved.get("initial_val_loss"), window=saved["window"])
+                     initial_val_loss=saved.get("initial_val_loss"), window={**LoopState().window, **saved["window"]})
 
 
 def _truncate_metrics(out: Path, step: int) -> None:
