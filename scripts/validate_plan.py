@@ -14,7 +14,7 @@ with mlx-lm's ``linear_to_lora_layers``, and run three steps of masked cross-ent
   on the CPU backend that path is ~50x slower, so it is opt-in.
 
 Prints one row per case (estimate, measured, relative error) and a summary line. Run:
-    python scripts/validate_plan.py [--quick] [--gpu-policy] [--smollm2 /tmp/smollm2]
+    python scripts/validate_plan.py [--quick] [--gpu-policy] [--only NAME] [--smollm2 /tmp/smollm2]
 """
 
 from __future__ import annotations
@@ -183,6 +183,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Only the fixtures and one SmolLM2 case.")
     parser.add_argument("--gpu-policy", action="store_true",
                         help="Add a 4-bit base + bf16 case (slow on the CPU backend: minutes).")
+    parser.add_argument("--only", help="Run only the cases whose name contains this text.")
     parser.add_argument("--smollm2", type=Path, help="An existing SmolLM2 MLX folder (skips converting the GGUF).")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -198,6 +199,8 @@ def main() -> None:
         print("-" * len(header))
         errors = []
         for case in cases(models, args.quick, args.gpu_policy):
+            if args.only and args.only not in case.name:
+                continue
             est, est_w = estimate(case)
             got = measure_in_child(case)
             err = (est - got["peak"]) / got["peak"]

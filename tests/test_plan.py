@@ -230,3 +230,17 @@ def test_estimate_is_close_to_a_measured_tiny_step(tiny_llama):
     plan = estimate(read_model_shape(tiny_llama), PlanSettings(batch_size=4, max_seq_len=128), "cpu")
     assert 0.67 < plan.peak_bytes / peaks[-1] < 1.5, (plan.peak_bytes, peaks)
     assert "peak:" in format_plan(plan)
+
+
+def test_shipped_14b_recipe_plans_without_a_model(monkeypatch):
+    pytest.importorskip("mlx_med.train_config")
+    recipe = REPO / "configs" / "qwen2.5-14b-pt.yaml"
+    if not recipe.is_file():
+        pytest.skip("14B recipe not present")
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(cli, ["plan", "-c", str(recipe), "--backend", "gpu"])
+    assert result.exit_code == 0, result.output
+    assert "the recipe names no model; planning qwen2.5-14b.json as a 4-bit base" in result.output
+    assert "grad checkpointing on" in result.output
+    peak = float(re.search(r"^peak: ([0-9.]+) GB$", result.output, flags=re.M).group(1))
+    assert 9 < peak < 16  # 8.3 GB of 4-bit weights + LoRA, checkpointed activations and logits
