@@ -45,6 +45,8 @@ MLP_MODULES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 DEFAULT_TARGETS = ATTENTION_MODULES + MLP_MODULES
 FIT_SIZES_GB = (16, 24, 32, 64)
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0}
+# Dense decoders with q/k/v/o + gate/up/down blocks: the shape the formulas describe.
+KNOWN_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def shape_from_config(config: dict[str, Any], source: str = "<config>") -> Model
         return value
 
     hidden, heads = need("hidden_size"), need("num_attention_heads")
-    kv_heads = need("num_key_value_heads") if "num_key_value_heads" in config else heads
+    kv_heads = need("num_key_value_heads") if config.get("num_key_value_heads") is not None else heads
     head_dim = need("head_dim") if config.get("head_dim") is not None else hidden // heads
     model_type = str(config.get("model_type", "unknown"))
     quant = config.get("quantization") or config.get("quantization_config")
@@ -151,7 +153,6 @@ def shape_from_config(config: dict[str, Any], source: str = "<config>") -> Model
 class PlanSettings:
     """The training settings that move peak memory (names follow ``TrainConfig``)."""
 
-    backend: Literal["auto", "gpu", "cpu"] = "auto"
     q_bits: int | None = None  # None = as stored in config.json; 0 = not quantized
     q_group_size: int = 64
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # compute dtype on the GPU path
@@ -368,8 +369,11 @@ def format_plan(plan: MemoryPlan) -> str:
         f"{m.num_layers if s.lora_layers == -1 else s.lora_layers} layer(s), {s.optimizer}, "
         f"grad checkpointing {'on' if s.grad_checkpoint else 'off'}"
         + (f", {s.grad_accumulation} micro-batches" if s.grad_accumulation > 1 else ""),
-        "",
     ]
+    if m.model_type not in KNOWN_TYPES:
+        lines.append(f"note: model_type {m.model_type!r} is estimated as a llama-style dense decoder "
+                     f"(the formulas fit {', '.join(KNOWN_TYPES)})")
+    lines.append("")
     width = max(len(p.name) for p in plan.parts)
     for p in plan.parts:
         lines.append(f"  {p.name:<{width}}  {p.bytes / GB:8.3f} GB  {p.detail}")

@@ -82,7 +82,6 @@ def command(model, backend, q_bits, q_group_size, dtype, batch_size, max_seq_len
         raise UserError(f"{config_path}: model {model} is not on this machine; pass --model with its "
                         "config.json (e.g. configs/models/qwen2.5-14b.json) to plan without it")
     shape = read_model_shape(model)
-    settings.backend = backend
     device = backend
     if backend == "auto":
         from mlx_med.backend import detect_backend
