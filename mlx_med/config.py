@@ -199,5 +199,5 @@ def _coerce(hint: Any, value: Any, key: tuple[str, ...], where: str, lines: dict
     if hint is Path:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{locate(key)}: '{name}' must be a path, got {value!r}")
-        return Path(value)
+        return Path(value).expanduser()
     return value
