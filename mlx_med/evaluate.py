@@ -317,8 +317,25 @@ def _generate(loaded, rows: list[EvalRow], decoding: DecodingConfig, cfg: EvalCo
             made[row.index] = record
 
         generate_batch(loaded.model, loaded.tokenizer, [row.messages for row in rows], decoding,
-                       batch_size=cfg.batch_size, system=cfg.system, progress=not quiet, on_result=keep)
+                       batch_size=cfg.batch_size, system=system_text(cfg.system, cfg.lang, rows),
+                       progress=not quiet, on_result=keep)
     return made
+
+
+def system_text(system: str | None, lang: str, rows: list[EvalRow]) -> str | None:
+    """The system prompt for ``--system``: ``none``/empty → the template's own, ``default`` → the chat
+    REPL's prompt in the eval set's language, ``@FILE`` → the file's text, anything else → itself."""
+    from mlx_med.safety import resolve_system
+
+    text = resolve_system(system)
+    if text != "default":
+        return text
+    from mlx_med.prompts import system_prompt
+
+    if lang == "auto":
+        sample = "".join(m["content"] for row in rows[:8] for m in row.messages)
+        lang = "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in sample) else "en"
+    return system_prompt(lang)
 
 
 def _count(values) -> dict[str, int]:

@@ -173,3 +173,18 @@ def test_cli_contract_form(tiny_llama, eval_file, tmp_path):
     bad = CliRunner().invoke(cli, ["eval", "--model", str(tiny_llama), "--data", str(eval_file),
                                    "-o", str(tmp_path / "y"), "--top-p", "0"])
     assert bad.exit_code == 2 and "top_p" in bad.output
+
+
+def test_system_keywords_resolve(tmp_path):
+    from mlx_med.evaluate import EvalRow, system_text
+    from mlx_med.prompts import system_prompt
+
+    zh = [EvalRow(0, "x:1", [{"role": "user", "content": "发热怎么办？"}], "多喝水")]
+    en = [EvalRow(0, "x:1", [{"role": "user", "content": "Fever?"}], "Rest")]
+    assert system_text(None, "auto", en) is None
+    assert system_text("none", "auto", en) is None  # the keyword, never the literal text "none"
+    assert system_text("default", "auto", zh) == system_prompt("zh")
+    assert system_text("default", "auto", en) == system_prompt("en")
+    (tmp_path / "sys.txt").write_text("Be brief.")
+    assert system_text(f"@{tmp_path / 'sys.txt'}", "auto", en) == "Be brief."
+    assert system_text("You are careful.", "auto", en) == "You are careful."
