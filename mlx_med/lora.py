@@ -20,7 +20,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
 from mlx_med.adapter_format import Adapter, lora_scale, read_adapter
 from mlx_med.errors import ConfigError, UserError
-from mlx_med.train_config import LoraConfig
+from mlx_med.train_config import LoraConfig, match_target_modules
 
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 
@@ -66,17 +66,7 @@ def resolve_targets(model: nn.Module, requested: list[str]) -> list[str]:
     Raises:
         ConfigError: a requested name matches no linear layer (the available ones are listed).
     """
-    available = linear_modules(model.layers[0])
-    if not requested:
-        return available
-    keys: list[str] = []
-    for name in requested:
-        matches = [a for a in available if a == name or a.endswith("." + name)]
-        if not matches:
-            raise ConfigError(f"lora.target_modules: no linear layer named {name!r} in a block "
-                              f"(available: {', '.join(available)})")
-        keys += [m for m in matches if m not in keys]
-    return keys
+    return match_target_modules(requested, linear_modules(model.layers[0]))
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> LoraPlan:

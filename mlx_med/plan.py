@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlx_med.errors import ConfigError, UserError
+from mlx_med.train_config import match_target_modules
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -183,16 +184,7 @@ class PlanSettings:
 
 def resolve_targets(requested: list[str]) -> list[str]:
     """Block-relative module paths for ``q_proj`` / ``self_attn.q_proj`` style names (empty = all)."""
-    if not requested:
-        return list(DEFAULT_TARGETS)
-    keys: list[str] = []
-    for name in requested:
-        matches = [m for m in DEFAULT_TARGETS if m == name or m.endswith("." + name)]
-        if not matches:
-            raise ConfigError(f"target module {name!r} is not a linear layer of a block "
-                              f"(known: {', '.join(DEFAULT_TARGETS)})")
-        keys += [m for m in matches if m not in keys]
-    return keys
+    return match_target_modules(requested, list(DEFAULT_TARGETS))
 
 
 @dataclass

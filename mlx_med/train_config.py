@@ -130,3 +130,21 @@ class TrainConfig:
             raise ConfigError("--on-top-of stacks an SFT adapter on a PT run; it needs --phase sft")
         if self.lora.num_layers == 0 or self.lora.num_layers < -1:
             raise ConfigError(f"'lora.num_layers' must be -1 (all) or at least 1, got {self.lora.num_layers}")
+
+
+def match_target_modules(requested: list[str], available: list[str]) -> list[str]:
+    """Block-relative module paths for ``q_proj`` / ``self_attn.q_proj`` style names (empty = all).
+
+    Raises:
+        ConfigError: naming a requested module that matches no available one.
+    """
+    if not requested:
+        return list(available)
+    keys: list[str] = []
+    for name in requested:
+        matches = [a for a in available if a == name or a.endswith("." + name)]
+        if not matches:
+            raise ConfigError(f"lora.target_modules: no linear layer named {name!r} in a block "
+                              f"(available: {', '.join(available)})")
+        keys += [m for m in matches if m not in keys]
+    return keys

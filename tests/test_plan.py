@@ -99,7 +99,7 @@ def test_lora_targets_and_layers():
     assert last.lora_params * 2 == full.lora_params
     # Blocks below the lowest adapted one keep no activations.
     assert last.activations_off * 2 == full.activations_off
-    with pytest.raises(ConfigError, match="not a linear layer"):
+    with pytest.raises(ConfigError, match="no linear layer named"):
         estimate(shape, PlanSettings(target_modules=["lm_head"]), "cpu")
     with pytest.raises(ConfigError, match="lora_layers"):
         estimate(shape, PlanSettings(lora_layers=3), "cpu")
