@@ -13,7 +13,7 @@ out (so MFU is a lower bound). Prints per-phase figures and, last, ``ratio: <geo
 phases of mlx-med ÷ mlx_lm tokens/s>``.
 
     python scripts/bench_train.py                        # SmolLM2-135M from the bundled GGUF
-    python scripts/bench_train.py --model DIR --phase pt --steps 30
+    python scripts/bench_train.py --model DIR --phase pt --steps 30 --pt-batch-size 4 --max-seq-len 256
 """
 
 from __future__ import annotations
@@ -75,22 +75,32 @@ def default_model(work: Path) -> Path:
     return out
 
 
-def write_data(pattern: str, out_dir: Path) -> Path:
-    """Concatenate the matching JSONL files into ``out_dir/train.jsonl`` (mlx_lm's layout)."""
+def write_data(pattern: str, out_dir: Path, model: Path, max_seq_len: int) -> Path:
+    """Concatenate the matching JSONL files into ``out_dir/train.jsonl`` (mlx_lm's layout).
+
+    Chats longer than ``max_seq_len`` are left out for both sides: truncated, some would keep no
+    answer token, which mlx_lm turns into a 0/0 loss.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
+    rows = []
     for path in sorted(glob.glob(str(REPO / pattern))):
-        lines += [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
-    # Keep only the fields mlx_lm reads (it picks the dataset class from the keys).
-    rows = [json.loads(line) for line in lines]
-    keep = "text" if "text" in rows[0] else "messages"
-    (out_dir / "train.jsonl").write_text("".join(json.dumps({keep: r[keep]}, ensure_ascii=False) + "\n"
-                                                 for r in rows), encoding="utf-8")
+        rows += [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+    # Keep only the field mlx_lm reads (it picks the dataset class from the keys).
+    key = "text" if "text" in rows[0] else "messages"
+    rows = [{key: r[key]} for r in rows]
+    if key == "messages":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model))
+        rows = [r for r in rows if len(tok.apply_chat_template(r[key], tokenize=True, return_dict=False))
+                <= max_seq_len]
+    (out_dir / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                         encoding="utf-8")
     return out_dir / "train.jsonl"
 
 
 def run_mlx_lm(model: Path, data_dir: Path, phase: str, a, work: Path) -> list[dict]:
-    settings = {"model": str(model), "train": True, "data": str(data_dir), "iters": a.steps, "batch_size": a.batch_size,
+    settings = {"model": str(model), "train": True, "data": str(data_dir), "iters": a.steps, "batch_size": a.batch[phase],
                 "max_seq_length": a.max_seq_len, "num_layers": -1, "learning_rate": a.learning_rate,
                 "optimizer": "adamw", "optimizer_config": {"adamw": {"weight_decay": 0.0}},
                 "steps_per_report": a.report_every, "steps_per_eval": 10**9, "save_every": 10**9,
@@ -114,7 +124,7 @@ def run_ours(model: Path, data: Path, phase: str, a, work: Path) -> list[dict]:
         "checkpoint:\n  every: 0\n")
     proc = subprocess.run([sys.executable, "-m", "mlx_med.cli", "train", "-c", str(recipe), "--model", str(model),
                            "--data", str(data), "-o", str(work / f"mlx-med-{phase}"), "--iters", str(a.steps),
-                           "--batch-size", str(a.batch_size), "--max-seq-len", str(a.max_seq_len),
+                           "--batch-size", str(a.batch[phase]), "--max-seq-len", str(a.max_seq_len),
                            "--learning-rate", str(a.learning_rate), "--force", "--json-log"],
                           capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
@@ -150,16 +160,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="MLX model folder [default: SmolLM2-135M from the GGUF]")
     parser.add_argument("--phase", choices=["pt", "sft", "both"], default="both")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--report-every", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--report-every", type=int, default=2)
+    parser.add_argument("--pt-batch-size", type=int, default=8,
+                        help="Unpacked training pads each batch to its longest document: bigger batches pad more.")
+    parser.add_argument("--sft-batch-size", type=int, default=4)
+    parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--pt-data", default="data/demo/pt_*.jsonl")
     parser.add_argument("--sft-data", default="data/demo/sft_*.jsonl")
     parser.add_argument("--repeats", type=int, default=1, help="Runs per side, alternated; the best counts.")
     parser.add_argument("--workdir", type=Path, help="Keep models, data and runs here [default: a temp dir]")
     a = parser.parse_args()
+    a.batch = {"pt": a.pt_batch_size, "sft": a.sft_batch_size}
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench_train."))
     work.mkdir(parents=True, exist_ok=True)
@@ -172,12 +185,12 @@ def main() -> None:
     body, head = model_sizes(model)
     print(f"model {model} ({(body + head) / 1e6:.0f}M matmul parameters), fp32 compute, BLAS {blas_in_use()}, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    print(f"measured fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s; batch {a.batch_size} x {a.max_seq_len}, "
+    print(f"measured fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s; batch {a.batch} x {a.max_seq_len}, "
           f"{a.steps} steps (first {a.report_every} not timed)")
     ratios = []
     for phase in (["pt", "sft"] if a.phase == "both" else [a.phase]):
         data_dir = work / f"data-{phase}"
-        data = write_data(a.pt_data if phase == "pt" else a.sft_data, data_dir)
+        data = write_data(a.pt_data if phase == "pt" else a.sft_data, data_dir, model, a.max_seq_len)
         # Alternate the two sides and keep each one's best run: the machine may be shared.
         best_theirs, best_ours = None, None
         for repeat in range(a.repeats):

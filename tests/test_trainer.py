@@ -227,3 +227,22 @@ def test_bad_inputs_are_clear_errors(tmp_path, tiny_llama):
 def test_shipped_recipes_load(recipe):
     cfg = load_config(TrainConfig, REPO / "configs" / f"{recipe}.yaml")
     assert cfg.phase in ("pt", "sft") and cfg.iters > 0
+
+
+def test_lora_scale_targets_and_trainable_count(tiny_llama):
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from mlx_med.lora import apply_lora
+    from mlx_med.models import load_model
+    from mlx_med.train_config import LoraConfig
+
+    model = load_model(tiny_llama).model
+    plan = apply_lora(model, LoraConfig(rank=4, alpha=8, use_rslora=True, num_layers=1,
+                                        target_modules=["q_proj", "mlp.down_proj"]))
+    assert plan.scale == 4.0 and plan.keys == ["self_attn.q_proj", "mlp.down_proj"] and plan.num_layers == 1
+    loras = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert sorted(n for n, _ in loras) == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert sum(v.size for v in trainable.values()) == 4 * (64 + 64) + 4 * (128 + 64)
+    assert all(float(mx.abs(m.lora_b).max()) == 0 for _, m in loras)  # B = 0: the base is unchanged at init
