@@ -184,10 +184,45 @@ def _safety_section(items: list[tuple[str, Path]]) -> str:
     return "## Safety probes\n\n" + markdown_table(rows, digits=1) + f"\n\n{note}\n"
 
 
-def _runs_section(runs: list[tuple[str, Path]], link) -> str:
-    from mlx_med.plots import CURVE_FILE, plot_loss_curve
+def training_summary(records: list[dict[str, Any]], done: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One row for a run: steps, tokens, first/last train and validation loss, minutes, peak memory.
 
-    lines = ["## Training loss\n"]
+    Args:
+        records: the run's ``metrics.jsonl`` records.
+        done: its ``done.json``, whose ``initial_val_loss`` (measured before the first update) is the
+            first validation loss when present.
+    """
+
+    def first_last(key: str) -> tuple[float | None, float | None]:
+        values = [r[key] for r in records if r.get(key) is not None]
+        return (values[0], values[-1]) if values else (None, None)
+
+    train0, train1 = first_last("train_loss")
+    val0, val1 = first_last("val_loss")
+    if done and done.get("initial_val_loss") is not None:
+        val0 = done["initial_val_loss"]
+    last = records[-1] if records else {}
+    peaks = [r["peak_memory_gb"] for r in records if r.get("peak_memory_gb") is not None]
+    return {"steps": last.get("step"), "tokens": last.get("tokens"),
+            "train loss first": train0, "train loss last": train1,
+            "val loss first": val0, "val loss last": val1,
+            "Δ val loss": (val1 - val0) if val0 is not None and val1 is not None else None,
+            "minutes": round(last["elapsed_s"] / 60, 1) if last.get("elapsed_s") is not None else None,
+            "peak GB": max(peaks) if peaks else None}
+
+
+def _runs_section(runs: list[tuple[str, Path]], link) -> str:
+    from mlx_med.plots import CURVE_FILE, plot_loss_curve, read_metrics
+
+    rows = []
+    for label, path in runs:
+        done = path / "done.json"
+        done_data = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else None
+        rows.append({"run": label, **training_summary(read_metrics(path), done_data)})
+    lines = ["## Training loss\n", markdown_table(rows, digits=3) + "\n",
+             "Cross-entropy in nats per token; `val loss first` is the held-out loss before the first update "
+             "(= the base model, the LoRA update starts at zero) when the run recorded it, `val loss last` "
+             "after the last step.\n"]
     for label, path in runs:
         curve = path / CURVE_FILE
         if not curve.is_file():

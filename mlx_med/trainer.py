@@ -113,16 +113,23 @@ def run_training(cfg: TrainConfig, quiet: bool = False, *, json_log: bool = Fals
     rank, size = world.rank(), world.size()
     out = Path(cfg.output)
     say = _printer(rank == 0 and not quiet)
+    # Every process decides from the same files, then they agree before rank 0 writes anything: otherwise a
+    # fast rank 0 could create the run dir that a slower rank then finds "already exists".
+    verdict, problem = _GO, None
     if completed_run(cfg) is not None and not force:
+        verdict = _DONE
+    else:
+        try:
+            _preflight(out, cfg, resume, force)
+        except UserError as err:
+            verdict, problem = _REFUSED, err
+    verdict = _agree(world, verdict)
+    if verdict == _DONE:
         say(f"{out}: already trained with these inputs (done.json); nothing to do")
         return out
+    if verdict == _REFUSED:
+        raise problem or UserError(f"{out}: another process of this run refused to start (see rank 0's message)")
     checkpoints = list_checkpoints(out) if resume else []
-    if out.exists() and not resume and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it or --resume {out} to continue it")
-    if resume and not out.is_dir():
-        raise UserError(f"cannot resume: {out} does not exist")
-    if resume and (out / RUN_CONFIG).is_file():
-        _check_resumable(out, cfg)
     if force and not resume and out.exists() and rank == 0:
         shutil.rmtree(out)
 
@@ -274,6 +281,26 @@ def run_training(cfg: TrainConfig, quiet: bool = False, *, json_log: bool = Fals
             "effective_batch": effective})
     say(f"done: {out}")
     return out
+
+
+_GO, _DONE, _REFUSED = 0, 1, 2
+
+
+def _preflight(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> None:
+    """Raise ``UserError`` when ``out`` cannot be started, resumed or replaced as asked."""
+    if out.exists() and not resume and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it or --resume {out} to continue it")
+    if resume and not out.is_dir():
+        raise UserError(f"cannot resume: {out} does not exist")
+    if resume and (out / RUN_CONFIG).is_file():
+        _check_resumable(out, cfg)
+
+
+def _agree(world, verdict: int) -> int:
+    """The most severe verdict of all processes (also a barrier between them)."""
+    if world.size() == 1:
+        return verdict
+    return int(mx.distributed.all_max(mx.array(verdict), group=world, stream=mx.cpu).item())
 
 
 def _record(state: LoopState, step: int, optimizer, schedule: BatchSchedule, accum: int) -> dict[str, Any]:

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Install mlx-med into ./.venv and run the main job on the embedded default model.
+# Set up ./.venv and run the whole study on the embedded demo model (SmolLM2-135M-Instruct):
+# convert → PT → SFT → weighted merge + fuse → HF export → eval → α sweep → runs/demo/report.md.
+# Extra arguments go to `mlx-med pipeline` (e.g. -o runs/elsewhere, --restart, -q). Re-running skips
+# finished stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/mlx-med doctor
+.venv/bin/mlx-med pipeline -c configs/demo.yaml "$@"

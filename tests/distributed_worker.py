@@ -1,7 +1,8 @@
-"""One process of a distributed training test: ``mlx.launch -n 2 ... distributed_worker.py WATCH CONFIG...``.
+"""One process of a distributed training test: ``mlx.launch -n 2 ... distributed_worker.py WATCH REPORTS CONFIG...``.
 
-Trains with ``run_training`` on each config in turn and prints one line ``WRITES <rank> <json list>`` naming every file it
-created, replaced or opened for writing under WATCH (Python audit events, plus MLX's native savers).
+Trains with ``run_training`` on each config in turn, then writes ``REPORTS/writes-<rank>.json``: every file it created,
+replaced or opened for writing under WATCH (Python audit events, plus MLX's native savers). A file rather than
+stdout, because the launcher does not always forward a process's last lines before it exits.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def main() -> None:
     from mlx_med.train_config import TrainConfig
     from mlx_med.trainer import run_training
 
-    watch, configs = str(Path(sys.argv[1]).resolve()), [Path(p) for p in sys.argv[2:]]
+    watch, reports = str(Path(sys.argv[1]).resolve()), Path(sys.argv[2])
+    configs = [Path(p) for p in sys.argv[3:]]
     writes: list[str] = []
 
     def note(path) -> None:
@@ -50,7 +52,7 @@ def main() -> None:
     for config in configs:
         run_training(load_config(TrainConfig, config), quiet=True)
     rank = mx.distributed.init().rank()
-    print(f"WRITES {rank} {json.dumps(sorted(set(writes)))}", flush=True)
+    (reports / f"writes-{rank}.json").write_text(json.dumps(sorted(set(writes))))
 
 
 if __name__ == "__main__":

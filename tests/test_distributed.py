@@ -51,6 +51,8 @@ def test_two_ring_processes_match_one_process_with_the_global_batch(tmp_path, ti
         pytest.skip("mlx.launch not installed next to this python")
     watch = tmp_path / "dist"
     watch.mkdir()
+    reports = tmp_path / "reports"
+    reports.mkdir()
     singles, configs = {}, []
     for phase in ("pt", "sft"):
         common = settings(tmp_path, tiny_llama, phase)
@@ -66,12 +68,11 @@ def test_two_ring_processes_match_one_process_with_the_global_batch(tmp_path, ti
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     proc = subprocess.run([str(launcher), "-n", "2", "--backend", "ring", "--starting-port", str(free_port()),
                            "--python", sys.executable, "--", str(HERE / "distributed_worker.py"), str(watch),
-                           *map(str, configs)],
+                           str(reports), *map(str, configs)],
                           capture_output=True, text=True, timeout=900, env=env, cwd=str(HERE.parent))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    writes = {int(line.split()[1]): json.loads(line.split(" ", 2)[2])
-              for line in proc.stdout.splitlines() if line.startswith("WRITES ")}
-    assert set(writes) == {0, 1}, proc.stdout
+    writes = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in reports.glob("writes-*.json")}
+    assert set(writes) == {0, 1}, proc.stdout + proc.stderr
     assert writes[1] == [], writes[1]  # rank 1 never writes
     assert any(p.endswith("metrics.jsonl") for p in writes[0]) and any("checkpoints" in p for p in writes[0])
     assert any("cache" in p for p in writes[0])  # the PT token cache, written by rank 0 only

@@ -31,3 +31,14 @@ def test_atomic_output_dir_leaves_nothing_on_error_and_keeps_old(tmp_path):
 def test_atomic_write_json(tmp_path):
     path = atomic_write_json(tmp_path / "m.json", {"bleu-4": 1.5, "zh": "中文"})
     assert "中文" in path.read_text()
+
+
+def test_atomic_write_uses_the_usual_file_mode(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = atomic_write_json(tmp_path / "m.json", {})
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from mlx_med.errors import UserError
 from mlx_med.metrics import compute_metrics
-from mlx_med.report import build_report, classify, discover, write_report
+from mlx_med.report import build_report, classify, discover, training_summary, write_report
 from mlx_med.sweep import AlphaRule, pick_alpha, write_table_files
 from mlx_med.sweep_plots import plot_alpha_sweep, plot_decoding_sweep
 
@@ -80,6 +80,19 @@ def test_report_contents_and_links(results, tmp_path):
                  "../pipeline/sweeps/decoding/decoding_sweep.png"):
         assert f"({link})" in text and (out.parent / link).is_file()
     assert "settings" not in text
+    assert "| pipeline/runs/sft | 5 |" in text  # the training table: steps from the last record
+
+
+def test_training_summary_prefers_the_validation_loss_before_step_one():
+    records = [{"step": 5, "train_loss": 3.0, "tokens": 100, "elapsed_s": 30.0, "peak_memory_gb": 1.5},
+               {"step": 10, "train_loss": 2.5, "val_loss": 2.8, "tokens": 200, "elapsed_s": 60.0, "peak_memory_gb": 1.7},
+               {"step": 20, "train_loss": 2.0, "val_loss": 2.4, "tokens": 400, "elapsed_s": 120.0, "peak_memory_gb": 1.6}]
+    row = training_summary(records)
+    assert row["steps"] == 20 and row["tokens"] == 400 and row["minutes"] == 2.0 and row["peak GB"] == 1.7
+    assert (row["train loss first"], row["train loss last"]) == (3.0, 2.0)
+    assert (row["val loss first"], row["val loss last"]) == (2.8, 2.4)
+    row = training_summary(records, {"initial_val_loss": 3.2})
+    assert row["val loss first"] == 3.2 and row["Δ val loss"] == pytest.approx(-0.8)
 
 
 def test_report_errors_and_cli(results, tmp_path):
