@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import mlx_med  # noqa: F401  (BLAS preload before mlx)
+from mlx_med.adapter_choice import check_adapter_choice
 from mlx_med.config import config_to_dict
 from mlx_med.decoding import DecodingConfig, preset
 from mlx_med.errors import ConfigError, UserError
@@ -66,10 +67,7 @@ class EvalConfig:
         for name in ("model", "data", "out"):
             if getattr(self, name) is None:
                 raise ConfigError(f"eval needs '{name}' (flag --{name.replace('_', '-')} or the YAML key)")
-        if self.adapter is not None and (self.sft is not None or self.pt is not None):
-            raise ConfigError("give either --adapter or --sft/--pt, not both")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        check_adapter_choice(self.adapter, self.sft, self.pt, self.alpha)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
@@ -181,6 +179,9 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
         metrics["perplexity"] = perplexity_stats(loaded.model, loaded.tokenizer, texts, cfg.ppl_block_size,
                                                 progress=not quiet)
     metrics["config"] = {**config_to_dict(cfg), "decoding": config_to_dict(decoding)}
+    fused = fused_from(cfg.model)
+    if fused is not None:
+        metrics["config"]["fused"] = fused
     atomic_write_json(out / METRICS, metrics)
     (out / PARTIAL).unlink(missing_ok=True)
     if not quiet:
@@ -445,6 +446,17 @@ def metrics_row(metrics: dict[str, Any]) -> dict[str, Any]:
         row["ppl"] = metrics["perplexity"]["perplexity"]
     row["n"] = metrics.get("n")
     return row
+
+
+def fused_from(model_dir: Path) -> dict[str, Any] | None:
+    """How a fused model folder was made (adapters and their weights, from its ``fuse_report.json``), or None."""
+    from mlx_med.fuse import REPORT_FILE
+
+    path = Path(model_dir) / REPORT_FILE
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text(encoding="utf-8"))
+    return {"base": report.get("base"), "adapters": report.get("adapters"), "weights": report.get("weights")}
 
 
 def markdown_table(rows: list[dict[str, Any]], digits: int = 2) -> str:

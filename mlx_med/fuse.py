@@ -23,6 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_med  # noqa: F401  (BLAS preload before mlx)
+from mlx_med.adapter_choice import check_adapter_choice
 from mlx_med.adapter_format import Adapter, read_adapter
 from mlx_med.errors import UserError
 from mlx_med.io import atomic_output_dir, atomic_write_json
@@ -101,8 +102,7 @@ def resolve_adapters(
     w_pt: float | None = None,
 ) -> tuple[dict[str, Adapter], dict[str, float]]:
     """Adapters and their model weights from ``--adapter`` or ``--sft/--pt`` + ``--alpha`` (or w's)."""
-    if adapter is not None and (sft is not None or pt is not None):
-        raise UserError("give either --adapter DIR or --sft RUN --pt RUN, not both")
+    check_adapter_choice(adapter, sft, pt)
     if adapter is not None:
         return with_stacked_parent(read_adapter(adapter)), {"adapter": 1.0}
     if sft is None or pt is None:

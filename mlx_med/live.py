@@ -27,6 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 import mlx_med  # noqa: F401  (BLAS preload before mlx)
+from mlx_med.adapter_choice import check_adapter_choice
 from mlx_med.adapter_format import Adapter, read_adapter
 from mlx_med.errors import UserError
 from mlx_med.merge import check_same_base, component_weights, load_pair, stacked_parents, with_stacked_parent
@@ -202,10 +203,7 @@ def load_with_adapters(
     """
     from mlx_med.models import load_model
 
-    if adapter is not None and (sft is not None or pt is not None):
-        raise UserError("give either --adapter DIR or --sft RUN --pt RUN, not both")
-    if (sft is None) != (pt is None):
-        raise UserError("--sft and --pt go together (use --adapter DIR for a single adapter)")
+    check_adapter_choice(adapter, sft, pt)
     if adapter is not None:
         adapters = with_stacked_parent(read_adapter(adapter))
         weights = {"adapter": 1.0}

@@ -27,6 +27,20 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def initial_val_loss(run_dir: Path) -> float | None:
+    """The validation loss measured before step 1 (from ``done.json``, else the newest checkpoint), or None."""
+    run_dir = Path(run_dir)
+    states = sorted((run_dir / "checkpoints").glob("step-*/state.json"), reverse=True)
+    for path in (run_dir / "done.json", *states):
+        try:
+            value = json.loads(path.read_text(encoding="utf-8")).get("initial_val_loss")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if value is not None:
+            return float(value)
+    return None
+
+
 def plot_loss_curve(run_dir: Path, out: Path | None = None, title: str | None = None) -> Path:
     """Render train (line) and validation (markers) loss of ``run_dir`` to a PNG, atomically."""
     import matplotlib
@@ -38,6 +52,9 @@ def plot_loss_curve(run_dir: Path, out: Path | None = None, title: str | None = 
     records = read_metrics(run_dir)
     train = [(r["step"], r["train_loss"]) for r in records if r.get("train_loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    before = initial_val_loss(run_dir)
+    if before is not None:  # step 0: the base model (the LoRA update starts at zero)
+        val.insert(0, (0, before))
     if not train and not val:
         raise UserError(f"{run_dir / METRICS_FILE}: no loss values to plot yet")
     out = Path(out) if out is not None else run_dir / CURVE_FILE

@@ -99,7 +99,12 @@ def discover(runs: Sequence[str | Path | tuple[str, str | Path]], depth: int = 2
 def describe_eval(metrics: dict[str, Any]) -> dict[str, str]:
     """Model and decoding of an eval in a few words, from its ``config``."""
     cfg = metrics.get("config", {})
-    if cfg.get("sft") or cfg.get("pt"):
+    fused = cfg.get("fused")
+    if fused:
+        weights = fused.get("weights") or {}
+        model = (f"fused α={weights['sft']:g}" if set(weights) == {"sft", "pt"}
+                 else "fused " + ", ".join(f"{k}×{v:g}" for k, v in weights.items()))
+    elif cfg.get("sft") or cfg.get("pt"):
         model = f"sft+pt α={cfg.get('alpha')}"
     elif cfg.get("adapter"):
         model = f"adapter {Path(cfg['adapter']).name}"
@@ -184,13 +189,12 @@ def _safety_section(items: list[tuple[str, Path]]) -> str:
     return "## Safety probes\n\n" + markdown_table(rows, digits=1) + f"\n\n{note}\n"
 
 
-def training_summary(records: list[dict[str, Any]], done: dict[str, Any] | None = None) -> dict[str, Any]:
+def training_summary(records: list[dict[str, Any]], initial_val: float | None = None) -> dict[str, Any]:
     """One row for a run: steps, tokens, first/last train and validation loss, minutes, peak memory.
 
     Args:
         records: the run's ``metrics.jsonl`` records.
-        done: its ``done.json``, whose ``initial_val_loss`` (measured before the first update) is the
-            first validation loss when present.
+        initial_val: the validation loss before the first update, the first one when given.
     """
 
     def first_last(key: str) -> tuple[float | None, float | None]:
@@ -199,26 +203,22 @@ def training_summary(records: list[dict[str, Any]], done: dict[str, Any] | None 
 
     train0, train1 = first_last("train_loss")
     val0, val1 = first_last("val_loss")
-    if done and done.get("initial_val_loss") is not None:
-        val0 = done["initial_val_loss"]
+    if initial_val is not None:
+        val0 = initial_val
     last = records[-1] if records else {}
     peaks = [r["peak_memory_gb"] for r in records if r.get("peak_memory_gb") is not None]
     return {"steps": last.get("step"), "tokens": last.get("tokens"),
             "train loss first": train0, "train loss last": train1,
             "val loss first": val0, "val loss last": val1,
             "Δ val loss": (val1 - val0) if val0 is not None and val1 is not None else None,
-            "minutes": round(last["elapsed_s"] / 60, 1) if last.get("elapsed_s") is not None else None,
-            "peak GB": max(peaks) if peaks else None}
+            "minutes": f"{last['elapsed_s'] / 60:.1f}" if last.get("elapsed_s") is not None else None,
+            "peak GB": f"{max(peaks):.2f}" if peaks else None}
 
 
 def _runs_section(runs: list[tuple[str, Path]], link) -> str:
-    from mlx_med.plots import CURVE_FILE, plot_loss_curve, read_metrics
+    from mlx_med.plots import CURVE_FILE, initial_val_loss, plot_loss_curve, read_metrics
 
-    rows = []
-    for label, path in runs:
-        done = path / "done.json"
-        done_data = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else None
-        rows.append({"run": label, **training_summary(read_metrics(path), done_data)})
+    rows = [{"run": label, **training_summary(read_metrics(path), initial_val_loss(path))} for label, path in runs]
     lines = ["## Training loss\n", markdown_table(rows, digits=3) + "\n",
              "Cross-entropy in nats per token; `val loss first` is the held-out loss before the first update "
              "(= the base model, the LoRA update starts at zero) when the run recorded it, `val loss last` "
@@ -243,7 +243,8 @@ def _sweep_section(heading: str, path: Path, stem: str, link) -> str:
 
 
 def _alpha_section(label: str, path: Path, link) -> str:
-    text = _sweep_section(f"α sweep: {label}", path, "alpha_sweep", link)
+    heading = "α sweep" if label in ("α sweep", path.name) else f"α sweep: {label}"
+    text = _sweep_section(heading, path, "alpha_sweep", link)
     choice_file = path / "alpha_choice.json"
     if choice_file.is_file():
         choice = json.loads(choice_file.read_text(encoding="utf-8"))

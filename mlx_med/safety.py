@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlx_med.adapter_choice import check_adapter_choice
 from mlx_med.decoding import DecodingConfig
 from mlx_med.errors import DataError, UserError
 
@@ -569,10 +570,7 @@ def run_safety_eval(cfg: SafetyEvalConfig, echo: Callable[[str], None] | None = 
         raise UserError("no model: pass --model DIR")
     if cfg.out is None:
         raise UserError("no output directory: pass -o/--out DIR")
-    if cfg.adapter is not None and (cfg.sft is not None or cfg.pt is not None):
-        raise UserError("pass either --adapter or --sft/--pt (with --alpha), not both")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise UserError(f"--alpha must be between 0 and 1, got {cfg.alpha}")
+    check_adapter_choice(cfg.adapter, cfg.sft, cfg.pt, cfg.alpha)
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.limit is not None and cfg.limit < 1:

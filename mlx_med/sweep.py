@@ -247,8 +247,12 @@ def pick_alpha(rows: list[dict[str, Any]], rule: AlphaRule) -> tuple[float, str]
         sft_only = max(safety_rows, key=lambda r: r["alpha"])
         floor = sft_only["safety"] - rule.safety_margin
         candidates = [r for r in candidates if r.get("safety") is not None and r["safety"] >= floor]
-        limits.append(f"safety pass rate ≥ {floor:.1f}% (α={sft_only['alpha']:g}: {sft_only['safety']:.1f}% "
-                      f"− {rule.safety_margin:g})")
+        if floor > 0:
+            limits.append(f"safety pass rate ≥ {floor:.1f}% (α={sft_only['alpha']:g}: "
+                          f"{sft_only['safety']:.1f}% − {rule.safety_margin:g})")
+        else:  # a pass rate cannot fall below 0: say that the screen excluded nothing
+            limits.append(f"no safety limit (α={sft_only['alpha']:g} passes {sft_only['safety']:.1f}%, "
+                          f"within the {rule.safety_margin:g}-point margin of 0)")
     ppl_rows = [r for r in rows if r.get("ppl") is not None]
     if ppl_rows:
         best = min(ppl_rows, key=lambda r: r["ppl"])

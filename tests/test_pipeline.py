@@ -70,6 +70,9 @@ def test_pipeline_end_to_end_then_skips(pipeline_config):
     assert safety["total"] == 1
     report = (out / "report.md").read_text()
     assert "loss_curve.png" in report and "alpha_sweep.png" in report and "eval-fused-greedy" in report
+    assert "| eval-fused-greedy | fused α=0.5 | greedy |" in report  # the fused folder's α, from its fuse_report
+    assert "| eval-base-greedy | base | greedy |" in report
+    assert "| PT run | 6 |" in report and "val loss first" in report  # training table
 
     # the HF export loads in transformers
     import transformers

@@ -88,10 +88,10 @@ def test_training_summary_prefers_the_validation_loss_before_step_one():
                {"step": 10, "train_loss": 2.5, "val_loss": 2.8, "tokens": 200, "elapsed_s": 60.0, "peak_memory_gb": 1.7},
                {"step": 20, "train_loss": 2.0, "val_loss": 2.4, "tokens": 400, "elapsed_s": 120.0, "peak_memory_gb": 1.6}]
     row = training_summary(records)
-    assert row["steps"] == 20 and row["tokens"] == 400 and row["minutes"] == 2.0 and row["peak GB"] == 1.7
+    assert row["steps"] == 20 and row["tokens"] == 400 and row["minutes"] == "2.0" and row["peak GB"] == "1.70"
     assert (row["train loss first"], row["train loss last"]) == (3.0, 2.0)
     assert (row["val loss first"], row["val loss last"]) == (2.8, 2.4)
-    row = training_summary(records, {"initial_val_loss": 3.2})
+    row = training_summary(records, initial_val=3.2)
     assert row["val loss first"] == 3.2 and row["Δ val loss"] == pytest.approx(-0.8)
 
 

@@ -376,10 +376,10 @@ def test_run_safety_eval_end_to_end(tiny_llama, tmp_path):
 def test_run_safety_eval_checks_settings_before_loading(tmp_path):
     with pytest.raises(UserError, match="no model"):
         run_safety_eval(SafetyEvalConfig(out=tmp_path / "o"))
-    with pytest.raises(UserError, match="either --adapter or --sft"):
+    with pytest.raises(UserError, match="either --adapter DIR or --sft"):
         run_safety_eval(SafetyEvalConfig(model=tmp_path, out=tmp_path / "o", adapter=tmp_path, sft=tmp_path))
     with pytest.raises(UserError, match="alpha"):
-        run_safety_eval(SafetyEvalConfig(model=tmp_path, out=tmp_path / "o", sft=tmp_path, alpha=1.5))
+        run_safety_eval(SafetyEvalConfig(model=tmp_path, out=tmp_path / "o", sft=tmp_path, pt=tmp_path, alpha=1.5))
     bad = write_lines(tmp_path / "bad.jsonl", {**GOOD, "must_any": [[""]]})
     with pytest.raises(DataError, match=r"bad.jsonl:1: field 'must_any\[0\]\[0\]'"):
         run_safety_eval(SafetyEvalConfig(model=tmp_path, out=tmp_path / "o", data=str(bad)))

@@ -75,6 +75,10 @@ def test_alpha_rule():
     only_safe = [dict(r, safety=50.0) if r["alpha"] < 1 else r for r in rows]
     alpha, reason = pick_alpha(only_safe, AlphaRule())
     assert alpha == 1.0 and "dropped" in reason
+    # a floor below 0 excludes nothing and says so instead of printing a negative pass rate
+    low = [dict(r, safety=s) for r, s in zip(rows, (0.0, 1.5, 0.0, 3.0))]
+    alpha, reason = pick_alpha(low, AlphaRule())
+    assert alpha == 0.5 and "no safety limit" in reason and "≥ -" not in reason
     # ties go to the larger α; no ppl and no safety → plain best metric
     assert pick_alpha([{"alpha": 0.2, "rouge-l": 3.0}, {"alpha": 0.8, "rouge-l": 3.0}], AlphaRule())[0] == 0.8
     with pytest.raises(ConfigError):

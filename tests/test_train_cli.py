@@ -3,6 +3,7 @@ import json
 from click.testing import CliRunner
 
 from mlx_med.cli import cli
+from mlx_med.plots import initial_val_loss
 
 TEXT = "Diabetes mellitus requires regular monitoring of blood glucose. "
 
@@ -45,6 +46,11 @@ def test_cli_contract_forms(tmp_path, tiny_llama):
     (run / "loss_curve.png").unlink()
     plotted = CliRunner().invoke(cli, ["plot", str(run)])
     assert plotted.exit_code == 0 and (run / "loss_curve.png").is_file()
+    # the curve's step-0 point: the validation loss before any update, kept across the resume
+    before = json.loads((run / "done.json").read_text())["initial_val_loss"]
+    assert before is not None and initial_val_loss(run) == before
+    (run / "done.json").unlink()  # a run still in progress: read from its newest checkpoint
+    assert initial_val_loss(run) == before
 
 
 def test_json_log_prints_metrics_lines(tmp_path, tiny_qwen2, monkeypatch):
