@@ -84,6 +84,7 @@ class TurnStats:
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
     finish_reason: str = ""  # "stop", "length" or "interrupted"
+    token_limit: int = 0  # new tokens allowed: max_new_tokens, or less when the context window is nearly full
     dropped_turns: int = 0  # oldest turns removed to fit the context window
 
 
@@ -180,7 +181,7 @@ class ChatSession:
         prompt, dropped, max_new = self._fit(message)
         self.history.append({"role": "user", "content": message})
         suffix, reused = self._reuse_cache(prompt)
-        stats = TurnStats(prompt_tokens=len(prompt), reused_tokens=reused, dropped_turns=dropped)
+        stats = TurnStats(prompt_tokens=len(prompt), reused_tokens=reused, dropped_turns=dropped, token_limit=max_new)
         self.last = stats
         generated: list[int] = []
         start = first = time.perf_counter()
@@ -495,7 +496,7 @@ def run_interactive(session: ChatSession, history_file: Path | None = None) -> N
             reply = session.ask(line, on_text=_write)
             print(flush=True)
             if reply.stats.finish_reason == "length":
-                print(f"[stopped at {session.decoding.max_new_tokens} new tokens; /max N raises the limit]")
+                print(length_notice(reply.stats, session))
             if reply.stats.dropped_turns:
                 print(dropped_notice(reply.stats, session.window))
         except KeyboardInterrupt:
@@ -546,6 +547,14 @@ def run_piped(session: ChatSession, lines: Iterable[str], out: TextIO, err: Text
 def escape_line(text: str) -> str:
     """``text`` on one line: backslash, newline and carriage return written as ``\\\\``, ``\\n``, ``\\r``."""
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def length_notice(stats: TurnStats, session: ChatSession) -> str:
+    """Why an answer stopped at its token limit, and what raises it."""
+    if stats.token_limit < session.decoding.max_new_tokens:
+        return (f"[stopped at {stats.token_limit} new tokens: the {session.window}-token context window is full; "
+                "/reset starts a new conversation]")
+    return f"[stopped at {stats.token_limit} new tokens; /max N raises the limit]"
 
 
 def _write(text: str) -> None:

@@ -21,6 +21,7 @@ from mlx_med.chat import (
     context_window,
     escape_line,
     handle_command,
+    length_notice,
     run_piped,
 )
 from mlx_med.cli import cli
@@ -414,6 +415,14 @@ def test_huge_max_new_tokens_does_not_wipe_the_history(loaded):
     reply = session.ask("cough")
     assert reply.stats.dropped_turns == 0 and len(session.history) == 4
     assert reply.stats.prompt_tokens + reply.stats.generation_tokens <= 400
+    # The random fixture never emits its stop token this early, so both answers end at their limits:
+    # the window's room (said so, with the way out) and then --max-new-tokens.
+    assert reply.stats.finish_reason == "length" and reply.stats.token_limit == 400 - reply.stats.prompt_tokens
+    assert "400-token context window is full" in length_notice(reply.stats, session)
+    session.set_decoding(max_new_tokens=2)
+    reply = session.ask("fever")
+    assert reply.stats.finish_reason == "length" and reply.stats.token_limit == 2
+    assert length_notice(reply.stats, session) == "[stopped at 2 new tokens; /max N raises the limit]"
 
 
 def test_cli_lang_and_system_file(tiny_llama, loaded, tmp_path):

@@ -89,7 +89,10 @@ def test_repl_on_a_pseudo_terminal(tiny_llama, adapter_pair, tmp_path):
     child = pexpect.spawn(
         sys.executable,
         ["-m", "mlx_med.cli", "chat", "--model", str(tiny_llama), "--sft", str(sft), "--pt", str(pt),
-         "--alpha", "0.5", "--temp", "0", "--max-new-tokens", str(MAX_NEW)],
+         "--alpha", "0.5", "--temp", "0", "--max-new-tokens", str(MAX_NEW),
+         # A window far past the fixture's 512 positions, so that the long answer of the Ctrl-C step is
+         # not cut short by the window and is still streaming when the interrupt lands on a busy machine.
+         "--context", "65536"],
         env=env, encoding="utf-8", codec_errors="replace", timeout=TIMEOUT, dimensions=(40, 400),
     )
     try:
@@ -134,6 +137,7 @@ def test_repl_on_a_pseudo_terminal(tiny_llama, adapter_pair, tmp_path):
 
         # Ctrl-C while typing abandons the line, not the program; Ctrl-D quits cleanly.
         child.send("half a question")
+        child.expect_exact("half a question")  # on screen, as a person would see it before pressing Ctrl-C
         child.sendintr()
         child.expect_exact(PROMPT)
         child.sendeof()
