@@ -41,6 +41,15 @@ def initial_val_loss(run_dir: Path) -> float | None:
     return None
 
 
+def _default_title(run_dir: Path) -> str:
+    """``<run name> (<phase>)``, the phase read from the run's adapter_config.json when it has one."""
+    try:
+        phase = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))["mlx_med"]["phase"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return run_dir.name
+    return f"{run_dir.name} ({phase})"
+
+
 def plot_loss_curve(run_dir: Path, out: Path | None = None, title: str | None = None) -> Path:
     """Render train (line) and validation (markers) loss of ``run_dir`` to a PNG, atomically."""
     import matplotlib
@@ -65,7 +74,7 @@ def plot_loss_curve(run_dir: Path, out: Path | None = None, title: str | None = 
         ax.plot(*zip(*val), label="validation loss", color="tab:orange", marker="o", linewidth=1.2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title(title or run_dir.name)
+    ax.set_title(title or _default_title(run_dir))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

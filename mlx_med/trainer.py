@@ -265,7 +265,7 @@ def run_training(cfg: TrainConfig, quiet: bool = False, *, json_log: bool = Fals
         bar.close()
     save(state.step)
     if rank == 0:
-        plot_loss_curve(out, title=f"{out.name} ({cfg.phase})")
+        plot_loss_curve(out)
     if stop.requested() and not stopped_early and state.step < cfg.iters:
         say(f"interrupted: checkpoint saved at step {state.step}; continue with: mlx-med train --resume {out}")
         raise KeyboardInterrupt
