@@ -243,7 +243,7 @@ def _sweep_section(heading: str, path: Path, stem: str, link) -> str:
 
 
 def _alpha_section(label: str, path: Path, link) -> str:
-    heading = "α sweep" if label in ("α sweep", path.name) else f"α sweep: {label}"
+    heading = label if label.startswith("α sweep") else f"α sweep: {label}"  # no "α sweep: α sweep"
     text = _sweep_section(heading, path, "alpha_sweep", link)
     choice_file = path / "alpha_choice.json"
     if choice_file.is_file():

@@ -72,6 +72,7 @@ def test_pipeline_end_to_end_then_skips(pipeline_config):
     assert "loss_curve.png" in report and "alpha_sweep.png" in report and "eval-fused-greedy" in report
     assert "| eval-fused-greedy | fused α=0.5 | greedy |" in report  # the fused folder's α, from its fuse_report
     assert "| eval-base-greedy | base | greedy |" in report
+    assert "## α sweep\n" in report and "α sweep: α sweep" not in report
     assert "| PT run | 6 |" in report and "val loss first" in report  # training table
 
     # the HF export loads in transformers
