@@ -75,6 +75,7 @@ def test_report_contents_and_links(results, tmp_path):
     assert "## Safety probes" in text and "75.0" in text
     assert "Picked α = 0.5" in text  # ppl 13 ≤ 1.4 × 10; α=1 (16) is not
     assert "## α sweep: pipeline/sweeps/alpha\n" in text  # a folder label keeps telling sweeps apart
+    assert "## α sweep: alpha\n" in build_report([results / "sweeps" / "alpha"])
     # images: linked relative to the report, and the loss curve was drawn because it was missing
     assert (results / "runs" / "sft" / "loss_curve.png").is_file()
     for link in ("../pipeline/runs/sft/loss_curve.png", "../pipeline/sweeps/alpha/alpha_sweep.png",
