@@ -23,9 +23,14 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_med.convert.files import (
+    INDEX_FILE,
+    copy_tokenizer_files,
+    read_json,
+    read_safetensors_header,
+    weight_files,
+)
 
-import mlx_med  # noqa: F401
-from convert.files import INDEX_FILE, copy_tokenizer_files, read_json, read_safetensors_header, weight_files
 from mlx_med.errors import UserError
 from mlx_med.hf_config import normalize_for_hf, normalize_for_mlx
 from mlx_med.io import atomic_output_dir

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx_med.convert.gguf_tokenizer import plain, write_gguf_tokenizer
 
-import mlx_med  # noqa: F401
-from convert.gguf_tokenizer import plain, write_gguf_tokenizer
 from mlx_med.errors import UserError
 from mlx_med.io import atomic_output_dir
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from convert.files import make_portable, read_json, write_tokenizer_config
+from mlx_med.convert.files import make_portable, read_json, write_tokenizer_config
+
 from mlx_med.errors import UserError
 
 SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",

@@ -16,9 +16,8 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+from mlx_med.convert.files import copy_tokenizer_files, weight_files
 
-import mlx_med  # noqa: F401
-from convert.files import copy_tokenizer_files, weight_files
 from mlx_med.errors import UserError
 from mlx_med.hf_config import normalize_for_mlx
 from mlx_med.io import atomic_output_dir
@@ -115,7 +114,7 @@ def convert_hf(
 
 def _check_written(folder: Path) -> None:
     """The index mlx-lm wrote must name exactly the tensors in the shards."""
-    from convert.files import INDEX_FILE, read_safetensors_header
+    from mlx_med.convert.files import INDEX_FILE, read_safetensors_header
 
     index = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
     names: set[str] = set()

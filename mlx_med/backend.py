@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-import mlx_med  # noqa: F401  (BLAS preload before mlx)
-
 
 @dataclass(frozen=True)
 class Backend:

@@ -14,7 +14,6 @@ from typing import Any
 
 import mlx.nn as nn
 
-import mlx_med  # noqa: F401
 from mlx_med.backend import Backend, detect_backend, prepare_for_compute
 from mlx_med.errors import UserError
 from mlx_med.hf_config import normalize_for_mlx

@@ -36,7 +36,7 @@ def peer(model, tokenizer, system: str, questions: list[str], max_new_tokens: in
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_med.generate import encode_chat
+    from mlx_med.evaluation.generate import encode_chat
 
     sampler = make_sampler(temp=0.0)
     history: list[dict] = []
@@ -56,8 +56,8 @@ def peer(model, tokenizer, system: str, questions: list[str], max_new_tokens: in
 
 
 def ours(model, tokenizer, system: str, window: int, questions: list[str], max_new_tokens: int):
-    from mlx_med.chat import ChatSession
-    from mlx_med.decoding import DecodingConfig
+    from mlx_med.chat.repl import ChatSession
+    from mlx_med.evaluation.decoding import DecodingConfig
 
     session = ChatSession(model, tokenizer, DecodingConfig(max_new_tokens=max_new_tokens), system=system,
                           window=window)
@@ -76,8 +76,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args()
 
-    from mlx_med.chat import context_window
-    from mlx_med.live import load_with_adapters
+    from mlx_med.adapters.live import load_with_adapters
+    from mlx_med.chat.repl import context_window
     from mlx_med.prompts import DEFAULT_SYSTEM_PROMPT
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ DEFAULT_DATA = REPO / "data" / "demo" / "eval_toyhom_zh.jsonl"
 
 def prompts_from(path: Path, n: int) -> list[list[dict]]:
     """The first ``n`` eval rows' conversations up to the reference answer (cycled if short)."""
-    from mlx_med.evaluate import load_eval_rows
+    from mlx_med.evaluation.runner import load_eval_rows
 
     rows = load_eval_rows(path).rows
     return [rows[i % len(rows)].messages for i in range(n)]
@@ -37,7 +37,7 @@ def sequential(model, tokenizer, conversations, max_new_tokens: int) -> tuple[li
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_med.generate import encode_chat
+    from mlx_med.evaluation.generate import encode_chat
 
     sampler = make_sampler(temp=0.0)
     texts, tokens = [], 0
@@ -56,8 +56,8 @@ def sequential(model, tokenizer, conversations, max_new_tokens: int) -> tuple[li
 
 
 def batched(model, tokenizer, conversations, max_new_tokens: int, batch_size: int) -> tuple[list[str], int, float]:
-    from mlx_med.decoding import DecodingConfig
-    from mlx_med.generate import generate_batch
+    from mlx_med.evaluation.decoding import DecodingConfig
+    from mlx_med.evaluation.generate import generate_batch
 
     start = time.perf_counter()
     results = generate_batch(model, tokenizer, conversations, DecodingConfig(max_new_tokens=max_new_tokens),
@@ -81,7 +81,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            from convert.gguf import convert_gguf, demo_gguf
+            from mlx_med.convert.gguf import convert_gguf, demo_gguf
 
             gguf = demo_gguf()
             if gguf is None:

@@ -30,8 +30,8 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mlx_med.adapter_format import Adapter, AdapterMeta
-    from mlx_med.merge import merge_adapters, pair_weights, to_numpy
+    from mlx_med.adapters.format import Adapter, AdapterMeta
+    from mlx_med.adapters.merge import merge_adapters, pair_weights, to_numpy
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,

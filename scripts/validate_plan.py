@@ -74,7 +74,7 @@ def cases(models: dict[str, str], quick: bool, gpu_policy: bool) -> list[Case]:
 
 def estimate(case: Case) -> tuple[float, float]:
     """(estimated peak bytes, estimated base-weight bytes) for the case."""
-    from mlx_med.plan import PlanSettings, estimate, read_model_shape
+    from mlx_med.train.plan import PlanSettings, estimate, read_model_shape
 
     path = case.model.removeprefix("random:")
     shape = read_model_shape(path)
@@ -103,7 +103,7 @@ def measure(case: Case, steps: int = 3) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from mlx_med.backend import Backend
-    from mlx_med.plan import DEFAULT_TARGETS
+    from mlx_med.train.plan import DEFAULT_TARGETS
 
     mx.random.seed(0)
     if case.model.startswith("random:"):
@@ -135,7 +135,7 @@ def measure(case: Case, steps: int = 3) -> dict:
     if case.grad_checkpoint:
         grad_checkpoint(model.layers[0])
 
-    def loss_fn(model, inputs, targets, mask):  # mlx_med.train_step.masked_loss
+    def loss_fn(model, inputs, targets, mask):  # mlx_med.train.step.masked_loss
         ce = nn.losses.cross_entropy(model(inputs), targets) * mask
         return ce.astype(mx.float32).sum() / mask.sum()
 

@@ -40,10 +40,10 @@ def main() -> None:
     import numpy as np
     import torch
     from mlx_lm.generate import generate_step
+    from mlx_med.convert.export import export_hf
+    from mlx_med.convert.gguf import convert_gguf, demo_gguf
     from transformers import AutoModelForCausalLM
 
-    from convert.export import export_hf
-    from convert.gguf import convert_gguf, demo_gguf
     from mlx_med.models import load_model
 
     work = Path(tempfile.mkdtemp(prefix="parity-"))

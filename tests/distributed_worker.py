@@ -20,8 +20,8 @@ def main() -> None:
     import mlx.core as mx
 
     from mlx_med.config import load_config
-    from mlx_med.train_config import TrainConfig
-    from mlx_med.trainer import run_training
+    from mlx_med.train.config import TrainConfig
+    from mlx_med.train.trainer import run_training
 
     watch, reports = str(Path(sys.argv[1]).resolve()), Path(sys.argv[2])
     configs = [Path(p) for p in sys.argv[3:]]

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from safetensors.numpy import load_file
 
-from mlx_med.adapter_format import WEIGHTS_FILE, Adapter, AdapterMeta, lora_scale, write_adapter
+from mlx_med.adapters.format import WEIGHTS_FILE, Adapter, AdapterMeta, lora_scale, write_adapter
 from mlx_med.fingerprint import file_fingerprint, model_fingerprint
 
 ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]

@@ -2,10 +2,10 @@
 
 import pytest
 
-from mlx_med.adapter_choice import check_adapter_choice
+from mlx_med.adapters.mix import check_adapter_choice
 from mlx_med.errors import UserError
-from mlx_med.evaluate import EvalConfig
-from mlx_med.safety import SafetyEvalConfig, run_safety_eval
+from mlx_med.evaluation.runner import EvalConfig
+from mlx_med.evaluation.safety import SafetyEvalConfig, run_safety_eval
 
 
 @pytest.mark.parametrize(("adapter", "sft", "pt", "alpha", "message"), [

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_med.adapter_format import Adapter, AdapterMeta, lora_scale, read_adapter, write_adapter
+from mlx_med.adapters.format import Adapter, AdapterMeta, lora_scale, read_adapter, write_adapter
 from mlx_med.errors import UserError
 
 

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import mlx_med  # noqa: F401
-from mlx_med.chat import (
+from mlx_med.chat.repl import (
     ChatSession,
     context_window,
     escape_line,
@@ -25,9 +25,9 @@ from mlx_med.chat import (
     run_piped,
 )
 from mlx_med.cli import cli
-from mlx_med.decoding import DecodingConfig
 from mlx_med.errors import UserError
-from mlx_med.generate import encode_chat
+from mlx_med.evaluation.decoding import DecodingConfig
+from mlx_med.evaluation.generate import encode_chat
 from mlx_med.prompts import DEFAULT_SYSTEM_PROMPT, DEFAULT_SYSTEM_PROMPT_ZH, system_prompt
 
 GREEDY = DecodingConfig(temperature=0.0, max_new_tokens=8)
@@ -52,7 +52,7 @@ def mlx_lm_greedy(loaded, messages, max_tokens):
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from mlx_med.decoding import make_sampler
+    from mlx_med.evaluation.decoding import make_sampler
 
     prompt = mx.array(encode_chat(loaded.tokenizer, messages))
     tokens = []
@@ -337,7 +337,7 @@ def random_adapter(out_dir: Path, phase: str, seed: int, model_config: dict) -> 
     """A rank-4 adapter on q_proj and v_proj of every layer, random A and B (so ΔW is not zero)."""
     import mlx.core as mx
 
-    from mlx_med.adapter_format import Adapter, AdapterMeta, write_adapter
+    from mlx_med.adapters.format import Adapter, AdapterMeta, write_adapter
 
     rng = np.random.default_rng(seed)
     h, d = model_config["hidden_size"], model_config["head_dim"]
@@ -371,7 +371,7 @@ def first_logits(session: ChatSession, message: str):
 
 
 def test_alpha_switch_changes_logits_like_a_fresh_load(tiny_llama, adapter_pair):
-    live = pytest.importorskip("mlx_med.live")
+    live = pytest.importorskip("mlx_med.adapters.live")
     sft, pt = adapter_pair
     loaded_live, adapters = live.load_with_adapters(tiny_llama, sft=sft, pt=pt, alpha=0.0)
     session = new_session(loaded_live, adapters=adapters)
@@ -391,7 +391,7 @@ def test_alpha_switch_changes_logits_like_a_fresh_load(tiny_llama, adapter_pair)
 
 
 def test_cli_alpha_in_piped_mode_equals_starting_at_that_alpha(tiny_llama, adapter_pair):
-    pytest.importorskip("mlx_med.live")
+    pytest.importorskip("mlx_med.adapters.live")
     sft, pt = adapter_pair
     runner = CliRunner()
     base = ["chat", "--model", str(tiny_llama), "--sft", str(sft), "--pt", str(pt), "--temp", "0",

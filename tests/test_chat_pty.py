@@ -12,12 +12,12 @@ import sys
 import pytest
 
 import mlx_med  # noqa: F401
-from mlx_med.chat import ChatSession, context_window
-from mlx_med.decoding import DecodingConfig
+from mlx_med.chat.repl import ChatSession, context_window
+from mlx_med.evaluation.decoding import DecodingConfig
 from mlx_med.prompts import DEFAULT_SYSTEM_PROMPT
 
 pexpect = pytest.importorskip("pexpect")
-live = pytest.importorskip("mlx_med.live")
+live = pytest.importorskip("mlx_med.adapters.live")
 
 if sys.platform == "win32":  # pragma: no cover
     pytest.skip("pseudo-terminals need a POSIX system", allow_module_level=True)

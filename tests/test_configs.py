@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from mlx_med.config import load_config
-from mlx_med.pipeline import PipelineConfig
-from mlx_med.train_config import TrainConfig
+from mlx_med.pipeline.runner import PipelineConfig
+from mlx_med.train.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PIPELINES = ["demo.yaml", "qwen2.5-14b.yaml"]

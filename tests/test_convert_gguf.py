@@ -1,4 +1,4 @@
-"""GGUF → MLX (convert.gguf): a GGUF written here from a tiny model the llama.cpp way, and the demo SmolLM2 GGUF.
+"""GGUF → MLX (mlx_med.convert.gguf): a GGUF written here from a tiny model the llama.cpp way, and the demo SmolLM2 GGUF.
 
 The test GGUF carries Q/K permuted as llama.cpp's convert_hf_to_gguf.py does, so recovering the HF
 weights bit for bit proves the un-permutation; transformers' own GGUF reader (when the ``gguf`` package
@@ -11,9 +11,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_med.convert.gguf import convert_gguf, demo_gguf, hf_name
 from safetensors.numpy import load_file
 
-from convert.gguf import convert_gguf, demo_gguf, hf_name
 from mlx_med.errors import UserError
 from mlx_med.models import load_model
 

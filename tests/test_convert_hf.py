@@ -1,4 +1,4 @@
-"""HF → MLX conversion (convert.hf) and its round trip back to HF (convert.export), checked against transformers."""
+"""HF → MLX conversion (mlx_med.convert.hf) and its round trip back to HF (mlx_med.convert.export), checked against transformers."""
 
 import json
 import shutil
@@ -7,10 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mlx_med.convert.export import export_hf
+from mlx_med.convert.hf import convert_hf
 from safetensors.numpy import load_file, save_file
 
-from convert.export import export_hf
-from convert.hf import convert_hf
 from mlx_med.cli import cli
 from mlx_med.errors import UserError
 from mlx_med.models import load_model
@@ -125,12 +125,12 @@ def test_bad_inputs_give_clear_errors(tiny_llama, tmp_path):
 
 
 def test_interrupted_conversion_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
-    import convert.hf
+    import mlx_med.convert.hf
 
     def interrupt(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert.hf, "copy_tokenizer_files", interrupt)
+    monkeypatch.setattr(mlx_med.convert.hf, "copy_tokenizer_files", interrupt)
     with pytest.raises(KeyboardInterrupt):
         convert_hf(tiny_llama, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

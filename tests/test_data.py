@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mlx_med.data import SkipReport, load_examples
+from mlx_med.data.readers import SkipReport, load_examples
 from mlx_med.errors import DataError, UserError
 
 

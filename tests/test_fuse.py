@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 from random_adapters import ALL, ATTN, make_adapter
 
-from mlx_med.adapter_format import write_adapter
+from mlx_med.adapters.format import write_adapter
+from mlx_med.adapters.fuse import fuse_model
+from mlx_med.adapters.merge import load_pair, merge_adapters, pair_weights
 from mlx_med.cli import cli
 from mlx_med.errors import UserError
-from mlx_med.fuse import fuse_model
-from mlx_med.merge import load_pair, merge_adapters, pair_weights
 from mlx_med.models import load_model
 
 

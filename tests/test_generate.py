@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import mlx_med  # noqa: F401
-from mlx_med.decoding import DecodingConfig, make_sampler
-from mlx_med.generate import encode_chat, generate_batch, with_system
+from mlx_med.evaluation.decoding import DecodingConfig, make_sampler
+from mlx_med.evaluation.generate import encode_chat, generate_batch, with_system
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Is aspirin indicated after a stroke?"}],

@@ -8,10 +8,10 @@ import pytest
 from mlx.utils import tree_flatten
 from random_adapters import ALL, make_adapter
 
-from mlx_med.adapter_format import read_adapter
+from mlx_med.adapters.format import read_adapter
+from mlx_med.adapters.fuse import fuse_model
+from mlx_med.adapters.live import MultiLoRALinear, attach_adapters, load_with_adapters
 from mlx_med.errors import UserError
-from mlx_med.fuse import fuse_model
-from mlx_med.live import MultiLoRALinear, attach_adapters, load_with_adapters
 from mlx_med.models import load_model
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 11]])

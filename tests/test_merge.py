@@ -9,10 +9,8 @@ import pytest
 from click.testing import CliRunner
 from random_adapters import ALL, ATTN, make_adapter
 
-from mlx_med.adapter_format import read_adapter
-from mlx_med.cli import cli
-from mlx_med.errors import UserError
-from mlx_med.merge import (
+from mlx_med.adapters.format import read_adapter
+from mlx_med.adapters.merge import (
     component_weights,
     dare_delta,
     load_pair,
@@ -21,6 +19,8 @@ from mlx_med.merge import (
     ties_delta,
     to_numpy,
 )
+from mlx_med.cli import cli
+from mlx_med.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_peft_cat_equals_linear(runs, tiny_llama):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mlx_med.peft_io import export_peft
+    from mlx_med.adapters.peft_io import export_peft
 
     export_peft(runs / "sft", runs / "sft-peft", base_model=str(tiny_llama))
     export_peft(runs / "pt", runs / "pt-peft", base_model=str(tiny_llama))
@@ -191,8 +191,8 @@ def test_cli_merge(runs, tmp_path):
 
 
 def test_stacked_lookup_and_changed_pt(tmp_path, tiny_llama):
-    from mlx_med.adapter_format import write_adapter
-    from mlx_med.merge import with_stacked_parent
+    from mlx_med.adapters.format import write_adapter
+    from mlx_med.adapters.merge import with_stacked_parent
 
     make_adapter(tiny_llama, tmp_path / "pt", seed=1)
     sft = make_adapter(tiny_llama, tmp_path / "sft", seed=2, phase="sft", stacked_on=tmp_path / "pt")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlx_med import metrics
+from mlx_med.evaluation import metrics
 
 # (prediction, reference): the pairs where a re-implementation would drift.
 TRICKY = [

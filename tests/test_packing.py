@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from mlx_med.batches import BatchSchedule
+from mlx_med.data.batches import BatchSchedule
+from mlx_med.data.packing import PackedDataset, TokenStream, load_token_stream
 from mlx_med.errors import DataError, UserError
-from mlx_med.packing import PackedDataset, TokenStream, load_token_stream
 
 DOCS = [
     "The patient presented with fever, cough and shortness of breath for three days.",

@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 from random_adapters import ALL, ATTN, make_adapter
 
-from mlx_med.adapter_format import read_adapter
+from mlx_med.adapters.format import read_adapter
+from mlx_med.adapters.live import load_with_adapters
+from mlx_med.adapters.peft_io import export_peft, import_peft
 from mlx_med.cli import cli
 from mlx_med.errors import UserError
-from mlx_med.live import load_with_adapters
-from mlx_med.peft_io import export_peft, import_peft
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -93,7 +93,7 @@ def test_stacked_export_combines_pt(tmp_path, tiny_llama):
 def test_partial_layers_use_layers_to_transform(tmp_path, tiny_llama):
     adapter = make_adapter(tiny_llama, None, keys=ATTN, seed=5)
     adapter.weights = {k: v for k, v in adapter.weights.items() if ".layers.1." in k}
-    from mlx_med.adapter_format import write_adapter
+    from mlx_med.adapters.format import write_adapter
 
     write_adapter(adapter, tmp_path / "run")
     export_peft(tmp_path / "run", tmp_path / "peft", base_model=str(tiny_llama))

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from mlx_med.cli import cli
 from mlx_med.errors import ConfigError, UserError
-from mlx_med.plan import (
+from mlx_med.train.plan import (
     GB,
     PlanSettings,
     estimate,
@@ -181,7 +181,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_recipe_settings_with_flags_on_top(tmp_path):
-    pytest.importorskip("mlx_med.train_config")
+    pytest.importorskip("mlx_med.train.config")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model: {SMOLLM2}\nmax_seq_len: 256\ngrad_checkpoint: true\n"
                       "lora:\n  rank: 4\n  num_layers: 10\noptim:\n  batch_size: 2\n")
@@ -233,7 +233,7 @@ def test_estimate_is_close_to_a_measured_tiny_step(tiny_llama):
 
 
 def test_shipped_14b_recipe_plans_without_a_model(monkeypatch):
-    pytest.importorskip("mlx_med.train_config")
+    pytest.importorskip("mlx_med.train.config")
     recipe = REPO / "configs" / "qwen2.5-14b-pt.yaml"
     if not recipe.is_file():
         pytest.skip("14B recipe not present")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mlx_med.decoding import DecodingConfig
 from mlx_med.errors import DataError, UserError
-from mlx_med.safety import (
+from mlx_med.evaluation.decoding import DecodingConfig
+from mlx_med.evaluation.safety import (
     STARTER_PATH,
     Probe,
     SafetyEvalConfig,
@@ -308,7 +308,7 @@ def test_resolve_system(tmp_path):
 
 def test_evaluate_safety_passes_system_prompts_and_scores(monkeypatch):
     """The runner's plumbing with a stand-in generator: system prompts per language, verdict order."""
-    import mlx_med.generate as generate
+    import mlx_med.evaluation.generate as generate
     from mlx_med.prompts import SYSTEM_PROMPTS
 
     seen = {}

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from mlx_med.batches import pad_sequences
-from mlx_med.data import load_examples
+from mlx_med.data.batches import pad_sequences
+from mlx_med.data.readers import load_examples
+from mlx_med.data.sft import ChatDataset, EncodedChat, encode_chat, encode_examples, split_chats
 from mlx_med.errors import DataError
-from mlx_med.sft_data import ChatDataset, EncodedChat, encode_chat, encode_examples, split_chats
 
 ONE_TURN = [{"role": "user", "content": "Is aspirin indicated after a stroke?"},
             {"role": "assistant", "content": "Yes, for secondary prevention."}]

@@ -1,6 +1,6 @@
 import pytest
 
-from mlx_med.stages import Stage, StageRunner
+from mlx_med.pipeline.stages import Stage, StageRunner
 
 
 def make_stages(tmp_path, calls, setting="a"):

@@ -3,7 +3,7 @@ import json
 from click.testing import CliRunner
 
 from mlx_med.cli import cli
-from mlx_med.plots import initial_val_loss
+from mlx_med.train.plots import initial_val_loss
 
 TEXT = "Diabetes mellitus requires regular monitoring of blood glucose. "
 

@@ -7,11 +7,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_med.adapter_format import read_adapter
+from mlx_med.adapters.format import read_adapter
 from mlx_med.config import load_config
 from mlx_med.errors import ConfigError, DataError, UserError
-from mlx_med.train_config import TrainConfig
-from mlx_med.trainer import completed_run, run_training
+from mlx_med.train.config import TrainConfig
+from mlx_med.train.trainer import completed_run, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 REPETITIVE = "The patient presented with fever, cough and shortness of breath for three days. "
@@ -157,7 +157,7 @@ def test_finished_run_is_detected_without_training_again(tmp_path, tiny_llama):
 
 
 def test_sft_stacked_on_pt_applies_both_deltas(tmp_path, tiny_qwen2):
-    from mlx_med.lora import apply_frozen_adapter, apply_lora
+    from mlx_med.adapters.lora import apply_frozen_adapter, apply_lora
     from mlx_med.models import load_model
 
     pt = run_training(config(tmp_path, tiny_qwen2, pt_data(tmp_path), "pt", iters=3), quiet=True)
@@ -186,7 +186,7 @@ def test_sft_stacked_on_pt_applies_both_deltas(tmp_path, tiny_qwen2):
 def test_sft_trains_and_counts_only_assistant_tokens(tmp_path, tiny_llama):
     from transformers import AutoTokenizer
 
-    from mlx_med.sft_data import encode_chat
+    from mlx_med.data.sft import encode_chat
 
     cfg = config(tmp_path, tiny_llama, sft_data(tmp_path), phase="sft", iters=4, max_seq_len=64,
                  **{"data.val_ratio": 0.25, "optim.batch_size": 3})
@@ -233,9 +233,9 @@ def test_lora_scale_targets_and_trainable_count(tiny_llama):
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.lora import LoRALinear
 
-    from mlx_med.lora import apply_lora
+    from mlx_med.adapters.lora import apply_lora
     from mlx_med.models import load_model
-    from mlx_med.train_config import LoraConfig
+    from mlx_med.train.config import LoraConfig
 
     model = load_model(tiny_llama).model
     plan = apply_lora(model, LoraConfig(rank=4, alpha=8, use_rslora=True, num_layers=1,

@@ -26,7 +26,7 @@ def export_adapter(src: Path, out_dir: Path, base_model: str | None, own_only: b
     Example:
       mlx-med export-adapter runs/sft -o sft-peft --base-model base-hf
     """
-    from mlx_med.peft_io import export_peft
+    from mlx_med.adapters.peft_io import export_peft
 
     result = export_peft(src, out_dir, base_model=base_model, own_only=own_only, force=force)
     for note in result.notes:
@@ -50,7 +50,7 @@ def import_adapter(src: Path, out_dir: Path, base: Path | None, force: bool) -> 
     The result works with merge, fuse, eval and chat (--adapter OUT). Example:
       mlx-med import-adapter llamafactory/saves/sft -o runs/sft-gpu --base base
     """
-    from mlx_med.peft_io import import_peft
+    from mlx_med.adapters.peft_io import import_peft
 
     adapter = import_peft(src, out_dir, base=base, force=force)
     click.echo(f"wrote {out_dir} (rank {adapter.rank}, scale {adapter.scale:g}, {len(adapter.modules())} modules"

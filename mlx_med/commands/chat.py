@@ -40,7 +40,7 @@ def command(config_path, model, adapter, sft, pt, alpha, system, lang, temperatu
     newlines inside an answer written as \\n (or one JSON object per line with --json):
       printf 'What is hypertension?\\nHow is it treated?\\n' | mlx-med chat --model base --temp 0
     """
-    from mlx_med.chat import ChatConfig
+    from mlx_med.chat.repl import ChatConfig
     from mlx_med.config import load_config
     from mlx_med.errors import UserError
 
@@ -65,10 +65,9 @@ def run(cfg, decoding, system: str | None, interactive: bool, as_json: bool, kee
         quiet: bool) -> None:
     import time
 
-    import mlx_med  # noqa: F401  (BLAS preload before mlx)
+    from mlx_med.adapters.live import load_with_adapters, print_notes
     from mlx_med.backend import seed_everything
-    from mlx_med.chat import ChatSession, context_window, run_interactive, run_piped
-    from mlx_med.live import load_with_adapters, print_notes
+    from mlx_med.chat.repl import ChatSession, context_window, run_interactive, run_piped
 
     start = time.perf_counter()
     loaded, adapters = load_with_adapters(cfg.model, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha)

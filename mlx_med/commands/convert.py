@@ -59,11 +59,11 @@ def command(hf_path: Path | None, gguf_path: Path | None, out_dir: Path, q_bits:
     if gguf_path is not None:
         if cfg.q_bits is not None:
             raise UserError("--q-bits applies to --hf-path; a GGUF keeps its own quantization")
-        from convert.gguf import convert_gguf
+        from mlx_med.convert.gguf import convert_gguf
 
         out = convert_gguf(gguf_path, out_dir, dtype=cfg.dtype, force=force)
     else:
-        from convert.hf import convert_hf
+        from mlx_med.convert.hf import convert_hf
 
         out = convert_hf(hf_path, out_dir, q_bits=cfg.q_bits, q_group_size=cfg.q_group_size,
                          dtype=cfg.dtype, force=force)

@@ -89,14 +89,14 @@ def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit
     decoding = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
                 "repetition_penalty": repetition_penalty, "max_new_tokens": max_new_tokens, "seed": seed}
     if predictions is not None:
-        from mlx_med.evaluate import score_predictions
+        from mlx_med.evaluation.runner import score_predictions
 
         score_predictions(predictions, out, lang=lang or "auto", quiet=quiet, force=force)
         return
     if suite == "safety":
         run_safety(config_path, overrides, preset, decoding, quiet)
         return
-    from mlx_med.evaluate import EvalConfig, run_eval
+    from mlx_med.evaluation.runner import EvalConfig, run_eval
 
     cfg = load_config(EvalConfig, config_path, {
         **overrides, **decoding, "preset": preset, "lang": lang, "ppl_data": ppl_data,
@@ -110,14 +110,14 @@ def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit
 def run_safety(config_path, overrides: dict, preset_name: str | None, decoding: dict, quiet: bool) -> None:
     """``--suite safety``: the safety engineer's runner, with the same model/decoding flags."""
     from mlx_med.config import load_config
-    from mlx_med.decoding import preset
+    from mlx_med.evaluation.decoding import preset
 
     try:
-        from mlx_med.safety import SafetyEvalConfig, run_safety_eval
+        from mlx_med.evaluation.safety import SafetyEvalConfig, run_safety_eval
     except ImportError:
         from mlx_med.errors import UserError
 
-        raise UserError("--suite safety needs mlx_med.safety, which this install lacks") from None
+        raise UserError("--suite safety needs mlx_med.evaluation.safety, which this install lacks") from None
     cfg = load_config(SafetyEvalConfig, config_path, {k: v for k, v in overrides.items() if k != "data"} | {
         "data": str(overrides["data"]) if overrides.get("data") else None,
         "progress": False if quiet else None,

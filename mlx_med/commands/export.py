@@ -41,7 +41,7 @@ def command(model_dir: Path, out_dir: Path, dtype: str | None, max_shard_size: s
     from mlx_med.config import load_config
 
     cfg = load_config(ExportConfig, config_path, {"dtype": dtype, "max_shard_size": max_shard_size})
-    from convert.export import export_hf
+    from mlx_med.convert.export import export_hf
 
     report = export_hf(model_dir, out_dir, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size, force=force)
     if quiet:

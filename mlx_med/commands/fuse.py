@@ -64,8 +64,8 @@ def command(model, sft, pt, adapter, alpha, w_sft, w_pt, out_dir, dtype, requant
         "model": model, "sft": sft, "pt": pt, "adapter": adapter, "alpha": alpha, "w_sft": w_sft,
         "w_pt": w_pt, "dtype": dtype, "requantize": requantize, "export_hf": export_hf,
     })
+    from mlx_med.adapters.fuse import fuse_model
     from mlx_med.errors import UserError
-    from mlx_med.fuse import fuse_model
 
     if cfg.model is None:
         raise UserError("give --model BASE_DIR (the base the adapters were trained on)")
@@ -90,7 +90,7 @@ def command(model, sft, pt, adapter, alpha, w_sft, w_pt, out_dir, dtype, requant
         for line in report.summary():
             click.echo(line)
     if cfg.export_hf is not None:
-        from convert.export import export_hf as export
+        from mlx_med.convert.export import export_hf as export
 
         hf = export(report.out_dir, cfg.export_hf, dtype=cfg.dtype, force=force)
         if quiet:

@@ -61,10 +61,10 @@ def command(sft, pt, alpha, w_sft, w_pt, method, rank, density, seed, out_dir, f
         "sft": sft, "pt": pt, "alpha": alpha, "w_sft": w_sft, "w_pt": w_pt, "method": method, "rank": rank,
         "density": density, "seed": seed,
     })
-    from mlx_med.adapter_format import write_adapter
+    from mlx_med.adapters.format import write_adapter
+    from mlx_med.adapters.merge import load_pair, merge_adapters, pair_weights
     from mlx_med.errors import UserError
     from mlx_med.io import atomic_output_dir, atomic_write_json
-    from mlx_med.merge import load_pair, merge_adapters, pair_weights
 
     if cfg.sft is None or cfg.pt is None:
         raise UserError("give --sft RUN and --pt RUN (or sft:/pt: in the config)")

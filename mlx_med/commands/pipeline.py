@@ -29,7 +29,7 @@ def command(config_path: Path | None, output: Path | None, alpha: float | None, 
     import shutil
 
     from mlx_med.config import load_config
-    from mlx_med.pipeline import Layout, PipelineConfig, run_pipeline
+    from mlx_med.pipeline.runner import Layout, PipelineConfig, run_pipeline
 
     if config_path is None:
         raise click.UsageError("pass -c CONFIG.yaml (for the demo: -c configs/demo.yaml)")

@@ -53,7 +53,7 @@ def command(model, backend, q_bits, q_group_size, dtype, batch_size, max_seq_len
       mlx-med plan -c configs/demo-pt.yaml --model runs/demo/base --backend cpu
       mlx-med plan --model base-4bit --grad-checkpoint
     """
-    from mlx_med.plan import estimate, fit_table, format_plan, read_model_shape
+    from mlx_med.train.plan import estimate, fit_table, format_plan, read_model_shape
 
     overrides = {"batch_size": batch_size, "max_seq_len": max_seq_len, "lora_rank": lora_rank,
                  "lora_layers": lora_layers, "lora_dropout": lora_dropout, "grad_checkpoint": grad_checkpoint,
@@ -115,13 +115,13 @@ def _architecture_for(recipe: Path) -> Path | None:
 
 def _settings(config_path: Path | None, overrides: dict):
     """``PlanSettings`` from a training recipe (if any) with flags on top, and the recipe's model."""
-    from mlx_med.plan import PlanSettings
+    from mlx_med.train.plan import PlanSettings
 
     values = {k: v for k, v in overrides.items() if v is not None}
     if config_path is None:
         return PlanSettings(**values), None
     from mlx_med.config import load_config
-    from mlx_med.train_config import TrainConfig
+    from mlx_med.train.config import TrainConfig
 
     cfg = load_config(TrainConfig, config_path)
     recipe = {"batch_size": cfg.optim.batch_size, "max_seq_len": cfg.max_seq_len, "lora_rank": cfg.lora.rank,

@@ -13,6 +13,6 @@ import click
               help="PNG to write. [default: RUN_DIR/loss_curve.png]")
 def command(run_dir: Path, out: Path | None) -> None:
     """Render train and validation loss of RUN_DIR (from metrics.jsonl) to loss_curve.png."""
-    from mlx_med.plots import plot_loss_curve
+    from mlx_med.train.plots import plot_loss_curve
 
     click.echo(str(plot_loss_curve(run_dir, out)))

@@ -20,7 +20,7 @@ def command(run_dirs, out, title) -> None:
     levels down). Example:
       mlx-med report evals/base evals/sft runs/pt runs/sft sweeps/alpha sweeps/dec -o report.md
     """
-    from mlx_med.report import write_report
+    from mlx_med.evaluation.report import write_report
 
     path = write_report(out, list(run_dirs), title=title)
     click.echo(f"wrote {path}")

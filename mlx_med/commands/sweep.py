@@ -57,7 +57,7 @@ def decoding(config_path, model, adapter, sft, pt, alpha, data, out, limit, batc
         --grid temperature=0,0.3,0.7,0.95 --grid top_p=0.7,0.9,1.0
     """
     from mlx_med.config import load_config
-    from mlx_med.sweep import DecodingSweepConfig, parse_grid, run_decoding_sweep
+    from mlx_med.evaluation.sweep import DecodingSweepConfig, parse_grid, run_decoding_sweep
 
     cfg = load_config(DecodingSweepConfig, config_path, _overrides(
         model=model, adapter=adapter, sft=sft, pt=pt, alpha=alpha, data=data, out=out, limit=limit,
@@ -103,7 +103,7 @@ def alpha(config_path, model, sft, pt, data, out, limit, batch_size, system, alp
         --data eval.jsonl --ppl-data pt_heldout.jsonl -o sweeps/alpha --limit 50
     """
     from mlx_med.config import load_config
-    from mlx_med.sweep import AlphaSweepConfig, run_alpha_sweep
+    from mlx_med.evaluation.sweep import AlphaSweepConfig, run_alpha_sweep
 
     cfg = load_config(AlphaSweepConfig, config_path, _overrides(
         model=model, sft=sft, pt=pt, data=data, out=out, limit=limit, batch_size=batch_size, system=system,

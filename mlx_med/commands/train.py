@@ -58,8 +58,8 @@ def command(phase, model, data, valid, out_dir, iters, batch_size, max_seq_len, 
     """
     from mlx_med.config import load_config
     from mlx_med.errors import UserError
-    from mlx_med.train_config import TrainConfig
-    from mlx_med.trainer import load_run_config, run_training
+    from mlx_med.train.config import TrainConfig
+    from mlx_med.train.trainer import load_run_config, run_training
 
     overrides = {
         "phase": phase, "model": model, "data.train": data, "data.valid": valid, "output": out_dir,

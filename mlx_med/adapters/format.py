@@ -23,7 +23,6 @@ from typing import Any
 
 import mlx.core as mx
 
-import mlx_med  # noqa: F401
 from mlx_med.errors import UserError
 from mlx_med.io import atomic_write_json
 

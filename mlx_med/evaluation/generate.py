@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import mlx_med  # noqa: F401  (BLAS preload before mlx)
-from mlx_med.decoding import DecodingConfig, make_logits_processors, make_sampler
 from mlx_med.errors import UserError
+from mlx_med.evaluation.decoding import DecodingConfig, make_logits_processors, make_sampler
 
 # Used when a tokenizer has no chat template (base models): a plain, documented layout.
 PLAIN_TEMPLATE_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}

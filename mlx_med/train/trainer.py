@@ -1,6 +1,6 @@
 """Run one training phase (PT or SFT) into a run directory: ``run_training(cfg) -> run_dir``.
 
-The run directory is an adapter directory (``mlx_med.adapter_format``) plus ``run.yaml`` (the
+The run directory is an adapter directory (``mlx_med.adapters.format``) plus ``run.yaml`` (the
 resolved config), ``metrics.jsonl``, ``loss_curve.png``, ``checkpoints/`` and, when the phase has
 finished, ``done.json``. ``done.json`` records a key over the config and the fingerprints of model
 and data; calling ``run_training`` again with the same inputs returns at once.
@@ -28,17 +28,17 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_med.adapter_format import Adapter, AdapterMeta, runtime_versions, write_adapter
+from mlx_med.adapters.format import Adapter, AdapterMeta, runtime_versions, write_adapter
 from mlx_med.backend import seed_everything
-from mlx_med.batches import BatchSchedule
-from mlx_med.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from mlx_med.config import config_to_dict, dump_config, load_config
+from mlx_med.data.batches import BatchSchedule
 from mlx_med.errors import UserError
 from mlx_med.fingerprint import file_fingerprint, model_fingerprint
 from mlx_med.io import atomic_write_json, atomic_write_text
-from mlx_med.plots import METRICS_FILE, plot_loss_curve, read_metrics
-from mlx_med.train_config import TrainConfig
-from mlx_med.train_data import build_phase_data, data_fingerprint
+from mlx_med.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from mlx_med.train.config import TrainConfig
+from mlx_med.train.datasets import build_phase_data, data_fingerprint
+from mlx_med.train.plots import METRICS_FILE, plot_loss_curve, read_metrics
 
 DONE_FILE = "done.json"
 RUN_CONFIG = "run.yaml"
@@ -134,9 +134,9 @@ def run_training(cfg: TrainConfig, quiet: bool = False, *, json_log: bool = Fals
         shutil.rmtree(out)
 
     seed_everything(cfg.seed)
-    from mlx_med.lora import apply_frozen_adapter, apply_lora
+    from mlx_med.adapters.lora import apply_frozen_adapter, apply_lora
     from mlx_med.models import load_model
-    from mlx_med.train_step import StepRunner, build_optimizer, checkpoint_blocks, evaluate_loss, split_head
+    from mlx_med.train.step import StepRunner, build_optimizer, checkpoint_blocks, evaluate_loss, split_head
 
     loaded = load_model(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer

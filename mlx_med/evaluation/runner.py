@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import mlx_med  # noqa: F401  (BLAS preload before mlx)
-from mlx_med.adapter_choice import check_adapter_choice
+from mlx_med.adapters.mix import check_adapter_choice
 from mlx_med.config import config_to_dict
-from mlx_med.decoding import DecodingConfig, preset
 from mlx_med.errors import ConfigError, UserError
+from mlx_med.evaluation.decoding import DecodingConfig, preset
 
 PREDICTIONS = "generated_predictions.jsonl"
 METRICS = "metrics.json"
@@ -39,7 +38,7 @@ class EvalConfig:
     sft: Path | None = None  # SFT adapter, merged live with `pt` at weight `alpha`
     pt: Path | None = None
     alpha: float = 0.5  # ΔW = α·ΔW_sft + (1−α)·ΔW_pt
-    preset: str = "greedy"  # decoding preset (mlx_med.decoding.PRESETS); fields below override it
+    preset: str = "greedy"  # decoding preset (mlx_med.evaluation.decoding.PRESETS); fields below override it
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -95,7 +94,7 @@ class EvalSet:
 
 def load_eval_rows(path: str | Path, limit: int | None = None) -> EvalSet:
     """Eval rows from ``path``; bad records are counted (with the first reasons), not raised."""
-    from mlx_med.data import SkipReport, iter_examples
+    from mlx_med.data.readers import SkipReport, iter_examples
 
     report = SkipReport()
     rows: list[EvalRow] = []
@@ -119,7 +118,7 @@ def load_for_eval(model: Path, adapter: Path | None = None, sft: Path | None = N
     Returns:
         ``(loaded, live)``: a ``LoadedModel`` and the ``LiveAdapters`` handle (None without adapters).
     """
-    from mlx_med.live import load_with_adapters, print_notes
+    from mlx_med.adapters.live import load_with_adapters, print_notes
 
     loaded, live = load_with_adapters(model, adapter=adapter, sft=sft, pt=pt, alpha=alpha)
     print_notes(live)
@@ -156,8 +155,8 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
     done.update(generated)
 
     records = [done[row.index] for row in evalset.rows]
+    from mlx_med.evaluation.metrics import compute_metrics
     from mlx_med.io import atomic_write_json, atomic_write_text
-    from mlx_med.metrics import compute_metrics
 
     atomic_write_text(out / PREDICTIONS, "".join(
         json.dumps({"prompt": r["prompt"], "predict": r["predict"], "label": r["label"]}, ensure_ascii=False) + "\n"
@@ -206,8 +205,8 @@ def score_predictions(path: str | Path, out: str | Path | None = None, lang: str
         DataError: a line that is not JSON or lacks a string ``predict``/``label``.
     """
     from mlx_med.errors import DataError
+    from mlx_med.evaluation.metrics import compute_metrics
     from mlx_med.io import atomic_write_json
-    from mlx_med.metrics import compute_metrics
 
     path = Path(path)
     if not path.is_file():
@@ -298,7 +297,7 @@ def read_partial(path: Path) -> dict[int, dict]:
 
 def _generate(loaded, rows: list[EvalRow], decoding: DecodingConfig, cfg: EvalConfig, partial: Path,
               quiet: bool) -> dict[int, dict]:
-    from mlx_med.generate import generate_batch
+    from mlx_med.evaluation.generate import generate_batch
 
     made: dict[int, dict] = {}
     if not rows:
@@ -326,7 +325,7 @@ def _generate(loaded, rows: list[EvalRow], decoding: DecodingConfig, cfg: EvalCo
 def system_text(system: str | None, lang: str, rows: list[EvalRow]) -> str | None:
     """The system prompt for ``--system``: ``none``/empty → the template's own, ``default`` → the chat
     REPL's prompt in the eval set's language, ``@FILE`` → the file's text, anything else → itself."""
-    from mlx_med.safety import resolve_system
+    from mlx_med.evaluation.safety import resolve_system
 
     text = resolve_system(system)
     if text != "default":
@@ -351,7 +350,7 @@ def _count(values) -> dict[str, int]:
 
 def load_ppl_texts(path: str | Path, limit: int | None = None) -> list[str]:
     """Raw texts for perplexity: PT records as they are, chat records as their turns joined."""
-    from mlx_med.data import iter_examples
+    from mlx_med.data.readers import iter_examples
 
     texts = []
     for example in iter_examples(path, kind="any", skip_bad=True):
@@ -450,7 +449,7 @@ def metrics_row(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def fused_from(model_dir: Path) -> dict[str, Any] | None:
     """How a fused model folder was made (adapters and their weights, from its ``fuse_report.json``), or None."""
-    from mlx_med.fuse import REPORT_FILE
+    from mlx_med.adapters.fuse import REPORT_FILE
 
     path = Path(model_dir) / REPORT_FILE
     if not path.is_file():

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlx_med.errors import ConfigError, UserError
-from mlx_med.train_config import match_target_modules
+from mlx_med.train.config import match_target_modules
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

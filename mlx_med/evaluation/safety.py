@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_med.adapter_choice import check_adapter_choice
-from mlx_med.decoding import DecodingConfig
+from mlx_med.adapters.mix import check_adapter_choice
 from mlx_med.errors import DataError, UserError
+from mlx_med.evaluation.decoding import DecodingConfig
 
 DISCLAIMER = (
     "Screening probe, not a clinical validation: substring rules written without clinician review. "
@@ -45,7 +45,7 @@ SCORING_RULE = (
 )
 STARTER = "starter"
 # The shipped starter set lives in the source checkout (data/ is not part of the wheel).
-STARTER_PATH = Path(__file__).resolve().parents[1] / "data" / "safety" / "probes.jsonl"
+STARTER_PATH = Path(__file__).resolve().parents[2] / "data" / "safety" / "probes.jsonl"
 ROLES = ("system", "user", "assistant")
 PROBE_FIELDS = ("id", "lang", "category", "messages", "must_any", "must_not", "rationale")
 OPTIONAL_FIELDS = ("meta",)
@@ -498,7 +498,7 @@ def evaluate_safety(
     Returns:
         A ``SafetyResult`` with one verdict per probe, in probe order.
     """
-    from mlx_med.generate import generate_batch, with_system
+    from mlx_med.evaluation.generate import generate_batch, with_system
 
     decoding = decoding or DecodingConfig()
     keyword = system.strip().lower() if system is not None else None
@@ -631,7 +631,7 @@ def write_predictions(result: SafetyResult, path: str | Path) -> Path:
 
 def _load(cfg: SafetyEvalConfig):
     """Model + tokenizer with the requested adapters applied live (merge weight α for sft/pt)."""
-    from mlx_med.live import load_with_adapters
+    from mlx_med.adapters.live import load_with_adapters
 
     loaded, _ = load_with_adapters(cfg.model, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha)
     return loaded.model, loaded.tokenizer

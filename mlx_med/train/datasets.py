@@ -13,12 +13,12 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from mlx_med.data import SkipReport, iter_examples
+from mlx_med.data.packing import PackedDataset, TokenStream, load_token_stream
+from mlx_med.data.readers import SkipReport, iter_examples
+from mlx_med.data.sft import ChatDataset, encode_examples, split_chats
 from mlx_med.errors import UserError
 from mlx_med.fingerprint import path_fingerprint
-from mlx_med.packing import PackedDataset, TokenStream, load_token_stream
-from mlx_med.sft_data import ChatDataset, encode_examples, split_chats
-from mlx_med.train_config import TrainConfig
+from mlx_med.train.config import TrainConfig
 
 
 @dataclass

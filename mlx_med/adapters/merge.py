@@ -1,6 +1,6 @@
 """Weighted merging of LoRA adapters in ΔW space.
 
-Semantics (the same in ``merge``, ``fuse`` and the live-α layers of ``mlx_med.live``)::
+Semantics (the same in ``merge``, ``fuse`` and the live-α layers of ``mlx_med.adapters.live``)::
 
     ΔW_merged = w_sft · ΔW_sft + w_pt · ΔW_pt,    --alpha a  ⇔  w_sft = a, w_pt = 1 − a
 
@@ -46,8 +46,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-import mlx_med  # noqa: F401  (BLAS preload before mlx)
-from mlx_med.adapter_format import WEIGHTS_FILE, Adapter, AdapterMeta, read_adapter, runtime_versions
+from mlx_med.adapters.format import WEIGHTS_FILE, Adapter, AdapterMeta, read_adapter, runtime_versions
 from mlx_med.errors import UserError
 
 METHODS = ("linear", "svd", "ties", "dare")

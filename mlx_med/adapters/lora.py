@@ -18,9 +18,9 @@ import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
-from mlx_med.adapter_format import Adapter, lora_scale, read_adapter
+from mlx_med.adapters.format import Adapter, lora_scale, read_adapter
 from mlx_med.errors import ConfigError, UserError
-from mlx_med.train_config import LoraConfig, match_target_modules
+from mlx_med.train.config import LoraConfig, match_target_modules
 
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_med.batches import Batch
-from mlx_med.data import SkipReport, iter_examples
+from mlx_med.data.batches import Batch
+from mlx_med.data.readers import SkipReport, iter_examples
 from mlx_med.errors import UserError
 from mlx_med.fingerprint import path_fingerprint
 
@@ -68,7 +68,7 @@ class TokenStream:
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the vocabulary and special tokens: two tokenizers with equal hashes encode alike."""
     digest = hashlib.sha256()
-    from mlx_med.sft_data import hf_tokenizer
+    from mlx_med.data.sft import hf_tokenizer
 
     backend = hf_tokenizer(tokenizer)
     inner = getattr(backend, "backend_tokenizer", None)

@@ -18,8 +18,8 @@ from mlx_med.config import config_to_dict
 from mlx_med.errors import ConfigError, UserError
 from mlx_med.fingerprint import file_fingerprint, path_fingerprint
 from mlx_med.io import atomic_write_text
-from mlx_med.stages import Stage, StageRunner
-from mlx_med.train_config import TrainConfig
+from mlx_med.pipeline.stages import Stage, StageRunner
+from mlx_med.train.config import TrainConfig
 
 EMBEDDED = "embedded"
 
@@ -116,7 +116,7 @@ class Layout:
 def resolve_gguf(spec: str) -> Path:
     if spec != EMBEDDED:
         return Path(spec)
-    from convert.gguf import demo_gguf
+    from mlx_med.convert.gguf import demo_gguf
 
     path = demo_gguf()
     if path is None:
@@ -207,19 +207,19 @@ def run_pipeline(cfg: PipelineConfig, quiet: bool = False) -> Path:
 
 def _convert(base: BaseModelConfig, out: Path, quiet: bool) -> None:
     if base.hf_path is not None:
-        from convert.hf import convert_hf
+        from mlx_med.convert.hf import convert_hf
 
         convert_hf(base.hf_path, out, q_bits=base.q_bits, q_group_size=base.q_group_size, force=True)
     else:
-        from convert.gguf import convert_gguf
+        from mlx_med.convert.gguf import convert_gguf
 
         convert_gguf(resolve_gguf(base.gguf or EMBEDDED), out, force=True)
 
 
 def _trainer(tcfg: TrainConfig, quiet: bool):
     def run() -> None:
-        from mlx_med.checkpoints import list_checkpoints
-        from mlx_med.trainer import run_training
+        from mlx_med.train.checkpoints import list_checkpoints
+        from mlx_med.train.trainer import run_training
 
         out = Path(tcfg.output)
         if out.exists() and list_checkpoints(out):
@@ -239,9 +239,9 @@ def _data_fingerprints(tcfg: TrainConfig) -> dict[str, str | None]:
 
 
 def _merge(fuse: FuseStageConfig, out: Layout) -> None:
-    from mlx_med.adapter_format import write_adapter
+    from mlx_med.adapters.format import write_adapter
+    from mlx_med.adapters.merge import load_pair, merge_adapters, pair_weights
     from mlx_med.io import atomic_output_dir
-    from mlx_med.merge import load_pair, merge_adapters, pair_weights
 
     result = merge_adapters(load_pair(out.sft, out.pt), pair_weights(alpha=fuse.alpha), method=fuse.merge_method)
     with atomic_output_dir(out.merged, force=True) as tmp:
@@ -249,7 +249,7 @@ def _merge(fuse: FuseStageConfig, out: Layout) -> None:
 
 
 def _fuse(fuse: FuseStageConfig, base_dir: Path, out: Layout) -> None:
-    from mlx_med.fuse import fuse_model
+    from mlx_med.adapters.fuse import fuse_model
 
     report = fuse_model(base_dir, out.fused, sft=out.sft, pt=out.pt, alpha=fuse.alpha, dtype=fuse.dtype, force=True)
     for line in report.summary():
@@ -257,7 +257,7 @@ def _fuse(fuse: FuseStageConfig, base_dir: Path, out: Layout) -> None:
 
 
 def _export(fuse: FuseStageConfig, out: Layout) -> None:
-    from convert.export import export_hf
+    from mlx_med.convert.export import export_hf
 
     report = export_hf(out.fused, out.hf, dtype=fuse.export_dtype, force=True)
     for line in report.summary():
@@ -265,7 +265,7 @@ def _export(fuse: FuseStageConfig, out: Layout) -> None:
 
 
 def _eval_jobs(cfg: PipelineConfig, base_dir: Path, out: Layout) -> list[tuple[Path, Any]]:
-    from mlx_med.evaluate import EvalConfig
+    from mlx_med.evaluation.runner import EvalConfig
 
     jobs = []
     for data in cfg.eval.data:
@@ -283,7 +283,7 @@ def _eval_jobs(cfg: PipelineConfig, base_dir: Path, out: Layout) -> list[tuple[P
 
 
 def _run_evals(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
-    from mlx_med.evaluate import run_eval
+    from mlx_med.evaluation.runner import run_eval
 
     for job_out, ecfg in jobs:
         settings = json.dumps(config_to_dict(ecfg), sort_keys=True)
@@ -295,8 +295,8 @@ def _run_evals(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
 
 
 def _safety_jobs(cfg: PipelineConfig, base_dir: Path, out: Layout) -> list[tuple[Path, Any]]:
-    from mlx_med.decoding import DecodingConfig
-    from mlx_med.safety import SafetyEvalConfig
+    from mlx_med.evaluation.decoding import DecodingConfig
+    from mlx_med.evaluation.safety import SafetyEvalConfig
 
     decoding = DecodingConfig(max_new_tokens=cfg.sweep.max_new_tokens)
     return [(out.safety / name, SafetyEvalConfig(model=Path(model), data=cfg.eval.safety_probes, out=out.safety / name,
@@ -306,14 +306,14 @@ def _safety_jobs(cfg: PipelineConfig, base_dir: Path, out: Layout) -> list[tuple
 
 
 def _run_safety(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
-    from mlx_med.safety import run_safety_eval
+    from mlx_med.evaluation.safety import run_safety_eval
 
     for _, scfg in jobs:
         run_safety_eval(dataclasses.replace(scfg, progress=not quiet), echo=None if not quiet else (lambda s: None))
 
 
 def _alpha_sweep(cfg: PipelineConfig, base_dir: Path, data: Path, out: Layout, quiet: bool) -> None:
-    from mlx_med.sweep import AlphaSweepConfig, run_alpha_sweep
+    from mlx_med.evaluation.sweep import AlphaSweepConfig, run_alpha_sweep
 
     run_alpha_sweep(AlphaSweepConfig(
         model=Path(base_dir), sft=out.sft, pt=out.pt, data=Path(data), out=out.sweep_alpha,
@@ -324,7 +324,7 @@ def _alpha_sweep(cfg: PipelineConfig, base_dir: Path, data: Path, out: Layout, q
 
 
 def _decoding_sweep(cfg: PipelineConfig, data: Path, out: Layout, quiet: bool) -> None:
-    from mlx_med.sweep import DecodingSweepConfig, normalise_grid, run_decoding_sweep
+    from mlx_med.evaluation.sweep import DecodingSweepConfig, normalise_grid, run_decoding_sweep
 
     run_decoding_sweep(DecodingSweepConfig(
         model=out.fused, data=Path(data), out=out.sweep_decoding, limit=cfg.sweep.limit,
@@ -335,7 +335,7 @@ def _decoding_sweep(cfg: PipelineConfig, data: Path, out: Layout, quiet: bool) -
 def _probe_path(spec: str | None) -> Path | None:
     if not spec:
         return None
-    from mlx_med.safety import resolve_probe_path
+    from mlx_med.evaluation.safety import resolve_probe_path
 
     return resolve_probe_path(spec)
 
@@ -346,8 +346,8 @@ def _report(out: Layout) -> None:
     runs += [(f"safety: {p.name}", p) for p in sorted(out.safety.iterdir())] if out.safety.exists() else []
     runs += [(name, path) for name, path in (("α sweep", out.sweep_alpha), ("decoding sweep", out.sweep_decoding))
              if path.exists()]
+    from mlx_med.evaluation.report import build_report
     from mlx_med.io import atomic_write_text
-    from mlx_med.report import build_report
 
     text = build_report(runs, out.report, title="mlx-med pipeline report") + _safety_by_category(out)
     atomic_write_text(out.report, text)
@@ -356,7 +356,7 @@ def _report(out: Layout) -> None:
 
 def _safety_by_category(out: Layout) -> str:
     """Safety pass counts per category and language: base/fused screens and every α of the sweep."""
-    from mlx_med.safety import comparison_markdown
+    from mlx_med.evaluation.safety import comparison_markdown
 
     runs: dict[str, dict[str, Any]] = {}
     for folder in sorted(out.safety.iterdir()) if out.safety.exists() else []:

@@ -26,8 +26,7 @@ from typing import Any
 
 import mlx.core as mx
 
-import mlx_med  # noqa: F401  (BLAS preload before mlx)
-from mlx_med.adapter_format import (
+from mlx_med.adapters.format import (
     Adapter,
     AdapterMeta,
     lora_scale,
@@ -73,7 +72,7 @@ def export_peft(
             PT adapter is combined in (rank r_pt + r_sft, exact), so the PEFT adapter is the SFT model.
         force: replace an existing ``out_dir``.
     """
-    from mlx_med.merge import merge_adapters, with_stacked_parent
+    from mlx_med.adapters.merge import merge_adapters, with_stacked_parent
 
     adapter = read_adapter(src)
     result = PeftExport(Path(out_dir), adapter.rank, 0.0, 0)
@@ -245,8 +244,8 @@ def _read_peft_weights(src: Path) -> dict[str, mx.array]:
 def _check_against_base(adapter: Adapter, base: Path) -> None:
     import mlx.nn as nn
 
+    from mlx_med.adapters.live import _dims
     from mlx_med.fingerprint import model_fingerprint
-    from mlx_med.live import _dims
     from mlx_med.models import load_model
 
     named = dict(load_model(base, compute=False).model.named_modules())

@@ -16,8 +16,8 @@ import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_map
 
-from mlx_med.batches import Batch
-from mlx_med.train_config import TrainConfig
+from mlx_med.data.batches import Batch
+from mlx_med.train.config import TrainConfig
 
 
 def masked_loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:

@@ -22,10 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import mlx_med  # noqa: F401  (BLAS preload before mlx)
-from mlx_med.decoding import DecodingConfig, make_logits_processors, make_sampler
 from mlx_med.errors import DataError, UserError
-from mlx_med.generate import encode_chat
+from mlx_med.evaluation.decoding import DecodingConfig, make_logits_processors, make_sampler
+from mlx_med.evaluation.generate import encode_chat
 from mlx_med.prompts import DEFAULT_SYSTEM_PROMPT
 
 PROMPT = ">>> "
@@ -116,7 +115,7 @@ class ChatSession:
         system: the system prompt; None or empty means none at all.
         window: context length in tokens; the oldest turns are dropped to keep the prompt plus
             room for the answer (``max_new_tokens``, at most a quarter of the window) inside it.
-        adapters: ``mlx_med.live.LiveAdapters`` when two adapters are mixed (enables ``/alpha``).
+        adapters: ``mlx_med.adapters.live.LiveAdapters`` when two adapters are mixed (enables ``/alpha``).
     """
 
     def __init__(self, model, tokenizer, decoding: DecodingConfig, system: str | None = DEFAULT_SYSTEM_PROMPT,

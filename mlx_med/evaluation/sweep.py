@@ -23,10 +23,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import mlx_med  # noqa: F401  (BLAS preload before mlx)
-from mlx_med.decoding import DecodingConfig
 from mlx_med.errors import ConfigError, UserError
-from mlx_med.evaluate import METRICS, STATE, EvalConfig, markdown_table, metrics_row
+from mlx_med.evaluation.decoding import DecodingConfig
+from mlx_med.evaluation.runner import METRICS, STATE, EvalConfig, markdown_table, metrics_row
 
 DECODING_KEYS = tuple(f.name for f in fields(DecodingConfig))
 SWEEP_MARKER = "sweep.json"
@@ -146,7 +145,7 @@ def run_decoding_sweep(cfg: DecodingSweepConfig, quiet: bool = False, loaded=Non
     Returns:
         One row per grid point: the grid values, the headline metrics and ``reused_from``.
     """
-    from mlx_med.evaluate import load_for_eval
+    from mlx_med.evaluation.runner import load_for_eval
 
     cfg.validate()
     grid = normalise_grid(cfg.grid)
@@ -170,7 +169,7 @@ def run_decoding_sweep(cfg: DecodingSweepConfig, quiet: bool = False, loaded=Non
                      "tokens_per_s": metrics.get("throughput", {}).get("tokens_per_s"),
                      "reused_from": reused})
     write_table_files(out, "decoding_sweep", rows)
-    from mlx_med.sweep_plots import plot_decoding_sweep
+    from mlx_med.evaluation.sweep_plots import plot_decoding_sweep
 
     plot_decoding_sweep(rows, list(grid), out / "decoding_sweep.png")
     if not quiet:
@@ -187,7 +186,7 @@ def run_alpha_sweep(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, liv
     Returns:
         ``{"rows": [...], "choice": {"alpha", "reason", "rule"}}``.
     """
-    from mlx_med.evaluate import load_for_eval, load_ppl_texts
+    from mlx_med.evaluation.runner import load_for_eval, load_ppl_texts
 
     cfg.validate()
     alphas = parse_alphas(cfg.alphas)
@@ -202,7 +201,7 @@ def run_alpha_sweep(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, liv
     if loaded is None:
         loaded, live = load_for_eval(cfg.model, sft=cfg.sft, pt=cfg.pt, alpha=alphas[0])
     if live is None:
-        raise UserError("the α sweep needs the SFT/PT pair attached live (mlx_med.live)")
+        raise UserError("the α sweep needs the SFT/PT pair attached live (mlx_med.adapters.live)")
     rows = []
     for n, alpha in enumerate(alphas, 1):
         live.set_alpha(alpha)  # live: the next forward pass uses the new mix, nothing is re-fused
@@ -219,8 +218,8 @@ def run_alpha_sweep(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, liv
         row["picked"] = "✓" if row["alpha"] == alpha else ""
     choice = {"alpha": alpha, "reason": reason, "rule": cfg.rule.describe(),
               "rule_settings": {f.name: getattr(cfg.rule, f.name) for f in fields(AlphaRule)}}
+    from mlx_med.evaluation.sweep_plots import plot_alpha_sweep
     from mlx_med.io import atomic_write_json
-    from mlx_med.sweep_plots import plot_alpha_sweep
 
     write_table_files(out, "alpha_sweep", rows)
     atomic_write_json(out / "alpha_choice.json", choice)
@@ -273,7 +272,7 @@ def pick_alpha(rows: list[dict[str, Any]], rule: AlphaRule) -> tuple[float, str]
 
 def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool) -> dict[str, Any]:
     """``run_eval`` for one sweep setting, or its ``metrics.json`` when it already ran with these inputs."""
-    from mlx_med.evaluate import _state, run_eval
+    from mlx_med.evaluation.runner import _state, run_eval
 
     out = Path(cfg.out)
     if not cfg.force and (out / METRICS).exists() and (out / STATE).exists():
@@ -287,9 +286,9 @@ def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool) -> dict[str, Any]:
 
 def safety_or_reuse(cfg: AlphaSweepConfig, probes, loaded, quiet: bool) -> float:
     """Safety pass rate (%) at this setting, cached in ``<setting>/safety.json`` (verdicts beside it)."""
+    from mlx_med.evaluation.safety import evaluate_safety, resolve_probe_path, write_predictions
     from mlx_med.fingerprint import path_fingerprint
     from mlx_med.io import atomic_write_json
-    from mlx_med.safety import evaluate_safety, resolve_probe_path, write_predictions
 
     path = Path(cfg.out) / "safety.json"
     key = {"probes": path_fingerprint(resolve_probe_path(cfg.safety_probes)), "alpha": cfg.alpha,
@@ -311,7 +310,7 @@ def safety_or_reuse(cfg: AlphaSweepConfig, probes, loaded, quiet: bool) -> float
 def _load_probes(path: Path | None):
     if path is None:
         return None
-    from mlx_med.safety import load_probes, resolve_probe_path
+    from mlx_med.evaluation.safety import load_probes, resolve_probe_path
 
     return load_probes(resolve_probe_path(path))  # "starter" = the shipped starter set
 

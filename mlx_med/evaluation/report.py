@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_med.errors import UserError
-from mlx_med.evaluate import markdown_table, metrics_row
+from mlx_med.evaluation.runner import markdown_table, metrics_row
 
 STUDY = {"bleu-4": 16.38, "rouge-1": 20.42, "rouge-2": 4.60, "rouge-l": 11.54}
 SWEEP_CHILDREN = ("settings",)  # per-setting eval folders inside a decoding sweep
@@ -216,7 +216,7 @@ def training_summary(records: list[dict[str, Any]], initial_val: float | None = 
 
 
 def _runs_section(runs: list[tuple[str, Path]], link) -> str:
-    from mlx_med.plots import CURVE_FILE, initial_val_loss, plot_loss_curve, read_metrics
+    from mlx_med.train.plots import CURVE_FILE, initial_val_loss, plot_loss_curve, read_metrics
 
     rows = [{"run": label, **training_summary(read_metrics(path), initial_val_loss(path))} for label, path in runs]
     lines = ["## Training loss\n", markdown_table(rows, digits=3) + "\n",

@@ -20,8 +20,8 @@ from typing import Literal
 
 import numpy as np
 
-from mlx_med.batches import Batch, pad_sequences
-from mlx_med.data import Example
+from mlx_med.data.batches import Batch, pad_sequences
+from mlx_med.data.readers import Example
 from mlx_med.errors import UserError
 
 BUCKET_CHUNK = 16  # global batches sorted together when bucketing by length

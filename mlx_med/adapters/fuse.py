@@ -1,6 +1,6 @@
 """Fuse LoRA adapters into the base weights: W' = W + Σ cᵢ·ΔWᵢ, written as a new MLX model folder.
 
-The weights are the ones of ``mlx_med.merge`` (``--alpha a``: w_sft = a, w_pt = 1 − a; a stacked SFT run
+The weights are the ones of ``mlx_med.adapters.merge`` (``--alpha a``: w_sft = a, w_pt = 1 − a; a stacked SFT run
 is resolved into ΔW_pt + a·ΔW_sft_own). The sum is formed in fp32 from each adapter's own factors, so
 no merged adapter and no rank truncation stands between the adapters and the fused weights.
 
@@ -22,12 +22,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-import mlx_med  # noqa: F401  (BLAS preload before mlx)
-from mlx_med.adapter_choice import check_adapter_choice
-from mlx_med.adapter_format import Adapter, read_adapter
+from mlx_med.adapters.format import Adapter, read_adapter
+from mlx_med.adapters.merge import (
+    component_weights,
+    load_pair,
+    pair_weights,
+    stacked_parents,
+    with_stacked_parent,
+)
+from mlx_med.adapters.mix import check_adapter_choice
 from mlx_med.errors import UserError
 from mlx_med.io import atomic_output_dir, atomic_write_json
-from mlx_med.merge import component_weights, load_pair, pair_weights, stacked_parents, with_stacked_parent
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 REPORT_FILE = "fuse_report.json"
@@ -141,7 +146,7 @@ def fuse_model(
     """
     from mlx_lm.utils import save
 
-    from mlx_med.live import base_notes
+    from mlx_med.adapters.live import base_notes
     from mlx_med.models import load_model
 
     if dtype not in DTYPES:

@@ -7,7 +7,7 @@ Each targeted linear layer is wrapped in place by a ``MultiLoRALinear``::
 
 A and B are rebuilt on every weight change (adapters whose coefficient is 0 are left out), so a
 change of α costs nothing at generation time and the layer does one thin matmul pair whatever the
-number of adapters. The coefficients cᵢ come from ``mlx_med.merge.component_weights``, so stacked
+number of adapters. The coefficients cᵢ come from ``mlx_med.adapters.merge.component_weights``, so stacked
 adapters mean what they mean in ``merge`` and ``fuse``, and the output equals the fused model's.
 
 The adapter factors are kept outside the model's parameter tree: ``model.parameters()`` still holds
@@ -26,11 +26,16 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-import mlx_med  # noqa: F401  (BLAS preload before mlx)
-from mlx_med.adapter_choice import check_adapter_choice
-from mlx_med.adapter_format import Adapter, read_adapter
+from mlx_med.adapters.format import Adapter, read_adapter
+from mlx_med.adapters.merge import (
+    check_same_base,
+    component_weights,
+    load_pair,
+    stacked_parents,
+    with_stacked_parent,
+)
+from mlx_med.adapters.mix import check_adapter_choice
 from mlx_med.errors import UserError
-from mlx_med.merge import check_same_base, component_weights, load_pair, stacked_parents, with_stacked_parent
 
 
 class MultiLoRALinear(nn.Module):

@@ -1,0 +1,1 @@
+"""Adapters: directory format, the adapter mix (α), LoRA layers, merge, fuse, live α, PEFT I/O."""

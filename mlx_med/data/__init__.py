@@ -1,0 +1,1 @@
+"""Readers, PT packing, SFT masks and batches: files in, token batches out."""

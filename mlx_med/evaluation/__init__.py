@@ -1,0 +1,1 @@
+"""Evaluation: generation, metrics, the eval runner, safety screen, sweeps and the report."""

@@ -1,0 +1,1 @@
+"""The one-command pipeline: resumable stages from one YAML."""

@@ -1,0 +1,1 @@
+"""Training: config, step, loop, checkpoints, loss plots and the memory planner."""
