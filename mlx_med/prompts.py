@@ -39,3 +39,54 @@ def system_prompt(language: str = "en") -> str:
         raise UserError(
             f"no default system prompt for language {language!r} (choose from {', '.join(SYSTEM_PROMPTS)})"
         ) from None
+
+
+DEFAULT_KEYWORD = "default"
+SYSTEM_CHOICES = "none | default | @FILE | the prompt text itself"
+
+
+def guess_language(texts) -> str:
+    """``zh`` when the texts hold any CJK ideograph, else ``en`` (for the ``default`` prompt's language)."""
+    return "zh" if any("\u4e00" <= ch <= "\u9fff" for text in texts for ch in text) else "en"
+
+
+def resolve_system(system: str | None, lang: str | None = None, texts=(), none_means_default: bool = False) -> str | None:
+    """The one reading of a ``--system`` value, for every command that takes one.
+
+    ``none`` or empty → no system prompt (the chat template's own); ``default`` → this module's medical
+    prompt; ``@FILE`` → the file's text; anything else → itself.
+
+    Args:
+        system: the flag's value; None means "not given".
+        lang: language of the ``default`` prompt (``en``/``zh``; other codes fall back to English).
+            When None or ``auto``, it is guessed from ``texts``; with no texts either, ``default`` is
+            returned as the keyword ``"default"`` for the caller to resolve per item (the safety
+            suite picks each probe's language).
+        texts: sample of the data (questions, turns) to guess the language from.
+        none_means_default: an absent value (None) means ``default`` (the chat REPL) instead of none.
+
+    Raises:
+        UserError: when ``@FILE`` is missing or empty.
+    """
+    if system is None and none_means_default:
+        system = DEFAULT_KEYWORD
+    if system is None or system.strip().lower() in ("", "none"):
+        return None
+    if system.strip().lower() == DEFAULT_KEYWORD:
+        if lang in (None, "auto"):
+            texts = list(texts)
+            if not texts:
+                return DEFAULT_KEYWORD
+            lang = guess_language(texts)
+        return SYSTEM_PROMPTS.get(lang, DEFAULT_SYSTEM_PROMPT)
+    if system.startswith("@"):
+        from pathlib import Path
+
+        path = Path(system[1:]).expanduser()
+        if not path.is_file():
+            raise UserError(f"--system {system}: file not found: {path}")
+        text = path.read_text(encoding="utf-8").strip()
+        if not text:
+            raise UserError(f"--system {system}: the file is empty")
+        return text
+    return system

@@ -51,10 +51,14 @@ def model_options(func):
                    "{\"prompt\", \"response\"|\"output\"|\"label\"}. For --suite safety: a probe file (default: starter set).")
 @click.option("-o", "--out", type=click.Path(path_type=Path),
               help="Output folder: generated_predictions.jsonl, metrics.json. Re-running resumes an interrupted eval.")
-@click.option("--suite", type=click.Choice(["qa", "safety"]), default="qa", show_default=True,
-              help="qa: BLEU-4/ROUGE against references; safety: the safety screening probes.")
+@click.option("--suite", type=click.Choice(["qa", "safety", "mcq"]), default="qa", show_default=True,
+              help="qa: BLEU-4/ROUGE against references; safety: the safety screening probes; "
+                   "mcq: multiple-choice accuracy by option log-likelihood.")
 @click.option("--limit", type=int, help="Evaluate only the first N rows.")
 @click.option("--batch-size", type=int, help="Sequences generated together.  [default: 8]")
+@click.option("--shots", type=int, help="--suite mcq: solved examples shown before each question.  [default: 0]")
+@click.option("--shots-data", type=click.Path(path_type=Path),
+              help="--suite mcq: dev split the shots come from (default: other items of --data).")
 @decoding_options
 @click.option("--system", help="System prompt added to rows that have none (default: none, as in the study).")
 @click.option("--lang", type=click.Choice(["auto", "zh", "en"]),
@@ -67,7 +71,7 @@ def model_options(func):
               help="Score an existing generated_predictions.jsonl (ours or LLaMA-Factory's) instead of generating.")
 @force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table (for scripts).")
-def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit, batch_size, preset,
+def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit, batch_size, shots, shots_data, preset,
             temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed, system, lang,
             ppl_data, ppl_limit, ppl_block_size, predictions, force, quiet) -> None:
     """Generate answers for an eval set and score them (BLEU-4/ROUGE as LLaMA-Factory computes them).
@@ -78,6 +82,8 @@ def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit
       mlx-med eval --model base --adapter runs/sft --data eval.jsonl -o evals/sft --preset llamafactory
       mlx-med eval --model base --sft runs/sft --pt runs/pt --alpha 0.7 --data eval.jsonl -o evals/a07
       mlx-med eval --suite safety --model base --adapter runs/sft -o evals/safety
+      mlx-med eval --suite mcq --model base --sft runs/sft --pt runs/pt --alpha 0.5 \\
+        --data data/demo/mcq_mmlu_med_en.jsonl -o evals/mcq --shots 3
       mlx-med eval --predictions llamafactory_out/generated_predictions.jsonl -o evals/lf
     """
     from mlx_med.config import load_config
@@ -95,6 +101,12 @@ def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit
         return
     if suite == "safety":
         run_safety(config_path, overrides, preset, decoding, quiet)
+        return
+    if suite == "mcq":
+        from mlx_med.evaluation.mcq import McqEvalConfig, run_mcq_eval
+
+        run_mcq_eval(load_config(McqEvalConfig, config_path, {**overrides, "shots": shots, "shots_data": shots_data}),
+                     quiet=quiet)
         return
     from mlx_med.evaluation.runner import EvalConfig, run_eval
 
