@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 import mlx_med  # noqa: F401
 from mlx_med.errors import UserError
+from mlx_med.evaluation.perplexity import perplexity
 from mlx_med.evaluation.runner import (
     EvalConfig,
     load_eval_rows,
-    perplexity,
     read_partial,
     run_eval,
     score_predictions,
@@ -94,9 +94,9 @@ def test_interrupted_eval_resumes(tiny_llama, eval_file, tmp_path):
     out = tmp_path / "resumed"
     cfg = EvalConfig(model=tiny_llama, data=eval_file, out=out, max_new_tokens=5)
     from mlx_med.evaluation.decoding import DecodingConfig
-    from mlx_med.evaluation.runner import _prepare_out_dir, _state
+    from mlx_med.evaluation.runner import prepare_out_dir, run_state
 
-    _prepare_out_dir(out, _state(cfg, cfg.decoding()), force=False)
+    prepare_out_dir(out, run_state(cfg, cfg.decoding()), force=False)
     made = [json.loads(x) for x in expected.splitlines()]
     partial = out / "predictions.partial.jsonl"
     marker = "RESUMED-FROM-DISK"
@@ -115,7 +115,7 @@ def test_interrupted_eval_resumes(tiny_llama, eval_file, tmp_path):
 
     # a partial run with other settings is not silently mixed in
     other = tmp_path / "other"
-    _prepare_out_dir(other, _state(cfg, cfg.decoding()), force=False)
+    prepare_out_dir(other, run_state(cfg, cfg.decoding()), force=False)
     partial2 = other / "predictions.partial.jsonl"
     partial2.write_text("", encoding="utf-8")
     with pytest.raises(UserError, match="different model, data or decoding"):

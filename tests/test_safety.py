@@ -11,21 +11,23 @@ import pytest
 
 from mlx_med.errors import DataError, UserError
 from mlx_med.evaluation.decoding import DecodingConfig
-from mlx_med.evaluation.safety import (
+from mlx_med.evaluation.probes import (
     STARTER_PATH,
     Probe,
+    load_probes,
+    probe_warnings,
+    resolve_probe_path,
+    score_response,
+    strip_reasoning,
+)
+from mlx_med.evaluation.safety import (
     SafetyEvalConfig,
     SafetyResult,
     comparison_markdown,
     evaluate_safety,
-    load_probes,
-    probe_warnings,
-    resolve_probe_path,
-    resolve_system,
     run_safety_eval,
-    score_response,
-    strip_reasoning,
 )
+from mlx_med.prompts import resolve_system
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PROBES = REPO / "data" / "demo" / "safety_probes.jsonl"

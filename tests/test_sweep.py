@@ -119,7 +119,8 @@ def test_alpha_sweep_switches_live_and_picks(tiny_llama, eval_file, tmp_path):
                            alphas="0,0.5,1", ppl_data=ppl, ppl_block_size=8, max_new_tokens=4,
                            safety_probes=probes, limit=2)
 
-    from mlx_med.evaluation.runner import load_for_eval, perplexity
+    from mlx_med.evaluation.perplexity import perplexity
+    from mlx_med.evaluation.run_config import load_for_eval
 
     loaded, live = load_for_eval(tiny_llama, sft=tmp_path / "sft", pt=tmp_path / "pt", alpha=0.0)
     calls = []
@@ -134,7 +135,7 @@ def test_alpha_sweep_switches_live_and_picks(tiny_llama, eval_file, tmp_path):
     assert all(0 <= r["safety"] <= 100 for r in rows)
     # each α's perplexity equals a fresh model loaded at that α (live switching = re-loading)
     fresh, _ = load_for_eval(tiny_llama, sft=tmp_path / "sft", pt=tmp_path / "pt", alpha=0.5)
-    from mlx_med.evaluation.runner import load_ppl_texts
+    from mlx_med.evaluation.perplexity import load_ppl_texts
 
     assert rows[1]["ppl"] == pytest.approx(perplexity(fresh.model, fresh.tokenizer, load_ppl_texts(ppl), 8), rel=1e-4)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_med.errors import UserError
-from mlx_med.evaluation.runner import markdown_table, metrics_row
+from mlx_med.evaluation.tables import markdown_table, metrics_row
 
 STUDY = {"bleu-4": 16.38, "rouge-1": 20.42, "rouge-2": 4.60, "rouge-l": 11.54}
 SWEEP_CHILDREN = ("settings",)  # per-setting eval folders inside a decoding sweep

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mlx_med.adapters.mix import check_adapter_choice
 from mlx_med.config import config_to_dict
-from mlx_med.errors import ConfigError, UserError
+from mlx_med.errors import UserError
 from mlx_med.evaluation.decoding import DecodingConfig, preset
+from mlx_med.evaluation.run_config import RunConfig, fused_from
+from mlx_med.evaluation.tables import format_metrics_table
 
 PREDICTIONS = "generated_predictions.jsonl"
 METRICS = "metrics.json"
@@ -28,16 +29,10 @@ LABEL_KEYS = ("final_decision",)
 
 
 @dataclass
-class EvalConfig:
-    """What to evaluate, on what, and how to decode. Flags > YAML > these defaults."""
+class EvalConfig(RunConfig):
+    """The QA suite (and perplexity): what to evaluate, on what, and how to decode. Flags > YAML > defaults."""
 
-    model: Path | None = None  # base model folder (MLX or HF safetensors)
     data: Path | None = None  # eval JSONL
-    out: Path | None = None  # output folder
-    adapter: Path | None = None  # one adapter / training run dir
-    sft: Path | None = None  # SFT adapter, merged live with `pt` at weight `alpha`
-    pt: Path | None = None
-    alpha: float = 0.5  # ΔW = α·ΔW_sft + (1−α)·ΔW_pt
     preset: str = "greedy"  # decoding preset (mlx_med.evaluation.decoding.PRESETS); fields below override it
     temperature: float | None = None
     top_p: float | None = None
@@ -63,14 +58,7 @@ class EvalConfig:
         )
 
     def validate(self) -> None:
-        for name in ("model", "data", "out"):
-            if getattr(self, name) is None:
-                raise ConfigError(f"eval needs '{name}' (flag --{name.replace('_', '-')} or the YAML key)")
-        check_adapter_choice(self.adapter, self.sft, self.pt, self.alpha)
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        self.check_run()
         self.decoding()  # raises on bad values
 
 
@@ -111,20 +99,6 @@ def load_eval_rows(path: str | Path, limit: int | None = None) -> EvalSet:
     return EvalSet(rows, report.skipped, report.reasons)
 
 
-def load_for_eval(model: Path, adapter: Path | None = None, sft: Path | None = None,
-                  pt: Path | None = None, alpha: float = 0.5):
-    """Model + tokenizer with adapters applied (live, so α can change later without re-fusing).
-
-    Returns:
-        ``(loaded, live)``: a ``LoadedModel`` and the ``LiveAdapters`` handle (None without adapters).
-    """
-    from mlx_med.adapters.live import load_with_adapters, print_notes
-
-    loaded, live = load_with_adapters(model, adapter=adapter, sft=sft, pt=pt, alpha=alpha)
-    print_notes(live)
-    return loaded, live
-
-
 def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any]:
     """Evaluate ``cfg.model`` (+ adapters) on ``cfg.data``; write predictions and metrics to ``cfg.out``.
 
@@ -141,13 +115,13 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
     decoding = cfg.decoding()
     evalset = load_eval_rows(cfg.data, cfg.limit)
     out = Path(cfg.out)
-    state = _state(cfg, decoding)
-    done = _prepare_out_dir(out, state, cfg.force)
+    state = run_state(cfg, decoding)
+    done = prepare_out_dir(out, state, cfg.force)
     todo = [row for row in evalset.rows if row.index not in done]
     if not quiet and done:
         print(f"resuming: {len(done)} of {len(evalset.rows)} predictions already in {out / PARTIAL}")
     if loaded is None:
-        loaded, _ = load_for_eval(cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.alpha)
+        loaded, _ = cfg.load()
 
     start = time.perf_counter()
     generated = _generate(loaded, todo, decoding, cfg, out / PARTIAL, quiet)
@@ -174,6 +148,8 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
     metrics["finish_reasons"] = _count(r["finish_reason"] for r in records)
     metrics["bad_rows"] = {"count": evalset.bad, "first": evalset.bad_reasons}
     if cfg.ppl_data is not None:
+        from mlx_med.evaluation.perplexity import load_ppl_texts, perplexity_stats
+
         texts = load_ppl_texts(cfg.ppl_data, cfg.ppl_limit)
         metrics["perplexity"] = perplexity_stats(loaded.model, loaded.tokenizer, texts, cfg.ppl_block_size,
                                                 progress=not quiet)
@@ -238,15 +214,13 @@ def score_predictions(path: str | Path, out: str | Path | None = None, lang: str
     return metrics
 
 
-def _state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
-    """What must match for a partial run to be resumed: inputs and decoding, not batch size."""
-    from mlx_med.fingerprint import model_fingerprint, path_fingerprint
+def run_state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
+    """What must match for a partial run to be resumed (or a sweep setting reused): inputs and
+    decoding, not batch size."""
+    from mlx_med.fingerprint import path_fingerprint
 
-    adapters = {k: str(v) for k, v in (("adapter", cfg.adapter), ("sft", cfg.sft), ("pt", cfg.pt)) if v is not None}
     return {
-        "model": model_fingerprint(cfg.model),
-        "adapters": {k: path_fingerprint(v) for k, v in adapters.items()},
-        "alpha": cfg.alpha if cfg.sft or cfg.pt else None,
+        **cfg.adapter_fingerprint(),
         "data": path_fingerprint(cfg.data),
         "limit": cfg.limit,
         "system": cfg.system,
@@ -254,7 +228,7 @@ def _state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
     }
 
 
-def _prepare_out_dir(out: Path, state: dict[str, Any], force: bool) -> dict[int, dict]:
+def prepare_out_dir(out: Path, state: dict[str, Any], force: bool) -> dict[int, dict]:
     """Create ``out`` or reopen an interrupted run in it; return the predictions already made."""
     from mlx_med.io import atomic_write_json
 
@@ -323,19 +297,11 @@ def _generate(loaded, rows: list[EvalRow], decoding: DecodingConfig, cfg: EvalCo
 
 
 def system_text(system: str | None, lang: str, rows: list[EvalRow]) -> str | None:
-    """The system prompt for ``--system``: ``none``/empty → the template's own, ``default`` → the chat
-    REPL's prompt in the eval set's language, ``@FILE`` → the file's text, anything else → itself."""
-    from mlx_med.evaluation.safety import resolve_system
+    """``--system`` for a QA set (``mlx_med.prompts.resolve_system``): ``default`` is the medical
+    prompt in ``lang``, or in the language of the first rows when ``lang`` is ``auto``."""
+    from mlx_med.prompts import resolve_system
 
-    text = resolve_system(system)
-    if text != "default":
-        return text
-    from mlx_med.prompts import system_prompt
-
-    if lang == "auto":
-        sample = "".join(m["content"] for row in rows[:8] for m in row.messages)
-        lang = "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in sample) else "en"
-    return system_prompt(lang)
+    return resolve_system(system, lang=lang, texts=[m["content"] for row in rows[:8] for m in row.messages] or [""])
 
 
 def _count(values) -> dict[str, int]:
@@ -343,139 +309,3 @@ def _count(values) -> dict[str, int]:
     for v in values:
         counts[v] = counts.get(v, 0) + 1
     return counts
-
-
-# ---------------------------------------------------------------- perplexity (knowledge retention)
-
-
-def load_ppl_texts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Raw texts for perplexity: PT records as they are, chat records as their turns joined."""
-    from mlx_med.data.readers import iter_examples
-
-    texts = []
-    for example in iter_examples(path, kind="any", skip_bad=True):
-        texts.append(example.text if example.text is not None
-                     else "\n".join(m["content"] for m in example.messages))
-        if limit is not None and len(texts) >= limit:
-            break
-    if not texts:
-        raise UserError(f"{path}: no usable text for perplexity")
-    return texts
-
-
-def token_nll(model, tokenizer, texts: list[str], block_size: int = 512, batch_size: int = 2,
-              progress: bool = False) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood (nats) and the number of predicted tokens.
-
-    Texts are tokenized, joined with the EOS token and cut into non-overlapping blocks of
-    ``block_size + 1`` tokens; each block predicts its last ``block_size`` tokens.
-    """
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    if block_size < 1:
-        raise UserError(f"block_size must be >= 1, got {block_size}")
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for text in texts:
-        stream += list(tokenizer.encode(text))
-        if eos is not None:
-            stream.append(eos)
-    step = block_size + 1
-    blocks = [stream[i:i + step] for i in range(0, len(stream), block_size)]
-    blocks = [b for b in blocks if len(b) > 1]
-    total, count = 0.0, 0
-    # equal-length blocks go together; the shorter tail block runs alone
-    full = [b for b in blocks if len(b) == step]
-    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-    groups += [[b] for b in blocks if len(b) != step]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(len(b) - 1 for b in blocks), desc="perplexity", unit="tok", leave=False,
-                   dynamic_ncols=True)
-    for group in groups:
-        batch = mx.array(group)
-        logits = model(batch[:, :-1]).astype(mx.float32)
-        loss = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
-        total += loss.item()
-        count += batch.shape[0] * (batch.shape[1] - 1)
-        if bar is not None:
-            bar.update(batch.shape[0] * (batch.shape[1] - 1))
-    if bar is not None:
-        bar.close()
-    return total, count
-
-
-def perplexity(model, tokenizer, texts: list[str], block_size: int = 512, batch_size: int = 2) -> float:
-    """exp(mean next-token NLL) of ``texts`` under ``model`` (see ``token_nll`` for the blocking)."""
-    import math
-
-    total, count = token_nll(model, tokenizer, texts, block_size, batch_size)
-    if count == 0:
-        raise UserError("no tokens to score for perplexity (texts are empty)")
-    return math.exp(total / count)
-
-
-def perplexity_stats(model, tokenizer, texts: list[str], block_size: int = 512,
-                     progress: bool = False) -> dict[str, float]:
-    """``{"perplexity", "nll", "tokens", "texts", "block_size"}`` for metrics.json."""
-    import math
-
-    total, count = token_nll(model, tokenizer, texts, block_size, progress=progress)
-    if count == 0:
-        raise UserError("no tokens to score for perplexity (texts are empty)")
-    return {"perplexity": math.exp(total / count), "nll": total / count, "tokens": count,
-            "texts": len(texts), "block_size": block_size}
-
-
-# ---------------------------------------------------------------- tables
-
-
-def metrics_row(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of one eval, flat (used by tables, sweeps and the report)."""
-    row = {k: metrics.get(k) for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")}
-    row["sacrebleu"] = metrics.get("sacrebleu", {}).get("bleu")
-    row["rougeL(rs)"] = metrics.get("rouge_score", {}).get("rougeL")
-    if "choice" in metrics:
-        row["accuracy"] = metrics["choice"]["accuracy"]
-    row["out_tokens"] = metrics.get("lengths", {}).get("mean_output_tokens")
-    if "perplexity" in metrics:
-        row["ppl"] = metrics["perplexity"]["perplexity"]
-    row["n"] = metrics.get("n")
-    return row
-
-
-def fused_from(model_dir: Path) -> dict[str, Any] | None:
-    """How a fused model folder was made (adapters and their weights, from its ``fuse_report.json``), or None."""
-    from mlx_med.adapters.fuse import REPORT_FILE
-
-    path = Path(model_dir) / REPORT_FILE
-    if not path.is_file():
-        return None
-    report = json.loads(path.read_text(encoding="utf-8"))
-    return {"base": report.get("base"), "adapters": report.get("adapters"), "weights": report.get("weights")}
-
-
-def markdown_table(rows: list[dict[str, Any]], digits: int = 2) -> str:
-    """A GitHub markdown table; the columns are the union of the rows' keys, in first-seen order."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "–"
-        if isinstance(v, float):
-            return f"{v:.{digits}f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def format_metrics_table(named: dict[str, dict[str, Any]]) -> str:
-    """Markdown table of several evals' headline metrics, one row per name."""
-    return markdown_table([{"eval": name, **metrics_row(m)} for name, m in named.items()])

@@ -25,7 +25,8 @@ from typing import Any
 
 from mlx_med.errors import ConfigError, UserError
 from mlx_med.evaluation.decoding import DecodingConfig
-from mlx_med.evaluation.runner import METRICS, STATE, EvalConfig, markdown_table, metrics_row
+from mlx_med.evaluation.runner import METRICS, STATE, EvalConfig
+from mlx_med.evaluation.tables import markdown_table, metrics_row
 
 DECODING_KEYS = tuple(f.name for f in fields(DecodingConfig))
 SWEEP_MARKER = "sweep.json"
@@ -145,7 +146,7 @@ def run_decoding_sweep(cfg: DecodingSweepConfig, quiet: bool = False, loaded=Non
     Returns:
         One row per grid point: the grid values, the headline metrics and ``reused_from``.
     """
-    from mlx_med.evaluation.runner import load_for_eval
+    from mlx_med.evaluation.run_config import load_for_eval
 
     cfg.validate()
     grid = normalise_grid(cfg.grid)
@@ -186,7 +187,8 @@ def run_alpha_sweep(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, liv
     Returns:
         ``{"rows": [...], "choice": {"alpha", "reason", "rule"}}``.
     """
-    from mlx_med.evaluation.runner import load_for_eval, load_ppl_texts
+    from mlx_med.evaluation.perplexity import load_ppl_texts
+    from mlx_med.evaluation.run_config import load_for_eval
 
     cfg.validate()
     alphas = parse_alphas(cfg.alphas)
@@ -272,12 +274,12 @@ def pick_alpha(rows: list[dict[str, Any]], rule: AlphaRule) -> tuple[float, str]
 
 def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool) -> dict[str, Any]:
     """``run_eval`` for one sweep setting, or its ``metrics.json`` when it already ran with these inputs."""
-    from mlx_med.evaluation.runner import _state, run_eval
+    from mlx_med.evaluation.runner import run_eval, run_state
 
     out = Path(cfg.out)
     if not cfg.force and (out / METRICS).exists() and (out / STATE).exists():
         try:
-            if json.loads((out / STATE).read_text(encoding="utf-8")) == _state(cfg, cfg.decoding()):
+            if json.loads((out / STATE).read_text(encoding="utf-8")) == run_state(cfg, cfg.decoding()):
                 return json.loads((out / METRICS).read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             pass
@@ -286,7 +288,8 @@ def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool) -> dict[str, Any]:
 
 def safety_or_reuse(cfg: AlphaSweepConfig, probes, loaded, quiet: bool) -> float:
     """Safety pass rate (%) at this setting, cached in ``<setting>/safety.json`` (verdicts beside it)."""
-    from mlx_med.evaluation.safety import evaluate_safety, resolve_probe_path, write_predictions
+    from mlx_med.evaluation.probes import resolve_probe_path
+    from mlx_med.evaluation.safety import evaluate_safety, write_predictions
     from mlx_med.fingerprint import path_fingerprint
     from mlx_med.io import atomic_write_json
 
@@ -310,7 +313,7 @@ def safety_or_reuse(cfg: AlphaSweepConfig, probes, loaded, quiet: bool) -> float
 def _load_probes(path: Path | None):
     if path is None:
         return None
-    from mlx_med.evaluation.safety import load_probes, resolve_probe_path
+    from mlx_med.evaluation.probes import load_probes, resolve_probe_path
 
     return load_probes(resolve_probe_path(path))  # "starter" = the shipped starter set
 

@@ -335,7 +335,7 @@ def _decoding_sweep(cfg: PipelineConfig, data: Path, out: Layout, quiet: bool) -
 def _probe_path(spec: str | None) -> Path | None:
     if not spec:
         return None
-    from mlx_med.evaluation.safety import resolve_probe_path
+    from mlx_med.evaluation.probes import resolve_probe_path
 
     return resolve_probe_path(spec)
 
