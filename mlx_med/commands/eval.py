@@ -99,41 +99,19 @@ def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit
 
         score_predictions(predictions, out, lang=lang or "auto", quiet=quiet, force=force)
         return
-    if suite == "safety":
-        run_safety(config_path, overrides, preset, decoding, quiet)
-        return
-    if suite == "mcq":
-        from mlx_med.evaluation.mcq import McqEvalConfig, run_mcq_eval
+    from mlx_med.evaluation.suites import run_suite, suite_config
 
-        run_mcq_eval(load_config(McqEvalConfig, config_path, {**overrides, "shots": shots, "shots_data": shots_data}),
-                     quiet=quiet)
-        return
-    from mlx_med.evaluation.runner import EvalConfig, run_eval
+    per_suite = {
+        "qa": {**decoding, "preset": preset, "lang": lang, "ppl_data": ppl_data, "ppl_limit": ppl_limit,
+               "ppl_block_size": ppl_block_size},
+        "safety": {"data": str(data) if data else None, "progress": False if quiet else None},
+        "mcq": {"shots": shots, "shots_data": shots_data},
+    }
+    cfg = load_config(suite_config(suite), config_path, {**overrides, **per_suite[suite]})
+    if suite == "safety":  # the safety config nests its decoding settings: preset, then the flags on top
+        from mlx_med.evaluation.decoding import preset as named_preset
 
-    cfg = load_config(EvalConfig, config_path, {
-        **overrides, **decoding, "preset": preset, "lang": lang, "ppl_data": ppl_data,
-        "ppl_limit": ppl_limit, "ppl_block_size": ppl_block_size,
-    })
-    run_eval(cfg, quiet=quiet)
-    if not quiet:
+        cfg.decoding = (named_preset(preset) if preset else cfg.decoding).with_overrides(**decoding)
+    run_suite(suite, cfg, quiet=quiet)
+    if not quiet and suite == "qa":
         click.echo(f"wrote {Path(cfg.out) / 'generated_predictions.jsonl'} and metrics.json")
-
-
-def run_safety(config_path, overrides: dict, preset_name: str | None, decoding: dict, quiet: bool) -> None:
-    """``--suite safety``: the safety engineer's runner, with the same model/decoding flags."""
-    from mlx_med.config import load_config
-    from mlx_med.evaluation.decoding import preset
-
-    try:
-        from mlx_med.evaluation.safety import SafetyEvalConfig, run_safety_eval
-    except ImportError:
-        from mlx_med.errors import UserError
-
-        raise UserError("--suite safety needs mlx_med.evaluation.safety, which this install lacks") from None
-    cfg = load_config(SafetyEvalConfig, config_path, {k: v for k, v in overrides.items() if k != "data"} | {
-        "data": str(overrides["data"]) if overrides.get("data") else None,
-        "progress": False if quiet else None,
-    })
-    base = preset(preset_name) if preset_name else cfg.decoding
-    cfg.decoding = base.with_overrides(**decoding)
-    run_safety_eval(cfg, echo=(lambda s: None) if quiet else None)
