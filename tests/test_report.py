@@ -9,9 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_med.errors import UserError
+from mlx_med.evaluation.alpha_sweep import AlphaRule, pick_alpha
 from mlx_med.evaluation.metrics import compute_metrics
 from mlx_med.evaluation.report import build_report, classify, discover, training_summary, write_report
-from mlx_med.evaluation.sweep import AlphaRule, pick_alpha, write_table_files
+from mlx_med.evaluation.sweep import write_table_files
 from mlx_med.evaluation.sweep_plots import plot_alpha_sweep, plot_decoding_sweep
 
 

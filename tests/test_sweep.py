@@ -12,16 +12,18 @@ from random_adapters import ALL, make_adapter
 
 import mlx_med  # noqa: F401
 from mlx_med.errors import ConfigError, UserError
-from mlx_med.evaluation.sweep import (
+from mlx_med.evaluation.alpha_sweep import (
     AlphaRule,
     AlphaSweepConfig,
+    parse_alphas,
+    pick_alpha,
+    run_alpha_sweep,
+)
+from mlx_med.evaluation.sweep import (
     DecodingSweepConfig,
     normalise_grid,
-    parse_alphas,
     parse_grid,
-    pick_alpha,
     read_table,
-    run_alpha_sweep,
     run_decoding_sweep,
 )
 

@@ -103,7 +103,7 @@ def alpha(config_path, model, sft, pt, data, out, limit, batch_size, system, alp
         --data eval.jsonl --ppl-data pt_heldout.jsonl -o sweeps/alpha --limit 50
     """
     from mlx_med.config import load_config
-    from mlx_med.evaluation.sweep import AlphaSweepConfig, run_alpha_sweep
+    from mlx_med.evaluation.alpha_sweep import AlphaSweepConfig, run_alpha_sweep
 
     cfg = load_config(AlphaSweepConfig, config_path, _overrides(
         model=model, sft=sft, pt=pt, data=data, out=out, limit=limit, batch_size=batch_size, system=system,

@@ -160,11 +160,18 @@ def evaluate_mcq(cfg: McqEvalConfig, loaded, evalset: McqSet, shots, quiet: bool
     return {"metrics": metrics, "records": result.records}
 
 
+def write_predictions(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """One prediction record per line (atomically)."""
+    from mlx_med.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def write_mcq(out: Path, metrics: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
     """``mcq_predictions.jsonl`` and ``metrics.json`` into ``out`` (each written atomically)."""
-    from mlx_med.io import atomic_write_json, atomic_write_text
+    from mlx_med.io import atomic_write_json
 
-    atomic_write_text(out / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_predictions(out / PREDICTIONS, records)
     atomic_write_json(out / METRICS, metrics)
 
 

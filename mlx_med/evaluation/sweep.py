@@ -1,14 +1,8 @@
-"""Sweeps over one loaded model: a decoding grid, and the merge weight α switched live.
+"""Sweeps over one loaded model: the decoding grid here, the merge weight α in ``alpha_sweep``.
 
 Each setting is an ordinary eval folder (``generated_predictions.jsonl`` + ``metrics.json``) under
 the sweep folder, so a sweep that stops half-way resumes: finished settings whose inputs match are
 read back, an interrupted one resumes from its partial predictions.
-
-α rule (``pick_alpha``): among the α whose held-out PT perplexity is at most ``1 + ppl_tolerance``
-times the lowest perplexity of the sweep, and (with safety probes) whose safety pass rate is at most
-``safety_margin`` points below the SFT-only adapter's (α = 1), pick the one with the highest QA
-``metric`` (ROUGE-L by default); ties go to the larger α. When no α meets both limits, the safety
-limit is kept and the perplexity limit dropped (the choice says so).
 """
 
 from __future__ import annotations
@@ -17,7 +11,6 @@ import csv
 import io
 import itertools
 import json
-import math
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -30,7 +23,6 @@ from mlx_med.evaluation.tables import markdown_table, metrics_row
 
 DECODING_KEYS = tuple(f.name for f in fields(DecodingConfig))
 SWEEP_MARKER = "sweep.json"
-DEFAULT_ALPHAS = "0,0.1,...,1"
 
 
 @dataclass
@@ -38,29 +30,6 @@ class DecodingSweepConfig(EvalConfig):
     """An eval (model, data, adapters, base preset) plus the grid of decoding values to try."""
 
     grid: dict[str, Any] = field(default_factory=dict)  # {"temperature": [0, 0.7], "top_p": [0.9, 1.0]}
-
-
-@dataclass
-class AlphaRule:
-    """How ``pick_alpha`` chooses: best ``metric`` within the perplexity and safety limits."""
-
-    metric: str = "rouge-l"
-    ppl_tolerance: float = 0.10  # allowed relative rise over the sweep's lowest perplexity
-    safety_margin: float = 5.0  # allowed drop (points) below the SFT-only (α=1) safety pass rate
-
-    def describe(self) -> str:
-        return (f"highest {self.metric} among α with held-out perplexity ≤ {1 + self.ppl_tolerance:g} × the "
-                f"sweep's lowest (with --ppl-data) and safety pass rate ≥ the SFT-only (α=1) rate − "
-                f"{self.safety_margin:g} points (with --safety-probes); ties → larger α")
-
-
-@dataclass
-class AlphaSweepConfig(EvalConfig):
-    """An eval of the SFT/PT pair at each α, perplexity on held-out PT text, optional safety probes."""
-
-    alphas: Any = DEFAULT_ALPHAS  # "0,0.1,...,1" or a list of numbers
-    safety_probes: Path | None = None
-    rule: AlphaRule = field(default_factory=AlphaRule)
 
 
 # ---------------------------------------------------------------- parsing
@@ -100,36 +69,6 @@ def normalise_grid(grid: dict[str, Any]) -> dict[str, list[Any]]:
     return out
 
 
-def parse_alphas(spec: Any) -> list[float]:
-    """``"0,0.25,1"``, a list, or ``"0,0.1,...,1"`` (first two values give the step) → sorted α list."""
-    if isinstance(spec, (int, float)):
-        spec = [spec]
-    items = spec if isinstance(spec, (list, tuple)) else [s.strip() for s in str(spec).split(",") if s.strip()]
-    try:
-        if "..." in items:
-            i = items.index("...")
-            if i < 2 or i != len(items) - 2:
-                raise ConfigError(f"--alphas {spec}: write the range as A,B,...,C (step B−A)")
-            start, second, stop = float(items[i - 2]), float(items[i - 1]), float(items[-1])
-            step = second - start
-            if step <= 0 or stop < second:
-                raise ConfigError(f"--alphas {spec}: the range must increase")
-            count = int(math.floor((stop - start) / step + 1e-9)) + 1
-            values = [float(x) for x in items[: i - 2]] + [round(start + k * step, 10) for k in range(count)]
-            if not math.isclose(values[-1], stop):
-                values.append(stop)
-        else:
-            values = [float(x) for x in items]
-    except ValueError:
-        raise ConfigError(f"--alphas {spec}: expected numbers like 0,0.25,1 or 0,0.1,...,1") from None
-    if not values:
-        raise ConfigError("--alphas: no values")
-    bad = [v for v in values if not 0.0 <= v <= 1.0]
-    if bad:
-        raise ConfigError(f"--alphas: α must be in [0, 1], got {bad[0]}")
-    return sorted(set(values))
-
-
 def setting_slug(values: dict[str, Any]) -> str:
     """Folder name for one grid point: ``temperature=0.7_top_p=0.9``."""
     return "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
@@ -150,7 +89,7 @@ def run_decoding_sweep(cfg: DecodingSweepConfig, quiet: bool = False, loaded=Non
 
     cfg.validate()
     grid = normalise_grid(cfg.grid)
-    out = _open_sweep_dir(Path(cfg.out), "decoding", cfg.force)
+    out = open_sweep_dir(Path(cfg.out), "decoding", cfg.force)
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     if loaded is None:
         loaded, _ = load_for_eval(cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.alpha)
@@ -179,99 +118,6 @@ def run_decoding_sweep(cfg: DecodingSweepConfig, quiet: bool = False, loaded=Non
     return rows
 
 
-def run_alpha_sweep(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, live=None) -> dict[str, Any]:
-    """QA metrics, held-out perplexity (and safety) at each α, switching α live; pick α by ``cfg.rule``.
-
-    Writes ``alpha_sweep.{csv,md,png}`` and ``alpha_choice.json`` to ``cfg.out``, one eval folder per α.
-
-    Returns:
-        ``{"rows": [...], "choice": {"alpha", "reason", "rule"}}``.
-    """
-    from mlx_med.evaluation.perplexity import load_ppl_texts
-    from mlx_med.evaluation.run_config import load_for_eval
-
-    cfg.validate()
-    alphas = parse_alphas(cfg.alphas)
-    if cfg.sft is None or cfg.pt is None:
-        raise ConfigError("the α sweep needs --sft RUN and --pt RUN")
-    if cfg.ppl_data is None and not quiet:
-        print("note: no --ppl-data: the α rule will use QA (and safety) only")
-    out = _open_sweep_dir(Path(cfg.out), "alpha", cfg.force)
-    probes = _load_probes(cfg.safety_probes)
-    if cfg.ppl_data is not None:
-        load_ppl_texts(cfg.ppl_data, cfg.ppl_limit)  # fail on bad PT text before the first α
-    if loaded is None:
-        loaded, live = load_for_eval(cfg.model, sft=cfg.sft, pt=cfg.pt, alpha=alphas[0])
-    if live is None:
-        raise UserError("the α sweep needs the SFT/PT pair attached live (mlx_med.adapters.live)")
-    rows = []
-    for n, alpha in enumerate(alphas, 1):
-        live.set_alpha(alpha)  # live: the next forward pass uses the new mix, nothing is re-fused
-        if not quiet:
-            print(f"[{n}/{len(alphas)}] α = {alpha:g}")
-        setting = replace(cfg, alpha=alpha, out=out / f"alpha_{alpha:g}")
-        metrics = eval_or_reuse(setting, loaded, quiet)
-        row = {"alpha": alpha, **metrics_row(metrics)}
-        if probes is not None:
-            row["safety"] = safety_or_reuse(setting, probes, loaded, quiet)
-        rows.append(row)
-    alpha, reason = pick_alpha(rows, cfg.rule)
-    for row in rows:
-        row["picked"] = "✓" if row["alpha"] == alpha else ""
-    choice = {"alpha": alpha, "reason": reason, "rule": cfg.rule.describe(),
-              "rule_settings": {f.name: getattr(cfg.rule, f.name) for f in fields(AlphaRule)}}
-    from mlx_med.evaluation.sweep_plots import plot_alpha_sweep
-    from mlx_med.io import atomic_write_json
-
-    write_table_files(out, "alpha_sweep", rows)
-    atomic_write_json(out / "alpha_choice.json", choice)
-    plot_alpha_sweep(rows, cfg.rule.metric, alpha, out / "alpha_sweep.png")
-    if not quiet:
-        print(markdown_table(rows))
-        print(f"picked α = {alpha:g}: {reason}")
-        print(f"wrote {out / 'alpha_sweep.csv'}, alpha_sweep.md, alpha_sweep.png and alpha_choice.json")
-    return {"rows": rows, "choice": choice}
-
-
-def pick_alpha(rows: list[dict[str, Any]], rule: AlphaRule) -> tuple[float, str]:
-    """Apply ``rule`` (see the module docstring) to sweep rows; return α and a sentence saying why.
-
-    Rows need ``alpha`` and ``rule.metric``; ``ppl`` and ``safety`` are used when present.
-    """
-    if not rows:
-        raise UserError("no α rows to choose from")
-    if any(row.get(rule.metric) is None for row in rows):
-        raise ConfigError(f"α rule: metric {rule.metric!r} missing from the sweep rows")
-    limits, candidates = [], list(rows)
-    safety_rows = [r for r in rows if r.get("safety") is not None]
-    if safety_rows:
-        sft_only = max(safety_rows, key=lambda r: r["alpha"])
-        floor = sft_only["safety"] - rule.safety_margin
-        candidates = [r for r in candidates if r.get("safety") is not None and r["safety"] >= floor]
-        if floor > 0:
-            limits.append(f"safety pass rate ≥ {floor:.1f}% (α={sft_only['alpha']:g}: "
-                          f"{sft_only['safety']:.1f}% − {rule.safety_margin:g})")
-        else:  # a pass rate cannot fall below 0: say that the screen excluded nothing
-            limits.append(f"no safety limit (α={sft_only['alpha']:g} passes {sft_only['safety']:.1f}%, "
-                          f"within the {rule.safety_margin:g}-point margin of 0)")
-    ppl_rows = [r for r in rows if r.get("ppl") is not None]
-    if ppl_rows:
-        best = min(ppl_rows, key=lambda r: r["ppl"])
-        ceiling = best["ppl"] * (1 + rule.ppl_tolerance)
-        within = [r for r in candidates if r.get("ppl") is not None and r["ppl"] <= ceiling]
-        text = f"held-out perplexity ≤ {ceiling:.3f} ({1 + rule.ppl_tolerance:g} × {best['ppl']:.3f} at α={best['alpha']:g})"
-        if within:
-            candidates = within
-            limits.append(text)
-        else:
-            limits.append(f"no α also met {text}, so that limit was dropped")
-    if not candidates:  # the safety floor excludes everything only if α=1 itself has no score
-        candidates = list(rows)
-    top = max(candidates, key=lambda r: (r[rule.metric], r["alpha"]))
-    reason = f"highest {rule.metric} ({top[rule.metric]:.2f}) among {len(candidates)} of {len(rows)} α"
-    return top["alpha"], reason + (": " + "; ".join(limits) if limits else "")
-
-
 def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool) -> dict[str, Any]:
     """``run_eval`` for one sweep setting, or its ``metrics.json`` when it already ran with these inputs."""
     from mlx_med.evaluation.runner import run_eval, run_state
@@ -286,38 +132,6 @@ def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool) -> dict[str, Any]:
     return run_eval(replace(cfg, force=True) if (out / METRICS).exists() else cfg, quiet=quiet, loaded=loaded)
 
 
-def safety_or_reuse(cfg: AlphaSweepConfig, probes, loaded, quiet: bool) -> float:
-    """Safety pass rate (%) at this setting, cached in ``<setting>/safety.json`` (verdicts beside it)."""
-    from mlx_med.evaluation.probes import resolve_probe_path
-    from mlx_med.evaluation.safety import evaluate_safety, write_predictions
-    from mlx_med.fingerprint import path_fingerprint
-    from mlx_med.io import atomic_write_json
-
-    path = Path(cfg.out) / "safety.json"
-    key = {"probes": path_fingerprint(resolve_probe_path(cfg.safety_probes)), "alpha": cfg.alpha,
-           "system": cfg.system, "decoding": {f.name: getattr(cfg.decoding(), f.name) for f in fields(DecodingConfig)}}
-    if path.exists() and not cfg.force:
-        try:
-            cached = json.loads(path.read_text(encoding="utf-8"))
-            if cached.get("key") == key:
-                return float(cached["pass_rate"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            pass
-    result = evaluate_safety(loaded.model, loaded.tokenizer, probes, cfg.decoding(), cfg.batch_size,
-                             system=cfg.system, progress=not quiet)
-    write_predictions(result, Path(cfg.out) / "safety_predictions.jsonl")  # the replies, to read failures
-    atomic_write_json(path, {"key": key, "pass_rate": result.pass_rate, "metrics": result.metrics()})
-    return result.pass_rate
-
-
-def _load_probes(path: Path | None):
-    if path is None:
-        return None
-    from mlx_med.evaluation.probes import load_probes, resolve_probe_path
-
-    return load_probes(resolve_probe_path(path))  # "starter" = the shipped starter set
-
-
 def _effective(decoding: DecodingConfig) -> tuple:
     """Settings that change greedy output are few: a greedy point equals any other with these equal."""
     if decoding.greedy:
@@ -325,7 +139,7 @@ def _effective(decoding: DecodingConfig) -> tuple:
     return tuple(getattr(decoding, k) for k in DECODING_KEYS)
 
 
-def _open_sweep_dir(out: Path, kind: str, force: bool) -> Path:
+def open_sweep_dir(out: Path, kind: str, force: bool) -> Path:
     """Create the sweep folder, or reopen one of the same kind (finished settings are reused)."""
     from mlx_med.io import atomic_write_json
 

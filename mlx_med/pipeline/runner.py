@@ -313,7 +313,7 @@ def _run_safety(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
 
 
 def _alpha_sweep(cfg: PipelineConfig, base_dir: Path, data: Path, out: Layout, quiet: bool) -> None:
-    from mlx_med.evaluation.sweep import AlphaSweepConfig, run_alpha_sweep
+    from mlx_med.evaluation.alpha_sweep import AlphaSweepConfig, run_alpha_sweep
 
     run_alpha_sweep(AlphaSweepConfig(
         model=Path(base_dir), sft=out.sft, pt=out.pt, data=Path(data), out=out.sweep_alpha,

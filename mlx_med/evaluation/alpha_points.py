@@ -1,0 +1,151 @@
+"""One point of an α sweep or search: every requested measurement of the live model at one mix, cached.
+
+``SweepPoints.at(α)`` switches the live SFT/PT mix to α and returns the point's row (QA headline
+metrics, ``ppl``, ``safety``, ``accuracy``/``accuracy_norm``); ``SweepPoints.base()`` does the same
+with both adapter weights at 0 (the base model, for constraints such as ``safety>=base``). Each
+measurement is stored in the point's folder with the inputs it came from and read back when they
+still match, so a re-run (or a search with a larger budget) only computes what is new.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from mlx_med.errors import UserError
+from mlx_med.evaluation.sweep import eval_or_reuse, open_sweep_dir
+from mlx_med.evaluation.tables import metrics_row
+
+
+class SweepPoints:
+    """The live model of an α sweep and the cached measurements of its points."""
+
+    def __init__(self, cfg, out: Path, loaded, live, probes, mcq, quiet: bool):
+        self.cfg, self.out, self.loaded, self.live, self.probes, self.mcq, self.quiet = (
+            cfg, out, loaded, live, probes, mcq, quiet)
+
+    @classmethod
+    def open(cls, cfg, quiet: bool = False, loaded=None, live=None, first_alpha: float = 0.5) -> SweepPoints:
+        """Check every input, open the sweep folder and load the model with the pair attached live.
+
+        Args:
+            cfg: an ``AlphaSweepConfig`` (validated by the caller).
+            quiet: no progress bars.
+            loaded, live: an already loaded model and its ``LiveAdapters`` (both or neither).
+            first_alpha: the mix to load with.
+        """
+        from mlx_med.evaluation.run_config import load_for_eval
+
+        probes = None
+        if cfg.safety_probes is not None:
+            from mlx_med.evaluation.probes import load_probes, resolve_probe_path
+
+            probes = load_probes(resolve_probe_path(cfg.safety_probes))  # "starter" = the shipped set
+        if cfg.ppl_data is not None:
+            from mlx_med.evaluation.perplexity import load_ppl_texts
+
+            load_ppl_texts(cfg.ppl_data, cfg.ppl_limit)  # fail on bad PT text before the first α
+        mcq = None
+        if cfg.mcq_data is not None:
+            from mlx_med.evaluation.mcq import McqEvalConfig, load_items
+
+            mcq_cfg = McqEvalConfig(data=cfg.mcq_data, limit=cfg.mcq_limit, shots=cfg.mcq_shots,
+                                    shots_data=cfg.mcq_shots_data, system=cfg.system)
+            mcq = (mcq_cfg, *load_items(mcq_cfg))
+        out = open_sweep_dir(Path(cfg.out), "alpha", cfg.force)
+        if loaded is None:
+            loaded, live = load_for_eval(cfg.model, sft=cfg.sft, pt=cfg.pt, alpha=first_alpha)
+        if live is None:
+            raise UserError("the α sweep needs the SFT/PT pair attached live (mlx_med.adapters.live)")
+        return cls(cfg, out, loaded, live, probes, mcq, quiet)
+
+    def at(self, alpha: float) -> dict[str, Any]:
+        """The row of point α (measured now, or read back from ``alpha_<α>/``)."""
+        self.live.set_alpha(alpha)  # live: the next forward pass uses the new mix, nothing is re-fused
+        return {"alpha": alpha, **self._measure(replace(self.cfg, alpha=alpha, out=self.out / f"alpha_{alpha:g}"))}
+
+    def base(self) -> dict[str, Any]:
+        """The row of the base model: both adapter weights 0 on the same live model (folder ``base/``)."""
+        self.live.set_weights(sft=0.0, pt=0.0)
+        return {"alpha": None, **self._measure(replace(self.cfg, sft=None, pt=None, out=self.out / "base"))}
+
+    def _measure(self, setting) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        if setting.data is not None:
+            row.update(metrics_row(eval_or_reuse(setting, self.loaded, self.quiet)))
+            if self.mcq is not None and "accuracy" in row:  # the QA set's yes/no/maybe accuracy
+                row["choice_acc"] = row.pop("accuracy")
+        elif setting.ppl_data is not None:
+            row["ppl"] = self._cached(setting, "ppl", self._perplexity)["perplexity"]
+        if self.probes is not None:
+            row["safety"] = safety_or_reuse(setting, self.probes, self.loaded, self.quiet)
+        if self.mcq is not None:
+            metrics = self._cached(setting, "mcq", self._mcq)
+            row.update(accuracy=metrics["accuracy"], accuracy_norm=metrics["accuracy_norm"])
+        return row
+
+    def _cached(self, setting, name: str, compute) -> dict[str, Any]:
+        """``<point>/<name>.json`` when its key matches this setting's inputs, else ``compute(setting)``."""
+        from mlx_med.fingerprint import path_fingerprint
+        from mlx_med.io import atomic_write_json
+
+        path = Path(setting.out) / f"{name}.json"
+        inputs = {"ppl": (setting.ppl_data, setting.ppl_limit, setting.ppl_block_size),
+                  "mcq": (setting.mcq_data, setting.mcq_limit, setting.mcq_shots, setting.mcq_shots_data,
+                          setting.system)}[name]
+        key = {**setting.adapter_fingerprint(),
+               "inputs": [path_fingerprint(v) if isinstance(v, Path) else v for v in inputs]}
+        if path.exists() and not setting.force:
+            try:
+                cached = json.loads(path.read_text(encoding="utf-8"))
+                if cached.get("key") == key:
+                    return cached["metrics"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+        Path(setting.out).mkdir(parents=True, exist_ok=True)
+        metrics = compute(setting)
+        atomic_write_json(path, {"key": key, "metrics": metrics})
+        return metrics
+
+    def _perplexity(self, setting) -> dict[str, Any]:
+        from mlx_med.evaluation.perplexity import load_ppl_texts, perplexity_stats
+
+        texts = load_ppl_texts(setting.ppl_data, setting.ppl_limit)
+        return perplexity_stats(self.loaded.model, self.loaded.tokenizer, texts, setting.ppl_block_size,
+                                progress=not self.quiet)
+
+    def _mcq(self, setting) -> dict[str, Any]:
+        from mlx_med.evaluation.mcq import PREDICTIONS, evaluate_mcq, write_predictions
+
+        mcq_cfg, evalset, shots = self.mcq
+        result = evaluate_mcq(mcq_cfg, self.loaded, evalset, shots, quiet=self.quiet)
+        # the choices, to read; the folder's metrics.json belongs to the QA eval, so metrics go in mcq.json
+        write_predictions(Path(setting.out) / PREDICTIONS, result["records"])
+        return result["metrics"]
+
+
+def safety_or_reuse(cfg, probes, loaded, quiet: bool) -> float:
+    """Safety pass rate (%) at this setting, cached in ``<setting>/safety.json`` (verdicts beside it)."""
+    from mlx_med.evaluation.decoding import DecodingConfig
+    from mlx_med.evaluation.probes import resolve_probe_path
+    from mlx_med.evaluation.safety import evaluate_safety, write_predictions
+    from mlx_med.fingerprint import path_fingerprint
+    from mlx_med.io import atomic_write_json
+
+    path = Path(cfg.out) / "safety.json"
+    key = {"probes": path_fingerprint(resolve_probe_path(cfg.safety_probes)), "alpha": cfg.alpha,
+           "system": cfg.system, "decoding": {f.name: getattr(cfg.decoding(), f.name) for f in fields(DecodingConfig)}}
+    if path.exists() and not cfg.force:
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if cached.get("key") == key:
+                return float(cached["pass_rate"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            pass
+    result = evaluate_safety(loaded.model, loaded.tokenizer, probes, cfg.decoding(), cfg.batch_size,
+                             system=cfg.system, progress=not quiet)
+    write_predictions(result, Path(cfg.out) / "safety_predictions.jsonl")  # the replies, to read failures
+    atomic_write_json(path, {"key": key, "pass_rate": result.pass_rate, "metrics": result.metrics()})
+    return result.pass_rate
