@@ -25,6 +25,38 @@ def common_options(func):
     return func
 
 
+def mcq_axis_options(func):
+    """``sweep alpha``: MCQ accuracy as an axis."""
+    options = [
+        click.option("--mcq-data", type=click.Path(path_type=Path),
+                     help="MCQ JSONL: option log-likelihood accuracy at each α (then --data is optional)."),
+        click.option("--mcq-limit", type=int, help="Score only the first N MCQ items at each α."),
+        click.option("--mcq-shots", type=int, help="Solved MCQ examples before each question.  [default: 0]"),
+        click.option("--mcq-shots-data", type=click.Path(path_type=Path),
+                     help="Dev split the MCQ shots come from (default: other items of --mcq-data)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def search_options(func):
+    """``sweep alpha --search``: a bounded search for α instead of the grid."""
+    options = [
+        click.option("--search", is_flag=True, default=None,
+                     help="Search α (bisection on a dyadic grid, cached points) instead of sweeping --alphas."),
+        click.option("--objective", help="Search: column to maximise (rouge-l, bleu-4, accuracy, "
+                     "accuracy_norm, safety; ppl is minimised).  [default: rouge-l, or accuracy without --data]"),
+        click.option("--constraint", "constraints", multiple=True, metavar="METRIC>=[F*]REF",
+                     help="Search: a limit every chosen α must meet, REF = base | pt | sft | a number, "
+                          "e.g. 'safety>=base' or 'ppl<=1.05*pt'; repeatable."),
+        click.option("--budget", type=int, help="Search: at most N α evaluations (>= 3).  [default: 8]"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _overrides(**values) -> dict:
     force = values.pop("force", None)
     return {**values, "force": force or None}
@@ -87,23 +119,30 @@ def decoding(config_path, model, adapter, sft, pt, alpha, data, out, limit, batc
               help="α rule: allowed relative rise over the sweep's lowest perplexity.  [default: 0.1]")
 @click.option("--safety-margin", type=float,
               help="α rule: allowed drop in safety pass rate (points) below α=1.  [default: 5]")
+@mcq_axis_options
+@search_options
 @decoding_options
 @force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no table.")
 def alpha(config_path, model, sft, pt, data, out, limit, batch_size, system, alphas, ppl_data, ppl_limit,
-          ppl_block_size, safety_probes, metric, ppl_tolerance, safety_margin, preset, temperature, top_p, top_k,
+          ppl_block_size, safety_probes, metric, ppl_tolerance, safety_margin, mcq_data, mcq_limit, mcq_shots,
+          mcq_shots_data, search, objective, constraints, budget, preset, temperature, top_p, top_k,
           min_p, repetition_penalty, max_new_tokens, seed, force, quiet) -> None:
-    """QA metrics, held-out perplexity (and safety) at each α, switched live → alpha_sweep.* and the picked α.
+    """QA metrics, perplexity, safety and MCQ accuracy at each α, switched live → alpha_sweep.* and the picked α.
 
     \b
     Rule: the highest --metric among α whose perplexity is ≤ (1 + --ppl-tolerance) × the sweep's
     lowest and whose safety pass rate is ≥ the α=1 rate − --safety-margin; ties → larger α.
-    Example:
+    With --search: at most --budget evaluations, the best --objective among the α meeting every
+    --constraint, ties → α closer to 0.5 → alpha_search.* (every point, Pareto plot, the choice).
+    Examples:
       mlx-med sweep alpha --model base --sft runs/sft --pt runs/pt --alphas 0,0.25,...,1 \\
         --data eval.jsonl --ppl-data pt_heldout.jsonl -o sweeps/alpha --limit 50
+      mlx-med sweep alpha --model base --sft runs/sft --pt runs/pt --mcq-data mcq.jsonl \\
+        --safety-probes starter --search --objective accuracy --constraint "safety>=base" --budget 7 -o sweeps/s
     """
     from mlx_med.config import load_config
-    from mlx_med.evaluation.alpha_sweep import AlphaSweepConfig, run_alpha_sweep
+    from mlx_med.evaluation.alpha_sweep import AlphaSweepConfig, run_alpha_search, run_alpha_sweep
 
     cfg = load_config(AlphaSweepConfig, config_path, _overrides(
         model=model, sft=sft, pt=pt, data=data, out=out, limit=limit, batch_size=batch_size, system=system,
@@ -112,5 +151,7 @@ def alpha(config_path, model, sft, pt, data, out, limit, batch_size, system, alp
         min_p=min_p, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
         force=force, **{"rule.metric": metric, "rule.ppl_tolerance": ppl_tolerance,
                         "rule.safety_margin": safety_margin},
+        mcq_data=mcq_data, mcq_limit=mcq_limit, mcq_shots=mcq_shots, mcq_shots_data=mcq_shots_data,
+        search=search, objective=objective, constraints=list(constraints) or None, budget=budget,
     ))
-    run_alpha_sweep(cfg, quiet=quiet)
+    (run_alpha_search if cfg.search else run_alpha_sweep)(cfg, quiet=quiet)

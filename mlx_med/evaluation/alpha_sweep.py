@@ -188,3 +188,51 @@ def pick_alpha(rows: list[dict[str, Any]], rule: AlphaRule) -> tuple[float, str]
     top = max(candidates, key=lambda r: (r[rule.metric], r["alpha"]))
     reason = f"highest {rule.metric} ({top[rule.metric]:.2f}) among {len(candidates)} of {len(rows)} α"
     return top["alpha"], reason + (": " + "; ".join(limits) if limits else "")
+
+
+def run_alpha_search(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, live=None) -> dict[str, Any]:
+    """``sweep alpha --search``: the bounded search of ``alpha_search`` on the live model.
+
+    Writes ``alpha_search.{csv,md,png}`` (every evaluated point, the base reference when a constraint
+    names it, the Pareto plot) and ``alpha_search.json`` (the choice, its reason, the settings).
+
+    Returns:
+        ``{"rows": [...], "choice": {"alpha", "reason", ...}}``.
+    """
+    from mlx_med.evaluation.alpha_search import pareto_front, parse_constraint, search_alpha
+    from mlx_med.evaluation.sweep_plots import plot_alpha_search
+    from mlx_med.io import atomic_write_json
+
+    cfg.validate()
+    require_pair(cfg)
+    constraints = [parse_constraint(text) for text in cfg.constraints]
+    objective = cfg.objective or cfg.main_metric()
+    points = SweepPoints.open(cfg, quiet, loaded, live)
+
+    def evaluate(alpha: float) -> dict[str, Any]:
+        if not quiet:
+            print(f"[search] α = {alpha:g}")
+        return points.at(alpha)
+
+    result = search_alpha(evaluate, objective, constraints, cfg.budget, base=points.base)
+    rows = [{**row, "alpha": alpha, "feasible": "✓" if result.feasible[alpha] else "✗",
+             "picked": "✓" if alpha == result.alpha else ""} for alpha, row in result.points.items()]
+    reference_rows = [{**row, "alpha": "base"} for name, row in result.references.items() if name == "base"]
+    y_metric = next((c.metric for c in constraints if c.metric != objective), None) or next(
+        (k for k in ("safety", "ppl", "accuracy", "rouge-l") if k != objective and rows[0].get(k) is not None), objective)
+    front = [r["alpha"] for r in pareto_front(rows, objective, y_metric)]
+    choice = {"alpha": result.alpha, "reason": result.reason, "objective": objective,
+              "constraints": [c.text for c in constraints], "budget": cfg.budget, "evaluated": len(rows),
+              "method": "bisection on a dyadic grid of [0, 1] from α = 0.5, 0, 1; ties → α closer to 0.5",
+              "pareto": {"x": objective, "y": y_metric, "alphas": front},
+              "references": {name: row for name, row in result.references.items()}, "points": rows}
+    out = points.out
+    write_table_files(out, "alpha_search", rows + reference_rows)
+    atomic_write_json(out / "alpha_search.json", choice)
+    plot_alpha_search(rows, objective, y_metric, result.alpha, front, out / "alpha_search.png",
+                      base=reference_rows[0] if reference_rows else None)
+    if not quiet:
+        print(markdown_table(rows + reference_rows))
+        print(f"picked α = {result.alpha:g}: {result.reason}")
+        print(f"wrote {out / 'alpha_search.csv'}, alpha_search.md, alpha_search.png and alpha_search.json")
+    return {"rows": rows, "choice": choice}
