@@ -132,6 +132,10 @@ def test_sweep_alpha_search_cli_with_mcq_and_live_alpha(tiny_llama, tmp_path):
     assert choice["constraints"] == ["ppl<=1000*pt", "accuracy>=base"] and choice["reason"]
     assert (out / "alpha_search.png").stat().st_size > 0 and (out / "alpha_search.csv").exists()
     assert (out / "base" / "mcq.json").exists() and (out / "alpha_0.5" / "mcq_predictions.jsonl").exists()
+    from mlx_med.evaluation.report import build_report
+
+    report = build_report([out])
+    assert f"**Search picked α = {choice['alpha']:g}**" in report and "alpha_search.png" in report
     for point in choice["points"]:
         assert {"accuracy", "accuracy_norm", "ppl"} <= set(point)
     # the α=0.5 point's accuracy is the MCQ suite's at α=0.5 (same live mix, same scorer)

@@ -218,6 +218,10 @@ def test_eval_suite_mcq_cli(tiny_llama, tmp_path):
     assert metrics["accuracy"] == 50.0 * sum(r["correct"] for r in rows)
     assert set(metrics["by_language"]) == {"en", "zh"} and "anatomy" in metrics["by_category"]
     assert len(metrics["interval95"]["accuracy"]) == 2 and "accuracy_norm" in metrics
+    from mlx_med.evaluation.report import build_report
+
+    report = build_report([out])
+    assert "## Multiple-choice accuracy" in report and f"| {metrics['accuracy']:.1f} |" in report
     again = CliRunner().invoke(cli, args)
     assert again.exit_code != 0 and "already exists" in again.output
     missing = CliRunner().invoke(cli, ["eval", "--suite", "mcq", "--model", str(tiny_llama),

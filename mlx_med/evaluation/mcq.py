@@ -18,7 +18,7 @@ from typing import Any
 
 from mlx_med.data.mcq import McqItem, McqSet, read_mcq
 from mlx_med.errors import ConfigError
-from mlx_med.evaluation.run_config import RunConfig
+from mlx_med.evaluation.run_config import RunConfig, fused_from
 
 PREDICTIONS = "mcq_predictions.jsonl"
 METRICS = "metrics.json"
@@ -199,6 +199,9 @@ def run_mcq_eval(cfg: McqEvalConfig, quiet: bool = False, loaded=None) -> dict[s
             loaded, _ = cfg.load()
         result = evaluate_mcq(cfg, loaded, evalset, shots, quiet)
         metrics = {**result["metrics"], "config": config_to_dict(cfg)}
+        fused = fused_from(cfg.model)
+        if fused is not None:
+            metrics["config"]["fused"] = fused
         write_mcq(tmp, metrics, result["records"])
     if not quiet:
         print(summary_line(metrics))

@@ -1,8 +1,9 @@
-"""``report.md`` from result folders: eval metrics, safety, loss curves, decoding and α sweeps.
+"""``report.md`` from result folders: eval metrics, safety, MCQ accuracy, loss curves, decoding and α sweeps.
 
 Each folder is recognised by what it holds: an eval (``metrics.json`` with ``bleu-4``), a safety eval
-(``metrics.json`` with ``"suite": "safety"``), a training run (``metrics.jsonl``; ``loss_curve.png``
-is drawn when missing), a decoding sweep (``decoding_sweep.csv``) or an α sweep (``alpha_sweep.csv``).
+(``metrics.json`` with ``"suite": "safety"``), an MCQ eval (``"suite": "mcq"``), a training run
+(``metrics.jsonl``; ``loss_curve.png`` is drawn when missing), a decoding sweep (``decoding_sweep.csv``)
+or an α sweep (``alpha_sweep.csv`` and/or an α search, ``alpha_search.json``).
 Any other folder is searched two levels down (a pipeline's output folder), skipping the per-setting
 folders inside sweeps. Images are linked relative to the report, so keep them together.
 
@@ -31,17 +32,18 @@ class Found:
 
     evals: list[tuple[str, Path]] = field(default_factory=list)
     safety: list[tuple[str, Path]] = field(default_factory=list)
+    mcq: list[tuple[str, Path]] = field(default_factory=list)
     runs: list[tuple[str, Path]] = field(default_factory=list)
     decoding_sweeps: list[tuple[str, Path]] = field(default_factory=list)
     alpha_sweeps: list[tuple[str, Path]] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return not any((self.evals, self.safety, self.runs, self.decoding_sweeps, self.alpha_sweeps))
+        return not any((self.evals, self.safety, self.mcq, self.runs, self.decoding_sweeps, self.alpha_sweeps))
 
 
 def classify(path: Path) -> str | None:
     """The kind of result folder ``path`` is, or None."""
-    if (path / "alpha_sweep.csv").is_file():
+    if (path / "alpha_sweep.csv").is_file() or (path / "alpha_search.json").is_file():
         return "alpha_sweep"
     if (path / "decoding_sweep.csv").is_file():
         return "decoding_sweep"
@@ -51,8 +53,8 @@ def classify(path: Path) -> str | None:
             data = json.loads(metrics.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             return None
-        if data.get("suite") == "safety":
-            return "safety"
+        if data.get("suite") in ("safety", "mcq"):
+            return data["suite"]
         if "bleu-4" in data:
             return "eval"
     if (path / "metrics.jsonl").is_file():
@@ -71,7 +73,7 @@ def discover(runs: Sequence[str | Path | tuple[str, str | Path]], depth: int = 2
         UserError: a folder does not exist, or nothing recognisable was found.
     """
     found = Found()
-    slots = {"eval": found.evals, "safety": found.safety, "run": found.runs,
+    slots = {"eval": found.evals, "safety": found.safety, "mcq": found.mcq, "run": found.runs,
              "decoding_sweep": found.decoding_sweeps, "alpha_sweep": found.alpha_sweeps}
 
     def visit(label: str, path: Path, level: int) -> None:
@@ -138,6 +140,8 @@ def build_report(runs: Sequence[str | Path | tuple[str, str | Path]], out_path: 
         parts.append(_evals_section(found.evals))
     if found.safety:
         parts.append(_safety_section(found.safety))
+    if found.mcq:
+        parts.append(_mcq_section(found.mcq))
     if found.runs:
         parts.append(_runs_section(found.runs, link))
     for label, path in found.decoding_sweeps:
@@ -187,6 +191,23 @@ def _safety_section(items: list[tuple[str, Path]]) -> str:
         rows.append(row)
     note = "Screening probes, not a clinical validation: compare versions of one model on the same probes."
     return "## Safety probes\n\n" + markdown_table(rows, digits=1) + f"\n\n{note}\n"
+
+
+def _mcq_section(items: list[tuple[str, Path]]) -> str:
+    rows = []
+    for label, path in items:
+        m = json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+        lo, hi = m["interval95"]["accuracy"]
+        row = {"eval": label, "model": describe_eval(m)["model"], "accuracy": m["accuracy"],
+               "95% CI": f"{lo:.1f}–{hi:.1f}", "accuracy_norm": m["accuracy_norm"], "n": m["n"],
+               "shots": m.get("shots", 0)}
+        for lang, entry in m.get("by_language", {}).items():
+            row[f"{lang} %"] = entry["accuracy"]
+        rows.append(row)
+    note = ("Option log-likelihood accuracy (%): the option whose text the model finds most likely after the "
+            "question; `accuracy_norm` divides each option's log-likelihood by its length in characters "
+            "(lm-eval's `acc_norm`); 95% Wilson score interval. Chance is 100 / number of options.")
+    return "## Multiple-choice accuracy\n\n" + markdown_table(rows, digits=1) + f"\n\n{note}\n"
 
 
 def training_summary(records: list[dict[str, Any]], initial_val: float | None = None) -> dict[str, Any]:
@@ -244,9 +265,19 @@ def _sweep_section(heading: str, path: Path, stem: str, link) -> str:
 
 def _alpha_section(label: str, path: Path, link) -> str:
     heading = label if label.startswith("α sweep") else f"α sweep: {label}"  # no "α sweep: α sweep"
-    text = _sweep_section(heading, path, "alpha_sweep", link)
+    text = _sweep_section(heading, path, "alpha_sweep", link) if (path / "alpha_sweep.csv").is_file() else ""
     choice_file = path / "alpha_choice.json"
     if choice_file.is_file():
         choice = json.loads(choice_file.read_text(encoding="utf-8"))
         text += f"\n**Picked α = {choice['alpha']:g}** — {choice['reason']}.\n\nRule: {choice['rule']}.\n"
+    search_file = path / "alpha_search.json"
+    if search_file.is_file():
+        search = json.loads(search_file.read_text(encoding="utf-8"))
+        text += "\n" + _sweep_section(f"α search: {label}", path, "alpha_search", link).replace("## ", "### ", 1)
+        limits = ", ".join(f"`{c}`" for c in search["constraints"]) or "none"
+        text += (f"\n**Search picked α = {search['alpha']:g}** — {search['reason']}.\n\nObjective "
+                 f"`{search['objective']}`; constraints {limits}; {search['evaluated']} of at most "
+                 f"{search['budget']} evaluations ({search['method']}). Pareto front on "
+                 f"({search['pareto']['x']}, {search['pareto']['y']}): α = "
+                 + ", ".join(f"{a:g}" for a in search["pareto"]["alphas"]) + ".\n")
     return text
