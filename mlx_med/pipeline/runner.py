@@ -58,6 +58,8 @@ class EvalStageConfig:
     ppl_limit: int = 40
     ppl_block_size: int = 256
     safety_probes: str | None = "starter"  # safety suite on base and fused; None = skip
+    mcq_data: list[Path] = field(default_factory=list)  # MCQ sets scored on base and fused; [] = skip
+    mcq_limit: int | None = 16  # first N items of each MCQ set
 
 
 @dataclass
@@ -70,6 +72,11 @@ class SweepStageConfig:
     max_new_tokens: int = 96
     safety_probes: str | None = "starter"
     decoding_grid: dict[str, Any] = field(default_factory=dict)  # e.g. {temperature: [0, 0.7]}; {} = skip
+    mcq_data: Path | None = None  # MCQ accuracy at each α (and in the search)
+    mcq_limit: int | None = 16
+    search_budget: int = 0  # > 0: also search α (same folder, points reused); 0 = skip
+    search_objective: str | None = None  # default: rouge-l (accuracy without a QA set)
+    search_constraints: list[str] = field(default_factory=list)  # e.g. ["safety>=base", "ppl<=1.05*pt"]
 
 
 @dataclass
@@ -173,11 +180,25 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
                             {"probes": cfg.eval.safety_probes}, [o / "metrics.json" for o, _ in safety],
                             after=["fuse"]))
 
+    if cfg.eval.mcq_data:
+        from mlx_med.pipeline.eval_jobs import mcq_jobs, run_mcq_jobs
+
+        mcq = mcq_jobs(cfg, base_dir, out)
+        stages.append(Stage("mcq", lambda: run_mcq_jobs(mcq, quiet),
+                            {"mcq": [path_fingerprint(p) for p in cfg.eval.mcq_data], "limit": cfg.eval.mcq_limit},
+                            [o / "metrics.json" for o, _ in mcq], after=["fuse"]))
+
     # 6. sweeps
     sweep_data = cfg.sweep.data or cfg.eval.data[0]
-    stages.append(Stage("sweep-alpha", lambda: _alpha_sweep(cfg, base_dir, sweep_data, out, quiet),
+    from mlx_med.pipeline.eval_jobs import alpha_search, alpha_sweep
+
+    stages.append(Stage("sweep-alpha", lambda: alpha_sweep(cfg, base_dir, sweep_data, out, quiet),
                         {"sweep": config_to_dict(cfg.sweep), "data": path_fingerprint(sweep_data)},
                         [out.sweep_alpha / "alpha_sweep.csv"], after=trained))
+    if cfg.sweep.search_budget:
+        stages.append(Stage("search-alpha", lambda: alpha_search(cfg, base_dir, sweep_data, out, quiet),
+                            {"sweep": config_to_dict(cfg.sweep), "data": path_fingerprint(sweep_data)},
+                            [out.sweep_alpha / "alpha_search.json"], after=["sweep-alpha"]))
     if cfg.sweep.decoding_grid:
         stages.append(Stage("sweep-decoding", lambda: _decoding_sweep(cfg, sweep_data, out, quiet),
                             {"grid": cfg.sweep.decoding_grid, "data": path_fingerprint(sweep_data)},
@@ -312,17 +333,6 @@ def _run_safety(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
         run_safety_eval(dataclasses.replace(scfg, progress=not quiet), echo=None if not quiet else (lambda s: None))
 
 
-def _alpha_sweep(cfg: PipelineConfig, base_dir: Path, data: Path, out: Layout, quiet: bool) -> None:
-    from mlx_med.evaluation.alpha_sweep import AlphaSweepConfig, run_alpha_sweep
-
-    run_alpha_sweep(AlphaSweepConfig(
-        model=Path(base_dir), sft=out.sft, pt=out.pt, data=Path(data), out=out.sweep_alpha,
-        alphas=list(cfg.sweep.alphas), limit=cfg.sweep.limit, max_new_tokens=cfg.sweep.max_new_tokens,
-        batch_size=cfg.eval.batch_size, ppl_data=cfg.eval.ppl_data, ppl_limit=cfg.eval.ppl_limit,
-        ppl_block_size=cfg.eval.ppl_block_size,
-        safety_probes=_probe_path(cfg.sweep.safety_probes), seed=cfg.seed, force=True), quiet=quiet)
-
-
 def _decoding_sweep(cfg: PipelineConfig, data: Path, out: Layout, quiet: bool) -> None:
     from mlx_med.evaluation.sweep import DecodingSweepConfig, normalise_grid, run_decoding_sweep
 
@@ -332,18 +342,11 @@ def _decoding_sweep(cfg: PipelineConfig, data: Path, out: Layout, quiet: bool) -
         grid=normalise_grid(cfg.sweep.decoding_grid), seed=cfg.seed, force=True), quiet=quiet)
 
 
-def _probe_path(spec: str | None) -> Path | None:
-    if not spec:
-        return None
-    from mlx_med.evaluation.probes import resolve_probe_path
-
-    return resolve_probe_path(spec)
-
-
 def _report(out: Layout) -> None:
     runs: list[tuple[str, Path]] = [("PT run", out.pt), ("SFT run", out.sft)]
     runs += [(p.name, p) for p in sorted(out.evals.iterdir())] if out.evals.exists() else []
     runs += [(f"safety: {p.name}", p) for p in sorted(out.safety.iterdir())] if out.safety.exists() else []
+    runs += [(f"mcq: {p.name}", p) for p in sorted(out.mcq.iterdir())] if out.mcq.exists() else []
     runs += [(name, path) for name, path in (("α sweep", out.sweep_alpha), ("decoding sweep", out.sweep_decoding))
              if path.exists()]
     from mlx_med.evaluation.report import build_report

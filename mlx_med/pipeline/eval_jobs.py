@@ -1,0 +1,65 @@
+"""Pipeline stage bodies for the MCQ suite and the α sweep and search (the same functions the commands call).
+
+Types are imported lazily: this module is imported by ``pipeline.runner`` while stages are built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+
+def probe_path(spec: str | None) -> Path | None:
+    """The probe file for a config value (``starter`` = the shipped set), or None to skip safety."""
+    if not spec:
+        return None
+    from mlx_med.evaluation.probes import resolve_probe_path
+
+    return resolve_probe_path(spec)
+
+
+def mcq_jobs(cfg, base_dir: Path, out) -> list[tuple[Path, Any]]:
+    """``(folder, McqEvalConfig)`` for each MCQ set × (base, fused model)."""
+    from mlx_med.evaluation.mcq import McqEvalConfig
+
+    return [(out.mcq / f"{Path(data).stem}-{name}",
+             McqEvalConfig(model=Path(model), data=Path(data), out=out.mcq / f"{Path(data).stem}-{name}",
+                           limit=cfg.eval.mcq_limit, force=True))
+            for data in cfg.eval.mcq_data for name, model in (("base", base_dir), ("fused", out.fused))]
+
+
+def run_mcq_jobs(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
+    """Run each MCQ job with the eval runner (``mlx-med eval --suite mcq``)."""
+    from mlx_med.evaluation.suites import run_suite
+
+    for _, mcfg in jobs:
+        run_suite("mcq", mcfg, quiet=quiet)
+
+
+def alpha_config(cfg, base_dir: Path, data: Path, out):
+    """The ``AlphaSweepConfig`` of the pipeline's α sweep (QA set, perplexity, safety, MCQ)."""
+    from mlx_med.evaluation.alpha_sweep import AlphaSweepConfig
+
+    return AlphaSweepConfig(
+        model=Path(base_dir), sft=out.sft, pt=out.pt, data=Path(data), out=out.sweep_alpha,
+        alphas=list(cfg.sweep.alphas), limit=cfg.sweep.limit, max_new_tokens=cfg.sweep.max_new_tokens,
+        batch_size=cfg.eval.batch_size, ppl_data=cfg.eval.ppl_data, ppl_limit=cfg.eval.ppl_limit,
+        ppl_block_size=cfg.eval.ppl_block_size, mcq_data=cfg.sweep.mcq_data, mcq_limit=cfg.sweep.mcq_limit,
+        safety_probes=probe_path(cfg.sweep.safety_probes), seed=cfg.seed, force=True)
+
+
+def alpha_sweep(cfg, base_dir: Path, data: Path, out, quiet: bool) -> None:
+    """``mlx-med sweep alpha`` on the pipeline's runs."""
+    from mlx_med.evaluation.alpha_sweep import run_alpha_sweep
+
+    run_alpha_sweep(alpha_config(cfg, base_dir, data, out), quiet=quiet)
+
+
+def alpha_search(cfg, base_dir: Path, data: Path, out, quiet: bool) -> None:
+    """The α search in the sweep's folder: the sweep's α = 0, 0.5, 1 are read back, not recomputed."""
+    from mlx_med.evaluation.alpha_sweep import run_alpha_search
+
+    run_alpha_search(replace(
+        alpha_config(cfg, base_dir, data, out), force=False, search=True, budget=cfg.sweep.search_budget,
+        objective=cfg.sweep.search_objective, constraints=list(cfg.sweep.search_constraints)), quiet=quiet)
