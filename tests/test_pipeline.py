@@ -104,3 +104,29 @@ def test_pipeline_config_errors(tmp_path):
     result = CliRunner().invoke(cli, ["pipeline", "-c", str(bad)])
     assert result.exit_code == 2
     assert f"{bad}:3: unknown key 'fuse.alpah'" in result.output
+
+
+def test_pipeline_mcq_suite_and_alpha_search(pipeline_config, tmp_path):
+    path, out = pipeline_config
+    mcq = write_jsonl(tmp_path / "data" / "mcq.jsonl", [
+        {"question": "Which organ pumps blood?", "options": {"A": "heart", "B": "kidney"}, "answer": "A", "lang": "en"},
+        {"question": "胰岛素由哪个器官分泌？", "options": {"A": "胰腺", "B": "脾", "C": "皮肤"}, "answer": "A", "lang": "zh"},
+    ])
+    cfg = yaml.safe_load(path.read_text())
+    cfg["eval"].update(mcq_data=[str(mcq)], mcq_limit=2)
+    cfg["sweep"].update(mcq_data=str(mcq), search_budget=3, search_objective="accuracy_norm",
+                        search_constraints=["safety>=base", "ppl<=100*pt"])
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(cli, ["pipeline", "-c", str(path), "-q"])
+    assert result.exit_code == 0, result.output
+    for name in ("mcq-base", "mcq-fused"):
+        metrics = json.loads((out / "mcq" / name / "metrics.json").read_text())
+        assert metrics["suite"] == "mcq" and metrics["n"] == 2 and set(metrics["by_language"]) == {"en", "zh"}
+    sweep = (out / "sweep-alpha" / "alpha_sweep.csv").read_text().splitlines()
+    assert "accuracy" in sweep[0].split(",") and len(sweep) == 3
+    choice = json.loads((out / "sweep-alpha" / "alpha_search.json").read_text())
+    assert [p["alpha"] for p in choice["points"]] == [0.0, 0.5, 1.0] and choice["evaluated"] == 3
+    assert (out / "sweep-alpha" / "base" / "safety.json").exists()
+    report = (out / "report.md").read_text()
+    assert "## Multiple-choice accuracy" in report and "| mcq: mcq-fused | fused α=0.5 |" in report
+    assert f"**Search picked α = {choice['alpha']:g}**" in report and "alpha_search.png" in report
