@@ -42,7 +42,6 @@ def system_prompt(language: str = "en") -> str:
 
 
 DEFAULT_KEYWORD = "default"
-SYSTEM_CHOICES = "none | default | @FILE | the prompt text itself"
 
 
 def guess_language(texts) -> str:
@@ -50,7 +49,7 @@ def guess_language(texts) -> str:
     return "zh" if any("\u4e00" <= ch <= "\u9fff" for text in texts for ch in text) else "en"
 
 
-def resolve_system(system: str | None, lang: str | None = None, texts=(), none_means_default: bool = False) -> str | None:
+def resolve_system(system: str | None, lang: str | None = None, texts=()) -> str | None:
     """The one reading of a ``--system`` value, for every command that takes one.
 
     ``none`` or empty → no system prompt (the chat template's own); ``default`` → this module's medical
@@ -63,13 +62,10 @@ def resolve_system(system: str | None, lang: str | None = None, texts=(), none_m
             returned as the keyword ``"default"`` for the caller to resolve per item (the safety
             suite picks each probe's language).
         texts: sample of the data (questions, turns) to guess the language from.
-        none_means_default: an absent value (None) means ``default`` (the chat REPL) instead of none.
 
     Raises:
         UserError: when ``@FILE`` is missing or empty.
     """
-    if system is None and none_means_default:
-        system = DEFAULT_KEYWORD
     if system is None or system.strip().lower() in ("", "none"):
         return None
     if system.strip().lower() == DEFAULT_KEYWORD:

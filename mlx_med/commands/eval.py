@@ -87,6 +87,7 @@ def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit
       mlx-med eval --predictions llamafactory_out/generated_predictions.jsonl -o evals/lf
     """
     from mlx_med.config import load_config
+    from mlx_med.errors import UserError
 
     overrides = {
         "model": model, "adapter": adapter, "sft": sft, "pt": pt, "alpha": alpha, "data": data, "out": out,
@@ -107,6 +108,8 @@ def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit
         "safety": {"data": str(data) if data else None, "progress": False if quiet else None},
         "mcq": {"shots": shots, "shots_data": shots_data},
     }
+    if suite == "mcq" and batch_size is not None:  # the options of one question are the batch
+        raise UserError("--batch-size does not apply to --suite mcq (each question's options form one batch)")
     cfg = load_config(suite_config(suite), config_path, {**overrides, **per_suite[suite]})
     if suite == "safety":  # the safety config nests its decoding settings: preset, then the flags on top
         from mlx_med.evaluation.decoding import preset as named_preset

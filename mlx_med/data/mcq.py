@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_med.errors import DataError, UserError
+from mlx_med.prompts import guess_language
 
 LETTERS = string.ascii_uppercase
 PUBMEDQA_OPTIONS = {"A": "yes", "B": "no", "C": "maybe"}
@@ -51,11 +52,6 @@ class McqSet:
     items: list[McqItem]
     bad: int = 0
     bad_reasons: list[str] = field(default_factory=list)
-
-
-def guess_lang(text: str) -> str:
-    """``zh`` when the text has any CJK ideograph, else ``en``."""
-    return "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in text) else "en"
 
 
 def read_mcq(path: str | Path, limit: int | None = None) -> McqSet:
@@ -122,7 +118,7 @@ def parse_mcq_record(record: Any, path: str | Path, line: int) -> McqItem:
             raise bad("answer", f"must be one of the option letters {', '.join(options)}, got {answer!r}")
         answer = answer.strip().upper()
         category = _optional_text(record, "category", bad) or _optional_text(record, "subject", bad)
-    lang = _optional_text(record, "lang", bad) or guess_lang(question)
+    lang = _optional_text(record, "lang", bad) or guess_language([question])
     ident = record.get("id", record.get("pubid"))
     return McqItem(id=str(ident) if ident is not None else f"{Path(path).name}:{line}", question=question,
                    options=options, answer=answer, lang=lang, category=category, source=f"{path}:{line}")

@@ -34,7 +34,6 @@ class McqEvalConfig(RunConfig):
     shots_data: Path | None = None  # dev split the shots come from (default: other items of `data`)
     limit: int | None = None  # first N valid items
     system: str | None = None  # none | default | @FILE | text (mlx_med.prompts.resolve_system)
-    batch_size: int = 8  # unused by the scorer (options of one item form the batch); kept for YAML parity
     force: bool = False
 
     def validate(self) -> None:
