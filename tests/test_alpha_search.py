@@ -156,3 +156,28 @@ def test_sweep_alpha_search_cli_with_mcq_and_live_alpha(tiny_llama, tmp_path):
     assert again.exit_code == 0, again.output
     assert json.loads((out / "alpha_search.json").read_text(encoding="utf-8"))["evaluated"] == 6
     assert (out / "alpha_0.5" / "mcq.json").stat().st_mtime_ns == stamp
+
+
+def test_grid_sweep_with_mcq_only_needs_no_qa_set(tiny_llama, tmp_path):
+    from mlx_med.cli import cli
+
+    make_adapter(tiny_llama, tmp_path / "pt", rank=4, lora_alpha=8, keys=ALL, seed=1, phase="pt", std=0.3)
+    make_adapter(tiny_llama, tmp_path / "sft", rank=4, lora_alpha=8, keys=ALL, seed=2, phase="sft", std=0.3)
+    mcq = tmp_path / "mcq.jsonl"
+    mcq.write_text(json.dumps({"question": "Which organ pumps blood?", "options": {"A": "heart", "B": "kidney"},
+                               "answer": "A"}) + "\n", encoding="utf-8")
+    ppl = tmp_path / "held.jsonl"
+    ppl.write_text(json.dumps({"text": "Hypertension is treated with lifestyle changes."}) + "\n", encoding="utf-8")
+    out = tmp_path / "grid"
+    base = ["sweep", "alpha", "--model", str(tiny_llama), "--sft", str(tmp_path / "sft"), "--pt", str(tmp_path / "pt"),
+            "-o", str(out), "-q"]
+    missing = CliRunner().invoke(cli, base + ["--alphas", "0,1"])
+    assert missing.exit_code != 0 and "--data" in missing.output and "--mcq-data" in missing.output
+    result = CliRunner().invoke(cli, base + ["--alphas", "0,0.5,1", "--mcq-data", str(mcq), "--ppl-data", str(ppl),
+                                             "--ppl-block-size", "8"])
+    assert result.exit_code == 0, result.output
+    choice = json.loads((out / "alpha_choice.json").read_text(encoding="utf-8"))
+    assert choice["rule_settings"]["metric"] == "accuracy"
+    header = (out / "alpha_sweep.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
+    assert {"alpha", "ppl", "accuracy", "accuracy_norm"} <= set(header) and "rouge-l" not in header
+    assert (out / "alpha_1" / "ppl.json").exists() and not (out / "alpha_1" / "metrics.json").exists()
