@@ -75,7 +75,6 @@ class AlphaSweepConfig(EvalConfig):
         return self.rule.metric
 
 
-
 def parse_alphas(spec: Any) -> list[float]:
     """``"0,0.25,1"``, a list, or ``"0,0.1,...,1"`` (first two values give the step) → sorted α list."""
     if isinstance(spec, (int, float)):
