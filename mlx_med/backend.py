@@ -48,17 +48,36 @@ def prepare_for_compute(model: nn.Module, backend: Backend | None = None) -> nn.
     backend = backend or detect_backend()
     if backend.quantized_compute:
         return model
+    model = dequantize_fp32(model)
+    model.set_dtype(backend.compute_dtype)
+    return model
+
+
+def dequantized_weight(layer: nn.Module) -> mx.array:
+    """A (quantized) linear or embedding layer's weight in fp32: the one dequantization rule.
+
+    The math runs in fp32 from the stored scales and biases (usually fp16): dequantizing with fp16
+    scales would round every weight to fp16, an error as large as a LoRA update. Compute, fuse and HF
+    export all use this rule, so a fused model minus its base is exactly the update.
+    """
+    if not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return layer.weight.astype(mx.float32)
+    biases = layer.get("biases")
+    return mx.dequantize(layer.weight, layer.scales.astype(mx.float32),
+                         None if biases is None else biases.astype(mx.float32),
+                         group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+
+
+def dequantize_fp32(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer by a plain fp32 one (``dequantized_weight``'s rule), in place."""
     from mlx_lm.utils import dequantize_model
 
     quantized = [m for m in model.modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
-    for m in quantized:  # dequantize in the compute dtype: fp16 scales would round every weight to fp16
-        m.scales = m.scales.astype(backend.compute_dtype)
+    for m in quantized:  # mlx-lm dequantizes in the scales' dtype: make that fp32
+        m.scales = m.scales.astype(mx.float32)
         if m.get("biases") is not None:
-            m.biases = m.biases.astype(backend.compute_dtype)
-    if quantized:
-        model = dequantize_model(model)
-    model.set_dtype(backend.compute_dtype)
-    return model
+            m.biases = m.biases.astype(mx.float32)
+    return dequantize_model(model) if quantized else model
 
 
 def gemm_gflops(n: int = 1024, repeats: int = 5, dtype: mx.Dtype = mx.float32) -> float:

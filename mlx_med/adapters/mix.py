@@ -1,13 +1,41 @@
-"""The one rule every command applies to its adapter flags: ``--adapter DIR``, or ``--sft RUN --pt RUN``.
+"""The adapter mix: which adapters, with which weights, per module. The one rule every command applies.
 
-Kept free of MLX so that configs can be checked before anything heavy is imported.
+Semantics (the same in ``merge``, ``fuse``, live α, and the report)::
+
+    ΔW_merged = w_sft · ΔW_sft + w_pt · ΔW_pt,    --alpha a  ⇔  w_sft = a, w_pt = 1 − a
+
+- **Adapter choice**: ``--adapter DIR`` (weight 1), or ``--sft RUN --pt RUN``, or none.
+- **Weights**: ``--alpha A`` or ``--w-sft X --w-pt Y``, never both. α lies in [0, 1] in every command
+  (it interpolates between the PT and the SFT model); weights outside that range are only reachable
+  through the explicit ``--w-sft/--w-pt`` (any finite numbers). The default α is ``DEFAULT_ALPHA``.
+- **Schedules**: ``--alpha-schedule FILE.yaml`` gives α per module (``default`` plus rules by layer
+  range and module type; the last matching rule wins). A plain α is the schedule with no rules.
+- **Stacking**: an SFT run trained on top of a frozen PT run (``meta.stacked_on``) has the task vector
+  ΔW_pt + ΔW_sft_own, so the weight of the SFT *model* also flows to the PT adapter
+  (``component_weights``): with α, ΔW = ΔW_pt + α·ΔW_sft_own.
+
+``weighted_delta`` is the one dense Σ cᵢ·ΔWᵢ of a module (fuse; merge's dense methods and live α use the
+same coefficients on the factors). This module loads no model; it reads adapter dirs and schedule files.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mlx_med.errors import UserError
+import mlx.core as mx
+
+from mlx_med.adapters.format import WEIGHTS_FILE, Adapter, layer_index, module_type, read_adapter
+from mlx_med.errors import DataError, UserError
+
+DEFAULT_ALPHA = 0.5
+ALPHA_RANGE = (0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------- the rule
 
 
 def check_adapter_choice(adapter: str | Path | None, sft: str | Path | None, pt: str | Path | None,
@@ -16,12 +44,519 @@ def check_adapter_choice(adapter: str | Path | None, sft: str | Path | None, pt:
 
     Args:
         adapter, sft, pt: the flags' values (None when not given).
-        alpha: when given, it must lie in [0, 1] (interpolation; ``fuse``/``merge`` allow extrapolation
-            and do not pass it).
+        alpha: when given, checked by ``check_alpha``.
     """
     if adapter is not None and (sft is not None or pt is not None):
         raise UserError("give either --adapter DIR or --sft RUN --pt RUN, not both")
     if (sft is None) != (pt is None):
         raise UserError("--sft and --pt go together (use --adapter DIR for a single adapter)")
-    if alpha is not None and not 0.0 <= alpha <= 1.0:
-        raise UserError(f"--alpha must be in [0, 1], got {alpha}")
+    if alpha is not None:
+        check_alpha(alpha)
+
+
+def check_alpha(alpha: Any, name: str = "--alpha") -> float:
+    """α as a float, if it is a number in [0, 1] (the one range rule of every command).
+
+    Raises:
+        UserError: not a number, or outside [0, 1] (the message points at ``--w-sft/--w-pt``).
+    """
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number in [0, 1], got {alpha!r}") from None
+    low, high = ALPHA_RANGE
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UserError(f"{name} must be in [0, 1], got {alpha} (for other weights give --w-sft X --w-pt Y)")
+    return value
+
+
+def alpha_weights(alpha: float) -> dict[str, float]:
+    """``{"sft": α, "pt": 1 − α}`` for a checked α."""
+    alpha = check_alpha(alpha)
+    return {"sft": alpha, "pt": 1.0 - alpha}
+
+
+def pair_weights(alpha: float | None = None, w_sft: float | None = None, w_pt: float | None = None) -> dict[str, float]:
+    """The user's weights ``{"sft": w_sft, "pt": w_pt}`` from ``--alpha`` or ``--w-sft/--w-pt``.
+
+    Raises:
+        UserError: when both or neither forms are given, only one of ``w_sft``/``w_pt``, α outside
+            [0, 1], or a weight that is not finite.
+    """
+    explicit = (w_sft is not None, w_pt is not None)
+    if alpha is not None and any(explicit):
+        raise UserError("give either --alpha or --w-sft/--w-pt, not both")
+    if alpha is not None:
+        return alpha_weights(alpha)
+    if not all(explicit):
+        if any(explicit):
+            raise UserError("--w-sft and --w-pt go together (or use --alpha A for w_sft = A, w_pt = 1 − A)")
+        raise UserError("missing --alpha (w_sft = alpha, w_pt = 1 − alpha) or --w-sft/--w-pt")
+    for name, value in (("--w-sft", w_sft), ("--w-pt", w_pt)):
+        if not math.isfinite(float(value)):
+            raise UserError(f"{name} must be a finite number, got {value}")
+    return {"sft": float(w_sft), "pt": float(w_pt)}
+
+
+# -------------------------------------------------------------------------------------- schedules
+
+
+@dataclass
+class ScheduleRule:
+    """α for the modules matching ``layers`` (inclusive ranges) and ``modules`` (module types)."""
+
+    alpha: float
+    layers: list[tuple[int, int]] | None = None
+    modules: list[str] | None = None
+    index: int = 0
+
+    def matches(self, module_path: str) -> bool:
+        if self.layers is not None:
+            layer = layer_index(module_path)
+            if layer is None or not any(lo <= layer <= hi for lo, hi in self.layers):
+                return False
+        return self.modules is None or module_type(module_path) in self.modules
+
+
+@dataclass
+class AlphaSchedule:
+    """α per module: ``default`` unless a rule matches (the last matching rule wins).
+
+    A plain α is ``AlphaSchedule.constant(α)``; ``source`` is the file it came from (None for a plain α).
+    """
+
+    default: float = DEFAULT_ALPHA
+    rules: list[ScheduleRule] = field(default_factory=list)
+    source: Path | None = None
+
+    @classmethod
+    def constant(cls, alpha: float = DEFAULT_ALPHA) -> AlphaSchedule:
+        return cls(check_alpha(alpha))
+
+    @property
+    def is_constant(self) -> bool:
+        return not self.rules
+
+    def with_default(self, alpha: float) -> AlphaSchedule:
+        """The same rules with another default (``/alpha`` and ``sweep alpha`` move the default)."""
+        return AlphaSchedule(check_alpha(alpha), list(self.rules), self.source)
+
+    def alpha_for(self, module_path: str) -> float:
+        alpha = self.default
+        for rule in self.rules:
+            if rule.matches(module_path):
+                alpha = rule.alpha
+        return alpha
+
+    def weights_for(self, module_path: str) -> dict[str, float]:
+        """``{"sft": α_m, "pt": 1 − α_m}`` for one module path."""
+        alpha = self.alpha_for(module_path)
+        return {"sft": alpha, "pt": 1.0 - alpha}
+
+    def check_against(self, modules: list[str]) -> None:
+        """Refuse rules naming a layer or module type the adapters do not touch (file, rule, field)."""
+        layers = {i for i in (layer_index(m) for m in modules) if i is not None}
+        types = {module_type(m) for m in modules}
+        where = self.source or "alpha schedule"
+        for rule in self.rules:
+            for lo, hi in rule.layers or []:
+                missing = [i for i in range(lo, hi + 1) if i not in layers]
+                if missing:
+                    raise DataError(where, None, f"rules[{rule.index}].layers",
+                                    f"layer {missing[0]} is not adapted (adapted layers: {_ranges(sorted(layers))})")
+            for name in rule.modules or []:
+                if name not in types:
+                    raise DataError(where, None, f"rules[{rule.index}].modules",
+                                    f"{name!r} is not an adapted module type (adapted: {', '.join(sorted(types))})")
+
+    def describe(self) -> str:
+        """``α = 0.5`` or ``α schedule FILE (default 0.5, 2 rules)``."""
+        if self.is_constant:
+            return f"α = {self.default:g}"
+        return f"α schedule {self.source or ''} (default {self.default:g}, {len(self.rules)} rules)".replace("  ", " ")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": str(self.source) if self.source else None, "default": self.default,
+            "rules": [{"layers": [f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in r.layers] if r.layers else None,
+                       "modules": r.modules, "alpha": r.alpha} for r in self.rules],
+        }
+
+
+def load_schedule(path: str | Path) -> AlphaSchedule:
+    """Read a schedule file: ``{default: A, rules: [{layers: "20-29", modules: [gate_proj], alpha: B}]}``.
+
+    Raises:
+        DataError: naming the file, rule index and field of a bad value.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"alpha schedule not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise DataError(path, None, None, "an alpha schedule is a mapping with 'default' and 'rules'")
+    unknown = sorted(set(raw) - {"default", "rules"})
+    if unknown:
+        raise DataError(path, None, unknown[0], "unknown key (expected 'default' and 'rules')")
+    default = _schedule_alpha(raw.get("default", DEFAULT_ALPHA), path, "default")
+    rules_raw = raw.get("rules") or []
+    if not isinstance(rules_raw, list):
+        raise DataError(path, None, "rules", "must be a list of rules")
+    rules = [_parse_rule(item, i, path) for i, item in enumerate(rules_raw)]
+    return AlphaSchedule(default, rules, path)
+
+
+def resolve_schedule(alpha: float | None = None, schedule: str | Path | AlphaSchedule | None = None) -> AlphaSchedule:
+    """The schedule that ``--alpha`` / ``--alpha-schedule`` ask for (``DEFAULT_ALPHA`` when neither).
+
+    Raises:
+        UserError: both are given, or either is invalid.
+    """
+    if schedule is not None and alpha is not None:
+        raise UserError("give either --alpha or --alpha-schedule, not both (the schedule's 'default' is its α)")
+    if isinstance(schedule, AlphaSchedule):
+        return schedule
+    if schedule is not None:
+        return load_schedule(schedule)
+    return AlphaSchedule.constant(DEFAULT_ALPHA if alpha is None else alpha)
+
+
+def _parse_rule(item: Any, index: int, path: Path) -> ScheduleRule:
+    where = f"rules[{index}]"
+    if not isinstance(item, dict):
+        raise DataError(path, None, where, "a rule is a mapping with 'alpha' and optional 'layers', 'modules'")
+    unknown = sorted(set(item) - {"layers", "modules", "alpha"})
+    if unknown:
+        raise DataError(path, None, f"{where}.{unknown[0]}", "unknown key (expected layers, modules, alpha)")
+    if "alpha" not in item:
+        raise DataError(path, None, f"{where}.alpha", "missing")
+    alpha = _schedule_alpha(item["alpha"], path, f"{where}.alpha")
+    layers = None
+    if item.get("layers") is not None:
+        specs = item["layers"] if isinstance(item["layers"], list) else [item["layers"]]
+        layers = [_layer_range(s, path, f"{where}.layers") for s in specs]
+    modules = None
+    if item.get("modules") is not None:
+        names = item["modules"] if isinstance(item["modules"], list) else [item["modules"]]
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise DataError(path, None, f"{where}.modules", "expected module type names such as [q_proj, v_proj]")
+        modules = [n.strip().rsplit(".", 1)[-1] for n in names]
+    return ScheduleRule(alpha, layers, modules, index)
+
+
+def _schedule_alpha(value: Any, path: Path, where: str) -> float:
+    try:
+        return check_alpha(value, name="alpha")
+    except UserError as err:
+        raise DataError(path, None, where, str(err).split(" (for other")[0]) from None
+
+
+def _layer_range(spec: Any, path: Path, where: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(spec))
+    if isinstance(spec, bool) or not match:
+        raise DataError(path, None, where, f"{spec!r}: expected a layer like \"7\" or a range like \"20-29\"")
+    lo, hi = int(match[1]), int(match[2] or match[1])
+    if hi < lo:
+        raise DataError(path, None, where, f"{spec!r}: the range must not decrease")
+    return lo, hi
+
+
+def _ranges(numbers: list[int]) -> str:
+    if not numbers:
+        return "none"
+    out, start = [], numbers[0]
+    for prev, cur in zip(numbers, numbers[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            out.append(f"{start}-{prev}" if prev != start else str(start))
+            start = cur
+    return ", ".join(out)
+
+
+# ----------------------------------------------------------------------------------- adapter sets
+
+
+def adapter_fingerprints(adapter: Adapter) -> set[str]:
+    """Fingerprints a ``stacked_on`` reference to ``adapter`` may carry: ``file_fingerprint`` of its
+    weights file (what ``train`` records) or ``path_fingerprint`` of it."""
+    from mlx_med.fingerprint import file_fingerprint, path_fingerprint
+
+    weights = Path(adapter.path or "") / WEIGHTS_FILE
+    if adapter.path is None or not weights.is_file():
+        return set()
+    return {file_fingerprint(weights), path_fingerprint(weights)}
+
+
+def stacked_parents(adapters: dict[str, Adapter]) -> dict[str, str]:
+    """``{child: parent}`` for adapters trained on top of another adapter of the set.
+
+    Raises:
+        UserError: an adapter is stacked on one that is not in the set, or on a different one than given.
+    """
+    parents: dict[str, str] = {}
+    for name, adapter in adapters.items():
+        ref = adapter.meta.stacked_on
+        if not ref:
+            continue
+        fingerprint, ref_path = str(ref.get("fingerprint") or ""), ref.get("path")
+        found = _find_stacked_dir(adapter, ref_path)
+        for other_name, other in adapters.items():
+            if other is adapter:
+                continue
+            same_dir = found is not None and other.path is not None and found.resolve() == Path(other.path).resolve()
+            if fingerprint and fingerprint in adapter_fingerprints(other):
+                parents[name] = other_name
+            elif same_dir and fingerprint:
+                raise UserError(
+                    f"{adapter.path or name}: was trained on top of {other.path} when its weights had fingerprint "
+                    f"{fingerprint}, but they have changed since (PT retrained?); retrain the SFT run on it"
+                )
+            elif same_dir:
+                parents[name] = other_name
+        if name not in parents:
+            given = ", ".join(f"{n}={a.path}" for n, a in adapters.items() if a is not adapter) or "none"
+            raise UserError(
+                f"{adapter.path or name}: was trained on top of the adapter {ref_path} "
+                f"(fingerprint {fingerprint or '?'}), which is not among the adapters given ({given}); "
+                "pass that PT run (e.g. --pt " + f"{ref_path})"
+            )
+    return parents
+
+
+def component_weights(weights: dict[str, float], parents: dict[str, str]) -> dict[str, float]:
+    """Coefficient on each stored adapter's own ΔW, given the user's weights on the *models*.
+
+    A stacked child's model is its parent's model plus its own ΔW, so the child's weight also flows to
+    every ancestor: {"sft": a, "pt": 1 − a} with sft stacked on pt gives {"sft": a, "pt": 1}.
+    """
+    coefficients = {name: 0.0 for name in weights}
+    for name, weight in weights.items():
+        node, seen = name, set()
+        while node is not None:
+            if node in seen:
+                raise UserError(f"adapters are stacked on each other in a cycle ({' → '.join(seen)})")
+            seen.add(node)
+            coefficients[node] = coefficients.get(node, 0.0) + weight
+            node = parents.get(node)
+    return coefficients
+
+
+def check_same_base(adapters: dict[str, Adapter]) -> None:
+    """Refuse adapters trained on different bases (fingerprints that are known and differ)."""
+    known = {n: a for n, a in adapters.items() if a.meta.base_fingerprint}
+    if len({a.meta.base_fingerprint for a in known.values()}) > 1:
+        lines = "; ".join(
+            f"{n} ({a.path}) on {a.meta.base_model or '?'} [fingerprint {a.meta.base_fingerprint}]"
+            for n, a in known.items()
+        )
+        raise UserError(f"adapters were trained on different base models: {lines}")
+
+
+def load_pair(sft: str | Path, pt: str | Path) -> dict[str, Adapter]:
+    """Read an SFT and a PT adapter dir; check they share a base and, if stacked, the PT run."""
+    adapters = {"sft": read_adapter(sft), "pt": read_adapter(pt)}
+    check_same_base(adapters)
+    parents = stacked_parents(adapters)
+    if parents.get("pt"):
+        raise UserError(f"{pt}: the PT adapter is itself stacked on {adapters['pt'].meta.stacked_on}; "
+                        "only SFT-on-PT stacking is supported")
+    return adapters
+
+
+def with_stacked_parent(adapter: Adapter) -> dict[str, Adapter]:
+    """A single adapter as a set: itself, plus the PT run it was stacked on (read from its path)."""
+    ref = adapter.meta.stacked_on
+    if not ref:
+        return {"adapter": adapter}
+    ref_path = _find_stacked_dir(adapter, ref.get("path"))
+    if ref_path is None:
+        raise UserError(
+            f"{adapter.path}: was trained on top of the PT adapter {ref.get('path')}, which is not there; "
+            "pass --sft/--pt explicitly"
+        )
+    adapters = {"adapter": adapter, "stacked_on": read_adapter(ref_path)}
+    stacked_parents(adapters)  # verifies the fingerprint
+    check_same_base(adapters)
+    return adapters
+
+
+def _find_stacked_dir(adapter: Adapter, ref_path: str | None) -> Path | None:
+    """The PT run a stacked adapter names: as recorded, or (a relative path recorded from another working
+    directory) beside the SFT run, e.g. runs/pt next to runs/sft. The fingerprint is checked afterwards."""
+    if not ref_path:
+        return None
+    candidates = [Path(ref_path)]
+    if adapter.path is not None and not Path(ref_path).is_absolute():
+        candidates += [Path(adapter.path).parent / Path(ref_path).name]
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+# ------------------------------------------------------------------------------------------ mixes
+
+
+@dataclass
+class AdapterMix:
+    """Adapters and the weight of each adapter's *model*, per module.
+
+    ``weights`` are the weights of modules no schedule rule touches (for the pair: ``{sft: α, pt: 1 − α}``
+    or the explicit w's); ``schedule`` (pair only) overrides them per module.
+    """
+
+    adapters: dict[str, Adapter]
+    weights: dict[str, float]
+    parents: dict[str, str] = field(default_factory=dict)
+    schedule: AlphaSchedule | None = None
+
+    def modules(self) -> list[str]:
+        return sorted({m for a in self.adapters.values() for m in a.modules()})
+
+    @property
+    def alpha(self) -> float | None:
+        """w_sft for an SFT/PT pair whose weights sum to 1, else None."""
+        w = self.weights
+        if set(w) == {"sft", "pt"} and math.isclose(w["sft"] + w["pt"], 1.0):
+            return w["sft"]
+        return None
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        """Coefficient on each stored adapter's own ΔW for unscheduled modules (stacking resolved)."""
+        return component_weights(self.weights, self.parents)
+
+    def weights_for(self, module: str) -> dict[str, float]:
+        """Weights of the models at one module (the schedule's α there, or ``weights``)."""
+        if self.schedule is not None and not self.schedule.is_constant:
+            return self.schedule.weights_for(module)
+        return dict(self.weights)
+
+    def coefficients_for(self, module: str) -> dict[str, float]:
+        """Coefficient on each stored adapter's own ΔW at one module (stacking resolved)."""
+        return component_weights(self.weights_for(module), self.parents)
+
+    def set_alpha(self, alpha: float) -> None:
+        """Move α (the schedule's default when there is one; its rules stay)."""
+        if not {"sft", "pt"} <= set(self.adapters):
+            raise UserError(f"alpha needs an SFT and a PT adapter; attached: {', '.join(self.adapters)}")
+        if self.schedule is not None:
+            self.schedule = self.schedule.with_default(alpha)
+        self.weights = alpha_weights(alpha)
+
+    def set_weights(self, **weights: float) -> None:
+        """Change the weight of some adapters' models (by name); a schedule no longer applies."""
+        unknown = sorted(set(weights) - set(self.adapters))
+        if unknown:
+            raise UserError(f"no adapter named {', '.join(unknown)} (attached: {', '.join(self.adapters)})")
+        for name, value in weights.items():
+            if not math.isfinite(float(value)):
+                raise UserError(f"weight of {name} must be a finite number, got {value}")
+        self.weights.update({k: float(v) for k, v in weights.items()})
+        self.schedule = None
+
+    def describe(self) -> str:
+        """One line, e.g. ``α=0.5: sft=0.5 (runs/sft), pt=0.5 (runs/pt)``."""
+        parts = [f"{n}={self.weights.get(n, 0.0):g} ({a.path or 'in memory'})" for n, a in self.adapters.items()]
+        stacked = [f"{c} stacked on {p}" for c, p in self.parents.items()]
+        if self.schedule is not None and not self.schedule.is_constant:
+            head = f"{self.schedule.describe()}: "
+        else:
+            head = f"α={self.alpha:g}: " if self.alpha is not None else ""
+        return head + ", ".join(parts) + (f"; {', '.join(stacked)}" if stacked else "")
+
+
+def mix_of(adapters: dict[str, Adapter], weights: dict[str, float],
+           schedule: AlphaSchedule | None = None) -> AdapterMix:
+    """An ``AdapterMix`` over adapters already read (checks bases, stacking and the schedule's rules)."""
+    check_same_base(adapters)
+    mix = AdapterMix(dict(adapters), dict(weights), stacked_parents(adapters), schedule)
+    if schedule is not None and not schedule.is_constant:
+        if set(adapters) != {"sft", "pt"}:
+            raise UserError("an alpha schedule weighs an --sft/--pt pair; a single --adapter has weight 1")
+        schedule.check_against(mix.modules())
+    return mix
+
+
+def resolve_mix(
+    adapter: str | Path | None = None,
+    sft: str | Path | None = None,
+    pt: str | Path | None = None,
+    alpha: float | None = None,
+    w_sft: float | None = None,
+    w_pt: float | None = None,
+    schedule: str | Path | AlphaSchedule | None = None,
+) -> AdapterMix | None:
+    """The one reading of the adapter flags every command makes; None when no adapter is named.
+
+    Args:
+        adapter: one adapter dir (weight 1; a stacked SFT run brings its PT run along).
+        sft, pt: the study's pair.
+        alpha: w_sft = α, w_pt = 1 − α, α in [0, 1] (``DEFAULT_ALPHA`` when no weights are given).
+        w_sft, w_pt: explicit weights instead of α (any finite numbers).
+        schedule: an alpha schedule (file or object) instead of α.
+
+    Raises:
+        UserError: conflicting or incomplete flags, α outside [0, 1], a bad schedule, broken stacking.
+    """
+    check_adapter_choice(adapter, sft, pt, alpha)
+    weights_given = w_sft is not None or w_pt is not None
+    if adapter is not None:
+        if alpha is not None or weights_given or schedule is not None:
+            raise UserError("--alpha/--alpha-schedule/--w-sft/--w-pt weigh an --sft/--pt pair; "
+                            "an --adapter is used with weight 1")
+        return mix_of(with_stacked_parent(read_adapter(adapter)), {"adapter": 1.0})
+    if sft is None:
+        if weights_given or schedule is not None:
+            raise UserError("--alpha-schedule/--w-sft/--w-pt need --sft RUN --pt RUN")
+        return None
+    if schedule is not None and weights_given:
+        raise UserError("give either --alpha-schedule or --w-sft/--w-pt, not both")
+    if weights_given:
+        weights = pair_weights(alpha, w_sft, w_pt)
+        return mix_of(load_pair(sft, pt), weights)
+    plan = resolve_schedule(alpha, schedule)
+    return mix_of(load_pair(sft, pt), alpha_weights(plan.default), plan if not plan.is_constant else None)
+
+
+def weighted_delta(adapters: dict[str, Adapter], module: str, coefficients: dict[str, float]) -> mx.array | None:
+    """Σ cᵢ·ΔWᵢ (out × in, fp32) of one module over the adapters that carry it; None when none does.
+
+    Each ΔWᵢ comes from ``Adapter.delta`` (the one place a module's update is formed from its factors).
+    """
+    total = None
+    for name, adapter in adapters.items():
+        c = coefficients.get(name, 0.0)
+        if c == 0.0 or not adapter.has(module):
+            continue
+        term = c * adapter.delta(module)
+        if total is not None and term.shape != total.shape:
+            raise UserError(f"{adapter.path or name}: {module} has ΔW of shape {tuple(term.shape)}, other adapters "
+                            f"{tuple(total.shape)} (adapters for different models?)")
+        total = term if total is None else total + term
+    return total
+
+
+def weighted_factors(adapters: dict[str, Adapter], module: str,
+                     coefficients: dict[str, float]) -> tuple[mx.array, mx.array] | None:
+    """Low-rank factors (A: in × Σr, B: Σr × out, fp32) with A @ B = (Σ cᵢ·ΔWᵢ)ᵀ exactly: the adapters'
+    factors concatenated along the rank, coefficient and scale folded into B (peft's ``cat``)."""
+    parts = [(a, b * coefficients[name]) for name, adapter in adapters.items()
+             if coefficients.get(name, 0.0) != 0.0 and adapter.has(module)
+             for a, b in [adapter.factors(module)]]
+    if not parts:
+        return None
+    return mx.concatenate([a for a, _ in parts], axis=1), mx.concatenate([b for _, b in parts], axis=0)
+
+
+def relative_norm(diff: Any, ref: Any) -> float:
+    """‖diff‖ / ‖ref‖ (Frobenius, in float64; MLX or numpy arrays); ‖diff‖ itself when ref is 0 and inf never."""
+    import numpy as np
+
+    def norm(x: Any) -> float:
+        x = np.asarray(x.astype(mx.float32) if isinstance(x, mx.array) else x, dtype=np.float64)
+        return float(np.linalg.norm(x))
+
+    ref_norm, diff_norm = norm(ref), norm(diff)
+    return diff_norm / ref_norm if ref_norm > 0 else diff_norm
