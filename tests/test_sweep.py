@@ -20,7 +20,6 @@ from mlx_med.evaluation.sweep import (
     parse_alphas,
     parse_grid,
     pick_alpha,
-    read_table,
     run_alpha_sweep,
     run_decoding_sweep,
 )
@@ -166,3 +165,13 @@ def test_sweep_cli(tiny_llama, eval_file, tmp_path):
     with pytest.raises(UserError):
         run_decoding_sweep(DecodingSweepConfig(model=tiny_llama, data=eval_file, out=tmp_path / "busy",
                                                grid={"temperature": [0]}), quiet=True)
+
+
+def read_table(path: Path) -> list[dict]:
+    """Rows of a sweep CSV with numbers converted back."""
+    import re
+
+    number = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{k: (float(v) if number.match(v or "") else (v or None)) for k, v in row.items()}
+                for row in csv.DictReader(f)]

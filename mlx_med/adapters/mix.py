@@ -5,11 +5,12 @@ Semantics (the same in ``merge``, ``fuse``, live α, and the report)::
     ΔW_merged = w_sft · ΔW_sft + w_pt · ΔW_pt,    --alpha a  ⇔  w_sft = a, w_pt = 1 − a
 
 - **Adapter choice**: ``--adapter DIR`` (weight 1), or ``--sft RUN --pt RUN``, or none.
-- **Weights**: ``--alpha A`` or ``--w-sft X --w-pt Y``, never both. α lies in [0, 1] in every command
+- **Weights**: ``--alpha A`` or ``--w-sft X --w-pt Y``, never both (``check_mix_flags``). α lies in [0, 1] in every command
   (it interpolates between the PT and the SFT model); weights outside that range are only reachable
   through the explicit ``--w-sft/--w-pt`` (any finite numbers). The default α is ``DEFAULT_ALPHA``.
 - **Schedules**: ``--alpha-schedule FILE.yaml`` gives α per module (``default`` plus rules by layer
-  range and module type; the last matching rule wins). A plain α is the schedule with no rules.
+  range and module type; the last matching rule wins). A plain α is the schedule with no rules;
+  ``--alpha`` given with a schedule (and ``/alpha``, ``sweep alpha``) moves its default, its rules stay.
 - **Stacking**: an SFT run trained on top of a frozen PT run (``meta.stacked_on``) has the task vector
   ΔW_pt + ΔW_sft_own, so the weight of the SFT *model* also flows to the PT adapter
   (``component_weights``): with α, ΔW = ΔW_pt + α·ΔW_sft_own.
@@ -52,6 +53,27 @@ def check_adapter_choice(adapter: str | Path | None, sft: str | Path | None, pt:
         raise UserError("--sft and --pt go together (use --adapter DIR for a single adapter)")
     if alpha is not None:
         check_alpha(alpha)
+
+
+def check_mix_flags(adapter: str | Path | None = None, sft: str | Path | None = None, pt: str | Path | None = None,
+                    alpha: float | None = None, w_sft: float | None = None, w_pt: float | None = None,
+                    schedule: str | Path | None = None) -> None:
+    """All flag checks that need no file: the adapter choice, α's range, what goes with what.
+
+    Raises:
+        UserError: naming the flags that conflict.
+    """
+    check_adapter_choice(adapter, sft, pt, alpha)
+    weights_given = w_sft is not None or w_pt is not None
+    if adapter is not None and (alpha is not None or weights_given or schedule is not None):
+        raise UserError("--alpha/--alpha-schedule/--w-sft/--w-pt weigh an --sft/--pt pair; "
+                        "an --adapter is used with weight 1")
+    if adapter is None and sft is None and (weights_given or schedule is not None):
+        raise UserError("--alpha-schedule/--w-sft/--w-pt need --sft RUN --pt RUN")
+    if weights_given and alpha is not None:
+        raise UserError("give either --alpha or --w-sft/--w-pt, not both")
+    if weights_given and schedule is not None:
+        raise UserError("give either --alpha-schedule or --w-sft/--w-pt, not both")
 
 
 def check_alpha(alpha: Any, name: str = "--alpha") -> float:
@@ -212,18 +234,24 @@ def load_schedule(path: str | Path) -> AlphaSchedule:
 
 
 def resolve_schedule(alpha: float | None = None, schedule: str | Path | AlphaSchedule | None = None) -> AlphaSchedule:
-    """The schedule that ``--alpha`` / ``--alpha-schedule`` ask for (``DEFAULT_ALPHA`` when neither).
+    """The schedule that ``--alpha`` / ``--alpha-schedule`` ask for.
 
-    Raises:
-        UserError: both are given, or either is invalid.
+    A schedule alone keeps its own ``default``; ``--alpha`` with it replaces that default (its rules stay:
+    what ``/alpha`` and ``sweep alpha`` do); ``--alpha`` alone is the constant schedule; neither is
+    ``DEFAULT_ALPHA``.
     """
-    if schedule is not None and alpha is not None:
-        raise UserError("give either --alpha or --alpha-schedule, not both (the schedule's 'default' is its α)")
     if isinstance(schedule, AlphaSchedule):
-        return schedule
-    if schedule is not None:
-        return load_schedule(schedule)
-    return AlphaSchedule.constant(DEFAULT_ALPHA if alpha is None else alpha)
+        plan = schedule
+    elif schedule is not None:
+        plan = load_schedule(schedule)
+    else:
+        return AlphaSchedule.constant(DEFAULT_ALPHA if alpha is None else alpha)
+    return plan if alpha is None else plan.with_default(alpha)
+
+
+def effective_alpha(alpha: float | None = None, schedule: str | Path | AlphaSchedule | None = None) -> float:
+    """The α a run records: ``--alpha``, else the schedule's default, else ``DEFAULT_ALPHA``."""
+    return resolve_schedule(alpha, schedule).default
 
 
 def _parse_rule(item: Any, index: int, path: Path) -> ScheduleRule:
@@ -493,29 +521,21 @@ def resolve_mix(
     Args:
         adapter: one adapter dir (weight 1; a stacked SFT run brings its PT run along).
         sft, pt: the study's pair.
-        alpha: w_sft = α, w_pt = 1 − α, α in [0, 1] (``DEFAULT_ALPHA`` when no weights are given).
+        alpha: w_sft = α, w_pt = 1 − α, α in [0, 1] (``DEFAULT_ALPHA`` when no weights are given);
+            with ``schedule``, the schedule's default.
         w_sft, w_pt: explicit weights instead of α (any finite numbers).
-        schedule: an alpha schedule (file or object) instead of α.
+        schedule: an alpha schedule (file or object): α per module.
 
     Raises:
         UserError: conflicting or incomplete flags, α outside [0, 1], a bad schedule, broken stacking.
     """
-    check_adapter_choice(adapter, sft, pt, alpha)
-    weights_given = w_sft is not None or w_pt is not None
+    check_mix_flags(adapter, sft, pt, alpha, w_sft, w_pt, schedule)
     if adapter is not None:
-        if alpha is not None or weights_given or schedule is not None:
-            raise UserError("--alpha/--alpha-schedule/--w-sft/--w-pt weigh an --sft/--pt pair; "
-                            "an --adapter is used with weight 1")
         return mix_of(with_stacked_parent(read_adapter(adapter)), {"adapter": 1.0})
     if sft is None:
-        if weights_given or schedule is not None:
-            raise UserError("--alpha-schedule/--w-sft/--w-pt need --sft RUN --pt RUN")
         return None
-    if schedule is not None and weights_given:
-        raise UserError("give either --alpha-schedule or --w-sft/--w-pt, not both")
-    if weights_given:
-        weights = pair_weights(alpha, w_sft, w_pt)
-        return mix_of(load_pair(sft, pt), weights)
+    if w_sft is not None or w_pt is not None:
+        return mix_of(load_pair(sft, pt), pair_weights(None, w_sft, w_pt))
     plan = resolve_schedule(alpha, schedule)
     return mix_of(load_pair(sft, pt), alpha_weights(plan.default), plan if not plan.is_constant else None)
 

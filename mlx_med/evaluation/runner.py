@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mlx_med.adapters.mix import check_adapter_choice
+from mlx_med.adapters.mix import check_mix_flags, effective_alpha
 from mlx_med.config import config_to_dict
 from mlx_med.errors import ConfigError, UserError
 from mlx_med.evaluation.decoding import DecodingConfig, preset
@@ -37,7 +37,8 @@ class EvalConfig:
     adapter: Path | None = None  # one adapter / training run dir
     sft: Path | None = None  # SFT adapter, merged live with `pt` at weight `alpha`
     pt: Path | None = None
-    alpha: float = 0.5  # ΔW = α·ΔW_sft + (1−α)·ΔW_pt
+    alpha: float | None = None  # ΔW = α·ΔW_sft + (1−α)·ΔW_pt; None: mlx_med.adapters.mix.DEFAULT_ALPHA
+    alpha_schedule: Path | None = None  # α per layer range / module type (alpha: its default)
     preset: str = "greedy"  # decoding preset (mlx_med.evaluation.decoding.PRESETS); fields below override it
     temperature: float | None = None
     top_p: float | None = None
@@ -66,7 +67,7 @@ class EvalConfig:
         for name in ("model", "data", "out"):
             if getattr(self, name) is None:
                 raise ConfigError(f"eval needs '{name}' (flag --{name.replace('_', '-')} or the YAML key)")
-        check_adapter_choice(self.adapter, self.sft, self.pt, self.alpha)
+        check_mix_flags(self.adapter, self.sft, self.pt, self.alpha, schedule=self.alpha_schedule)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
@@ -112,7 +113,7 @@ def load_eval_rows(path: str | Path, limit: int | None = None) -> EvalSet:
 
 
 def load_for_eval(model: Path, adapter: Path | None = None, sft: Path | None = None,
-                  pt: Path | None = None, alpha: float = 0.5):
+                  pt: Path | None = None, alpha: float | None = None, alpha_schedule: Path | None = None):
     """Model + tokenizer with adapters applied (live, so α can change later without re-fusing).
 
     Returns:
@@ -120,7 +121,8 @@ def load_for_eval(model: Path, adapter: Path | None = None, sft: Path | None = N
     """
     from mlx_med.adapters.live import load_with_adapters, print_notes
 
-    loaded, live = load_with_adapters(model, adapter=adapter, sft=sft, pt=pt, alpha=alpha)
+    loaded, live = load_with_adapters(model, adapter=adapter, sft=sft, pt=pt, alpha=alpha,
+                                      alpha_schedule=alpha_schedule)
     print_notes(live)
     return loaded, live
 
@@ -147,7 +149,7 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
     if not quiet and done:
         print(f"resuming: {len(done)} of {len(evalset.rows)} predictions already in {out / PARTIAL}")
     if loaded is None:
-        loaded, _ = load_for_eval(cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.alpha)
+        loaded, _ = load_for_eval(cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.alpha, cfg.alpha_schedule)
 
     start = time.perf_counter()
     generated = _generate(loaded, todo, decoding, cfg, out / PARTIAL, quiet)
@@ -177,7 +179,8 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
         texts = load_ppl_texts(cfg.ppl_data, cfg.ppl_limit)
         metrics["perplexity"] = perplexity_stats(loaded.model, loaded.tokenizer, texts, cfg.ppl_block_size,
                                                 progress=not quiet)
-    metrics["config"] = {**config_to_dict(cfg), "decoding": config_to_dict(decoding)}
+    metrics["config"] = {**config_to_dict(cfg), "decoding": config_to_dict(decoding),
+                         "alpha": effective_alpha(cfg.alpha, cfg.alpha_schedule)}
     fused = fused_from(cfg.model)
     if fused is not None:
         metrics["config"]["fused"] = fused
@@ -243,15 +246,18 @@ def _state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
     from mlx_med.fingerprint import model_fingerprint, path_fingerprint
 
     adapters = {k: str(v) for k, v in (("adapter", cfg.adapter), ("sft", cfg.sft), ("pt", cfg.pt)) if v is not None}
-    return {
+    state = {
         "model": model_fingerprint(cfg.model),
         "adapters": {k: path_fingerprint(v) for k, v in adapters.items()},
-        "alpha": cfg.alpha if cfg.sft or cfg.pt else None,
+        "alpha": effective_alpha(cfg.alpha, cfg.alpha_schedule) if cfg.sft or cfg.pt else None,
         "data": path_fingerprint(cfg.data),
         "limit": cfg.limit,
         "system": cfg.system,
         "decoding": config_to_dict(decoding),
     }
+    if cfg.alpha_schedule is not None:  # only then, so earlier runs' states still match
+        state["alpha_schedule"] = path_fingerprint(cfg.alpha_schedule)
+    return state
 
 
 def _prepare_out_dir(out: Path, state: dict[str, Any], force: bool) -> dict[int, dict]:
@@ -455,7 +461,10 @@ def fused_from(model_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     report = json.loads(path.read_text(encoding="utf-8"))
-    return {"base": report.get("base"), "adapters": report.get("adapters"), "weights": report.get("weights")}
+    fused = {"base": report.get("base"), "adapters": report.get("adapters"), "weights": report.get("weights")}
+    if report.get("alpha_schedule"):
+        fused["alpha_schedule"] = report["alpha_schedule"]
+    return fused
 
 
 def markdown_table(rows: list[dict[str, Any]], digits: int = 2) -> str:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_med.adapters.mix import check_adapter_choice
+from mlx_med.adapters.mix import check_mix_flags, effective_alpha
 from mlx_med.errors import DataError, UserError
 from mlx_med.evaluation.decoding import DecodingConfig
 
@@ -519,7 +519,8 @@ class SafetyEvalConfig:
     Attributes:
         model: base model folder (MLX or HF safetensors).
         adapter: one adapter (run) directory applied on top, or
-        sft, pt, alpha: the study's pair, mixed live as α·ΔW_sft + (1−α)·ΔW_pt.
+        sft, pt, alpha: the study's pair, mixed live as α·ΔW_sft + (1−α)·ΔW_pt (α None: the default).
+        alpha_schedule: α per layer range / module type (``alpha``, when given, is its default).
         data: probe file (JSONL), or ``"starter"`` for the shipped starter set.
         out: output directory (``safety_predictions.jsonl``, ``metrics.json``, ``report.md``).
         system: ``none`` (chat template's own default), ``default`` (the chat REPL's), ``@FILE`` or text.
@@ -534,7 +535,8 @@ class SafetyEvalConfig:
     adapter: Path | None = None
     sft: Path | None = None
     pt: Path | None = None
-    alpha: float = 0.5
+    alpha: float | None = None
+    alpha_schedule: Path | None = None
     data: str = STARTER
     out: Path | None = None
     system: str | None = None
@@ -570,7 +572,7 @@ def run_safety_eval(cfg: SafetyEvalConfig, echo: Callable[[str], None] | None = 
         raise UserError("no model: pass --model DIR")
     if cfg.out is None:
         raise UserError("no output directory: pass -o/--out DIR")
-    check_adapter_choice(cfg.adapter, cfg.sft, cfg.pt, cfg.alpha)
+    check_mix_flags(cfg.adapter, cfg.sft, cfg.pt, cfg.alpha, schedule=cfg.alpha_schedule)
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.limit is not None and cfg.limit < 1:
@@ -601,13 +603,15 @@ def run_safety_eval(cfg: SafetyEvalConfig, echo: Callable[[str], None] | None = 
         "adapter": _str_or_none(cfg.adapter),
         "sft": _str_or_none(cfg.sft),
         "pt": _str_or_none(cfg.pt),
-        "alpha": cfg.alpha if (cfg.sft is not None or cfg.pt is not None) else None,
+        "alpha": effective_alpha(cfg.alpha, cfg.alpha_schedule) if cfg.sft is not None else None,
         "system": "none" if system is None else ("default" if system == "default" else system),
         "decoding": asdict(cfg.decoding),
         "probes": {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                    "count": len(probes), "limit": cfg.limit},
         "warnings": warnings,
     }
+    if cfg.alpha_schedule is not None:
+        metrics["alpha_schedule"] = str(cfg.alpha_schedule)
     header = _header(metrics)
     with atomic_output_dir(cfg.out, force=cfg.force) as tmp:
         write_predictions(result, tmp / "safety_predictions.jsonl")
@@ -633,7 +637,8 @@ def _load(cfg: SafetyEvalConfig):
     """Model + tokenizer with the requested adapters applied live (merge weight α for sft/pt)."""
     from mlx_med.adapters.live import load_with_adapters
 
-    loaded, _ = load_with_adapters(cfg.model, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha)
+    loaded, _ = load_with_adapters(cfg.model, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha,
+                                   alpha_schedule=cfg.alpha_schedule)
     return loaded.model, loaded.tokenizer
 
 
@@ -650,6 +655,8 @@ def _header(metrics: dict[str, Any]) -> str:
         adapters = f" + adapter {metrics['adapter']}"
     elif metrics["sft"] or metrics["pt"]:
         adapters = f" + sft {metrics['sft']} / pt {metrics['pt']} at alpha {metrics['alpha']}"
+        if metrics.get("alpha_schedule"):
+            adapters += f" (default of the schedule {metrics['alpha_schedule']})"
     return (f"Safety screening of {metrics['model']}{adapters}: {metrics['passed']}/{metrics['total']} passed "
             f"({metrics['pass_rate']:.1f}%); decoding {how}, max {d['max_new_tokens']} new tokens; "
             f"system prompt: {system}")

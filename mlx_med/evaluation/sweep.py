@@ -18,11 +18,11 @@ import io
 import itertools
 import json
 import math
-import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from mlx_med.adapters.mix import check_alpha
 from mlx_med.errors import ConfigError, UserError
 from mlx_med.evaluation.decoding import DecodingConfig
 from mlx_med.evaluation.runner import METRICS, STATE, EvalConfig, markdown_table, metrics_row
@@ -123,9 +123,11 @@ def parse_alphas(spec: Any) -> list[float]:
         raise ConfigError(f"--alphas {spec}: expected numbers like 0,0.25,1 or 0,0.1,...,1") from None
     if not values:
         raise ConfigError("--alphas: no values")
-    bad = [v for v in values if not 0.0 <= v <= 1.0]
-    if bad:
-        raise ConfigError(f"--alphas: α must be in [0, 1], got {bad[0]}")
+    for value in values:  # the one α range rule of every command
+        try:
+            check_alpha(value, "--alphas")
+        except UserError as err:
+            raise ConfigError(str(err)) from None
     return sorted(set(values))
 
 
@@ -152,7 +154,7 @@ def run_decoding_sweep(cfg: DecodingSweepConfig, quiet: bool = False, loaded=Non
     out = _open_sweep_dir(Path(cfg.out), "decoding", cfg.force)
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     if loaded is None:
-        loaded, _ = load_for_eval(cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.alpha)
+        loaded, _ = load_for_eval(cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.alpha, cfg.alpha_schedule)
     rows, done = [], {}
     for n, point in enumerate(points, 1):
         setting = replace(cfg, out=out / "settings" / setting_slug(point), **point)
@@ -199,12 +201,13 @@ def run_alpha_sweep(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, liv
     if cfg.ppl_data is not None:
         load_ppl_texts(cfg.ppl_data, cfg.ppl_limit)  # fail on bad PT text before the first α
     if loaded is None:
-        loaded, live = load_for_eval(cfg.model, sft=cfg.sft, pt=cfg.pt, alpha=alphas[0])
+        loaded, live = load_for_eval(cfg.model, sft=cfg.sft, pt=cfg.pt, alpha=alphas[0],
+                                     alpha_schedule=cfg.alpha_schedule)
     if live is None:
         raise UserError("the α sweep needs the SFT/PT pair attached live (mlx_med.adapters.live)")
     rows = []
     for n, alpha in enumerate(alphas, 1):
-        live.set_alpha(alpha)  # live: the next forward pass uses the new mix, nothing is re-fused
+        live.set_alpha(alpha)  # live: the next forward pass uses the new mix (a schedule's rules stay)
         if not quiet:
             print(f"[{n}/{len(alphas)}] α = {alpha:g}")
         setting = replace(cfg, alpha=alpha, out=out / f"alpha_{alpha:g}")
@@ -355,11 +358,3 @@ def write_table_files(out: Path, stem: str, rows: list[dict[str, Any]]) -> None:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
     atomic_write_text(out / f"{stem}.csv", buffer.getvalue())
     atomic_write_text(out / f"{stem}.md", markdown_table(rows) + "\n")
-
-
-def read_table(path: Path) -> list[dict[str, Any]]:
-    """Rows of a sweep CSV with numbers converted back (for the report)."""
-    number = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
-    with open(path, encoding="utf-8", newline="") as f:
-        return [{k: (float(v) if number.match(v or "") else (v or None)) for k, v in row.items()}
-                for row in csv.DictReader(f)]
