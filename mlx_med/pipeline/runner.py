@@ -201,6 +201,7 @@ def run_pipeline(cfg: PipelineConfig, quiet: bool = False) -> Path:
     """Run (or continue) the pipeline; returns the path of ``report.md``."""
     from mlx_med.backend import seed_everything
 
+    cfg.check()  # a bad config leaves no output folder behind
     seed_everything(cfg.seed)
     out = Layout(Path(cfg.output))
     out.root.mkdir(parents=True, exist_ok=True)
