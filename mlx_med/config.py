@@ -1,7 +1,7 @@
 """YAML recipe -> typed dataclass, with command-line flags on top (flags > YAML > defaults).
 
 Each concern defines its own dataclass next to the code that uses it (``TrainConfig`` in
-``mlx_med/train``, and so on); this module only knows how to fill one from YAML and flags. Unknown
+``mlx_med/train/config.py``, and so on); this module only knows how to fill one from YAML and flags. Unknown
 keys and wrong types are errors that name the file, the line and the key. No mlx here.
 """
 

@@ -118,7 +118,10 @@ def test_alpha_sweep_switches_live_and_picks(tiny_llama, eval_file, tmp_path):
                            alphas="0,0.5,1", ppl_data=ppl, ppl_block_size=8, max_new_tokens=4,
                            safety_probes=probes, limit=2)
 
-    from mlx_med.evaluation.runner import load_for_eval, perplexity
+    from mlx_med.evaluation.runner import load_for_eval, perplexity_stats
+
+    def perplexity(model, tokenizer, texts, block_size):
+        return perplexity_stats(model, tokenizer, texts, block_size)["perplexity"]
 
     loaded, live = load_for_eval(tiny_llama, sft=tmp_path / "sft", pt=tmp_path / "pt", alpha=0.0)
     calls = []
