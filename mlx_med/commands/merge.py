@@ -100,16 +100,16 @@ def command(sft, pt, alpha, w_sft, w_pt, alpha_schedule, method, rank, density, 
 
 def _per_layer_lines(modules) -> list[str]:
     """One line per decoder layer: the worst module's retained energy and errors."""
-    import re
+    from mlx_med.adapters.format import layer_index, module_type
 
     by_layer: dict[str, list] = {}
     for m in modules:
-        match = re.search(r"\.layers\.(\d+)\.", m.module)
-        by_layer.setdefault(match.group(1) if match else m.module, []).append(m)
+        index = layer_index(m.module)
+        by_layer.setdefault(m.module if index is None else str(index), []).append(m)
     lines = []
     for layer, items in sorted(by_layer.items(), key=lambda kv: (len(kv[0]), kv[0])):
         worst = min(items, key=lambda m: m.energy)
-        lines.append(f"  layer {layer}: energy min {worst.energy:.4f} ({worst.module.rsplit('.', 1)[-1]}), "
+        lines.append(f"  layer {layer}: energy min {worst.energy:.4f} ({module_type(worst.module)}), "
                      f"rel error max {max(m.rel_error for m in items):.4f}, "
                      f"vs exact sum max {max(m.rel_diff_linear for m in items):.4f}")
     return lines
