@@ -17,13 +17,8 @@ from random_adapters import ALL, make_adapter
 from mlx_med.adapters.fuse import fuse_model
 from mlx_med.adapters.live import load_with_adapters
 from mlx_med.adapters.merge import merge_adapters, to_numpy
-from mlx_med.adapters.mix import (
-    DEFAULT_ALPHA,
-    AlphaSchedule,
-    load_pair,
-    load_schedule,
-    resolve_mix,
-)
+from mlx_med.adapters.mix import load_pair, resolve_mix
+from mlx_med.adapters.schedule import DEFAULT_ALPHA, AlphaSchedule, load_schedule
 from mlx_med.cli import cli
 from mlx_med.errors import DataError, UserError
 from mlx_med.models import load_model

@@ -22,13 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_med.adapters.mix import (
-    AdapterMix,
-    AlphaSchedule,
-    relative_norm,
-    resolve_mix,
-    weighted_delta,
-)
+from mlx_med.adapters.mix import AdapterMix, relative_norm, resolve_mix, weighted_delta
+from mlx_med.adapters.schedule import AlphaSchedule
 from mlx_med.backend import dequantized_weight
 from mlx_med.errors import UserError
 from mlx_med.io import atomic_output_dir, atomic_write_json
@@ -180,8 +175,6 @@ def fuse_model(
             raise UserError(f"adapter targets {path}, but {model_dir} has {found} there (adapter for another model?)")
         weight = dequantized_weight(layer)
         delta = weighted_delta(adapters, path, mix.coefficients_for(path))
-        if delta is None:
-            delta = mx.zeros(weight.shape, dtype=mx.float32)
         if delta.shape != weight.shape:
             raise UserError(f"{path}: the adapters' ΔW has shape {tuple(delta.shape)} but the model's weight "
                             f"is {tuple(weight.shape)} (adapter trained on another model?)")

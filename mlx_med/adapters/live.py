@@ -27,7 +27,8 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mlx_med.adapters.format import Adapter
-from mlx_med.adapters.mix import AdapterMix, AlphaSchedule, mix_of, resolve_mix
+from mlx_med.adapters.mix import AdapterMix, mix_of, resolve_mix
+from mlx_med.adapters.schedule import AlphaSchedule
 from mlx_med.errors import UserError
 
 

@@ -33,7 +33,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_med.adapters.format import WEIGHTS_FILE, Adapter, AdapterMeta, factor_weights, runtime_versions
-from mlx_med.adapters.mix import AlphaSchedule, mix_of, relative_norm
+from mlx_med.adapters.mix import component_weights, mix_of, relative_norm, weighted_delta
+from mlx_med.adapters.schedule import AlphaSchedule
 from mlx_med.errors import UserError
 
 METHODS = ("linear", "svd", "ties", "dare")
@@ -165,7 +166,8 @@ def merge_adapters(
             a_new, b_new, energy, err = _truncate_factors(a_cat, b_cat, rank)
             report = ModuleReport(module, rank, energy, err, err)
         else:
-            tasks = _task_vectors(names, a_parts, b_parts, parents)
+            # Each model's task vector (a stacked child's includes its parent's), and the exact weighted sum.
+            tasks = [to_numpy(weighted_delta(adapters, module, component_weights({n: 1.0}, parents))) for n in names]
             module_weights = mix.weights_for(module)
             task_weights = np.array([module_weights[n] for n in names])
             if method == "ties":
@@ -173,7 +175,7 @@ def merge_adapters(
             else:
                 dense = dare_delta(tasks, task_weights, density, _module_seed(seed, module))
             a_new, b_new, energy, err = _truncate_dense(dense, rank)
-            exact = b_cat.T @ a_cat.T
+            exact = to_numpy(weighted_delta(adapters, module, module_coefficients))
             kept = b_new.T @ a_new.T
             report = ModuleReport(module, rank, energy, err, relative_norm(kept - exact, exact))
         new_weights.update(factor_weights(module, a_new.astype(np.float32), b_new.astype(np.float32)))
@@ -254,19 +256,6 @@ def dare_delta(tasks: list[np.ndarray], weights: np.ndarray, density: float, see
 def to_numpy(array: mx.array) -> np.ndarray:
     """An MLX array as float64 numpy (numpy has no bfloat16, so go through fp32)."""
     return np.array(array.astype(mx.float32), dtype=np.float64)
-
-
-def _task_vectors(names, a_parts, b_parts, parents) -> list[np.ndarray]:
-    """Dense ΔW of each *model* (a stacked child's includes its ancestors')."""
-    own = {n: b.T @ a.T for n, a, b in zip(names, a_parts, b_parts)}
-    out = []
-    for name in names:
-        total, node = np.zeros_like(own[name]), name
-        while node is not None:
-            total += own[node]
-            node = parents.get(node)
-        out.append(total)
-    return out
 
 
 def _keep_top(tensor: np.ndarray, density: float) -> np.ndarray:

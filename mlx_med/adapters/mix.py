@@ -5,36 +5,32 @@ Semantics (the same in ``merge``, ``fuse``, live α, and the report)::
     ΔW_merged = w_sft · ΔW_sft + w_pt · ΔW_pt,    --alpha a  ⇔  w_sft = a, w_pt = 1 − a
 
 - **Adapter choice**: ``--adapter DIR`` (weight 1), or ``--sft RUN --pt RUN``, or none.
-- **Weights**: ``--alpha A`` or ``--w-sft X --w-pt Y``, never both (``check_mix_flags``). α lies in [0, 1] in every command
-  (it interpolates between the PT and the SFT model); weights outside that range are only reachable
-  through the explicit ``--w-sft/--w-pt`` (any finite numbers). The default α is ``DEFAULT_ALPHA``.
-- **Schedules**: ``--alpha-schedule FILE.yaml`` gives α per module (``default`` plus rules by layer
-  range and module type; the last matching rule wins). A plain α is the schedule with no rules;
-  ``--alpha`` given with a schedule (and ``/alpha``, ``sweep alpha``) moves its default, its rules stay.
+- **Weights**: ``--alpha A`` or ``--w-sft X --w-pt Y``, never both (``check_mix_flags``). α lies in
+  [0, 1] in every command and defaults to 0.5 (``mlx_med.adapters.schedule``: ``check_alpha``,
+  ``DEFAULT_ALPHA``); explicit w's may be any finite numbers.
+- **Schedules**: ``--alpha-schedule FILE.yaml`` gives α per module (``schedule.AlphaSchedule``); a plain α
+  is the schedule with no rules; ``--alpha`` given with a schedule (and ``/alpha``, ``sweep alpha``) moves
+  its default, its rules stay.
 - **Stacking**: an SFT run trained on top of a frozen PT run (``meta.stacked_on``) has the task vector
   ΔW_pt + ΔW_sft_own, so the weight of the SFT *model* also flows to the PT adapter
   (``component_weights``): with α, ΔW = ΔW_pt + α·ΔW_sft_own.
 
-``weighted_delta`` is the one dense Σ cᵢ·ΔWᵢ of a module (fuse; merge's dense methods and live α use the
-same coefficients on the factors). This module loads no model; it reads adapter dirs and schedule files.
+``resolve_mix`` turns the flags into an ``AdapterMix``, whose ``coefficients_for(module)`` fuse, merge and
+live α all use; ``weighted_delta`` is the one dense Σ cᵢ·ΔWᵢ of a module. No model is loaded here.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-from mlx_med.adapters.format import WEIGHTS_FILE, Adapter, layer_index, module_type, read_adapter
-from mlx_med.errors import DataError, UserError
-
-DEFAULT_ALPHA = 0.5
-ALPHA_RANGE = (0.0, 1.0)
-
+from mlx_med.adapters.format import WEIGHTS_FILE, Adapter, read_adapter
+from mlx_med.adapters.schedule import AlphaSchedule, alpha_weights, check_alpha, resolve_schedule
+from mlx_med.errors import UserError
 
 # ------------------------------------------------------------------------------------- the rule
 
@@ -76,28 +72,6 @@ def check_mix_flags(adapter: str | Path | None = None, sft: str | Path | None = 
         raise UserError("give either --alpha-schedule or --w-sft/--w-pt, not both")
 
 
-def check_alpha(alpha: Any, name: str = "--alpha") -> float:
-    """α as a float, if it is a number in [0, 1] (the one range rule of every command).
-
-    Raises:
-        UserError: not a number, or outside [0, 1] (the message points at ``--w-sft/--w-pt``).
-    """
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a number in [0, 1], got {alpha!r}") from None
-    low, high = ALPHA_RANGE
-    if not (math.isfinite(value) and low <= value <= high):
-        raise UserError(f"{name} must be in [0, 1], got {alpha} (for other weights give --w-sft X --w-pt Y)")
-    return value
-
-
-def alpha_weights(alpha: float) -> dict[str, float]:
-    """``{"sft": α, "pt": 1 − α}`` for a checked α."""
-    alpha = check_alpha(alpha)
-    return {"sft": alpha, "pt": 1.0 - alpha}
-
-
 def pair_weights(alpha: float | None = None, w_sft: float | None = None, w_pt: float | None = None) -> dict[str, float]:
     """The user's weights ``{"sft": w_sft, "pt": w_pt}`` from ``--alpha`` or ``--w-sft/--w-pt``.
 
@@ -118,191 +92,6 @@ def pair_weights(alpha: float | None = None, w_sft: float | None = None, w_pt: f
         if not math.isfinite(float(value)):
             raise UserError(f"{name} must be a finite number, got {value}")
     return {"sft": float(w_sft), "pt": float(w_pt)}
-
-
-# -------------------------------------------------------------------------------------- schedules
-
-
-@dataclass
-class ScheduleRule:
-    """α for the modules matching ``layers`` (inclusive ranges) and ``modules`` (module types)."""
-
-    alpha: float
-    layers: list[tuple[int, int]] | None = None
-    modules: list[str] | None = None
-    index: int = 0
-
-    def matches(self, module_path: str) -> bool:
-        if self.layers is not None:
-            layer = layer_index(module_path)
-            if layer is None or not any(lo <= layer <= hi for lo, hi in self.layers):
-                return False
-        return self.modules is None or module_type(module_path) in self.modules
-
-
-@dataclass
-class AlphaSchedule:
-    """α per module: ``default`` unless a rule matches (the last matching rule wins).
-
-    A plain α is ``AlphaSchedule.constant(α)``; ``source`` is the file it came from (None for a plain α).
-    """
-
-    default: float = DEFAULT_ALPHA
-    rules: list[ScheduleRule] = field(default_factory=list)
-    source: Path | None = None
-
-    @classmethod
-    def constant(cls, alpha: float = DEFAULT_ALPHA) -> AlphaSchedule:
-        return cls(check_alpha(alpha))
-
-    @property
-    def is_constant(self) -> bool:
-        return not self.rules
-
-    def with_default(self, alpha: float) -> AlphaSchedule:
-        """The same rules with another default (``/alpha`` and ``sweep alpha`` move the default)."""
-        return AlphaSchedule(check_alpha(alpha), list(self.rules), self.source)
-
-    def alpha_for(self, module_path: str) -> float:
-        alpha = self.default
-        for rule in self.rules:
-            if rule.matches(module_path):
-                alpha = rule.alpha
-        return alpha
-
-    def weights_for(self, module_path: str) -> dict[str, float]:
-        """``{"sft": α_m, "pt": 1 − α_m}`` for one module path."""
-        alpha = self.alpha_for(module_path)
-        return {"sft": alpha, "pt": 1.0 - alpha}
-
-    def check_against(self, modules: list[str]) -> None:
-        """Refuse rules naming a layer or module type the adapters do not touch (file, rule, field)."""
-        layers = {i for i in (layer_index(m) for m in modules) if i is not None}
-        types = {module_type(m) for m in modules}
-        where = self.source or "alpha schedule"
-        for rule in self.rules:
-            for lo, hi in rule.layers or []:
-                missing = [i for i in range(lo, hi + 1) if i not in layers]
-                if missing:
-                    raise DataError(where, None, f"rules[{rule.index}].layers",
-                                    f"layer {missing[0]} is not adapted (adapted layers: {_ranges(sorted(layers))})")
-            for name in rule.modules or []:
-                if name not in types:
-                    raise DataError(where, None, f"rules[{rule.index}].modules",
-                                    f"{name!r} is not an adapted module type (adapted: {', '.join(sorted(types))})")
-
-    def describe(self) -> str:
-        """``α = 0.5`` or ``α schedule FILE (default 0.5, 2 rules)``."""
-        if self.is_constant:
-            return f"α = {self.default:g}"
-        return f"α schedule {self.source or ''} (default {self.default:g}, {len(self.rules)} rules)".replace("  ", " ")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "source": str(self.source) if self.source else None, "default": self.default,
-            "rules": [{"layers": [f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in r.layers] if r.layers else None,
-                       "modules": r.modules, "alpha": r.alpha} for r in self.rules],
-        }
-
-
-def load_schedule(path: str | Path) -> AlphaSchedule:
-    """Read a schedule file: ``{default: A, rules: [{layers: "20-29", modules: [gate_proj], alpha: B}]}``.
-
-    Raises:
-        DataError: naming the file, rule index and field of a bad value.
-    """
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"alpha schedule not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise DataError(path, None, None, "an alpha schedule is a mapping with 'default' and 'rules'")
-    unknown = sorted(set(raw) - {"default", "rules"})
-    if unknown:
-        raise DataError(path, None, unknown[0], "unknown key (expected 'default' and 'rules')")
-    default = _schedule_alpha(raw.get("default", DEFAULT_ALPHA), path, "default")
-    rules_raw = raw.get("rules") or []
-    if not isinstance(rules_raw, list):
-        raise DataError(path, None, "rules", "must be a list of rules")
-    rules = [_parse_rule(item, i, path) for i, item in enumerate(rules_raw)]
-    return AlphaSchedule(default, rules, path)
-
-
-def resolve_schedule(alpha: float | None = None, schedule: str | Path | AlphaSchedule | None = None) -> AlphaSchedule:
-    """The schedule that ``--alpha`` / ``--alpha-schedule`` ask for.
-
-    A schedule alone keeps its own ``default``; ``--alpha`` with it replaces that default (its rules stay:
-    what ``/alpha`` and ``sweep alpha`` do); ``--alpha`` alone is the constant schedule; neither is
-    ``DEFAULT_ALPHA``.
-    """
-    if isinstance(schedule, AlphaSchedule):
-        plan = schedule
-    elif schedule is not None:
-        plan = load_schedule(schedule)
-    else:
-        return AlphaSchedule.constant(DEFAULT_ALPHA if alpha is None else alpha)
-    return plan if alpha is None else plan.with_default(alpha)
-
-
-def effective_alpha(alpha: float | None = None, schedule: str | Path | AlphaSchedule | None = None) -> float:
-    """The α a run records: ``--alpha``, else the schedule's default, else ``DEFAULT_ALPHA``."""
-    return resolve_schedule(alpha, schedule).default
-
-
-def _parse_rule(item: Any, index: int, path: Path) -> ScheduleRule:
-    where = f"rules[{index}]"
-    if not isinstance(item, dict):
-        raise DataError(path, None, where, "a rule is a mapping with 'alpha' and optional 'layers', 'modules'")
-    unknown = sorted(set(item) - {"layers", "modules", "alpha"})
-    if unknown:
-        raise DataError(path, None, f"{where}.{unknown[0]}", "unknown key (expected layers, modules, alpha)")
-    if "alpha" not in item:
-        raise DataError(path, None, f"{where}.alpha", "missing")
-    alpha = _schedule_alpha(item["alpha"], path, f"{where}.alpha")
-    layers = None
-    if item.get("layers") is not None:
-        specs = item["layers"] if isinstance(item["layers"], list) else [item["layers"]]
-        layers = [_layer_range(s, path, f"{where}.layers") for s in specs]
-    modules = None
-    if item.get("modules") is not None:
-        names = item["modules"] if isinstance(item["modules"], list) else [item["modules"]]
-        if not names or not all(isinstance(n, str) and n.strip() for n in names):
-            raise DataError(path, None, f"{where}.modules", "expected module type names such as [q_proj, v_proj]")
-        modules = [n.strip().rsplit(".", 1)[-1] for n in names]
-    return ScheduleRule(alpha, layers, modules, index)
-
-
-def _schedule_alpha(value: Any, path: Path, where: str) -> float:
-    try:
-        return check_alpha(value, name="alpha")
-    except UserError as err:
-        raise DataError(path, None, where, str(err).split(" (for other")[0]) from None
-
-
-def _layer_range(spec: Any, path: Path, where: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(spec))
-    if isinstance(spec, bool) or not match:
-        raise DataError(path, None, where, f"{spec!r}: expected a layer like \"7\" or a range like \"20-29\"")
-    lo, hi = int(match[1]), int(match[2] or match[1])
-    if hi < lo:
-        raise DataError(path, None, where, f"{spec!r}: the range must not decrease")
-    return lo, hi
-
-
-def _ranges(numbers: list[int]) -> str:
-    if not numbers:
-        return "none"
-    out, start = [], numbers[0]
-    for prev, cur in zip(numbers, numbers[1:] + [None]):
-        if cur != prev + 1 if cur is not None else True:
-            out.append(f"{start}-{prev}" if prev != start else str(start))
-            start = cur
-    return ", ".join(out)
 
 
 # ----------------------------------------------------------------------------------- adapter sets
@@ -543,31 +332,26 @@ def resolve_mix(
 def weighted_delta(adapters: dict[str, Adapter], module: str, coefficients: dict[str, float]) -> mx.array | None:
     """Σ cᵢ·ΔWᵢ (out × in, fp32) of one module over the adapters that carry it; None when none does.
 
-    Each ΔWᵢ comes from ``Adapter.delta`` (the one place a module's update is formed from its factors).
+    Each ΔWᵢ comes from ``Adapter.delta`` (the one place a module's update is formed from its factors);
+    adapters at coefficient 0 are skipped (all at 0: a zero ΔW).
     """
+    carriers = {n: a for n, a in adapters.items() if a.has(module)}
+    if not carriers:
+        return None
     total = None
-    for name, adapter in adapters.items():
+    for name, adapter in carriers.items():
         c = coefficients.get(name, 0.0)
-        if c == 0.0 or not adapter.has(module):
+        if c == 0.0:
             continue
         term = c * adapter.delta(module)
         if total is not None and term.shape != total.shape:
             raise UserError(f"{adapter.path or name}: {module} has ΔW of shape {tuple(term.shape)}, other adapters "
                             f"{tuple(total.shape)} (adapters for different models?)")
         total = term if total is None else total + term
+    if total is None:
+        in_dims, out_dims = next(iter(carriers.values())).dims(module)
+        total = mx.zeros((out_dims, in_dims), dtype=mx.float32)
     return total
-
-
-def weighted_factors(adapters: dict[str, Adapter], module: str,
-                     coefficients: dict[str, float]) -> tuple[mx.array, mx.array] | None:
-    """Low-rank factors (A: in × Σr, B: Σr × out, fp32) with A @ B = (Σ cᵢ·ΔWᵢ)ᵀ exactly: the adapters'
-    factors concatenated along the rank, coefficient and scale folded into B (peft's ``cat``)."""
-    parts = [(a, b * coefficients[name]) for name, adapter in adapters.items()
-             if coefficients.get(name, 0.0) != 0.0 and adapter.has(module)
-             for a, b in [adapter.factors(module)]]
-    if not parts:
-        return None
-    return mx.concatenate([a for a, _ in parts], axis=1), mx.concatenate([b for _, b in parts], axis=0)
 
 
 def relative_norm(diff: Any, ref: Any) -> float:

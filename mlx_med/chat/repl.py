@@ -149,7 +149,7 @@ class ChatSession:
 
     def set_alpha(self, alpha: float) -> None:
         """Switch the SFT/PT mix without reloading; the KV cache was computed with the old weights."""
-        from mlx_med.adapters.mix import check_alpha
+        from mlx_med.adapters.schedule import check_alpha
 
         if self.adapters is None:
             raise UserError("/alpha needs two adapters: start with --sft RUN --pt RUN")

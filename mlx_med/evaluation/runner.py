@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mlx_med.adapters.mix import check_mix_flags, effective_alpha
+from mlx_med.adapters.mix import check_mix_flags
+from mlx_med.adapters.schedule import effective_alpha
 from mlx_med.config import config_to_dict
 from mlx_med.errors import ConfigError, UserError
 from mlx_med.evaluation.decoding import DecodingConfig, preset

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_med.adapters.mix import check_mix_flags, effective_alpha
+from mlx_med.adapters.mix import check_mix_flags
+from mlx_med.adapters.schedule import effective_alpha
 from mlx_med.errors import DataError, UserError
 from mlx_med.evaluation.decoding import DecodingConfig
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from mlx_med.adapters.mix import check_alpha
+from mlx_med.adapters.schedule import check_alpha
 from mlx_med.errors import ConfigError, UserError
 from mlx_med.evaluation.decoding import DecodingConfig
 from mlx_med.evaluation.runner import METRICS, STATE, EvalConfig, markdown_table, metrics_row

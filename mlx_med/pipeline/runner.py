@@ -92,7 +92,7 @@ class PipelineConfig:
             raise ConfigError("pipeline needs 'pt.data.train' and 'sft.data.train'")
         if not self.eval.data:
             raise ConfigError("pipeline needs at least one file in 'eval.data'")
-        from mlx_med.adapters.mix import check_alpha, load_schedule
+        from mlx_med.adapters.schedule import check_alpha, load_schedule
 
         try:
             if self.fuse.alpha is not None:
@@ -249,7 +249,7 @@ def _data_fingerprints(tcfg: TrainConfig) -> dict[str, str | None]:
 
 def _fuse_key(fuse: FuseStageConfig) -> dict[str, Any]:
     """The fuse section as a stage input: α resolved, and the schedule by content (only when there is one)."""
-    from mlx_med.adapters.mix import effective_alpha
+    from mlx_med.adapters.schedule import effective_alpha
 
     key = {**config_to_dict(fuse), "alpha": effective_alpha(fuse.alpha, fuse.alpha_schedule)}
     if fuse.alpha_schedule is None:
@@ -271,7 +271,7 @@ def _merge(fuse: FuseStageConfig, out: Layout) -> None:
 
 def _fuse(fuse: FuseStageConfig, base_dir: Path, out: Layout) -> None:
     from mlx_med.adapters.fuse import fuse_model
-    from mlx_med.adapters.mix import DEFAULT_ALPHA
+    from mlx_med.adapters.schedule import DEFAULT_ALPHA
 
     alpha = DEFAULT_ALPHA if fuse.alpha is None and fuse.alpha_schedule is None else fuse.alpha
     report = fuse_model(base_dir, out.fused, sft=out.sft, pt=out.pt, alpha=alpha, dtype=fuse.dtype, force=True,
