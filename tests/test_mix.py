@@ -269,3 +269,19 @@ def test_fused_minus_base_in_hf_equals_peft_delta_on_a_4bit_base(runs, tiny_llam
         got = fused[key].astype(np.float64) - base[key].astype(np.float64)
         worst = max(worst, float(np.linalg.norm(got - want) / np.linalg.norm(want)))
     assert worst < 1e-4, worst
+
+
+def test_eval_and_sweep_alpha_honour_the_schedule(runs, tiny_llama, tmp_path):
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"prompt": "fever and cough", "response": "rest and fluids"}) + "\n")
+    pair = ["--model", tiny_llama, "--sft", runs / "sft", "--pt", runs / "pt", "--data", data,
+            "--alpha-schedule", runs / "schedule.yaml", "--max-new-tokens", "2", "-q"]
+    result = invoke("eval", *pair, "-o", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "e" / "metrics.json").read_text())["config"]
+    assert config["alpha"] == 0.3 and config["alpha_schedule"] == str(runs / "schedule.yaml")
+    result = invoke("sweep", "alpha", *pair, "--alphas", "0,1", "-o", tmp_path / "sw")
+    assert result.exit_code == 0, result.output
+    for alpha in (0, 1):
+        config = json.loads((tmp_path / "sw" / f"alpha_{alpha}" / "metrics.json").read_text())["config"]
+        assert config["alpha"] == alpha and config["alpha_schedule"] == str(runs / "schedule.yaml")

@@ -296,6 +296,8 @@ def safety_or_reuse(cfg: AlphaSweepConfig, probes, loaded, quiet: bool) -> float
     path = Path(cfg.out) / "safety.json"
     key = {"probes": path_fingerprint(resolve_probe_path(cfg.safety_probes)), "alpha": cfg.alpha,
            "system": cfg.system, "decoding": {f.name: getattr(cfg.decoding(), f.name) for f in fields(DecodingConfig)}}
+    if cfg.alpha_schedule is not None:  # only then, so caches of plain-α sweeps stay valid
+        key["alpha_schedule"] = path_fingerprint(cfg.alpha_schedule)
     if path.exists() and not cfg.force:
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
