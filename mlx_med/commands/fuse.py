@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mlx_med.commands.options import config_option, force_option
+from mlx_med.commands.options import alpha_schedule_option, config_option, force_option
 
 
 @dataclass
@@ -33,11 +33,10 @@ class FuseConfig:
 @click.option("--pt", type=click.Path(path_type=Path), help="PT training run (with --sft and --alpha).")
 @click.option("--adapter", type=click.Path(path_type=Path),
               help="Or one adapter dir (run, merged or imported), fused with weight 1.")
-@click.option("--alpha", type=float, help="Weight of the SFT model: w_sft = ALPHA, w_pt = 1 − ALPHA.")
+@click.option("--alpha", type=float, help="Weight of the SFT model, in [0, 1]: w_sft = ALPHA, w_pt = 1 − ALPHA.")
 @click.option("--w-sft", type=float, help="Weight of the SFT model (with --w-pt, instead of --alpha).")
 @click.option("--w-pt", type=float, help="Weight of the PT model (with --w-sft, instead of --alpha).")
-@click.option("--alpha-schedule", type=click.Path(path_type=Path),
-              help="YAML: α per layer range / module type ({default: A, rules: [...]}) instead of --alpha.")
+@alpha_schedule_option
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Fused MLX model folder to create.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,

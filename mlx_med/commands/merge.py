@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mlx_med.commands.options import config_option, force_option
+from mlx_med.commands.options import alpha_schedule_option, config_option, force_option
 
 
 @dataclass
@@ -29,11 +29,10 @@ class MergeConfig:
 @click.command("merge")
 @click.option("--sft", type=click.Path(path_type=Path), help="SFT training run (or adapter dir).")
 @click.option("--pt", type=click.Path(path_type=Path), help="PT training run (or adapter dir).")
-@click.option("--alpha", type=float, help="Weight of the SFT model: w_sft = ALPHA, w_pt = 1 − ALPHA.")
+@click.option("--alpha", type=float, help="Weight of the SFT model, in [0, 1]: w_sft = ALPHA, w_pt = 1 − ALPHA.")
 @click.option("--w-sft", type=float, help="Weight of the SFT model (with --w-pt, instead of --alpha).")
 @click.option("--w-pt", type=float, help="Weight of the PT model (with --w-sft, instead of --alpha).")
-@click.option("--alpha-schedule", type=click.Path(path_type=Path),
-              help="YAML: α per layer range / module type ({default: A, rules: [...]}) instead of --alpha.")
+@alpha_schedule_option
 @click.option("--method", default=None,
               help="linear: exact (rank r_sft + r_pt); svd: exact ΔW truncated to --rank; ties/dare: "
                    "sparsified task vectors (--density), truncated to --rank. [default: linear]")
