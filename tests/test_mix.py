@@ -81,9 +81,10 @@ def test_fuse_and_merge_range_and_conflicts(verb, runs, tiny_llama, tmp_path):
     conflict = invoke(verb, *pair, "--w-sft", "1", "--alpha-schedule", runs / "schedule.yaml")
     assert conflict.exit_code == 2 and "not both" in conflict.output
     # explicit weights may extrapolate (any finite numbers)
+    assert not (tmp_path / "out").exists()
     ok = invoke(verb, *pair, "--w-sft", "1.5", "--w-pt", "-0.5", "-q")
     assert ok.exit_code == 0, ok.output
-    assert not (tmp_path / "x").exists()
+    assert (tmp_path / "out").is_dir()
 
 
 def test_eval_range_and_conflicts(runs, tiny_llama, tmp_path):
