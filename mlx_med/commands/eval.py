@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mlx_med.commands.options import config_option, force_option
+from mlx_med.commands.options import compute_policy_option, config_option, force_option
 
 
 def decoding_options(func):
@@ -46,6 +46,7 @@ def model_options(func):
 @click.command("eval")
 @config_option
 @model_options
+@compute_policy_option()
 @click.option("--data", type=click.Path(path_type=Path),
               help="Eval JSONL: {\"messages\": [...]} (last assistant turn = reference) or "
                    "{\"prompt\", \"response\"|\"output\"|\"label\"}. For --suite safety: a probe file (default: starter set).")

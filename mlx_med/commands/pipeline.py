@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
-from mlx_med.commands.options import config_option
+from mlx_med.commands.options import compute_policy_option, config_option
 
 
 @click.command("pipeline")
 @config_option
+@compute_policy_option()
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path),
               help="Output folder for every stage and report.md (overrides 'output:').")
 @click.option("--alpha", type=float, help="Merge weight of the SFT adapter (overrides 'fuse.alpha').")
