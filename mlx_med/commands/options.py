@@ -6,9 +6,17 @@ from pathlib import Path
 
 import click
 
+
+def _recipe(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    from mlx_med.resources import resolve_recipe
+
+    return None if value is None else resolve_recipe(value)
+
+
 config_option = click.option(
-    "-c", "--config", "config_path", type=click.Path(path_type=Path),
-    help="YAML recipe; flags given on the command line override its values.",
+    "-c", "--config", "config_path", type=click.Path(path_type=Path), callback=_recipe,
+    help="YAML recipe, or the name of a shipped one (demo, demo-pt, qwen2.5-14b-pt, ...); "
+         "flags given on the command line override its values.",
 )
 force_option = click.option("--force", is_flag=True, help="Replace an existing output directory.")
 
