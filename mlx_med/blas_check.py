@@ -106,9 +106,11 @@ def query_library(path: str | Path) -> LibraryInfo:
     """Ask the library itself, through a private (``RTLD_LOCAL``) load that MLX never sees.
 
     Raises:
-        OSError: the library cannot be loaded (a missing dependency such as libgfortran).
+        OSError: the library cannot be loaded (a missing dependency such as libgfortran), or is no OpenBLAS.
     """
     lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
+    if not hasattr(lib, "openblas_get_config"):
+        raise OSError(f"{path} is not an OpenBLAS (no openblas_get_config)")
     lib.openblas_get_config.restype = ctypes.c_char_p
     corename = ""
     if hasattr(lib, "openblas_get_corename"):

@@ -192,3 +192,12 @@ def test_preload_in_a_fresh_process_uses_the_cache_dir_and_survives(tmp_path):
     assert done.returncode == 0 and done.returncode != -signal.SIGILL, done.stderr
     if blas.candidate_libraries():
         assert (tmp_path / "mlx-med" / "blas-verdicts.json").is_file()
+
+
+def test_a_library_that_is_not_openblas_is_skipped_with_a_reason(tmp_path):
+    libc = next((p for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6", "/usr/lib/libm.so.6",
+                             "/lib/aarch64-linux-gnu/libm.so.6") if Path(p).is_file()), None)
+    if libc is None:
+        pytest.skip("no libm at a known path")
+    chosen, considered = blas.choose_library([(blas.SYSTEM, Path(libc))], ZEN3, VerdictCache(tmp_path, cpuinfo=CPUINFO))
+    assert chosen is None and "not an OpenBLAS" in considered[0][1]
