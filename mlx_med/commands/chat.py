@@ -8,11 +8,12 @@ from pathlib import Path
 
 import click
 
-from mlx_med.commands.options import alpha_option, alpha_schedule_option, config_option
+from mlx_med.commands.options import alpha_option, alpha_schedule_option, compute_policy_option, config_option
 
 
 @click.command("chat")
 @config_option
+@compute_policy_option()
 @click.option("--model", "model", type=click.Path(), help="Model folder (mlx-med convert / fuse output).")
 @click.option("--adapter", type=click.Path(), help="One adapter or training run directory to apply.")
 @click.option("--sft", type=click.Path(), help="SFT run directory, mixed live with --pt (needs --pt).")

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from mlx_med.commands.options import alpha_option, alpha_schedule_option, config_option, force_option
+from mlx_med.commands.options import (
+    alpha_option,
+    alpha_schedule_option,
+    compute_policy_option,
+    config_option,
+    force_option,
+)
 
 
 def decoding_options(func):
@@ -47,6 +53,7 @@ def model_options(func):
 @click.command("eval")
 @config_option
 @model_options
+@compute_policy_option()
 @click.option("--data", type=click.Path(path_type=Path),
               help="Eval JSONL: {\"messages\": [...]} (last assistant turn = reference) or "
                    "{\"prompt\", \"response\"|\"output\"|\"label\"}. For --suite safety: a probe file (default: starter set).")

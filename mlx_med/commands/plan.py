@@ -75,7 +75,9 @@ def command(model, backend, q_bits, q_group_size, dtype, batch_size, max_seq_len
                 note += f" as a {settings.q_bits}-bit base (--q-bits to change)"
     model = model or recipe_model
     if model is None:
-        known = ", ".join(str(p) for p in sorted(Path("configs/models").glob("*.json")))
+        from mlx_med.resources import shipped_path
+
+        known = ", ".join(str(p) for p in sorted(shipped_path("configs", "models").glob("*.json")))
         raise UserError("give --model MODEL_DIR_OR_CONFIG_JSON (or a recipe that names a model)"
                         + (f"; architectures shipped: {known}" if known else ""))
     if recipe_model is not None and model == recipe_model and not Path(model).exists():

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from mlx_med.commands.eval import decoding_options, model_options
-from mlx_med.commands.options import config_option, force_option
+from mlx_med.commands.options import compute_policy_option, config_option, force_option
 
 
 def common_options(func):
@@ -37,6 +37,7 @@ def command() -> None:
 
 @command.command("decoding")
 @config_option
+@compute_policy_option()
 @model_options
 @common_options
 @click.option("--grid", "grids", multiple=True, metavar="NAME=V1,V2,...",
@@ -71,6 +72,7 @@ def decoding(config_path, model, adapter, sft, pt, alpha, alpha_schedule, data, 
 
 @command.command("alpha")
 @config_option
+@compute_policy_option()
 @click.option("--model", type=click.Path(path_type=Path), help="Base model folder (MLX or HF safetensors).")
 @click.option("--sft", type=click.Path(path_type=Path), help="SFT run directory.")
 @click.option("--pt", type=click.Path(path_type=Path), help="PT run directory.")
