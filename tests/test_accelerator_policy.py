@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_med.adapters.merge import load_pair
-from mlx_med.backend import detect_backend
+from mlx_med.adapters.mix import load_pair
+from mlx_med.backend import dequantized_weight, detect_backend
 from mlx_med.cli import cli
 from mlx_med.models import load_model
 
@@ -45,10 +45,7 @@ def invoke(*args: str) -> str:
 
 
 def dense(layer) -> np.ndarray:
-    if isinstance(layer, nn.QuantizedLinear):
-        w = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=layer.group_size, bits=layer.bits)
-        return np.array(w.astype(mx.float32))
-    return np.array(layer.weight.astype(mx.float32))
+    return np.array(dequantized_weight(layer))  # the project's one dequantization rule (fp32 math)
 
 
 @pytest.mark.slow
