@@ -123,7 +123,9 @@ def export_hf(
         UserError: unknown dtype, broken source folder, or an export that fails its checks.
     """
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import dequantize_model, load_model
+    from mlx_lm.utils import load_model
+
+    from mlx_med.backend import dequantize_fp32
 
     dtype = dtype or "bfloat16"
     if dtype not in EXPORT_DTYPES:
@@ -141,10 +143,7 @@ def export_hf(
         raise UserError(f"{model_dir}: cannot load model: {err}") from None
 
     quantized = _quantized_layers(model)
-    for _, module in quantized:  # dequantize in fp32 so the export dtype is the only rounding
-        module.scales = module.scales.astype(mx.float32)
-        module.biases = module.biases.astype(mx.float32)
-    model = dequantize_model(model)
+    model = dequantize_fp32(model)  # fp32 math, so the export dtype is the only rounding
     weights = dict(tree_flatten(model.parameters()))
     del model  # the dict now holds the only references, so written shards can be freed
     target = EXPORT_DTYPES[dtype]

@@ -1,18 +1,29 @@
 """Device, compute dtype, memory, seeds and a GEMM probe: the one place that knows the backend.
 
-Policy: on Apple GPUs (Metal) and CUDA, keep bf16 weights and the quantized matmul (fast paths
-there). On the MLX CPU backend, bf16 GEMM and 4-bit ``quantized_matmul`` run at a few GFLOP/s
-while fp32 GEMM goes through BLAS at hundreds, so models are dequantized and computed in fp32.
+Compute policy (``--compute-policy`` or ``MLX_MED_COMPUTE_POLICY``):
+
+- ``accelerator``: keep quantized weights and compute in bf16 (QLoRA), what Apple GPUs and CUDA run;
+- ``fp32``: dequantize quantized layers and compute in fp32;
+- ``auto`` (default): ``accelerator`` on Metal/CUDA, ``fp32`` on the CPU backend, where bf16 GEMM and
+  4-bit ``quantized_matmul`` run at a few GFLOP/s while fp32 GEMM goes through BLAS at hundreds.
+
+Choosing ``accelerator`` on a CPU runs the GPU users' code path (slowly); the test suite does so.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx_med.errors import UserError
+
+POLICY_ENV = "MLX_MED_COMPUTE_POLICY"
+POLICIES = ("auto", "fp32", "accelerator")
 
 
 @dataclass(frozen=True)
@@ -21,6 +32,7 @@ class Backend:
     accelerator: str  # "Metal", "CUDA" or "none"
     compute_dtype: mx.Dtype
     quantized_compute: bool  # keep QuantizedLinear layers as they are
+    policy: str = "auto"  # the compute policy asked for (one of POLICIES)
 
     @property
     def dtype_name(self) -> str:
@@ -28,16 +40,34 @@ class Backend:
 
     def describe(self) -> str:
         kept = "kept quantized" if self.quantized_compute else "dequantized"
-        return f"{self.device} ({self.accelerator}), compute {self.dtype_name}, quantized weights {kept}"
+        return (f"{self.device} ({self.accelerator}), compute {self.dtype_name}, quantized weights {kept} "
+                f"(policy {self.policy})")
 
 
-def detect_backend() -> Backend:
-    """The backend MLX will run on, and the compute policy for it."""
+def compute_policy(policy: str | None = None) -> str:
+    """``policy`` if given, else ``$MLX_MED_COMPUTE_POLICY``, else ``auto``; a bad value is a UserError."""
+    chosen = policy or os.environ.get(POLICY_ENV) or "auto"
+    if chosen not in POLICIES:
+        source = "--compute-policy" if policy else POLICY_ENV
+        raise UserError(f"{source}={chosen}: expected one of {', '.join(POLICIES)}")
+    return chosen
+
+
+def detect_backend(policy: str | None = None) -> Backend:
+    """The backend MLX will run on, and the compute path the policy gives on it.
+
+    Args:
+        policy: ``auto``, ``fp32`` or ``accelerator``; None reads ``MLX_MED_COMPUTE_POLICY``.
+    """
+    policy = compute_policy(policy)
     if mx.metal.is_available():
-        return Backend("gpu", "Metal", mx.bfloat16, True)
-    if hasattr(mx, "cuda") and mx.cuda.is_available():
-        return Backend("gpu", "CUDA", mx.bfloat16, True)
-    return Backend("cpu", "none", mx.float32, False)
+        device, accelerator = "gpu", "Metal"
+    elif hasattr(mx, "cuda") and mx.cuda.is_available():
+        device, accelerator = "gpu", "CUDA"
+    else:
+        device, accelerator = "cpu", "none"
+    quantized = policy == "accelerator" or (policy == "auto" and device == "gpu")
+    return Backend(device, accelerator, mx.bfloat16 if quantized else mx.float32, quantized, policy)
 
 
 def prepare_for_compute(model: nn.Module, backend: Backend | None = None) -> nn.Module:
@@ -48,17 +78,36 @@ def prepare_for_compute(model: nn.Module, backend: Backend | None = None) -> nn.
     backend = backend or detect_backend()
     if backend.quantized_compute:
         return model
+    model = dequantize_fp32(model)
+    model.set_dtype(backend.compute_dtype)
+    return model
+
+
+def dequantized_weight(layer: nn.Module) -> mx.array:
+    """A (quantized) linear or embedding layer's weight in fp32: the one dequantization rule.
+
+    The math runs in fp32 from the stored scales and biases (usually fp16): dequantizing with fp16
+    scales would round every weight to fp16, an error as large as a LoRA update. Compute, fuse and HF
+    export all use this rule, so a fused model minus its base is exactly the update.
+    """
+    if not isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return layer.weight.astype(mx.float32)
+    biases = layer.get("biases")
+    return mx.dequantize(layer.weight, layer.scales.astype(mx.float32),
+                         None if biases is None else biases.astype(mx.float32),
+                         group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+
+
+def dequantize_fp32(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer by a plain fp32 one (``dequantized_weight``'s rule), in place."""
     from mlx_lm.utils import dequantize_model
 
     quantized = [m for m in model.modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
-    for m in quantized:  # dequantize in the compute dtype: fp16 scales would round every weight to fp16
-        m.scales = m.scales.astype(backend.compute_dtype)
+    for m in quantized:  # mlx-lm dequantizes in the scales' dtype: make that fp32
+        m.scales = m.scales.astype(mx.float32)
         if m.get("biases") is not None:
-            m.biases = m.biases.astype(backend.compute_dtype)
-    if quantized:
-        model = dequantize_model(model)
-    model.set_dtype(backend.compute_dtype)
-    return model
+            m.biases = m.biases.astype(mx.float32)
+    return dequantize_model(model) if quantized else model
 
 
 def gemm_gflops(n: int = 1024, repeats: int = 5, dtype: mx.Dtype = mx.float32) -> float:
@@ -70,6 +119,21 @@ def gemm_gflops(n: int = 1024, repeats: int = 5, dtype: mx.Dtype = mx.float32) -
     for _ in range(repeats):
         start = time.perf_counter()
         mx.eval(a @ b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def numpy_gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """numpy's own fp32 n×n×n matmul throughput (its bundled BLAS): a yardstick for this CPU."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 

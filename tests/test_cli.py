@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -22,8 +23,26 @@ def test_doctor_reports_gemm_and_fast_blas():
     assert gflops > 0
     if sys.platform.startswith("linux"):
         # Which BLAS is mapped is deterministic; its speed is measured in scripts/bench_backend.py.
-        assert "blas: OpenBLAS (OpenBLAS preloaded)" in out, out
-    assert "compute: " in out
+        from mlx_med.blas import candidate_libraries
+
+        if candidate_libraries():  # an OpenBLAS is installed: one of them is chosen, or each is explained
+            assert "blas: OpenBLAS (" in out or "blas not used: " in out, out
+    assert "(policy auto)" in out and "numpy's own: " in out
+
+
+def test_doctor_names_the_compute_policy_from_flag_and_environment():
+    env = {**os.environ, "MLX_MED_COMPUTE_POLICY": "accelerator"}
+    out = subprocess.run([sys.executable, "-m", "mlx_med.cli", "doctor", "--size", "64"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert "compute float32" not in out and "(policy accelerator)" in out, out
+    assert "quantized weights kept quantized" in out
+    out = subprocess.run([sys.executable, "-m", "mlx_med.cli", "doctor", "--size", "64", "--compute-policy", "fp32"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert "compute float32, quantized weights dequantized (policy fp32)" in out, out
+    bad = subprocess.run([sys.executable, "-m", "mlx_med.cli", "doctor", "--size", "64"],
+                         env={**env, "MLX_MED_COMPUTE_POLICY": "fast"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: MLX_MED_COMPUTE_POLICY=fast: expected one of auto, fp32, accelerator"]
 
 
 def test_user_error_is_one_line(tmp_path):

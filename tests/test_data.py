@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mlx_med.data.readers import SkipReport, load_examples
+from mlx_med.data.readers import SkipReport, iter_examples
 from mlx_med.errors import DataError, UserError
 
 
@@ -134,3 +134,7 @@ def test_glob_fingerprint_follows_content(tmp_path):
     before = path_fingerprint(tmp_path / "pt_*.jsonl")
     jsonl(tmp_path, [{"text": "changed"}], "pt_a.jsonl")
     assert path_fingerprint(tmp_path / "pt_*.jsonl") != before
+
+
+def load_examples(path, kind="any", skip_bad=False, report=None) -> list:
+    return list(iter_examples(path, kind, skip_bad, report))

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import mlx_med  # noqa: F401
 from mlx_med.errors import UserError
-from mlx_med.evaluation.perplexity import perplexity
+from mlx_med.evaluation.perplexity import perplexity_stats
 from mlx_med.evaluation.runner import (
     EvalConfig,
     load_eval_rows,
@@ -195,3 +195,7 @@ def test_system_keywords_resolve(tmp_path):
     (tmp_path / "sys.txt").write_text("Be brief.")
     assert system_text(f"@{tmp_path / 'sys.txt'}", "auto", en) == "Be brief."
     assert system_text("You are careful.", "auto", en) == "You are careful."
+
+
+def perplexity(model, tokenizer, texts, block_size=512) -> float:
+    return perplexity_stats(model, tokenizer, texts, block_size)["perplexity"]

@@ -13,7 +13,8 @@ from random_adapters import ALL, ATTN, make_adapter
 
 from mlx_med.adapters.format import write_adapter
 from mlx_med.adapters.fuse import fuse_model
-from mlx_med.adapters.merge import load_pair, merge_adapters, pair_weights
+from mlx_med.adapters.merge import merge_adapters
+from mlx_med.adapters.mix import load_pair, pair_weights
 from mlx_med.cli import cli
 from mlx_med.errors import UserError
 from mlx_med.models import load_model

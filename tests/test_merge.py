@@ -10,15 +10,8 @@ from click.testing import CliRunner
 from random_adapters import ALL, ATTN, make_adapter
 
 from mlx_med.adapters.format import read_adapter
-from mlx_med.adapters.merge import (
-    component_weights,
-    dare_delta,
-    load_pair,
-    merge_adapters,
-    pair_weights,
-    ties_delta,
-    to_numpy,
-)
+from mlx_med.adapters.merge import dare_delta, merge_adapters, ties_delta, to_numpy
+from mlx_med.adapters.mix import component_weights, load_pair, pair_weights
 from mlx_med.cli import cli
 from mlx_med.errors import UserError
 
@@ -192,7 +185,7 @@ def test_cli_merge(runs, tmp_path):
 
 def test_stacked_lookup_and_changed_pt(tmp_path, tiny_llama):
     from mlx_med.adapters.format import write_adapter
-    from mlx_med.adapters.merge import with_stacked_parent
+    from mlx_med.adapters.mix import with_stacked_parent
 
     make_adapter(tiny_llama, tmp_path / "pt", seed=1)
     sft = make_adapter(tiny_llama, tmp_path / "sft", seed=2, phase="sft", stacked_on=tmp_path / "pt")

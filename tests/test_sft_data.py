@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from mlx_med.data.batches import pad_sequences
-from mlx_med.data.readers import load_examples
+from mlx_med.data.readers import iter_examples
 from mlx_med.data.sft import ChatDataset, EncodedChat, encode_chat, encode_examples, split_chats
 from mlx_med.errors import DataError
 
@@ -127,3 +127,7 @@ def test_real_qwen_template_masks_prompts(qwen_tokenizer_dir):
     learned = tok.decode(enc.tokens[enc.targets].tolist())
     assert "建议您及时到医院就诊。" in learned and "If chest pain spreads" in learned
     assert "Call emergency services?" not in learned and "careful medical assistant" not in learned
+
+
+def load_examples(path, kind="any", skip_bad=False, report=None) -> list:
+    return list(iter_examples(path, kind, skip_bad, report))

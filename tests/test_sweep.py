@@ -23,7 +23,6 @@ from mlx_med.evaluation.sweep import (
     DecodingSweepConfig,
     normalise_grid,
     parse_grid,
-    read_table,
     run_decoding_sweep,
 )
 
@@ -121,8 +120,11 @@ def test_alpha_sweep_switches_live_and_picks(tiny_llama, eval_file, tmp_path):
                            alphas="0,0.5,1", ppl_data=ppl, ppl_block_size=8, max_new_tokens=4,
                            safety_probes=probes, limit=2)
 
-    from mlx_med.evaluation.perplexity import perplexity
+    from mlx_med.evaluation.perplexity import perplexity_stats
     from mlx_med.evaluation.run_config import load_for_eval
+
+    def perplexity(model, tokenizer, texts, block_size):
+        return perplexity_stats(model, tokenizer, texts, block_size)["perplexity"]
 
     loaded, live = load_for_eval(tiny_llama, sft=tmp_path / "sft", pt=tmp_path / "pt", alpha=0.0)
     calls = []
@@ -169,3 +171,13 @@ def test_sweep_cli(tiny_llama, eval_file, tmp_path):
     with pytest.raises(UserError):
         run_decoding_sweep(DecodingSweepConfig(model=tiny_llama, data=eval_file, out=tmp_path / "busy",
                                                grid={"temperature": [0]}), quiet=True)
+
+
+def read_table(path: Path) -> list[dict]:
+    """Rows of a sweep CSV with numbers converted back."""
+    import re
+
+    number = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{k: (float(v) if number.match(v or "") else (v or None)) for k, v in row.items()}
+                for row in csv.DictReader(f)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from mlx_med.io import atomic_write_json
 WEIGHTS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FORMAT_VERSION = 1
+A_SUFFIX, B_SUFFIX = ".lora_a", ".lora_b"  # the only place these key names are spelled
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 @dataclass
@@ -64,13 +67,29 @@ class Adapter:
 
     def modules(self) -> list[str]:
         """Full module paths that carry an update, in a stable order."""
-        return sorted(k[: -len(".lora_a")] for k in self.weights if k.endswith(".lora_a"))
+        return modules_of(self.weights)
+
+    def has(self, module: str) -> bool:
+        return module + A_SUFFIX in self.weights
+
+    def raw_factors(self, module: str) -> tuple[mx.array, mx.array]:
+        """The stored (lora_a: in × r, lora_b: r × out), as stored (dtype, no scale)."""
+        return self.weights[module + A_SUFFIX], self.weights[module + B_SUFFIX]
+
+    def dims(self, module: str) -> tuple[int, int]:
+        """(in, out) of the layer this module's update is for."""
+        a, b = self.raw_factors(module)
+        return a.shape[0], b.shape[1]
+
+    def factors(self, module: str) -> tuple[mx.array, mx.array]:
+        """(A: in × r, B: r × out) in fp32 with the scale folded into B, so ΔW = (A @ B)ᵀ."""
+        a, b = self.raw_factors(module)
+        return a.astype(mx.float32), b.astype(mx.float32) * self.scale
 
     def delta(self, module: str) -> mx.array:
-        """ΔW (out × in) of one module, in fp32."""
-        a = self.weights[f"{module}.lora_a"].astype(mx.float32)
-        b = self.weights[f"{module}.lora_b"].astype(mx.float32)
-        return self.scale * (a @ b).T
+        """ΔW (out × in) of one module, in fp32: the one place an update is formed from its factors."""
+        a, b = self.factors(module)
+        return (a @ b).T
 
     def config_json(self) -> dict[str, Any]:
         return {
@@ -112,7 +131,7 @@ def read_adapter(path: str | Path) -> Adapter:
     raw_meta = config.get("mlx_med") or {"phase": "imported", "lora_alpha": scale * rank}
     known = {f.name for f in dataclasses.fields(AdapterMeta)}
     meta = AdapterMeta(**{k: v for k, v in raw_meta.items() if k in known})
-    keys = params.get("keys") or sorted({_within_layer(m) for m in _modules(weights)})
+    keys = params.get("keys") or sorted({within_layer(m) for m in modules_of(weights)})
     return Adapter(rank=rank, scale=scale, num_layers=int(config.get("num_layers", 0)), keys=list(keys),
                    weights=weights, meta=meta, dropout=float(params.get("dropout", 0.0)), path=path)
 
@@ -141,13 +160,28 @@ def runtime_versions() -> dict[str, str]:
     return out
 
 
-def _modules(weights: dict[str, Any]) -> list[str]:
-    return sorted(k[: -len(".lora_a")] for k in weights if k.endswith(".lora_a"))
+def factor_weights(module: str, a: Any, b: Any) -> dict[str, Any]:
+    """The two weight-file entries of one module's factors (lora_a: in × r, lora_b: r × out)."""
+    return {module + A_SUFFIX: a, module + B_SUFFIX: b}
 
 
-def _within_layer(module: str) -> str:
-    parts = module.split(".")
-    if "layers" in parts:
-        i = parts.index("layers")
-        return ".".join(parts[i + 2:])
-    return module
+def modules_of(weights: dict[str, Any]) -> list[str]:
+    """Module paths that carry factors in a weights dict, sorted."""
+    return sorted(k[: -len(A_SUFFIX)] for k in weights if k.endswith(A_SUFFIX))
+
+
+def layer_index(module: str) -> int | None:
+    """The decoder layer number in a module path (``model.layers.3.mlp.up_proj`` → 3), or None."""
+    match = _LAYER.search(module)
+    return int(match.group(1)) if match else None
+
+
+def within_layer(module: str) -> str:
+    """The path inside its decoder layer (``model.layers.3.mlp.up_proj`` → ``mlp.up_proj``)."""
+    match = _LAYER.search(module)
+    return module[match.end():] if match else module
+
+
+def module_type(module: str) -> str:
+    """The last name of a module path (``model.layers.3.mlp.up_proj`` → ``up_proj``)."""
+    return module.rsplit(".", 1)[-1]

@@ -1,8 +1,9 @@
 """Fuse LoRA adapters into the base weights: W' = W + Σ cᵢ·ΔWᵢ, written as a new MLX model folder.
 
-The weights are the ones of ``mlx_med.adapters.merge`` (``--alpha a``: w_sft = a, w_pt = 1 − a; a stacked SFT run
-is resolved into ΔW_pt + a·ΔW_sft_own). The sum is formed in fp32 from each adapter's own factors, so
-no merged adapter and no rank truncation stands between the adapters and the fused weights.
+The weights are ``mlx_med.adapters.mix``'s (``--alpha a``: w_sft = a, w_pt = 1 − a, or per module under an
+α schedule; a stacked SFT run is resolved into ΔW_pt + a·ΔW_sft_own). The sum is ``mix.weighted_delta``,
+formed in fp32 from each adapter's own factors, and a quantized W is dequantized by the one fp32 rule
+(``mlx_med.backend.dequantized_weight``, the same as HF export's), so fused − base is the update.
 
 Quantized bases: each touched layer is dequantized, ΔW added, and by default the layer stays
 dequantized (``dtype``) while untouched layers stay quantized (recorded as ``quantization[path] =
@@ -13,7 +14,6 @@ at 4 bits the rounding error is often as large as a LoRA update, which is why it
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +22,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_med.adapters.format import Adapter, read_adapter
-from mlx_med.adapters.merge import (
-    component_weights,
-    load_pair,
-    pair_weights,
-    stacked_parents,
-    with_stacked_parent,
-)
-from mlx_med.adapters.mix import check_adapter_choice
+from mlx_med.adapters.mix import AdapterMix, relative_norm, resolve_mix, weighted_delta
+from mlx_med.adapters.schedule import AlphaSchedule
+from mlx_med.backend import dequantized_weight
 from mlx_med.errors import UserError
 from mlx_med.io import atomic_output_dir, atomic_write_json
 
@@ -64,6 +58,7 @@ class FuseReport:
     layers: list[LayerReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    alpha_schedule: dict[str, Any] | None = None  # per-module α rules, when fused with a schedule
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -78,6 +73,9 @@ class FuseReport:
             f"fused {len(self.layers)} layers of {self.base} with {weights} "
             f"({', '.join(f'{n}: {p}' for n, p in self.adapters.items())})",
         ]
+        if self.alpha_schedule:
+            lines.append(f"α schedule {self.alpha_schedule['source']}: default {self.alpha_schedule['default']:g}, "
+                         f"{len(self.alpha_schedule['rules'])} rules (per-module weights in fuse_report.json)")
         if self.coefficients != self.weights:
             coefs = ", ".join(f"{n}={c:g}" for n, c in self.coefficients.items())
             lines.append(f"stacked adapters resolved: coefficients on each adapter's own ΔW: {coefs}")
@@ -102,19 +100,18 @@ def resolve_adapters(
     adapter: str | Path | None = None,
     sft: str | Path | None = None,
     pt: str | Path | None = None,
-    alpha: float | None = 0.5,
+    alpha: float | None = None,
     w_sft: float | None = None,
     w_pt: float | None = None,
-) -> tuple[dict[str, Adapter], dict[str, float]]:
-    """Adapters and their model weights from ``--adapter`` or ``--sft/--pt`` + ``--alpha`` (or w's)."""
-    check_adapter_choice(adapter, sft, pt)
-    if adapter is not None:
-        return with_stacked_parent(read_adapter(adapter)), {"adapter": 1.0}
-    if sft is None or pt is None:
+    alpha_schedule: str | Path | AlphaSchedule | None = None,
+) -> AdapterMix:
+    """The mix to fuse: ``--adapter``, or ``--sft/--pt`` with exactly one of ``--alpha``, ``--w-sft/--w-pt``
+    or ``--alpha-schedule`` (``mix.resolve_mix``; conflicting flags are an error, never silently dropped)."""
+    if adapter is None and sft is None and pt is None:
         raise UserError("give --sft RUN and --pt RUN (or --adapter DIR for a single adapter)")
-    if w_sft is not None or w_pt is not None:
-        alpha = None
-    return load_pair(sft, pt), pair_weights(alpha, w_sft, w_pt)
+    if sft is not None and alpha is None and w_sft is None and w_pt is None and alpha_schedule is None:
+        raise UserError("missing --alpha (w_sft = alpha, w_pt = 1 − alpha), --w-sft/--w-pt or --alpha-schedule")
+    return resolve_mix(adapter, sft, pt, alpha, w_sft, w_pt, alpha_schedule)
 
 
 def fuse_model(
@@ -123,12 +120,13 @@ def fuse_model(
     adapter: str | Path | None = None,
     sft: str | Path | None = None,
     pt: str | Path | None = None,
-    alpha: float | None = 0.5,
+    alpha: float | None = None,
     dtype: str = "bfloat16",
     requantize: bool = False,
     force: bool = False,
     w_sft: float | None = None,
     w_pt: float | None = None,
+    alpha_schedule: str | Path | AlphaSchedule | None = None,
 ) -> FuseReport:
     """Fuse one adapter, or the SFT/PT pair at weight α, into ``model_dir`` and save to ``out_dir``.
 
@@ -136,7 +134,9 @@ def fuse_model(
         model_dir: base MLX (or HF safetensors) folder the adapters were trained on; may be quantized.
         out_dir: new model folder (written atomically; refused if it exists unless ``force``).
         adapter: one adapter dir (weight 1; a stacked SFT run brings its PT run along).
-        sft, pt: the study's pair; ``alpha`` gives w_sft = α, w_pt = 1 − α (or pass ``w_sft``/``w_pt``).
+        sft, pt: the study's pair, weighed by exactly one of ``alpha`` (w_sft = α, w_pt = 1 − α, α in
+            [0, 1]), ``w_sft``/``w_pt`` or ``alpha_schedule`` (α per module): fusing writes an artifact, so
+            the weights are never implied.
         dtype: dtype of the fused (dequantized) weights and of the other unquantized weights.
         requantize: quantize fused layers of a quantized base again (reports the error it adds).
         force: replace an existing ``out_dir``.
@@ -156,33 +156,30 @@ def fuse_model(
         raise UserError(f"-o {out_dir} is the base model folder itself; fuse into a new folder")
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
-    adapters, weights = resolve_adapters(adapter, sft, pt, alpha, w_sft, w_pt)
-    coefficients = component_weights(weights, stacked_parents(adapters))
+    mix = resolve_adapters(adapter, sft, pt, alpha, w_sft, w_pt, alpha_schedule)
+    adapters = mix.adapters
     loaded = load_model(model_dir, compute=False)
     model, config = loaded.model, dict(loaded.config)
-    report = FuseReport(out_dir, Path(model_dir), {n: str(a.path) for n, a in adapters.items()}, weights,
-                        coefficients, dtype, requantize, notes=base_notes(model_dir, adapters))
+    report = FuseReport(out_dir, Path(model_dir), {n: str(a.path) for n, a in adapters.items()}, mix.weights,
+                        mix.coefficients, dtype, requantize, notes=base_notes(model_dir, adapters),
+                        alpha_schedule=mix.schedule.to_json() if mix.schedule is not None else None)
 
     named = dict(model.named_modules())
     target = DTYPES[dtype]
-    modules = sorted({m for a in adapters.values() for m in a.modules()})
+    modules = mix.modules()
     fused: list[tuple[str, nn.Module]] = []
     for path in modules:
         layer = named.get(path)
         if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
             found = type(layer).__name__ if layer is not None else "nothing"
             raise UserError(f"adapter targets {path}, but {model_dir} has {found} there (adapter for another model?)")
-        weight = _dense_weight(layer)
-        delta = mx.zeros(weight.shape, dtype=mx.float32)
-        for name, a in adapters.items():
-            if f"{path}.lora_a" in a.weights and coefficients[name] != 0.0:
-                d = a.delta(path)
-                if d.shape != weight.shape:
-                    raise UserError(f"{a.path}: {path} has ΔW of shape {tuple(d.shape)} but the model's weight "
-                                    f"is {tuple(weight.shape)} (adapter trained on another model?)")
-                delta = delta + coefficients[name] * d
+        weight = dequantized_weight(layer)
+        delta = weighted_delta(adapters, path, mix.coefficients_for(path))
+        if delta.shape != weight.shape:
+            raise UserError(f"{path}: the adapters' ΔW has shape {tuple(delta.shape)} but the model's weight "
+                            f"is {tuple(weight.shape)} (adapter trained on another model?)")
         new_weight = weight + delta
-        layer_report = LayerReport(path, _rel(delta, weight), isinstance(layer, nn.QuantizedLinear))
+        layer_report = LayerReport(path, relative_norm(delta, weight), isinstance(layer, nn.QuantizedLinear))
         new_layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in layer)
         new_layer.weight = new_weight.astype(target)
         if "bias" in layer:
@@ -205,14 +202,6 @@ def fuse_model(
     return report
 
 
-def _dense_weight(layer: nn.Module) -> mx.array:
-    """The layer's weight in fp32, dequantized when needed."""
-    if isinstance(layer, nn.QuantizedLinear):
-        return mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=layer.group_size,
-                             bits=layer.bits, mode=layer.mode).astype(mx.float32)
-    return layer.weight.astype(mx.float32)
-
-
 def _requantize(layer: nn.QuantizedLinear, new_weight: mx.array, weight: mx.array, delta: mx.array,
                 report: LayerReport) -> tuple[nn.Module, LayerReport]:
     """Quantize W + ΔW like the base layer was, and measure what the rounding does to ΔW."""
@@ -222,10 +211,10 @@ def _requantize(layer: nn.QuantizedLinear, new_weight: mx.array, weight: mx.arra
     if "bias" in layer:
         dense.bias = layer.bias
     quantized = nn.QuantizedLinear.from_linear(dense, layer.group_size, layer.bits, mode=layer.mode)
-    back = _dense_weight(quantized)
+    back = dequantized_weight(quantized)
     delta_sq = float(mx.sum(delta * delta))
     report.requantized = True
-    report.requant_error = _rel(back - new_weight, delta)
+    report.requant_error = relative_norm(back - new_weight, delta)
     report.delta_kept = float(mx.sum((back - weight) * delta)) / delta_sq if delta_sq > 0 else 1.0
     return quantized, report
 
@@ -249,9 +238,3 @@ def _fix_config(model: nn.Module, config: dict[str, Any], dtype: str) -> None:
         config.pop("quantization_config", None)
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype
-
-
-def _rel(diff: mx.array, ref: mx.array) -> float:
-    norm = float(mx.linalg.norm(ref.astype(mx.float32)))
-    value = float(mx.linalg.norm(diff.astype(mx.float32)))
-    return value / norm if norm > 0 else (0.0 if value == 0 else math.inf)

@@ -7,8 +7,9 @@ Each targeted linear layer is wrapped in place by a ``MultiLoRALinear``::
 
 A and B are rebuilt on every weight change (adapters whose coefficient is 0 are left out), so a
 change of α costs nothing at generation time and the layer does one thin matmul pair whatever the
-number of adapters. The coefficients cᵢ come from ``mlx_med.adapters.merge.component_weights``, so stacked
-adapters mean what they mean in ``merge`` and ``fuse``, and the output equals the fused model's.
+number of adapters. The coefficients cᵢ of each layer come from ``mlx_med.adapters.mix.AdapterMix``
+(per module under an α schedule; stacking resolved), so they mean what they mean in ``merge`` and
+``fuse``, and the output equals the fused model's.
 
 The adapter factors are kept outside the model's parameter tree: ``model.parameters()`` still holds
 only the base weights (under ``<module>.linear``), and ``LiveAdapters.detach()`` puts the original
@@ -17,7 +18,6 @@ layers back.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +26,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from mlx_med.adapters.format import Adapter, read_adapter
-from mlx_med.adapters.merge import (
-    check_same_base,
-    component_weights,
-    load_pair,
-    stacked_parents,
-    with_stacked_parent,
-)
-from mlx_med.adapters.mix import check_adapter_choice
+from mlx_med.adapters.format import Adapter
+from mlx_med.adapters.mix import AdapterMix, mix_of, resolve_mix
+from mlx_med.adapters.schedule import AlphaSchedule
 from mlx_med.errors import UserError
 
 
@@ -81,57 +75,53 @@ class LiveAdapters:
     """Handle on the adapters attached to a model; change their weights with ``set_weights``/``set_alpha``.
 
     ``weights`` are weights on the *models* (for an SFT/PT pair: w_sft, w_pt as in ``merge``), not on
-    the stored adapters; stacked adapters are resolved into per-adapter coefficients here.
+    the stored adapters; the ``AdapterMix`` resolves them (per module under a schedule, stacking included).
     """
 
     model: nn.Module
-    adapters: dict[str, Adapter]
+    mix: AdapterMix
     layers: dict[str, MultiLoRALinear]
-    parents: dict[str, str]
-    _weights: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
+    def adapters(self) -> dict[str, Adapter]:
+        return self.mix.adapters
+
+    @property
+    def parents(self) -> dict[str, str]:
+        return self.mix.parents
+
+    @property
     def weights(self) -> dict[str, float]:
-        return dict(self._weights)
+        return dict(self.mix.weights)
 
     @property
     def coefficients(self) -> dict[str, float]:
-        """Coefficient on each stored adapter's own ΔW (stacking resolved)."""
-        return component_weights(self._weights, self.parents)
+        """Coefficient on each stored adapter's own ΔW (stacking resolved; unscheduled modules)."""
+        return self.mix.coefficients
 
     @property
     def alpha(self) -> float | None:
-        """w_sft for an SFT/PT pair whose weights sum to 1, else None."""
-        if set(self._weights) == {"sft", "pt"} and math.isclose(self._weights["sft"] + self._weights["pt"], 1.0):
-            return self._weights["sft"]
-        return None
+        """w_sft for an SFT/PT pair whose weights sum to 1 (a schedule's default), else None."""
+        return self.mix.alpha
+
+    @property
+    def schedule(self) -> AlphaSchedule | None:
+        return self.mix.schedule
 
     def set_weights(self, **weights: float) -> None:
-        """Change the weight of some adapters (by name); the others keep theirs."""
-        unknown = sorted(set(weights) - set(self.adapters))
-        if unknown:
-            raise UserError(f"no adapter named {', '.join(unknown)} (attached: {', '.join(self.adapters)})")
-        for name, value in weights.items():
-            if not math.isfinite(float(value)):
-                raise UserError(f"weight of {name} must be a finite number, got {value}")
-        self._weights.update({k: float(v) for k, v in weights.items()})
-        coefficients = self.coefficients
-        for layer in self.layers.values():
-            layer.set_coefficients(coefficients)
+        """Change the weight of some adapters (by name); the others keep theirs (a schedule is dropped)."""
+        self.mix.set_weights(**weights)
+        self._apply()
 
     def set_alpha(self, alpha: float) -> None:
-        """w_sft = α, w_pt = 1 − α (a stacked SFT run gives ΔW_pt + α·ΔW_sft_own)."""
-        if not {"sft", "pt"} <= set(self.adapters):
-            raise UserError(f"alpha needs an SFT and a PT adapter; attached: {', '.join(self.adapters)}")
-        self.set_weights(sft=float(alpha), pt=1.0 - float(alpha))
+        """w_sft = α, w_pt = 1 − α (with a schedule: its default; its rules stay)."""
+        self.mix.set_alpha(alpha)
+        self._apply()
 
     def describe(self) -> str:
         """One line for logs and the chat banner, e.g. ``α=0.5: sft=0.5 (runs/sft), pt=0.5 (runs/pt)``."""
-        parts = [f"{n}={self._weights.get(n, 0.0):g} ({a.path or 'in memory'})" for n, a in self.adapters.items()]
-        stacked = [f"{c} stacked on {p}" for c, p in self.parents.items()]
-        head = f"α={self.alpha:g}: " if self.alpha is not None else ""
-        return head + ", ".join(parts) + (f"; {', '.join(stacked)}" if stacked else "")
+        return self.mix.describe()
 
     def detach(self) -> nn.Module:
         """Put the original layers back; the model is the base model again."""
@@ -139,22 +129,30 @@ class LiveAdapters:
         self.layers = {}
         return self.model
 
+    def _apply(self) -> None:
+        for path, layer in self.layers.items():
+            layer.set_coefficients(self.mix.coefficients_for(path))
 
-def attach_adapters(model: nn.Module, adapters: dict[str, Adapter], weights: dict[str, float]) -> LiveAdapters:
+
+def attach_adapters(model: nn.Module, adapters: dict[str, Adapter] | AdapterMix,
+                    weights: dict[str, float] | None = None) -> LiveAdapters:
     """Wrap every layer any adapter targets with a ``MultiLoRALinear``, in place.
 
     Args:
         model: an mlx-lm model (the targeted layers must be ``nn.Linear`` or ``nn.QuantizedLinear``).
-        adapters: name → adapter (``{"sft": …, "pt": …}`` for the study's pair).
-        weights: name → weight of that adapter's model (missing names get 0).
+        adapters: name → adapter (``{"sft": …, "pt": …}`` for the study's pair), or an ``AdapterMix``.
+        weights: name → weight of that adapter's model (missing names get 0); not with a mix.
 
     Raises:
         UserError: a targeted module is missing or has other dimensions; adapters on different bases.
     """
-    check_same_base(adapters)
-    parents = stacked_parents(adapters)
+    if isinstance(adapters, AdapterMix):
+        mix = adapters
+    else:
+        mix = mix_of(adapters, {name: float((weights or {}).get(name, 0.0)) for name in adapters})
+    adapters = mix.adapters
     named = dict(model.named_modules())
-    paths = sorted({m for a in adapters.values() for m in a.modules()})
+    paths = mix.modules()
     layers: dict[str, MultiLoRALinear] = {}
     for path in paths:
         layer = named.get(path)
@@ -163,23 +161,23 @@ def attach_adapters(model: nn.Module, adapters: dict[str, Adapter], weights: dic
         if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
             found = type(layer).__name__ if layer is not None else "nothing"
             raise UserError(f"adapter targets {path}, but the model has {found} there (adapter for another model?)")
-        out_dims, in_dims = _dims(layer)
+        out_dims, in_dims = layer_dims(layer)
         factors = {}
         for name, adapter in adapters.items():
-            key = f"{path}.lora_a"
-            if key not in adapter.weights:
+            if not adapter.has(path):
                 continue
-            a, b = adapter.weights[key], adapter.weights[f"{path}.lora_b"]
-            if a.shape[0] != in_dims or b.shape[1] != out_dims:
+            if adapter.dims(path) != (in_dims, out_dims):
+                a_in, a_out = adapter.dims(path)
                 raise UserError(
-                    f"{adapter.path or name}: {path} is {a.shape[0]}→{b.shape[1]} in the adapter but "
+                    f"{adapter.path or name}: {path} is {a_in}→{a_out} in the adapter but "
                     f"{in_dims}→{out_dims} in the model (adapter trained on another model?)"
                 )
+            a, b = adapter.raw_factors(path)
             factors[name] = (a.astype(mx.float32), b.astype(mx.float32), float(adapter.scale))
         layers[path] = MultiLoRALinear(layer, factors)
     model.update_modules(tree_unflatten(list(layers.items())))
-    live = LiveAdapters(model, dict(adapters), layers, parents)
-    live.set_weights(**{name: float(weights.get(name, 0.0)) for name in adapters})
+    live = LiveAdapters(model, mix, layers)
+    live._apply()
     return live
 
 
@@ -188,8 +186,11 @@ def load_with_adapters(
     adapter: str | Path | None = None,
     sft: str | Path | None = None,
     pt: str | Path | None = None,
-    alpha: float = 0.5,
+    alpha: float | None = None,
     backend=None,
+    alpha_schedule: str | Path | AlphaSchedule | None = None,
+    w_sft: float | None = None,
+    w_pt: float | None = None,
 ):
     """Load a model with its adapters attached live: the one loader for eval, sweeps, chat, pipeline.
 
@@ -200,28 +201,22 @@ def load_with_adapters(
             the model is exactly the one it was trained as.
         sft, pt: the study's pair, mixed with ``alpha`` (w_sft = α, w_pt = 1 − α); change it later
             with ``live.set_alpha``.
-        alpha: initial α for the pair.
+        alpha: initial α for the pair (``mix.DEFAULT_ALPHA`` when None and no schedule or w's).
         backend: compute policy (detected when None).
+        alpha_schedule: α per module (a schedule file or object) instead of ``alpha``.
+        w_sft, w_pt: explicit weights instead of ``alpha``.
 
     Returns:
         ``(LoadedModel, LiveAdapters)``, or ``(LoadedModel, None)`` without adapters.
     """
     from mlx_med.models import load_model
 
-    check_adapter_choice(adapter, sft, pt)
-    if adapter is not None:
-        adapters = with_stacked_parent(read_adapter(adapter))
-        weights = {"adapter": 1.0}
-    elif sft is not None:
-        adapters = load_pair(sft, pt)
-        weights = {"sft": float(alpha), "pt": 1.0 - float(alpha)}
-    else:
-        adapters, weights = {}, {}
+    mix = resolve_mix(adapter, sft, pt, alpha, w_sft, w_pt, alpha_schedule)
     loaded = load_model(model_dir, backend=backend)
-    if not adapters:
+    if mix is None:
         return loaded, None
-    live = attach_adapters(loaded.model, adapters, weights)
-    live.notes.extend(base_notes(model_dir, adapters))
+    live = attach_adapters(loaded.model, mix)
+    live.notes.extend(base_notes(model_dir, mix.adapters))
     return loaded, live
 
 
@@ -244,7 +239,8 @@ def print_notes(live: LiveAdapters | None) -> None:
         print(note, file=sys.stderr)
 
 
-def _dims(layer: nn.Module) -> tuple[int, int]:
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear or quantized linear layer (a quantized weight packs 32 // bits inputs per word)."""
     out_dims, in_dims = layer.weight.shape
     if isinstance(layer, nn.QuantizedLinear):
         in_dims = in_dims * 32 // layer.bits

@@ -1,22 +1,8 @@
-"""Weighted merging of LoRA adapters in ΔW space.
+"""Weighted merging of LoRA adapters in ΔW space: SFT + PT → one new adapter.
 
-Semantics (the same in ``merge``, ``fuse`` and the live-α layers of ``mlx_med.adapters.live``)::
-
-    ΔW_merged = w_sft · ΔW_sft + w_pt · ΔW_pt,    --alpha a  ⇔  w_sft = a, w_pt = 1 − a
-
-where each ΔW (out × in) = scale · (lora_a @ lora_b)ᵀ of its own adapter, with its own rank and scale.
-This is the exact weighted sum of the two updates. Mixing the A and B factors separately (peft's
-``combination_type="linear"``) is *not* this sum: it adds cross terms B_sft·A_pt (peft issue #3004).
-
-Stacked adapters: when the SFT run was trained on top of a frozen PT adapter (``meta.stacked_on``
-names that PT run), its own ΔW_sft_own was learned relative to base + ΔW_pt. "The SFT model" is then
-base + ΔW_pt + ΔW_sft_own, so its task vector is ΔW_sft = ΔW_pt + ΔW_sft_own and
-
-    ΔW_merged = w_sft · (ΔW_pt + ΔW_sft_own) + w_pt · ΔW_pt = (w_sft + w_pt) · ΔW_pt + w_sft · ΔW_sft_own
-
-(with α: ΔW_pt + α · ΔW_sft_own). α = 1 is exactly the SFT model, α = 0 exactly the PT model, in both
-the stacked and the independent case. A stacked SFT run is only merged with the PT run it was trained
-on (its fingerprint is checked).
+The weights, stacking and schedules are ``mlx_med.adapters.mix``'s (ΔW_merged = Σ cᵢ·ΔWᵢ with the
+coefficients cᵢ it resolves, per module under a schedule). Mixing the A and B factors separately
+(peft's ``combination_type="linear"``) is *not* this sum: it adds cross terms B_sft·A_pt.
 
 Methods (``merge_adapters``):
 
@@ -46,113 +32,13 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_med.adapters.format import WEIGHTS_FILE, Adapter, AdapterMeta, read_adapter, runtime_versions
+from mlx_med.adapters.format import WEIGHTS_FILE, Adapter, AdapterMeta, factor_weights, runtime_versions
+from mlx_med.adapters.mix import component_weights, mix_of, relative_norm, weighted_delta
+from mlx_med.adapters.schedule import AlphaSchedule
 from mlx_med.errors import UserError
 
 METHODS = ("linear", "svd", "ties", "dare")
-
-
-# --------------------------------------------------------------------------------------- weights
-
-
-def pair_weights(alpha: float | None = None, w_sft: float | None = None, w_pt: float | None = None) -> dict[str, float]:
-    """The user's weights ``{"sft": w_sft, "pt": w_pt}`` from ``--alpha`` or ``--w-sft/--w-pt``.
-
-    Raises:
-        UserError: when both or neither forms are given, or only one of ``w_sft``/``w_pt``.
-    """
-    explicit = (w_sft is not None, w_pt is not None)
-    if alpha is not None and any(explicit):
-        raise UserError("give either --alpha or --w-sft/--w-pt, not both")
-    if alpha is None:
-        if not all(explicit):
-            if any(explicit):
-                raise UserError("--w-sft and --w-pt go together (or use --alpha A for w_sft = A, w_pt = 1 − A)")
-            raise UserError("missing --alpha (w_sft = alpha, w_pt = 1 − alpha) or --w-sft/--w-pt")
-        return {"sft": float(w_sft), "pt": float(w_pt)}
-    alpha = float(alpha)
-    if not math.isfinite(alpha):
-        raise UserError(f"--alpha must be a finite number, got {alpha}")
-    return {"sft": alpha, "pt": 1.0 - alpha}
-
-
-def adapter_fingerprints(adapter: Adapter) -> set[str]:
-    """Fingerprints a ``stacked_on`` reference to ``adapter`` may carry: ``file_fingerprint`` of its
-    weights file (what ``train`` records) or ``path_fingerprint`` of it."""
-    from mlx_med.fingerprint import file_fingerprint, path_fingerprint
-
-    weights = Path(adapter.path or "") / WEIGHTS_FILE
-    if adapter.path is None or not weights.is_file():
-        return set()
-    return {file_fingerprint(weights), path_fingerprint(weights)}
-
-
-def stacked_parents(adapters: dict[str, Adapter]) -> dict[str, str]:
-    """``{child: parent}`` for adapters trained on top of another adapter of the set.
-
-    Raises:
-        UserError: an adapter is stacked on one that is not in the set, or on a different one than given.
-    """
-    parents: dict[str, str] = {}
-    for name, adapter in adapters.items():
-        ref = adapter.meta.stacked_on
-        if not ref:
-            continue
-        fingerprint, ref_path = str(ref.get("fingerprint") or ""), ref.get("path")
-        found = _find_stacked_dir(adapter, ref_path)
-        for other_name, other in adapters.items():
-            if other is adapter:
-                continue
-            same_dir = found is not None and other.path is not None and found.resolve() == Path(other.path).resolve()
-            if fingerprint and fingerprint in adapter_fingerprints(other):
-                parents[name] = other_name
-            elif same_dir and fingerprint:
-                raise UserError(
-                    f"{adapter.path or name}: was trained on top of {other.path} when its weights had fingerprint "
-                    f"{fingerprint}, but they have changed since (PT retrained?); retrain the SFT run on it"
-                )
-            elif same_dir:
-                parents[name] = other_name
-        if name not in parents:
-            given = ", ".join(f"{n}={a.path}" for n, a in adapters.items() if a is not adapter) or "none"
-            raise UserError(
-                f"{adapter.path or name}: was trained on top of the adapter {ref_path} "
-                f"(fingerprint {fingerprint or '?'}), which is not among the adapters given ({given}); "
-                "pass that PT run (e.g. --pt " + f"{ref_path})"
-            )
-    return parents
-
-
-def component_weights(weights: dict[str, float], parents: dict[str, str]) -> dict[str, float]:
-    """Coefficient on each stored adapter's own ΔW, given the user's weights on the *models*.
-
-    A stacked child's model is its parent's model plus its own ΔW, so the child's weight also flows to
-    every ancestor: {"sft": a, "pt": 1 − a} with sft stacked on pt gives {"sft": a, "pt": 1}.
-    """
-    coefficients = {name: 0.0 for name in weights}
-    for name, weight in weights.items():
-        node, seen = name, set()
-        while node is not None:
-            if node in seen:
-                raise UserError(f"adapters are stacked on each other in a cycle ({' → '.join(seen)})")
-            seen.add(node)
-            coefficients[node] = coefficients.get(node, 0.0) + weight
-            node = parents.get(node)
-    return coefficients
-
-
-# ----------------------------------------------------------------------------------- validation
-
-
-def check_same_base(adapters: dict[str, Adapter]) -> None:
-    """Refuse adapters trained on different bases (fingerprints that are known and differ)."""
-    known = {n: a for n, a in adapters.items() if a.meta.base_fingerprint}
-    if len({a.meta.base_fingerprint for a in known.values()}) > 1:
-        lines = "; ".join(
-            f"{n} ({a.path}) on {a.meta.base_model or '?'} [fingerprint {a.meta.base_fingerprint}]"
-            for n, a in known.items()
-        )
-        raise UserError(f"adapters were trained on different base models: {lines}")
+REPORT_FILE = "merge_report.json"
 
 
 def check_same_targets(adapters: dict[str, Adapter]) -> None:
@@ -169,52 +55,12 @@ def check_same_targets(adapters: dict[str, Adapter]) -> None:
                 f"only in {name}: {_few(only_b)}"
             )
         for module in sorted(mine):
-            a_shape = (first.weights[f"{module}.lora_a"].shape[0], first.weights[f"{module}.lora_b"].shape[1])
-            b_shape = (other.weights[f"{module}.lora_a"].shape[0], other.weights[f"{module}.lora_b"].shape[1])
+            a_shape, b_shape = first.dims(module), other.dims(module)
             if a_shape != b_shape:
                 raise UserError(
                     f"{module}: {first_name} adapts a {a_shape[0]}→{a_shape[1]} layer, {name} a "
                     f"{b_shape[0]}→{b_shape[1]} one (different models?)"
                 )
-
-
-def load_pair(sft: str | Path, pt: str | Path) -> dict[str, Adapter]:
-    """Read an SFT and a PT adapter dir; check they share a base and, if stacked, the PT run."""
-    adapters = {"sft": read_adapter(sft), "pt": read_adapter(pt)}
-    check_same_base(adapters)
-    parents = stacked_parents(adapters)
-    if parents.get("pt"):
-        raise UserError(f"{pt}: the PT adapter is itself stacked on {adapters['pt'].meta.stacked_on}; "
-                        "only SFT-on-PT stacking is supported")
-    return adapters
-
-
-def with_stacked_parent(adapter: Adapter) -> dict[str, Adapter]:
-    """A single adapter as a set: itself, plus the PT run it was stacked on (read from its path)."""
-    ref = adapter.meta.stacked_on
-    if not ref:
-        return {"adapter": adapter}
-    ref_path = _find_stacked_dir(adapter, ref.get("path"))
-    if ref_path is None:
-        raise UserError(
-            f"{adapter.path}: was trained on top of the PT adapter {ref.get('path')}, which is not there; "
-            "pass --sft/--pt explicitly"
-        )
-    adapters = {"adapter": adapter, "stacked_on": read_adapter(ref_path)}
-    stacked_parents(adapters)  # verifies the fingerprint
-    check_same_base(adapters)
-    return adapters
-
-
-def _find_stacked_dir(adapter: Adapter, ref_path: str | None) -> Path | None:
-    """The PT run a stacked adapter names: as recorded, or (a relative path recorded from another working
-    directory) beside the SFT run, e.g. runs/pt next to runs/sft. The fingerprint is checked afterwards."""
-    if not ref_path:
-        return None
-    candidates = [Path(ref_path)]
-    if adapter.path is not None and not Path(ref_path).is_absolute():
-        candidates += [Path(adapter.path).parent / Path(ref_path).name]
-    return next((c for c in candidates if c.is_dir()), None)
 
 
 # --------------------------------------------------------------------------------------- merging
@@ -262,6 +108,7 @@ def merge_adapters(
     density: float | None = None,
     seed: int = 0,
     progress: bool = False,
+    schedule: AlphaSchedule | None = None,
 ) -> MergeResult:
     """Merge adapters into one new ``Adapter`` (see the module docstring for the exact formulas).
 
@@ -273,18 +120,20 @@ def merge_adapters(
         density: fraction kept by ties/dare, in (0, 1].
         seed: seed of dare's random masks.
         progress: show a tqdm bar over modules.
+        schedule: an α schedule for the SFT/PT pair: each module's weights are the schedule's there
+            (``weights`` are then the schedule's default). Exact for ``linear``.
 
     Raises:
-        UserError: unknown method, bad rank/density, different bases or targets, broken stacking.
+        UserError: unknown method, bad rank/density, different bases or targets, broken stacking,
+            a schedule rule naming what the adapters do not touch.
     """
     if method not in METHODS:
         raise UserError(f"unknown merge method {method!r} (choose from {', '.join(METHODS)})")
     if set(weights) != set(adapters):
         raise UserError(f"weights given for {sorted(weights)} but adapters are {sorted(adapters)}")
-    check_same_base(adapters)
     check_same_targets(adapters)
-    parents = stacked_parents(adapters)
-    coefficients = component_weights(weights, parents)
+    mix = mix_of(adapters, weights, schedule)
+    parents, coefficients = mix.parents, mix.coefficients
     ranks = {n: a.rank for n, a in adapters.items()}
     if method in ("ties", "dare"):
         if density is None:
@@ -305,11 +154,11 @@ def merge_adapters(
     new_weights: dict[str, Any] = {}
     reports: list[ModuleReport] = []
     for module in _progress(modules, progress, f"merge ({method})"):
-        # Per-adapter factors with scale and coefficient folded into B: ΔW_i = B_iᵀ A_iᵀ.
-        a_parts = [to_numpy(adapters[n].weights[f"{module}.lora_a"]) for n in names]
-        b_parts = [to_numpy(adapters[n].weights[f"{module}.lora_b"]) * adapters[n].scale for n in names]
+        # Per-adapter factors with scale folded into B (ΔW_i = B_iᵀ A_iᵀ), then this module's coefficients.
+        a_parts, b_parts = zip(*[(to_numpy(a), to_numpy(b)) for a, b in (adapters[n].factors(module) for n in names)])
+        module_coefficients = mix.coefficients_for(module)
         a_cat = np.concatenate(a_parts, axis=1)
-        b_cat = np.concatenate([b * coefficients[n] for n, b in zip(names, b_parts)], axis=0)
+        b_cat = np.concatenate([b * module_coefficients[n] for n, b in zip(names, b_parts)], axis=0)
         if method == "linear":
             a_new, b_new = a_cat, b_cat
             report = ModuleReport(module, rank, 1.0, 0.0, 0.0)
@@ -317,18 +166,19 @@ def merge_adapters(
             a_new, b_new, energy, err = _truncate_factors(a_cat, b_cat, rank)
             report = ModuleReport(module, rank, energy, err, err)
         else:
-            tasks = _task_vectors(names, a_parts, b_parts, parents)
-            task_weights = np.array([weights[n] for n in names])
+            # Each model's task vector (a stacked child's includes its parent's), and the exact weighted sum.
+            tasks = [to_numpy(weighted_delta(adapters, module, component_weights({n: 1.0}, parents))) for n in names]
+            module_weights = mix.weights_for(module)
+            task_weights = np.array([module_weights[n] for n in names])
             if method == "ties":
                 dense = ties_delta(tasks, task_weights, density)
             else:
                 dense = dare_delta(tasks, task_weights, density, _module_seed(seed, module))
             a_new, b_new, energy, err = _truncate_dense(dense, rank)
-            exact = b_cat.T @ a_cat.T
+            exact = to_numpy(weighted_delta(adapters, module, module_coefficients))
             kept = b_new.T @ a_new.T
-            report = ModuleReport(module, rank, energy, err, _rel(kept - exact, exact))
-        new_weights[f"{module}.lora_a"] = a_new.astype(np.float32)
-        new_weights[f"{module}.lora_b"] = b_new.astype(np.float32)
+            report = ModuleReport(module, rank, energy, err, relative_norm(kept - exact, exact))
+        new_weights.update(factor_weights(module, a_new.astype(np.float32), b_new.astype(np.float32)))
         reports.append(report)
 
     first = adapters[names[0]]
@@ -342,6 +192,7 @@ def merge_adapters(
         extra={"merge": {
             "method": method, "weights": weights, "coefficients": coefficients, "rank": rank,
             "density": density, "seed": seed if method == "dare" else None,
+            "alpha_schedule": mix.schedule.to_json() if mix.schedule is not None else None,
             "stacked": {c: p for c, p in parents.items()},
             "sources": {
                 n: {"path": str(a.path) if a.path else None, "phase": a.meta.phase, "rank": a.rank,
@@ -355,6 +206,24 @@ def merge_adapters(
         weights={k: mx.array(v) for k, v in new_weights.items()}, meta=meta,
     )
     return MergeResult(merged, method, dict(weights), coefficients, reports)
+
+
+def write_merged(result: MergeResult, out_dir: str | Path, force: bool = False) -> Path:
+    """Write a merge's adapter dir plus ``merge_report.json`` (summary and per-module table), atomically.
+
+    The one writer of a merged adapter: ``mlx-med merge`` and the pipeline's merge stage both call it.
+    """
+    from mlx_med.adapters.format import write_adapter
+    from mlx_med.io import atomic_output_dir, atomic_write_json
+
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        write_adapter(result.adapter, tmp)
+        atomic_write_json(tmp / REPORT_FILE, {
+            "summary": result.summary(),
+            "modules": [vars(m) for m in result.modules],
+        })
+    result.adapter.path = Path(out_dir)
+    return Path(out_dir)
 
 
 def ties_delta(tasks: list[np.ndarray], weights: np.ndarray, density: float) -> np.ndarray:
@@ -387,19 +256,6 @@ def dare_delta(tasks: list[np.ndarray], weights: np.ndarray, density: float, see
 def to_numpy(array: mx.array) -> np.ndarray:
     """An MLX array as float64 numpy (numpy has no bfloat16, so go through fp32)."""
     return np.array(array.astype(mx.float32), dtype=np.float64)
-
-
-def _task_vectors(names, a_parts, b_parts, parents) -> list[np.ndarray]:
-    """Dense ΔW of each *model* (a stacked child's includes its ancestors')."""
-    own = {n: b.T @ a.T for n, a, b in zip(names, a_parts, b_parts)}
-    out = []
-    for name in names:
-        total, node = np.zeros_like(own[name]), name
-        while node is not None:
-            total += own[node]
-            node = parents.get(node)
-        out.append(total)
-    return out
 
 
 def _keep_top(tensor: np.ndarray, density: float) -> np.ndarray:
@@ -439,11 +295,6 @@ def _factors_from_svd(u, s, vt, rank) -> tuple[np.ndarray, np.ndarray, float, fl
     kept = float(np.sum(s[:k] ** 2))
     energy = kept / total if total > 0 else 1.0
     return a, b, energy, math.sqrt(max(0.0, 1.0 - energy))
-
-
-def _rel(diff: np.ndarray, ref: np.ndarray) -> float:
-    norm = float(np.linalg.norm(ref))
-    return float(np.linalg.norm(diff)) / norm if norm > 0 else float(np.linalg.norm(diff))
 
 
 def _module_seed(seed: int, module: str) -> np.random.SeedSequence:

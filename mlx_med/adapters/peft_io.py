@@ -29,9 +29,13 @@ import mlx.core as mx
 from mlx_med.adapters.format import (
     Adapter,
     AdapterMeta,
+    factor_weights,
+    layer_index,
     lora_scale,
+    module_type,
     read_adapter,
     runtime_versions,
+    within_layer,
     write_adapter,
 )
 from mlx_med.errors import UserError
@@ -72,7 +76,8 @@ def export_peft(
             PT adapter is combined in (rank r_pt + r_sft, exact), so the PEFT adapter is the SFT model.
         force: replace an existing ``out_dir``.
     """
-    from mlx_med.adapters.merge import merge_adapters, with_stacked_parent
+    from mlx_med.adapters.merge import merge_adapters
+    from mlx_med.adapters.mix import with_stacked_parent
 
     adapter = read_adapter(src)
     result = PeftExport(Path(out_dir), adapter.rank, 0.0, 0)
@@ -89,10 +94,11 @@ def export_peft(
         raise UserError(f"{src}: the adapter has no LoRA weights")
     tensors = {}
     for module in modules:
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = adapter.weights[f"{module}.lora_a"].T
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = adapter.weights[f"{module}.lora_b"].T
-    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    layers = sorted({i for i in (_layer_index(m) for m in modules) if i is not None})
+        a, b = adapter.raw_factors(module)
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = a.T
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = b.T
+    leaves = sorted({module_type(m) for m in modules})
+    layers = sorted({i for i in (layer_index(m) for m in modules) if i is not None})
     total = _base_layer_count(base_model or adapter.meta.base_model)
     all_layers = layers == list(range(total)) if total else (layers and layers == list(range(layers[-1] + 1)))
     lora_alpha = adapter.scale * adapter.rank
@@ -171,17 +177,17 @@ def import_peft(src: str | Path, out_dir: str | Path, base: str | Path | None = 
         if pad:
             a = mx.concatenate([a, mx.zeros((a.shape[0], pad))], axis=1)
             b = mx.concatenate([b, mx.zeros((pad, b.shape[1]))], axis=0)
-        weights[f"{module}.lora_a"], weights[f"{module}.lora_b"] = a, b
+        weights.update(factor_weights(module, a, b))
 
-    keys = sorted({_within_layer(m) for m in pairs})
-    layers = sorted({i for i in (_layer_index(m) for m in pairs) if i is not None})
+    keys = sorted({within_layer(m) for m in pairs})
+    layers = sorted({i for i in (layer_index(m) for m in pairs) if i is not None})
     uniform = len(set(ranks.values())) == 1 and len(set(scales.values())) == 1
     meta = AdapterMeta(
         phase="imported",
         base_model=str(base) if base else str(config.get("base_model_name_or_path") or ""),
         lora_alpha=default_alpha if uniform else scale * rank,
         use_rslora=rslora if uniform else False,
-        target_modules=sorted({m.rsplit(".", 1)[-1] for m in pairs}),
+        target_modules=sorted({module_type(m) for m in pairs}),
         versions=runtime_versions(),
         extra={"peft": {"source": str(src), "r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
                         "use_rslora": rslora, "rank_pattern": config.get("rank_pattern") or {},
@@ -244,7 +250,7 @@ def _read_peft_weights(src: Path) -> dict[str, mx.array]:
 def _check_against_base(adapter: Adapter, base: Path) -> None:
     import mlx.nn as nn
 
-    from mlx_med.adapters.live import _dims
+    from mlx_med.adapters.live import layer_dims
     from mlx_med.fingerprint import model_fingerprint
     from mlx_med.models import load_model
 
@@ -253,10 +259,10 @@ def _check_against_base(adapter: Adapter, base: Path) -> None:
         layer = named.get(module)
         if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
             raise UserError(f"the PEFT adapter targets {module}, which is not a linear layer of {base}")
-        out_dims, in_dims = _dims(layer)
-        a, b = adapter.weights[f"{module}.lora_a"], adapter.weights[f"{module}.lora_b"]
-        if (a.shape[0], b.shape[1]) != (in_dims, out_dims):
-            raise UserError(f"{module}: the PEFT adapter is {a.shape[0]}→{b.shape[1]} but {base} has "
+        out_dims, in_dims = layer_dims(layer)
+        if adapter.dims(module) != (in_dims, out_dims):
+            a_in, a_out = adapter.dims(module)
+            raise UserError(f"{module}: the PEFT adapter is {a_in}→{a_out} but {base} has "
                             f"{in_dims}→{out_dims} (adapter for another model?)")
     adapter.meta.base_fingerprint = model_fingerprint(base)
 
@@ -276,14 +282,3 @@ def _base_layer_count(base: str | None) -> int | None:
         return int(json.loads((Path(base) / "config.json").read_text())["num_hidden_layers"])
     except (KeyError, ValueError, json.JSONDecodeError):
         return None
-
-
-def _layer_index(module: str) -> int | None:
-    match = re.search(r"\.layers\.(\d+)\.", module)
-    return int(match.group(1)) if match else None
-
-
-def _within_layer(module: str) -> str:
-    match = re.search(r"\.layers\.\d+\.(.+)$", module)
-    return match.group(1) if match else module
-

@@ -41,7 +41,8 @@ class ChatConfig:
     adapter: str | None = None  # one adapter or training run directory
     sft: str | None = None  # with pt: two adapters mixed live, ΔW = α·ΔW_sft + (1−α)·ΔW_pt
     pt: str | None = None
-    alpha: float = 0.5
+    alpha: float | None = None  # None: mlx_med.adapters.mix.DEFAULT_ALPHA (or the schedule's default)
+    alpha_schedule: str | None = None  # α per layer range / module type; /alpha moves its default
     system: str | None = None  # None: the default prompt in ``lang``; "@FILE": read from FILE
     lang: str = "en"  # language of the default system prompt (en, zh)
     temperature: float = 0.7
@@ -148,9 +149,11 @@ class ChatSession:
 
     def set_alpha(self, alpha: float) -> None:
         """Switch the SFT/PT mix without reloading; the KV cache was computed with the old weights."""
+        from mlx_med.adapters.schedule import check_alpha
+
         if self.adapters is None:
             raise UserError("/alpha needs two adapters: start with --sft RUN --pt RUN")
-        self.adapters.set_alpha(alpha)
+        self.adapters.set_alpha(check_alpha(alpha, "/alpha"))  # the range rule of --alpha
         self.forget_cache()
 
     def messages(self, message: str | None = None) -> list[dict[str, str]]:
@@ -422,6 +425,9 @@ def _cmd_alpha(session: ChatSession, arg: str) -> CommandResult:
         session.set_alpha(_number(arg, float, "/alpha"))
     if session.alpha is None:
         return CommandResult("no adapter mix loaded (start with --sft RUN --pt RUN to use /alpha)")
+    schedule = getattr(session.adapters, "schedule", None)
+    if schedule is not None:
+        return CommandResult(f"α = {session.alpha:g} (the default of {schedule.describe()}; its rules stay)")
     return CommandResult(f"α = {session.alpha:g} (ΔW = α·ΔW_sft + (1−α)·ΔW_pt)")
 
 

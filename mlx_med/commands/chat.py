@@ -8,16 +8,18 @@ from pathlib import Path
 
 import click
 
-from mlx_med.commands.options import config_option
+from mlx_med.commands.options import alpha_option, alpha_schedule_option, compute_policy_option, config_option
 
 
 @click.command("chat")
 @config_option
+@compute_policy_option()
 @click.option("--model", "model", type=click.Path(), help="Model folder (mlx-med convert / fuse output).")
 @click.option("--adapter", type=click.Path(), help="One adapter or training run directory to apply.")
 @click.option("--sft", type=click.Path(), help="SFT run directory, mixed live with --pt (needs --pt).")
 @click.option("--pt", type=click.Path(), help="PT run directory, mixed live with --sft (needs --sft).")
-@click.option("--alpha", type=float, help="SFT weight α of the mix: ΔW = α·ΔW_sft + (1−α)·ΔW_pt.  [default: 0.5]")
+@alpha_option
+@alpha_schedule_option
 @click.option("--system", help="System prompt replacing the default medical-assistant one ('' for none, @FILE to read it).")
 @click.option("--lang", type=click.Choice(["en", "zh"]), help="Language of the default system prompt.  [default: en]")
 @click.option("--temp", "temperature", type=float, help="Sampling temperature; 0 is greedy.  [default: 0.7]")
@@ -30,7 +32,7 @@ from mlx_med.commands.options import config_option
 @click.option("--json", "as_json", is_flag=True, help="Piped mode: print one JSON object per answer.")
 @click.option("--no-history", is_flag=True, help="Answer every message on its own, without earlier turns.")
 @click.option("-q", "--quiet", is_flag=True, help="No start-up banner.")
-def command(config_path, model, adapter, sft, pt, alpha, system, lang, temperature, top_p, top_k,
+def command(config_path, model, adapter, sft, pt, alpha, alpha_schedule, system, lang, temperature, top_p, top_k,
             repetition_penalty, max_new_tokens, context, seed, as_json, no_history, quiet) -> None:
     """Chat with a model: streamed answers, multi-turn history, slash commands (/help).
 
@@ -40,21 +42,20 @@ def command(config_path, model, adapter, sft, pt, alpha, system, lang, temperatu
     newlines inside an answer written as \\n (or one JSON object per line with --json):
       printf 'What is hypertension?\\nHow is it treated?\\n' | mlx-med chat --model base --temp 0
     """
+    from mlx_med.adapters.mix import check_mix_flags
     from mlx_med.chat.repl import ChatConfig
     from mlx_med.config import load_config
     from mlx_med.errors import UserError
 
     cfg = load_config(ChatConfig, config_path, {
-        "model": model, "adapter": adapter, "sft": sft, "pt": pt, "alpha": alpha, "system": system, "lang": lang,
+        "model": model, "adapter": adapter, "sft": sft, "pt": pt, "alpha": alpha, "alpha_schedule": alpha_schedule,
+        "system": system, "lang": lang,
         "temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty,
         "max_new_tokens": max_new_tokens, "context": context, "seed": seed,
     })
     if not cfg.model:
         raise UserError("--model DIR is required (or 'model:' in the --config file)")
-    if cfg.adapter and (cfg.sft or cfg.pt):
-        raise UserError("give either --adapter RUN or --sft RUN --pt RUN, not both")
-    if bool(cfg.sft) != bool(cfg.pt):
-        raise UserError("--sft and --pt go together (use --adapter for a single adapter)")
+    check_mix_flags(cfg.adapter, cfg.sft, cfg.pt, cfg.alpha, schedule=cfg.alpha_schedule)
     decoding = cfg.decoding()  # validate flags before spending seconds on loading
     system = cfg.system_prompt()
     interactive = sys.stdin.isatty() and not as_json
@@ -70,7 +71,8 @@ def run(cfg, decoding, system: str | None, interactive: bool, as_json: bool, kee
     from mlx_med.chat.repl import ChatSession, context_window, run_interactive, run_piped
 
     start = time.perf_counter()
-    loaded, adapters = load_with_adapters(cfg.model, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha)
+    loaded, adapters = load_with_adapters(cfg.model, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha,
+                                          alpha_schedule=cfg.alpha_schedule)
     seconds = time.perf_counter() - start
     seed_everything(cfg.seed)
     window = context_window(loaded.config, cfg.context)

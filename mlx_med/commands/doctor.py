@@ -6,13 +6,19 @@ import sys
 
 import click
 
+from mlx_med.commands.options import compute_policy_option
+
 MIN_GOOD_GFLOPS = 50.0
 
 
 @click.command("doctor")
 @click.option("--size", default=1024, show_default=True, help="GEMM size n for the n×n×n probe.")
+@compute_policy_option(warn_slow_blas=False)
 def command(size: int) -> None:
-    """Check the MLX install: device, BLAS, measured GEMM speed, memory, compute dtype."""
+    """Check the MLX install: device, BLAS (library, core, threads, safety verdict), GEMM speed, compute path.
+
+    The GEMM line also gives numpy's own fp32 GEMM at the same size, a yardstick for this CPU.
+    """
     import mlx_med
     from mlx_med.blas import blas_in_use, preload_blas
 
@@ -23,8 +29,8 @@ def command(size: int) -> None:
     except Exception as err:  # a broken wheel fails here in many ways
         click.echo(f"error: MLX cannot be imported: {err}", err=True)
         sys.exit(1)
+    info = backend.detect_backend()  # a bad MLX_MED_COMPUTE_POLICY is a one-line UserError
     try:
-        info = backend.detect_backend()
         gflops = backend.gemm_gflops(size)
     except Exception as err:
         click.echo(f"error: MLX is installed but cannot run a matmul: {err}", err=True)
@@ -37,7 +43,17 @@ def command(size: int) -> None:
     click.echo(f"mlx: {mx.__version__}")
     click.echo(f"device: {info.device} (accelerator: {info.accelerator})")
     click.echo(f"blas: {blas_in_use()} ({status.note})")
-    click.echo(f"gemm: {gflops:.1f} GFLOP/s (fp32, {size}x{size}x{size})")
+    if status.library:
+        click.echo(f"blas library: {status.library}")
+        if status.info:
+            click.echo(f"blas core: {status.info.core} ({status.info.config})")
+        click.echo(f"blas threads: {status.threads}")
+        click.echo(f"blas verdict: {status.verdict}")
+    for library, verdict in status.considered:
+        if library != status.library:
+            click.echo(f"blas not used: {library}: {verdict}")
+    click.echo(f"gemm: {gflops:.1f} GFLOP/s (fp32, {size}x{size}x{size}; numpy's own: "
+               f"{backend.numpy_gemm_gflops(size):.1f} GFLOP/s)")
     click.echo(f"memory: {mem:.1f} GB" if mem else "memory: unknown")
     click.echo(f"compute: {info.describe()}")
     if info.device == "cpu" and gflops < MIN_GOOD_GFLOPS:

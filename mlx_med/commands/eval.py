@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from mlx_med.commands.options import config_option, force_option
+from mlx_med.commands.options import (
+    alpha_option,
+    alpha_schedule_option,
+    compute_policy_option,
+    config_option,
+    force_option,
+)
 
 
 def decoding_options(func):
@@ -36,7 +42,8 @@ def model_options(func):
         click.option("--adapter", type=click.Path(path_type=Path), help="One adapter / training run directory to apply."),
         click.option("--sft", type=click.Path(path_type=Path), help="SFT run, mixed live with --pt at weight --alpha."),
         click.option("--pt", type=click.Path(path_type=Path), help="PT run, mixed live with --sft."),
-        click.option("--alpha", type=float, help="SFT weight: ΔW = α·ΔW_sft + (1−α)·ΔW_pt.  [default: 0.5]"),
+        alpha_option,
+        alpha_schedule_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -46,6 +53,7 @@ def model_options(func):
 @click.command("eval")
 @config_option
 @model_options
+@compute_policy_option()
 @click.option("--data", type=click.Path(path_type=Path),
               help="Eval JSONL: {\"messages\": [...]} (last assistant turn = reference) or "
                    "{\"prompt\", \"response\"|\"output\"|\"label\"}. For --suite safety: a probe file (default: starter set).")
@@ -71,7 +79,8 @@ def model_options(func):
               help="Score an existing generated_predictions.jsonl (ours or LLaMA-Factory's) instead of generating.")
 @force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table (for scripts).")
-def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit, batch_size, shots, shots_data, preset,
+def command(config_path, model, adapter, sft, pt, alpha, alpha_schedule, data, out, suite, limit, batch_size, shots,
+            shots_data, preset,
             temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed, system, lang,
             ppl_data, ppl_limit, ppl_block_size, predictions, force, quiet) -> None:
     """Generate answers for an eval set and score them (BLEU-4/ROUGE as LLaMA-Factory computes them).
@@ -90,7 +99,8 @@ def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit
     from mlx_med.errors import UserError
 
     overrides = {
-        "model": model, "adapter": adapter, "sft": sft, "pt": pt, "alpha": alpha, "data": data, "out": out,
+        "model": model, "adapter": adapter, "sft": sft, "pt": pt, "alpha": alpha, "alpha_schedule": alpha_schedule,
+        "data": data, "out": out,
         "limit": limit, "batch_size": batch_size, "system": system, "force": force or None,
     }
     decoding = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mlx_med.commands.options import config_option, force_option
+from mlx_med.commands.options import alpha_schedule_option, config_option, force_option
 
 
 @dataclass
@@ -18,9 +18,10 @@ class FuseConfig:
     sft: Path | None = None  # SFT run (with pt)
     pt: Path | None = None  # PT run (with sft)
     adapter: Path | None = None  # or one adapter dir (a run, merged or imported adapter)
-    alpha: float | None = None  # w_sft = alpha, w_pt = 1 - alpha
-    w_sft: float | None = None
+    alpha: float | None = None  # w_sft = alpha, w_pt = 1 - alpha, in [0, 1]
+    w_sft: float | None = None  # explicit weights instead of alpha (any finite numbers)
     w_pt: float | None = None
+    alpha_schedule: Path | None = None  # α per layer range / module type instead of alpha
     dtype: str = "bfloat16"  # dtype of the fused (dequantized) weights: bfloat16, float16, float32
     requantize: bool = False  # quantize fused layers of a quantized base again
     export_hf: Path | None = None  # also export the fused model as a Hugging Face checkpoint here
@@ -32,9 +33,10 @@ class FuseConfig:
 @click.option("--pt", type=click.Path(path_type=Path), help="PT training run (with --sft and --alpha).")
 @click.option("--adapter", type=click.Path(path_type=Path),
               help="Or one adapter dir (run, merged or imported), fused with weight 1.")
-@click.option("--alpha", type=float, help="Weight of the SFT model: w_sft = ALPHA, w_pt = 1 − ALPHA.")
+@click.option("--alpha", type=float, help="Weight of the SFT model, in [0, 1]: w_sft = ALPHA, w_pt = 1 − ALPHA.")
 @click.option("--w-sft", type=float, help="Weight of the SFT model (with --w-pt, instead of --alpha).")
 @click.option("--w-pt", type=float, help="Weight of the PT model (with --w-sft, instead of --alpha).")
+@alpha_schedule_option
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Fused MLX model folder to create.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
@@ -48,7 +50,7 @@ class FuseConfig:
 @config_option
 @click.option("-q", "--quiet", is_flag=True, help="Print only the output folder(s).")
 @click.option("-v", "--verbose", is_flag=True, help="Print one line per fused layer.")
-def command(model, sft, pt, adapter, alpha, w_sft, w_pt, out_dir, dtype, requantize, export_hf, force,
+def command(model, sft, pt, adapter, alpha, w_sft, w_pt, alpha_schedule, out_dir, dtype, requantize, export_hf, force,
             config_path, quiet, verbose) -> None:
     """Fuse adapters into the base weights: W' = W + w_sft·ΔW_sft + w_pt·ΔW_pt.
 
@@ -62,22 +64,22 @@ def command(model, sft, pt, adapter, alpha, w_sft, w_pt, out_dir, dtype, requant
 
     cfg = load_config(FuseConfig, config_path, {
         "model": model, "sft": sft, "pt": pt, "adapter": adapter, "alpha": alpha, "w_sft": w_sft,
-        "w_pt": w_pt, "dtype": dtype, "requantize": requantize, "export_hf": export_hf,
+        "w_pt": w_pt, "alpha_schedule": alpha_schedule, "dtype": dtype, "requantize": requantize, "export_hf": export_hf,
     })
     from mlx_med.adapters.fuse import fuse_model
     from mlx_med.errors import UserError
 
     if cfg.model is None:
         raise UserError("give --model BASE_DIR (the base the adapters were trained on)")
-    if cfg.adapter is not None and (cfg.alpha is not None or cfg.w_sft is not None or cfg.w_pt is not None):
-        raise UserError("--alpha/--w-sft/--w-pt weigh an --sft/--pt pair; an --adapter is fused with weight 1")
+    if cfg.adapter is not None and any(v is not None for v in (cfg.alpha, cfg.w_sft, cfg.w_pt, cfg.alpha_schedule)):
+        raise UserError("--alpha/--alpha-schedule/--w-sft/--w-pt weigh an --sft/--pt pair; "
+                        "an --adapter is fused with weight 1")
     if cfg.export_hf is not None and cfg.export_hf.exists() and not force:
         raise UserError(f"{cfg.export_hf} already exists; pass --force to replace it")
-    weights_given = cfg.w_sft is not None or cfg.w_pt is not None
     report = fuse_model(
-        cfg.model, out_dir, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt,
-        alpha=None if weights_given and alpha is None else cfg.alpha,
+        cfg.model, out_dir, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha,
         dtype=cfg.dtype, requantize=cfg.requantize, force=force, w_sft=cfg.w_sft, w_pt=cfg.w_pt,
+        alpha_schedule=cfg.alpha_schedule,
     )
     if quiet:
         click.echo(str(report.out_dir))

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import click
 
-from mlx_med.commands.options import config_option, force_option
-
-METHODS = ["linear", "svd", "ties", "dare"]
+from mlx_med.commands.options import alpha_schedule_option, config_option, force_option
 
 
 @dataclass
@@ -21,6 +19,7 @@ class MergeConfig:
     alpha: float | None = None  # w_sft = alpha, w_pt = 1 - alpha
     w_sft: float | None = None  # independent weights instead of alpha
     w_pt: float | None = None
+    alpha_schedule: Path | None = None  # α per layer range / module type instead of alpha
     method: str = "linear"  # linear (exact) | svd | ties | dare
     rank: int | None = None  # output rank for svd/ties/dare
     density: float | None = None  # fraction kept by ties/dare
@@ -30,10 +29,11 @@ class MergeConfig:
 @click.command("merge")
 @click.option("--sft", type=click.Path(path_type=Path), help="SFT training run (or adapter dir).")
 @click.option("--pt", type=click.Path(path_type=Path), help="PT training run (or adapter dir).")
-@click.option("--alpha", type=float, help="Weight of the SFT model: w_sft = ALPHA, w_pt = 1 − ALPHA.")
+@click.option("--alpha", type=float, help="Weight of the SFT model, in [0, 1]: w_sft = ALPHA, w_pt = 1 − ALPHA.")
 @click.option("--w-sft", type=float, help="Weight of the SFT model (with --w-pt, instead of --alpha).")
 @click.option("--w-pt", type=float, help="Weight of the PT model (with --w-sft, instead of --alpha).")
-@click.option("--method", type=click.Choice(METHODS), default=None,
+@alpha_schedule_option
+@click.option("--method", default=None,
               help="linear: exact (rank r_sft + r_pt); svd: exact ΔW truncated to --rank; ties/dare: "
                    "sparsified task vectors (--density), truncated to --rank. [default: linear]")
 @click.option("--rank", type=int, help="Output rank for svd/ties/dare. [default: max rank (svd), sum of ranks]")
@@ -44,7 +44,7 @@ class MergeConfig:
 @force_option
 @config_option
 @click.option("-q", "--quiet", is_flag=True, help="Print only the output directory.")
-def command(sft, pt, alpha, w_sft, w_pt, method, rank, density, seed, out_dir, force, config_path, quiet) -> None:
+def command(sft, pt, alpha, w_sft, w_pt, alpha_schedule, method, rank, density, seed, out_dir, force, config_path, quiet) -> None:
     """Merge an SFT and a PT adapter: ΔW = w_sft·ΔW_sft + w_pt·ΔW_pt (each ΔW = scale·B·A of its own).
 
     \b
@@ -58,37 +58,33 @@ def command(sft, pt, alpha, w_sft, w_pt, method, rank, density, seed, out_dir, f
     from mlx_med.config import load_config
 
     cfg = load_config(MergeConfig, config_path, {
-        "sft": sft, "pt": pt, "alpha": alpha, "w_sft": w_sft, "w_pt": w_pt, "method": method, "rank": rank,
+        "sft": sft, "pt": pt, "alpha": alpha, "w_sft": w_sft, "w_pt": w_pt, "alpha_schedule": alpha_schedule,
+        "method": method, "rank": rank,
         "density": density, "seed": seed,
     })
-    from mlx_med.adapters.format import write_adapter
-    from mlx_med.adapters.merge import load_pair, merge_adapters, pair_weights
+    from mlx_med.adapters.merge import merge_adapters, write_merged
+    from mlx_med.adapters.mix import resolve_mix
     from mlx_med.errors import UserError
-    from mlx_med.io import atomic_output_dir, atomic_write_json
 
     if cfg.sft is None or cfg.pt is None:
         raise UserError("give --sft RUN and --pt RUN (or sft:/pt: in the config)")
-    if cfg.method not in METHODS:
-        raise UserError(f"method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists; pass --force to replace it")
-    alpha_value = None if (cfg.w_sft is not None or cfg.w_pt is not None) and alpha is None else cfg.alpha
-    weights = pair_weights(alpha_value, cfg.w_sft, cfg.w_pt)
-    adapters = load_pair(cfg.sft, cfg.pt)
+    if cfg.alpha is None and cfg.w_sft is None and cfg.w_pt is None and cfg.alpha_schedule is None:
+        raise UserError("missing --alpha (w_sft = alpha, w_pt = 1 − alpha), --w-sft/--w-pt or --alpha-schedule")
+    mix = resolve_mix(None, cfg.sft, cfg.pt, cfg.alpha, cfg.w_sft, cfg.w_pt, cfg.alpha_schedule)
+    adapters, weights = mix.adapters, mix.weights
     result = merge_adapters(adapters, weights, cfg.method, rank=cfg.rank, density=cfg.density, seed=cfg.seed,
-                            progress=not quiet)
-    with atomic_output_dir(out_dir, force=force) as tmp:
-        write_adapter(result.adapter, tmp)
-        atomic_write_json(tmp / "merge_report.json", {
-            "summary": result.summary(),
-            "modules": [vars(m) for m in result.modules],
-        })
+                            progress=not quiet, schedule=mix.schedule)
+    write_merged(result, out_dir, force=force)
     if quiet:
         click.echo(str(out_dir))
         return
     summary = result.summary()
     click.echo(f"merged {adapters['sft'].path} (w_sft={weights['sft']:g}) + {adapters['pt'].path} "
                f"(w_pt={weights['pt']:g}) with {cfg.method}: rank {summary['rank']}, {summary['modules']} modules")
+    if mix.schedule is not None:
+        click.echo(f"{mix.schedule.describe()}: weights above are the default, rules set others per module")
     if result.coefficients != weights:
         click.echo(f"SFT was trained stacked on PT: ΔW = {result.coefficients['pt']:g}·ΔW_pt + "
                    f"{result.coefficients['sft']:g}·ΔW_sft_own")
@@ -103,16 +99,16 @@ def command(sft, pt, alpha, w_sft, w_pt, method, rank, density, seed, out_dir, f
 
 def _per_layer_lines(modules) -> list[str]:
     """One line per decoder layer: the worst module's retained energy and errors."""
-    import re
+    from mlx_med.adapters.format import layer_index, module_type
 
     by_layer: dict[str, list] = {}
     for m in modules:
-        match = re.search(r"\.layers\.(\d+)\.", m.module)
-        by_layer.setdefault(match.group(1) if match else m.module, []).append(m)
+        index = layer_index(m.module)
+        by_layer.setdefault(m.module if index is None else str(index), []).append(m)
     lines = []
     for layer, items in sorted(by_layer.items(), key=lambda kv: (len(kv[0]), kv[0])):
         worst = min(items, key=lambda m: m.energy)
-        lines.append(f"  layer {layer}: energy min {worst.energy:.4f} ({worst.module.rsplit('.', 1)[-1]}), "
+        lines.append(f"  layer {layer}: energy min {worst.energy:.4f} ({module_type(worst.module)}), "
                      f"rel error max {max(m.rel_error for m in items):.4f}, "
                      f"vs exact sum max {max(m.rel_diff_linear for m in items):.4f}")
     return lines

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
-from mlx_med.commands.options import config_option
+from mlx_med.commands.options import compute_policy_option, config_option
 
 
 @click.command("pipeline")
 @config_option
+@compute_policy_option()
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path),
               help="Output folder for every stage and report.md (overrides 'output:').")
 @click.option("--alpha", type=float, help="Merge weight of the SFT adapter (overrides 'fuse.alpha').")
@@ -23,7 +24,8 @@ def command(config_path: Path | None, output: Path | None, alpha: float | None, 
     same command again (or after Ctrl-C) continues where it stopped.
 
     \b
-      mlx-med pipeline -c configs/demo.yaml            # the demo on SmolLM2-135M
+      mlx-med pipeline -c demo                         # the shipped demo on SmolLM2-135M, from any folder
+      mlx-med pipeline -c configs/demo.yaml            # the same recipe file, in a checkout
       mlx-med pipeline -c configs/demo.yaml -o runs/x  # somewhere else
     """
     import shutil
@@ -32,7 +34,7 @@ def command(config_path: Path | None, output: Path | None, alpha: float | None, 
     from mlx_med.pipeline.runner import Layout, PipelineConfig, run_pipeline
 
     if config_path is None:
-        raise click.UsageError("pass -c CONFIG.yaml (for the demo: -c configs/demo.yaml)")
+        raise click.UsageError("pass -c CONFIG.yaml (for the demo: -c demo)")
     cfg = load_config(PipelineConfig, config_path, {"output": output, "fuse.alpha": alpha})
     if restart:
         shutil.rmtree(Layout(Path(cfg.output)).state, ignore_errors=True)

@@ -75,7 +75,9 @@ def command(model, backend, q_bits, q_group_size, dtype, batch_size, max_seq_len
                 note += f" as a {settings.q_bits}-bit base (--q-bits to change)"
     model = model or recipe_model
     if model is None:
-        known = ", ".join(str(p) for p in sorted(Path("configs/models").glob("*.json")))
+        from mlx_med.resources import shipped_path
+
+        known = ", ".join(str(p) for p in sorted(shipped_path("configs", "models").glob("*.json")))
         raise UserError("give --model MODEL_DIR_OR_CONFIG_JSON (or a recipe that names a model)"
                         + (f"; architectures shipped: {known}" if known else ""))
     if recipe_model is not None and model == recipe_model and not Path(model).exists():
@@ -115,17 +117,12 @@ def _architecture_for(recipe: Path) -> Path | None:
 
 def _settings(config_path: Path | None, overrides: dict):
     """``PlanSettings`` from a training recipe (if any) with flags on top, and the recipe's model."""
-    from mlx_med.train.plan import PlanSettings
+    from mlx_med.train.plan import PlanSettings, settings_from_recipe
 
-    values = {k: v for k, v in overrides.items() if v is not None}
     if config_path is None:
-        return PlanSettings(**values), None
+        return PlanSettings(**{k: v for k, v in overrides.items() if v is not None}), None
     from mlx_med.config import load_config
     from mlx_med.train.config import TrainConfig
 
     cfg = load_config(TrainConfig, config_path)
-    recipe = {"batch_size": cfg.optim.batch_size, "max_seq_len": cfg.max_seq_len, "lora_rank": cfg.lora.rank,
-              "lora_layers": cfg.lora.num_layers, "target_modules": list(cfg.lora.target_modules),
-              "lora_dropout": cfg.lora.dropout, "grad_checkpoint": cfg.grad_checkpoint,
-              "grad_accumulation": cfg.optim.grad_accumulation}
-    return PlanSettings(**{**recipe, **values}), cfg.model
+    return settings_from_recipe(cfg, overrides), cfg.model

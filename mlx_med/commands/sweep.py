@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from mlx_med.commands.eval import decoding_options, model_options
-from mlx_med.commands.options import config_option, force_option
+from mlx_med.commands.options import compute_policy_option, config_option, force_option
 
 
 def common_options(func):
@@ -69,6 +69,7 @@ def command() -> None:
 
 @command.command("decoding")
 @config_option
+@compute_policy_option()
 @model_options
 @common_options
 @click.option("--grid", "grids", multiple=True, metavar="NAME=V1,V2,...",
@@ -77,8 +78,8 @@ def command() -> None:
 @decoding_options
 @force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no table.")
-def decoding(config_path, model, adapter, sft, pt, alpha, data, out, limit, batch_size, system, grids, preset,
-             temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed, force, quiet) -> None:
+def decoding(config_path, model, adapter, sft, pt, alpha, alpha_schedule, data, out, limit, batch_size, system, grids,
+             preset, temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens, seed, force, quiet) -> None:
     """Metrics at every point of a decoding grid → decoding_sweep.csv / .md / .png.
 
     \b
@@ -92,8 +93,8 @@ def decoding(config_path, model, adapter, sft, pt, alpha, data, out, limit, batc
     from mlx_med.evaluation.sweep import DecodingSweepConfig, parse_grid, run_decoding_sweep
 
     cfg = load_config(DecodingSweepConfig, config_path, _overrides(
-        model=model, adapter=adapter, sft=sft, pt=pt, alpha=alpha, data=data, out=out, limit=limit,
-        batch_size=batch_size, system=system, preset=preset, temperature=temperature, top_p=top_p, top_k=top_k,
+        model=model, adapter=adapter, sft=sft, pt=pt, alpha=alpha, alpha_schedule=alpha_schedule, data=data,
+        out=out, limit=limit, batch_size=batch_size, system=system, preset=preset, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
         force=force, grid=parse_grid(list(grids)) if grids else None,
     ))
@@ -102,9 +103,12 @@ def decoding(config_path, model, adapter, sft, pt, alpha, data, out, limit, batc
 
 @command.command("alpha")
 @config_option
+@compute_policy_option()
 @click.option("--model", type=click.Path(path_type=Path), help="Base model folder (MLX or HF safetensors).")
 @click.option("--sft", type=click.Path(path_type=Path), help="SFT run directory.")
 @click.option("--pt", type=click.Path(path_type=Path), help="PT run directory.")
+@click.option("--alpha-schedule", type=click.Path(path_type=Path),
+              help="YAML α schedule: its rules stay at every α of the sweep or search, which sets its default.")
 @common_options
 @click.option("--alphas", help="α values: a list (0,0.5,1) or a range A,B,...,C with step B−A.  "
                                "[default: 0,0.1,...,1]")
@@ -124,9 +128,9 @@ def decoding(config_path, model, adapter, sft, pt, alpha, data, out, limit, batc
 @decoding_options
 @force_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no table.")
-def alpha(config_path, model, sft, pt, data, out, limit, batch_size, system, alphas, ppl_data, ppl_limit,
-          ppl_block_size, safety_probes, metric, ppl_tolerance, safety_margin, mcq_data, mcq_limit, mcq_shots,
-          mcq_shots_data, search, objective, constraints, budget, preset, temperature, top_p, top_k,
+def alpha(config_path, model, sft, pt, alpha_schedule, data, out, limit, batch_size, system, alphas, ppl_data,
+          ppl_limit, ppl_block_size, safety_probes, metric, ppl_tolerance, safety_margin, mcq_data, mcq_limit,
+          mcq_shots, mcq_shots_data, search, objective, constraints, budget, preset, temperature, top_p, top_k,
           min_p, repetition_penalty, max_new_tokens, seed, force, quiet) -> None:
     """QA metrics, perplexity, safety and MCQ accuracy at each α, switched live → alpha_sweep.* and the picked α.
 
@@ -145,7 +149,8 @@ def alpha(config_path, model, sft, pt, data, out, limit, batch_size, system, alp
     from mlx_med.evaluation.alpha_sweep import AlphaSweepConfig, run_alpha_search, run_alpha_sweep
 
     cfg = load_config(AlphaSweepConfig, config_path, _overrides(
-        model=model, sft=sft, pt=pt, data=data, out=out, limit=limit, batch_size=batch_size, system=system,
+        model=model, sft=sft, pt=pt, alpha_schedule=alpha_schedule, data=data, out=out, limit=limit,
+        batch_size=batch_size, system=system,
         alphas=alphas, ppl_data=ppl_data, ppl_limit=ppl_limit, ppl_block_size=ppl_block_size,
         safety_probes=safety_probes, preset=preset, temperature=temperature, top_p=top_p, top_k=top_k,
         min_p=min_p, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mlx_med.commands.options import config_option, force_option
+from mlx_med.commands.options import compute_policy_option, config_option, force_option
 
 
 @click.command("train")
@@ -39,6 +39,7 @@ from mlx_med.commands.options import config_option, force_option
               help="Continue the run in this directory from its newest checkpoint (its run.yaml is the config).")
 @force_option
 @config_option
+@compute_policy_option()
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or log lines; print only the run directory.")
 @click.option("--json-log", is_flag=True, help="Print each metrics record as a JSON line on stdout (for scripts).")
 def command(phase, model, data, valid, out_dir, iters, batch_size, max_seq_len, lora_rank, lora_alpha, rslora,

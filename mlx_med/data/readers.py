@@ -13,7 +13,7 @@ such files, or a local
 Hugging Face dataset directory (``datasets.save_to_disk``; streamed, never loaded whole).
 
 Bad records raise ``DataError`` naming file, line and field; with ``skip_bad`` they are counted and
-reported instead. No tokenizers or models here: that is ``mlx_med.train``'s job.
+reported instead. No tokenizers or models here: tokenizing is ``mlx_med.data.packing`` and ``.sft``'s job.
 """
 
 from __future__ import annotations
@@ -70,13 +70,6 @@ class SkipReport:
             return "no bad records"
         more = "" if self.skipped <= len(self.reasons) else f" (first {len(self.reasons)} shown)"
         return f"skipped {self.skipped} bad record(s){more}:\n  " + "\n  ".join(self.reasons)
-
-
-def load_examples(
-    path: str | Path, kind: Kind = "any", skip_bad: bool = False, report: SkipReport | None = None
-) -> list[Example]:
-    """All records under ``path`` as a list. See ``iter_examples``."""
-    return list(iter_examples(path, kind, skip_bad, report))
 
 
 def iter_examples(

@@ -2,7 +2,8 @@
 
 ``SweepPoints.at(α)`` switches the live SFT/PT mix to α and returns the point's row (QA headline
 metrics, ``ppl``, ``safety``, ``accuracy``/``accuracy_norm``); ``SweepPoints.base()`` does the same
-with both adapter weights at 0 (the base model, for constraints such as ``safety>=base``). Each
+with both adapter weights at 0 (the base model, for constraints such as ``safety>=base``). Under an
+α schedule (``alpha_schedule``) α moves the schedule's default at every point and its rules stay. Each
 measurement is stored in the point's folder with the inputs it came from and read back when they
 still match, so a re-run (or a search with a larger budget) only computes what is new.
 """
@@ -25,16 +26,17 @@ class SweepPoints:
     def __init__(self, cfg, out: Path, loaded, live, probes, mcq, quiet: bool):
         self.cfg, self.out, self.loaded, self.live, self.probes, self.mcq, self.quiet = (
             cfg, out, loaded, live, probes, mcq, quiet)
+        self.schedule = live.schedule  # kept: ``base`` drops it from the live mix, ``at`` brings it back
 
     @classmethod
-    def open(cls, cfg, quiet: bool = False, loaded=None, live=None, first_alpha: float = 0.5) -> SweepPoints:
+    def open(cls, cfg, quiet: bool = False, loaded=None, live=None, first_alpha: float | None = None) -> SweepPoints:
         """Check every input, open the sweep folder and load the model with the pair attached live.
 
         Args:
             cfg: an ``AlphaSweepConfig`` (validated by the caller).
             quiet: no progress bars.
             loaded, live: an already loaded model and its ``LiveAdapters`` (both or neither).
-            first_alpha: the mix to load with.
+            first_alpha: the mix to load with (None: the schedule's default or ``DEFAULT_ALPHA``).
         """
         from mlx_med.evaluation.run_config import load_for_eval
 
@@ -56,20 +58,24 @@ class SweepPoints:
             mcq = (mcq_cfg, *load_items(mcq_cfg))
         out = open_sweep_dir(Path(cfg.out), "alpha", cfg.force)
         if loaded is None:
-            loaded, live = load_for_eval(cfg.model, sft=cfg.sft, pt=cfg.pt, alpha=first_alpha)
+            loaded, live = load_for_eval(cfg.model, sft=cfg.sft, pt=cfg.pt, alpha=first_alpha,
+                                         alpha_schedule=cfg.alpha_schedule)
         if live is None:
             raise UserError("the α sweep needs the SFT/PT pair attached live (mlx_med.adapters.live)")
         return cls(cfg, out, loaded, live, probes, mcq, quiet)
 
     def at(self, alpha: float) -> dict[str, Any]:
         """The row of point α (measured now, or read back from ``alpha_<α>/``)."""
-        self.live.set_alpha(alpha)  # live: the next forward pass uses the new mix, nothing is re-fused
+        if self.schedule is not None and self.live.schedule is None:  # dropped by ``base``
+            self.live.mix.schedule = self.schedule
+        self.live.set_alpha(alpha)  # live: the next forward pass uses the new mix (a schedule's rules stay)
         return {"alpha": alpha, **self._measure(replace(self.cfg, alpha=alpha, out=self.out / f"alpha_{alpha:g}"))}
 
     def base(self) -> dict[str, Any]:
         """The row of the base model: both adapter weights 0 on the same live model (folder ``base/``)."""
         self.live.set_weights(sft=0.0, pt=0.0)
-        return {"alpha": None, **self._measure(replace(self.cfg, sft=None, pt=None, out=self.out / "base"))}
+        return {"alpha": None, **self._measure(replace(self.cfg, sft=None, pt=None, alpha_schedule=None,
+                                                       out=self.out / "base"))}
 
     def _measure(self, setting) -> dict[str, Any]:
         row: dict[str, Any] = {}
@@ -135,8 +141,10 @@ def safety_or_reuse(cfg, probes, loaded, quiet: bool) -> float:
     from mlx_med.io import atomic_write_json
 
     path = Path(cfg.out) / "safety.json"
-    key = {"probes": path_fingerprint(resolve_probe_path(cfg.safety_probes)), "alpha": cfg.alpha,
+    key = {"probes": path_fingerprint(resolve_probe_path(cfg.safety_probes)), "alpha": cfg.effective_alpha,
            "system": cfg.system, "decoding": {f.name: getattr(cfg.decoding(), f.name) for f in fields(DecodingConfig)}}
+    if cfg.alpha_schedule is not None:  # only then, so caches of plain-α sweeps stay valid
+        key["alpha_schedule"] = path_fingerprint(cfg.alpha_schedule)
     if path.exists() and not cfg.force:
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from mlx_med.adapters.schedule import check_alpha
 from mlx_med.errors import ConfigError, UserError
 from mlx_med.evaluation.alpha_points import SweepPoints
 from mlx_med.evaluation.runner import EvalConfig
@@ -99,9 +100,11 @@ def parse_alphas(spec: Any) -> list[float]:
         raise ConfigError(f"--alphas {spec}: expected numbers like 0,0.25,1 or 0,0.1,...,1") from None
     if not values:
         raise ConfigError("--alphas: no values")
-    bad = [v for v in values if not 0.0 <= v <= 1.0]
-    if bad:
-        raise ConfigError(f"--alphas: α must be in [0, 1], got {bad[0]}")
+    for value in values:  # the one α range rule of every command
+        try:
+            check_alpha(value, "--alphas")
+        except UserError as err:
+            raise ConfigError(str(err)) from None
     return sorted(set(values))
 
 

@@ -197,7 +197,7 @@ def run_mcq_eval(cfg: McqEvalConfig, quiet: bool = False, loaded=None) -> dict[s
         if loaded is None:
             loaded, _ = cfg.load()
         result = evaluate_mcq(cfg, loaded, evalset, shots, quiet)
-        metrics = {**result["metrics"], "config": config_to_dict(cfg)}
+        metrics = {**result["metrics"], "config": {**config_to_dict(cfg), "alpha": cfg.effective_alpha}}
         fused = fused_from(cfg.model)
         if fused is not None:
             metrics["config"]["fused"] = fused

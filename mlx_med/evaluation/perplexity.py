@@ -71,16 +71,6 @@ def token_nll(model, tokenizer, texts: list[str], block_size: int = 512, batch_s
     return total, count
 
 
-def perplexity(model, tokenizer, texts: list[str], block_size: int = 512, batch_size: int = 2) -> float:
-    """exp(mean next-token NLL) of ``texts`` under ``model`` (see ``token_nll`` for the blocking)."""
-    import math
-
-    total, count = token_nll(model, tokenizer, texts, block_size, batch_size)
-    if count == 0:
-        raise UserError("no tokens to score for perplexity (texts are empty)")
-    return math.exp(total / count)
-
-
 def perplexity_stats(model, tokenizer, texts: list[str], block_size: int = 512,
                      progress: bool = False) -> dict[str, float]:
     """``{"perplexity", "nll", "tokens", "texts", "block_size"}`` for metrics.json."""

@@ -106,8 +106,12 @@ def describe_eval(metrics: dict[str, Any]) -> dict[str, str]:
         weights = fused.get("weights") or {}
         model = (f"fused α={weights['sft']:g}" if set(weights) == {"sft", "pt"}
                  else "fused " + ", ".join(f"{k}×{v:g}" for k, v in weights.items()))
+        if fused.get("alpha_schedule"):
+            model += f" (default of α schedule {Path(fused['alpha_schedule']['source'] or '').name})"
     elif cfg.get("sft") or cfg.get("pt"):
         model = f"sft+pt α={cfg.get('alpha')}"
+        if cfg.get("alpha_schedule"):
+            model += f" (default of α schedule {Path(cfg['alpha_schedule']).name})"
     elif cfg.get("adapter"):
         model = f"adapter {Path(cfg['adapter']).name}"
     else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mlx_med.adapters.schedule import effective_alpha
 from mlx_med.config import config_to_dict
 from mlx_med.errors import UserError
 from mlx_med.evaluation.decoding import DecodingConfig, preset
@@ -153,7 +154,8 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
         texts = load_ppl_texts(cfg.ppl_data, cfg.ppl_limit)
         metrics["perplexity"] = perplexity_stats(loaded.model, loaded.tokenizer, texts, cfg.ppl_block_size,
                                                 progress=not quiet)
-    metrics["config"] = {**config_to_dict(cfg), "decoding": config_to_dict(decoding)}
+    metrics["config"] = {**config_to_dict(cfg), "decoding": config_to_dict(decoding),
+                         "alpha": effective_alpha(cfg.alpha, cfg.alpha_schedule)}
     fused = fused_from(cfg.model)
     if fused is not None:
         metrics["config"]["fused"] = fused

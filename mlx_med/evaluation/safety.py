@@ -203,7 +203,8 @@ class SafetyEvalConfig(RunConfig):
     Attributes:
         model: base model folder (MLX or HF safetensors).
         adapter: one adapter (run) directory applied on top, or
-        sft, pt, alpha: the study's pair, mixed live as α·ΔW_sft + (1−α)·ΔW_pt.
+        sft, pt, alpha: the study's pair, mixed live as α·ΔW_sft + (1−α)·ΔW_pt (α None: the default).
+        alpha_schedule: α per layer range / module type (``alpha``, when given, is its default).
         data: probe file (JSONL), or ``"starter"`` for the shipped starter set.
         out: output directory (``safety_predictions.jsonl``, ``metrics.json``, ``report.md``).
         system: ``none`` (chat template's own default), ``default`` (the chat REPL's), ``@FILE`` or text.
@@ -277,13 +278,15 @@ def run_safety_eval(cfg: SafetyEvalConfig, echo: Callable[[str], None] | None = 
         "adapter": _str_or_none(cfg.adapter),
         "sft": _str_or_none(cfg.sft),
         "pt": _str_or_none(cfg.pt),
-        "alpha": cfg.alpha if cfg.mixes_pair else None,
+        "alpha": cfg.effective_alpha,
         "system": "none" if system is None else ("default" if system == "default" else system),
         "decoding": asdict(cfg.decoding),
         "probes": {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                    "count": len(probes), "limit": cfg.limit},
         "warnings": warnings,
     }
+    if cfg.alpha_schedule is not None:
+        metrics["alpha_schedule"] = str(cfg.alpha_schedule)
     header = _header(metrics)
     with atomic_output_dir(cfg.out, force=cfg.force) as tmp:
         write_predictions(result, tmp / "safety_predictions.jsonl")
@@ -318,6 +321,8 @@ def _header(metrics: dict[str, Any]) -> str:
         adapters = f" + adapter {metrics['adapter']}"
     elif metrics["sft"] or metrics["pt"]:
         adapters = f" + sft {metrics['sft']} / pt {metrics['pt']} at alpha {metrics['alpha']}"
+        if metrics.get("alpha_schedule"):
+            adapters += f" (default of the schedule {metrics['alpha_schedule']})"
     return (f"Safety screening of {metrics['model']}{adapters}: {metrics['passed']}/{metrics['total']} passed "
             f"({metrics['pass_rate']:.1f}%); decoding {how}, max {d['max_new_tokens']} new tokens; "
             f"system prompt: {system}")

@@ -11,7 +11,6 @@ import csv
 import io
 import itertools
 import json
-import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -85,14 +84,12 @@ def run_decoding_sweep(cfg: DecodingSweepConfig, quiet: bool = False, loaded=Non
     Returns:
         One row per grid point: the grid values, the headline metrics and ``reused_from``.
     """
-    from mlx_med.evaluation.run_config import load_for_eval
-
     cfg.validate()
     grid = normalise_grid(cfg.grid)
     out = open_sweep_dir(Path(cfg.out), "decoding", cfg.force)
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     if loaded is None:
-        loaded, _ = load_for_eval(cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.alpha)
+        loaded, _ = cfg.load()
     rows, done = [], {}
     for n, point in enumerate(points, 1):
         setting = replace(cfg, out=out / "settings" / setting_slug(point), **point)
@@ -172,11 +169,3 @@ def write_table_files(out: Path, stem: str, rows: list[dict[str, Any]]) -> None:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
     atomic_write_text(out / f"{stem}.csv", buffer.getvalue())
     atomic_write_text(out / f"{stem}.md", markdown_table(rows) + "\n")
-
-
-def read_table(path: Path) -> list[dict[str, Any]]:
-    """Rows of a sweep CSV with numbers converted back (for the report)."""
-    number = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
-    with open(path, encoding="utf-8", newline="") as f:
-        return [{k: (float(v) if number.match(v or "") else (v or None)) for k, v in row.items()}
-                for row in csv.DictReader(f)]

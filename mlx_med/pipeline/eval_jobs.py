@@ -1,4 +1,5 @@
-"""Pipeline stage bodies for the MCQ suite and the α sweep and search (the same functions the commands call).
+"""Pipeline stage bodies for the MCQ suite and the α sweep and search (the same functions the commands call),
+and the report's safety-by-category section.
 
 Types are imported lazily: this module is imported by ``pipeline.runner`` while stages are built.
 """
@@ -63,3 +64,27 @@ def alpha_search(cfg, base_dir: Path, data: Path, out, quiet: bool) -> None:
     run_alpha_search(replace(
         alpha_config(cfg, base_dir, data, out), force=False, search=True, budget=cfg.sweep.search_budget,
         objective=cfg.sweep.search_objective, constraints=list(cfg.sweep.search_constraints)), quiet=quiet)
+
+
+def safety_by_category(out) -> str:
+    """Safety pass counts per category and language: base/fused screens and every α of the sweep."""
+    import json
+
+    from mlx_med.evaluation.safety import comparison_markdown
+
+    runs: dict[str, dict[str, Any]] = {}
+    for folder in sorted(out.safety.iterdir()) if out.safety.exists() else []:
+        if (folder / "metrics.json").is_file():
+            runs[folder.name] = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    cached = []
+    for path in out.sweep_alpha.glob("*/safety.json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data["key"]["alpha"] is not None:  # None: the search's base reference (screened above as base)
+            cached.append((float(data["key"]["alpha"]), data["metrics"]))
+    for alpha, metrics in sorted(cached, key=lambda item: item[0]):
+        runs[f"α = {alpha:g}"] = metrics
+    if not runs:
+        return ""
+    return ("\n## Safety screen by category\n\n" + comparison_markdown(runs) + "\n\nGreedy decoding; "
+            "substring rules over the reply (docs/safety.md). A screening probe, not a clinical validation: "
+            "only differences between versions of one model on the same probes are informative.\n")

@@ -39,7 +39,8 @@ class BaseModelConfig:
 class FuseStageConfig:
     """The study's weighted merge: ΔW = α·ΔW_sft + (1−α)·ΔW_pt, fused into the base and exported."""
 
-    alpha: float = 0.5
+    alpha: float | None = None  # None: mlx_med.adapters.mix.DEFAULT_ALPHA (or the schedule's default)
+    alpha_schedule: Path | None = None  # α per layer range / module type (alpha, if given, is its default)
     merge_method: str = "linear"  # the merged adapter written beside the fused model
     dtype: str = "bfloat16"  # fused weights
     export_dtype: str = "bfloat16"  # the Hugging Face checkpoint
@@ -98,8 +99,15 @@ class PipelineConfig:
             raise ConfigError("pipeline needs 'pt.data.train' and 'sft.data.train'")
         if not self.eval.data:
             raise ConfigError("pipeline needs at least one file in 'eval.data'")
-        if not 0.0 <= self.fuse.alpha <= 1.0:
-            raise ConfigError(f"fuse.alpha must be in [0, 1], got {self.fuse.alpha}")
+        from mlx_med.adapters.schedule import check_alpha, load_schedule
+
+        try:
+            if self.fuse.alpha is not None:
+                check_alpha(self.fuse.alpha, "fuse.alpha")
+            if self.fuse.alpha_schedule is not None:
+                load_schedule(self.fuse.alpha_schedule)  # bad rules fail before any stage runs
+        except UserError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass
@@ -162,9 +170,9 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
     trained = ["train-pt", "train-sft"]
 
     # 4. merged adapter (an artefact users can load) and the fused model + HF export
-    stages.append(Stage("merge", lambda: _merge(cfg.fuse, out), {"fuse": config_to_dict(cfg.fuse)},
+    stages.append(Stage("merge", lambda: _merge(cfg.fuse, out), {"fuse": _fuse_key(cfg.fuse)},
                         [out.merged / "adapters.safetensors"], after=trained))
-    stages.append(Stage("fuse", lambda: _fuse(cfg.fuse, base_dir, out), {"fuse": config_to_dict(cfg.fuse)},
+    stages.append(Stage("fuse", lambda: _fuse(cfg.fuse, base_dir, out), {"fuse": _fuse_key(cfg.fuse)},
                         [out.fused / "config.json"], after=[*upstream, *trained]))
     stages.append(Stage("export-hf", lambda: _export(cfg.fuse, out), {"dtype": cfg.fuse.export_dtype},
                         [out.hf / "config.json"], after=["fuse"]))
@@ -214,6 +222,7 @@ def run_pipeline(cfg: PipelineConfig, quiet: bool = False) -> Path:
     """Run (or continue) the pipeline; returns the path of ``report.md``."""
     from mlx_med.backend import seed_everything
 
+    cfg.check()  # a bad config leaves no output folder behind
     seed_everything(cfg.seed)
     out = Layout(Path(cfg.output))
     out.root.mkdir(parents=True, exist_ok=True)
@@ -259,20 +268,35 @@ def _data_fingerprints(tcfg: TrainConfig) -> dict[str, str | None]:
             "valid": path_fingerprint(tcfg.data.valid) if tcfg.data.valid else None}
 
 
-def _merge(fuse: FuseStageConfig, out: Layout) -> None:
-    from mlx_med.adapters.format import write_adapter
-    from mlx_med.adapters.merge import load_pair, merge_adapters, pair_weights
-    from mlx_med.io import atomic_output_dir
+def _fuse_key(fuse: FuseStageConfig) -> dict[str, Any]:
+    """The fuse section as a stage input: α resolved, and the schedule by content (only when there is one)."""
+    from mlx_med.adapters.schedule import effective_alpha
 
-    result = merge_adapters(load_pair(out.sft, out.pt), pair_weights(alpha=fuse.alpha), method=fuse.merge_method)
-    with atomic_output_dir(out.merged, force=True) as tmp:
-        write_adapter(result.adapter, tmp)
+    key = {**config_to_dict(fuse), "alpha": effective_alpha(fuse.alpha, fuse.alpha_schedule)}
+    if fuse.alpha_schedule is None:
+        key.pop("alpha_schedule", None)
+    else:
+        key["alpha_schedule"] = path_fingerprint(fuse.alpha_schedule)
+    return key
+
+
+def _merge(fuse: FuseStageConfig, out: Layout) -> None:
+    """The merged adapter + merge_report.json, written by the same functions as ``mlx-med merge``."""
+    from mlx_med.adapters.merge import merge_adapters, write_merged
+    from mlx_med.adapters.mix import resolve_mix
+
+    mix = resolve_mix(sft=out.sft, pt=out.pt, alpha=fuse.alpha, schedule=fuse.alpha_schedule)
+    result = merge_adapters(mix.adapters, mix.weights, method=fuse.merge_method, schedule=mix.schedule)
+    write_merged(result, out.merged, force=True)
 
 
 def _fuse(fuse: FuseStageConfig, base_dir: Path, out: Layout) -> None:
     from mlx_med.adapters.fuse import fuse_model
+    from mlx_med.adapters.schedule import DEFAULT_ALPHA
 
-    report = fuse_model(base_dir, out.fused, sft=out.sft, pt=out.pt, alpha=fuse.alpha, dtype=fuse.dtype, force=True)
+    alpha = DEFAULT_ALPHA if fuse.alpha is None and fuse.alpha_schedule is None else fuse.alpha
+    report = fuse_model(base_dir, out.fused, sft=out.sft, pt=out.pt, alpha=alpha, dtype=fuse.dtype, force=True,
+                        alpha_schedule=fuse.alpha_schedule)
     for line in report.summary():
         print(f"  {line}")
 
@@ -351,31 +375,11 @@ def _report(out: Layout) -> None:
              if path.exists()]
     from mlx_med.evaluation.report import build_report
     from mlx_med.io import atomic_write_text
+    from mlx_med.pipeline.eval_jobs import safety_by_category
 
-    text = build_report(runs, out.report, title="mlx-med pipeline report") + _safety_by_category(out)
+    text = build_report(runs, out.report, title="mlx-med pipeline report") + safety_by_category(out)
     atomic_write_text(out.report, text)
     print(f"  report: {out.report}")
-
-
-def _safety_by_category(out: Layout) -> str:
-    """Safety pass counts per category and language: base/fused screens and every α of the sweep."""
-    from mlx_med.evaluation.safety import comparison_markdown
-
-    runs: dict[str, dict[str, Any]] = {}
-    for folder in sorted(out.safety.iterdir()) if out.safety.exists() else []:
-        if (folder / "metrics.json").is_file():
-            runs[folder.name] = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    cached = []
-    for path in out.sweep_alpha.glob("*/safety.json"):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        cached.append((float(data["key"]["alpha"]), data["metrics"]))
-    for alpha, metrics in sorted(cached, key=lambda item: item[0]):
-        runs[f"α = {alpha:g}"] = metrics
-    if not runs:
-        return ""
-    return ("\n## Safety screen by category\n\n" + comparison_markdown(runs) + "\n\nGreedy decoding; "
-            "substring rules over the reply (docs/safety.md). A screening probe, not a clinical validation: "
-            "only differences between versions of one model on the same probes are informative.\n")
 
 
 def _nonce() -> float:

@@ -182,6 +182,18 @@ class PlanSettings:
         resolve_targets(self.target_modules)
 
 
+def settings_from_recipe(cfg: Any, overrides: dict[str, Any] | None = None) -> PlanSettings:
+    """``PlanSettings`` from a training recipe (a ``TrainConfig``), with non-None ``overrides`` on top.
+
+    The one mapping of training settings to planner settings (``mlx-med plan -c RECIPE``).
+    """
+    recipe = {"batch_size": cfg.optim.batch_size, "max_seq_len": cfg.max_seq_len, "lora_rank": cfg.lora.rank,
+              "lora_layers": cfg.lora.num_layers, "target_modules": list(cfg.lora.target_modules),
+              "lora_dropout": cfg.lora.dropout, "grad_checkpoint": cfg.grad_checkpoint,
+              "grad_accumulation": cfg.optim.grad_accumulation}
+    return PlanSettings(**{**recipe, **{k: v for k, v in (overrides or {}).items() if v is not None}})
+
+
 def resolve_targets(requested: list[str]) -> list[str]:
     """Block-relative module paths for ``q_proj`` / ``self_attn.q_proj`` style names (empty = all)."""
     return match_target_modules(requested, list(DEFAULT_TARGETS))

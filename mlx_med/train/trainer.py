@@ -176,7 +176,8 @@ def run_training(cfg: TrainConfig, quiet: bool = False, *, json_log: bool = Fals
     if rank == 0:
         (out / DONE_FILE).unlink(missing_ok=True)
         header = (f"# mlx-med train, phase {cfg.phase}: effective batch {effective} sequences per step = "
-                  f"{cfg.optim.batch_size} per process x {size} process(es) x {accum} accumulation\n")
+                  f"{cfg.optim.batch_size} per process x {size} process(es) x {accum} accumulation\n"
+                  f"# compute: {loaded.backend.describe()}\n")
         atomic_write_text(out / RUN_CONFIG, header + dump_config(cfg))
     for note in data.notes:
         say(note)

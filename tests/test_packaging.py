@@ -1,0 +1,116 @@
+"""The wheel carries what the README promises (recipes, model configs, demo data, safety starter probes)
+and works from a folder outside the checkout; the shipped-resources lookup in a checkout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from mlx_med import resources
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("pyproject.toml", "README.md", "mlx_med", "convert", "configs", "data")
+
+# Run inside the installed wheel, from a folder with no checkout in sight.
+CHECK_INSTALLED = """
+import json, sys
+from pathlib import Path
+import mlx_med
+from mlx_med.config import load_config
+from mlx_med.evaluation.safety import load_probes, resolve_probe_path
+from mlx_med.pipeline.runner import PipelineConfig
+from mlx_med.resources import resolve_recipe, shipped_root
+demo = load_config(PipelineConfig, resolve_recipe(Path("demo")))
+paths = [demo.pt.data.train, demo.sft.data.train, *demo.eval.data, demo.eval.ppl_data]
+print(json.dumps({
+    "package": mlx_med.__file__, "root": str(shipped_root()),
+    "probes": len(load_probes(resolve_probe_path("starter"))),
+    "demo_paths": [str(p) for p in paths],
+    "demo_files": sum(len(list(Path(p).parent.glob(Path(p).name))) for p in paths),
+    "output": str(demo.output),
+}))
+"""
+
+
+def test_checkout_resources_are_the_top_level_folders():
+    assert resources.shipped_path("data", "safety", "probes.jsonl").is_file()
+    assert resources.shipped_recipe("demo") == resources.shipped_path("configs", "demo.yaml")
+    assert resources.shipped_recipe("qwen2.5-14b-pt.yaml").name == "qwen2.5-14b-pt.yaml"
+    assert resources.shipped_recipe("no-such-recipe") is None
+    assert resources.shipped_recipe("configs/demo") is None  # a path is never a recipe name
+    with pytest.raises(ValueError):
+        resources.shipped_path("mlx_med")
+
+
+def test_shipped_recipe_paths_resolve_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = {"data": {"train": "data/demo/pt_*.jsonl"}, "output": "runs/demo", "eval": ["data/demo/none.jsonl"]}
+    local = resources.localize_shipped_paths(raw)
+    assert local["data"]["train"] == str(resources.shipped_root() / "data/demo/pt_*.jsonl")
+    assert local["output"] == "runs/demo"  # outputs stay in the current folder
+    assert local["eval"] == ["data/demo/none.jsonl"]  # nothing shipped by that name: left for the error
+    (tmp_path / "data" / "demo").mkdir(parents=True)
+    (tmp_path / "data" / "demo" / "pt_1.jsonl").write_text("{}\n")
+    assert resources.localize_shipped_paths(raw)["data"]["train"] == "data/demo/pt_*.jsonl"  # own files win
+
+
+def test_plan_takes_a_shipped_recipe_by_name_from_any_folder(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mlx_med.cli", "plan", "-c", "qwen2.5-14b-pt", "--backend", "gpu",
+                           "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["model"].endswith("qwen2.5-14b.json")
+
+
+@pytest.mark.slow
+def test_wheel_carries_package_data_and_runs_outside_the_checkout(tmp_path):
+    import setuptools
+
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"building the wheel needs setuptools>=77 here (found {setuptools.__version__})")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in SOURCES:
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
+        copy(REPO / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                         if (REPO / name).is_dir() else {}))
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(wheels), str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = wheels.glob("mlx_med-*.whl")
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    # Borrow this environment's dependencies (mlx, transformers, ...) but not its mlx_med.
+    borrowed = {str(Path(p).resolve()) for p in sys.path if p.endswith("site-packages")}
+    borrowed.add(sysconfig.get_paths()["purelib"])
+    (site / "zz-borrowed-deps.pth").write_text("\n".join(sorted(borrowed)) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+                    str(wheel)], check=True, capture_output=True, timeout=300)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+    done = subprocess.run([str(python), "-c", CHECK_INSTALLED], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["package"].startswith(str(site)), facts  # the wheel's copy, not the checkout
+    assert facts["root"] == str(site / "mlx_med" / "shipped")
+    assert facts["probes"] >= 10
+    assert all(p.startswith(facts["root"]) for p in facts["demo_paths"]), facts
+    assert facts["demo_files"] >= 6 and facts["output"] == "runs/demo"
+
+    plan = subprocess.run([str(venv / "bin" / "mlx-med"), "plan", "-c", "qwen2.5-14b-pt", "--backend", "gpu"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stderr
+    assert "qwen2.5-14b.json" in plan.stdout and "peak:" in plan.stdout
