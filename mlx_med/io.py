@@ -1,28 +1,54 @@
-"""Atomic writes: a file or directory appears complete or not at all."""
+"""Output folders and files: atomic writes, the one rule for replacing a folder, and folder locks.
+
+* ``atomic_write_text`` / ``atomic_write_json``: a file appears complete or not at all.
+* ``check_output_dir``: whether ``-o`` may be written (or, with ``--force``, replaced). Checked before
+  any model or data is loaded, so a refused ``-o`` costs nothing.
+* ``atomic_output_dir``: build a folder under a temporary name; the old one goes only once the new
+  one is complete.
+* ``output_lock``: one process per output folder (``fcntl.flock``: released by the kernel when the
+  process dies, so it can never go stale).
+
+A folder mlx-med writes carries a marker file (``MARKER``); ``--force`` replaces only such folders
+(or empty ones), never the current or home folder, a filesystem root, or a folder holding an input.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from mlx_med.errors import UserError
 
+MARKER = ".mlx-med"  # in every folder mlx-med writes: proof that --force may replace it
+LOCK = ".mlx-med.lock"  # flock'ed for a command's life (run, eval, sweep and pipeline folders)
+# Files that identify a folder written by mlx-med before it wrote the marker.
+LEGACY_SIGNS = ("run.yaml", "done.json", ".pipeline")
+LEFTOVER_SUFFIXES = (".tmp.safetensors", ".partial", ".old", ".tmp")  # temp names of our writers
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``."""
+
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> Path:
+    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``.
+
+    Args:
+        path: the file to (re)place.
+        text: its whole content.
+        mode: permission bits; default: what ``open()`` would give under the current umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -35,31 +61,174 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temp directory beside ``out``; on success it replaces ``out``.
+def is_mlx_med_dir(path: str | Path) -> bool:
+    """True when ``path`` is a folder mlx-med wrote (it holds the marker, or a run/pipeline file)."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).exists() for name in (MARKER, *LEGACY_SIGNS))
 
-    An existing ``out`` is refused unless ``force``; on error or Ctrl-C the temp dir is removed and
-    ``out`` is left as it was.
+
+def mark_dir(path: str | Path) -> None:
+    """Write the marker that lets a later ``--force`` replace ``path``."""
+    from mlx_med import __version__
+
+    marker = Path(path) / MARKER
+    if not marker.exists():
+        atomic_write_json(marker, {"written_by": "mlx-med", "version": __version__})
+
+
+def check_output_dir(out: str | Path, *, force: bool = False, inputs: Iterable[str | Path | None] = (),
+                     reuse: bool = False, flag: str = "-o") -> Path:
+    """Raise ``UserError`` unless ``out`` may be created, reused or replaced; cheap (no loading).
+
+    Args:
+        out: the output folder asked for.
+        force: the user allows replacing an existing folder (only one mlx-med wrote, or an empty one).
+        inputs: paths the command reads (model, data, adapters): ``out`` must not be or contain one.
+        reuse: the command continues an existing mlx-med folder in place (resume, a pipeline re-run),
+            so an existing marked folder is fine without ``force``.
+        flag: how the user named ``out``, for messages.
+
+    Returns:
+        ``out`` as given.
     """
     out = Path(out)
-    if out.exists() and not force:
+    where = out.expanduser().resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if where.parent == where:
+        raise UserError(f"{flag} {out} is a filesystem root; choose a new folder for the output")
+    if where == cwd or where in cwd.parents:
+        raise UserError(f"{flag} {out} is the current folder (or holds it); choose a new folder for the output")
+    if where == home or where in home.parents:
+        raise UserError(f"{flag} {out} is the home folder (or holds it); choose a new folder for the output")
+    for item in inputs:
+        if item is None or not str(item):
+            continue
+        source = Path(item).expanduser().resolve()
+        if source == where or where in source.parents:
+            raise UserError(f"{flag} {out} holds an input ({item}); choose another folder for the output")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return out
+    ours = is_mlx_med_dir(out)
+    if reuse and ours:
+        return out
+    if reuse and not ours:
+        raise UserError(f"{flag} {out} is not empty and was not written by mlx-med; choose another folder")
+    if not force:
         raise UserError(f"{out} already exists; pass --force to replace it")
+    if not ours:
+        raise UserError(f"{out} is not empty and was not written by mlx-med; --force replaces only "
+                        "mlx-med's own folders: remove it yourself or choose another folder")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, force: bool = False,
+                      inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """Yield a temp directory beside ``out``; on success it replaces ``out``.
+
+    ``out`` is checked with ``check_output_dir`` first (and again before the swap, so a folder that
+    another process finished meanwhile is not silently replaced). On error or Ctrl-C the temp folder
+    is removed and ``out`` is left as it was; the old ``out`` is removed only after the new one is in
+    place.
+    """
+    out = Path(out)
+    check_output_dir(out, force=force, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    clean_leftovers(out.parent, f".{out.name}.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
     try:
         yield tmp
+        mark_dir(tmp)
+        check_output_dir(out, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".old", dir=out.parent))
+        os.replace(out, old / "old")
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def clean_leftovers(folder: str | Path, prefix: str = ".") -> list[Path]:
+    """Remove ``.partial`` / ``.old`` folders and ``.tmp`` files of killed mlx-med processes.
+
+    Only names that carry a pid (ours: ``.NAME.PID.xxx.partial``) whose process is gone are removed,
+    so a concurrent process's work in progress is left alone.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        name = path.name
+        if not name.startswith(prefix) or not name.endswith(LEFTOVER_SUFFIXES):
+            continue
+        pid = _pid_in(name, LEFTOVER_SUFFIXES)
+        if pid is not None and _alive(pid):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if missing) for the ``with`` block.
+
+    Raises:
+        UserError: "FOLDER is in use by pid N" when another process holds it (at once, no waiting).
+    """
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    failed = True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise UserError(f"{folder} is in use by pid {holder}; wait for it to finish or use another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield folder
+        failed = False
+    finally:
+        if failed and created and [p.name for p in folder.iterdir()] == [LOCK]:
+            shutil.rmtree(folder, ignore_errors=True)  # a command that failed before writing leaves no folder
+        os.close(fd)  # releases the lock
+
+
+def _pid_in(name: str, suffixes: tuple[str, ...]) -> int | None:
+    """The pid in ``.BASE.PID.RANDOM<suffix>`` (our temp names), or None (an older, pid-less name)."""
+    for suffix in suffixes:
+        if name.endswith(suffix):
+            parts = name[: -len(suffix)].rsplit(".", 2)
+            return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+    return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:

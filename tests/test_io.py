@@ -1,7 +1,7 @@
 import pytest
 
 from mlx_med.errors import UserError
-from mlx_med.io import atomic_output_dir, atomic_write_json
+from mlx_med.io import atomic_output_dir, atomic_write_json, mark_dir
 
 
 def test_atomic_output_dir_commits_on_success(tmp_path):
@@ -10,6 +10,7 @@ def test_atomic_output_dir_commits_on_success(tmp_path):
         (tmp / "a.txt").write_text("x")
         assert not out.exists()
     assert (out / "a.txt").read_text() == "x"
+    assert (out / ".mlx-med").is_file()  # the marker that lets a later --force replace it
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -17,6 +18,7 @@ def test_atomic_output_dir_leaves_nothing_on_error_and_keeps_old(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("keep")
+    mark_dir(out)  # written by mlx-med: --force may replace it
     with pytest.raises(UserError, match="already exists; pass --force"):
         with atomic_output_dir(out):
             pass
@@ -24,7 +26,7 @@ def test_atomic_output_dir_leaves_nothing_on_error_and_keeps_old(tmp_path):
         with atomic_output_dir(out, force=True) as tmp:
             (tmp / "half.txt").write_text("partial")
             raise RuntimeError("interrupted")
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".mlx-med", "old.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

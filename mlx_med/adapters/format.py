@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,9 +122,12 @@ def write_adapter(adapter: Adapter, out_dir: str | Path) -> Path:
     """Write weights and config into ``out_dir`` (each file atomically)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{WEIGHTS_FILE}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), adapter.weights, metadata={"format": "mlx"})
-    tmp.replace(out_dir / WEIGHTS_FILE)
+    tmp = out_dir / f".{WEIGHTS_FILE}.{os.getpid()}.w.tmp.safetensors"  # per process: no two writers share it
+    try:
+        mx.save_safetensors(str(tmp), adapter.weights, metadata={"format": "mlx"})
+        tmp.replace(out_dir / WEIGHTS_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
     atomic_write_json(out_dir / CONFIG_FILE, adapter.config_json())
     adapter.path = out_dir
     return out_dir

@@ -240,6 +240,7 @@ def score_predictions(path: str | Path, out: str | Path | None = None, lang: str
 
 def _state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
     """What must match for a partial run to be resumed: inputs and decoding, not batch size."""
+    from mlx_med import __version__
     from mlx_med.fingerprint import model_fingerprint, path_fingerprint
 
     adapters = {k: str(v) for k, v in (("adapter", cfg.adapter), ("sft", cfg.sft), ("pt", cfg.pt)) if v is not None}
@@ -251,6 +252,7 @@ def _state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
         "limit": cfg.limit,
         "system": cfg.system,
         "decoding": config_to_dict(decoding),
+        "mlx_med": __version__,  # an upgrade never resumes an older run's predictions
     }
 
 
