@@ -50,15 +50,49 @@ def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> P
             f.write(text)
         os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # a full disk: name the file we were writing
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
         raise
     return path
 
 
+def save_safetensors(path: str | Path, arrays: dict, metadata: dict[str, str] | None = None) -> Path:
+    """``mx.save_safetensors`` whose failure names the file (MLX says only "Unable to write 8 bytes").
+
+    Raises:
+        OSError: ENOSPC when the filesystem is (nearly) full, else EIO; ``filename`` is ``path``.
+    """
+    import mlx.core as mx
+
+    path = Path(path)
+    try:
+        mx.save_safetensors(str(path), arrays, metadata=metadata or {})
+    except RuntimeError as err:
+        with contextlib.suppress(OSError):
+            if path.is_file():
+                path.unlink()
+        code = errno.ENOSPC if _nearly_full(path.parent) else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} ({err})", str(path)) from None
+    return path
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 64 << 20
+    except OSError:
+        return False
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def has_content(path: str | Path) -> bool:
+    """True when folder ``path`` holds anything besides mlx-med's bookkeeping (marker, lock)."""
+    return any(p.name not in (MARKER, LOCK) for p in Path(path).iterdir())
 
 
 def is_mlx_med_dir(path: str | Path) -> bool:
@@ -92,6 +126,28 @@ def check_output_dir(out: str | Path, *, force: bool = False, inputs: Iterable[s
         ``out`` as given.
     """
     out = Path(out)
+    check_output_location(out, inputs=inputs, flag=flag)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} exists and is not a folder")
+    if not out.exists() or not has_content(out):
+        return out
+    ours = is_mlx_med_dir(out)
+    if reuse and ours:
+        return out
+    if reuse and not ours:
+        raise UserError(f"{flag} {out} is not empty and was not written by mlx-med; choose another folder")
+    if not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    if not ours:
+        raise UserError(f"{out} is not empty and was not written by mlx-med; --force replaces only "
+                        "mlx-med's own folders: remove it yourself or choose another folder")
+    return out
+
+
+def check_output_location(out: str | Path, inputs: Iterable[str | Path | None] = (), flag: str = "-o") -> None:
+    """Refuse an output folder that is a filesystem root, the current or home folder (or holds one of
+    them), or that is or holds one of ``inputs``; its contents are not looked at."""
+    out = Path(out)
     where = out.expanduser().resolve()
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
     if where.parent == where:
@@ -106,21 +162,6 @@ def check_output_dir(out: str | Path, *, force: bool = False, inputs: Iterable[s
         source = Path(item).expanduser().resolve()
         if source == where or where in source.parents:
             raise UserError(f"{flag} {out} holds an input ({item}); choose another folder for the output")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {out} exists and is not a folder")
-    if not out.exists() or not any(out.iterdir()):
-        return out
-    ours = is_mlx_med_dir(out)
-    if reuse and ours:
-        return out
-    if reuse and not ours:
-        raise UserError(f"{flag} {out} is not empty and was not written by mlx-med; choose another folder")
-    if not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
-    if not ours:
-        raise UserError(f"{out} is not empty and was not written by mlx-med; --force replaces only "
-                        "mlx-med's own folders: remove it yourself or choose another folder")
-    return out
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_med.errors import UserError
-from mlx_med.io import atomic_write_json
+from mlx_med.io import atomic_write_json, save_safetensors
 
 WEIGHTS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -124,7 +124,7 @@ def write_adapter(adapter: Adapter, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{WEIGHTS_FILE}.{os.getpid()}.w.tmp.safetensors"  # per process: no two writers share it
     try:
-        mx.save_safetensors(str(tmp), adapter.weights, metadata={"format": "mlx"})
+        save_safetensors(tmp, adapter.weights, metadata={"format": "mlx"})
         tmp.replace(out_dir / WEIGHTS_FILE)
     finally:
         tmp.unlink(missing_ok=True)

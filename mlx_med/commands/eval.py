@@ -102,7 +102,13 @@ def command(config_path, model, adapter, sft, pt, alpha, data, out, suite, limit
         **overrides, **decoding, "preset": preset, "lang": lang, "ppl_data": ppl_data,
         "ppl_limit": ppl_limit, "ppl_block_size": ppl_block_size,
     })
-    run_eval(cfg, quiet=quiet)
+    from mlx_med.io import check_output_location, mark_dir, output_lock
+
+    # Where it may write is checked here, before loading; what it may replace, by the runner (resume/--force).
+    check_output_location(cfg.out, inputs=[cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.data, cfg.ppl_data])
+    with output_lock(cfg.out):  # one eval per folder at a time
+        run_eval(cfg, quiet=quiet)
+        mark_dir(cfg.out)
     if not quiet:
         click.echo(f"wrote {Path(cfg.out) / 'generated_predictions.jsonl'} and metrics.json")
 

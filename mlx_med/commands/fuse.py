@@ -74,6 +74,12 @@ def command(model, sft, pt, adapter, alpha, w_sft, w_pt, out_dir, dtype, requant
     if cfg.export_hf is not None and cfg.export_hf.exists() and not force:
         raise UserError(f"{cfg.export_hf} already exists; pass --force to replace it")
     weights_given = cfg.w_sft is not None or cfg.w_pt is not None
+    from mlx_med.io import check_output_dir
+
+    inputs = [cfg.model, cfg.adapter, cfg.sft, cfg.pt]
+    check_output_dir(out_dir, force=force, inputs=inputs)  # before any loading
+    if cfg.export_hf is not None:
+        check_output_dir(cfg.export_hf, force=force, inputs=inputs, flag="--export-hf")
     report = fuse_model(
         cfg.model, out_dir, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt,
         alpha=None if weights_given and alpha is None else cfg.alpha,

@@ -70,14 +70,15 @@ def command(sft, pt, alpha, w_sft, w_pt, method, rank, density, seed, out_dir, f
         raise UserError("give --sft RUN and --pt RUN (or sft:/pt: in the config)")
     if cfg.method not in METHODS:
         raise UserError(f"method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
-    if out_dir.exists() and not force:
-        raise UserError(f"{out_dir} already exists; pass --force to replace it")
+    from mlx_med.io import check_output_dir
+
+    check_output_dir(out_dir, force=force, inputs=[sft, pt])  # before any loading
     alpha_value = None if (cfg.w_sft is not None or cfg.w_pt is not None) and alpha is None else cfg.alpha
     weights = pair_weights(alpha_value, cfg.w_sft, cfg.w_pt)
     adapters = load_pair(cfg.sft, cfg.pt)
     result = merge_adapters(adapters, weights, cfg.method, rank=cfg.rank, density=cfg.density, seed=cfg.seed,
                             progress=not quiet)
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force, inputs=[sft, pt]) as tmp:
         write_adapter(result.adapter, tmp)
         atomic_write_json(tmp / "merge_report.json", {
             "summary": result.summary(),

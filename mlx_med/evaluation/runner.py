@@ -258,7 +258,7 @@ def _state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
 
 def _prepare_out_dir(out: Path, state: dict[str, Any], force: bool) -> dict[int, dict]:
     """Create ``out`` or reopen an interrupted run in it; return the predictions already made."""
-    from mlx_med.io import atomic_write_json
+    from mlx_med.io import atomic_write_json, has_content
 
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
@@ -277,7 +277,7 @@ def _prepare_out_dir(out: Path, state: dict[str, Any], force: bool) -> dict[int,
             raise UserError(f"{out} holds an interrupted eval with different model, data or decoding "
                             "settings; pass --force to start over")
         done = read_partial(out / PARTIAL)
-    elif out.exists() and any(out.iterdir()) and not force:
+    elif out.exists() and has_content(out) and not force:
         raise UserError(f"{out} already exists and is not an eval folder; pass --force to use it anyway")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / STATE, state)

@@ -22,6 +22,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlx_med.errors import UserError
+from mlx_med.io import save_safetensors
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -38,9 +39,9 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: optim
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
     try:
-        mx.save_safetensors(str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())),
-                            metadata={"format": "mlx"})
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        save_safetensors(tmp / "adapters.safetensors", dict(tree_flatten(model.trainable_parameters())),
+                         metadata={"format": "mlx"})
+        save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
