@@ -73,6 +73,9 @@ _register(cli)
 
 
 def main() -> None:
+    from mlx_med.hf_config import offline_hub
+
+    offline_hub()  # before any command imports transformers: no command waits on a network
     cli(prog_name="mlx-med")
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from random_adapters import make_adapter
 
 from mlx_med.cli import cli
-from tests.random_adapters import make_adapter
 
 
 def _files(root: Path) -> dict[Path, bytes]:
