@@ -195,3 +195,12 @@ def test_system_keywords_resolve(tmp_path):
     (tmp_path / "sys.txt").write_text("Be brief.")
     assert system_text(f"@{tmp_path / 'sys.txt'}", "auto", en) == "Be brief."
     assert system_text("You are careful.", "auto", en) == "You are careful."
+
+
+def test_max_new_tokens_is_capped_by_the_context_window(tiny_llama, tmp_path, capsys):
+    window = json.loads((tiny_llama / "config.json").read_text())["max_position_embeddings"]
+    data = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "q?", "response": "a"}])
+    metrics = run_eval(EvalConfig(model=tiny_llama, data=data, out=tmp_path / "o", max_new_tokens=window * 4),
+                       quiet=False)
+    assert f"capped to {window}" in capsys.readouterr().err
+    assert metrics["config"]["decoding"]["max_new_tokens"] == window

@@ -76,3 +76,19 @@ def make_logits_processors(cfg: DecodingConfig) -> list:
     if cfg.repetition_penalty == 1.0:
         return []
     return mlx_processors(repetition_penalty=cfg.repetition_penalty)
+
+
+def cap_to_window(decoding: DecodingConfig, model_config: dict, quiet: bool = False) -> DecodingConfig:
+    """``decoding`` with ``max_new_tokens`` at most the model's context window (with a notice).
+
+    Tokens past the window are not generated meaningfully; asking for them only costs time and memory.
+    """
+    window = model_config.get("max_position_embeddings") or model_config.get("max_sequence_length")
+    if not isinstance(window, int) or window <= 0 or decoding.max_new_tokens <= window:
+        return decoding
+    if not quiet:
+        import sys
+
+        print(f"note: max_new_tokens {decoding.max_new_tokens} is more than the model's context window "
+              f"({window} tokens); capped to {window}", file=sys.stderr)
+    return replace(decoding, max_new_tokens=window)

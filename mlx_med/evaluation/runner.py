@@ -18,7 +18,7 @@ from typing import Any, Literal
 from mlx_med.adapters.mix import check_adapter_choice
 from mlx_med.config import config_to_dict
 from mlx_med.errors import ConfigError, UserError
-from mlx_med.evaluation.decoding import DecodingConfig, preset
+from mlx_med.evaluation.decoding import DecodingConfig, cap_to_window, preset
 
 PREDICTIONS = "generated_predictions.jsonl"
 METRICS = "metrics.json"
@@ -148,6 +148,7 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
         print(f"resuming: {len(done)} of {len(evalset.rows)} predictions already in {out / PARTIAL}")
     if loaded is None:
         loaded, _ = load_for_eval(cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.alpha)
+    decoding = cap_to_window(decoding, getattr(loaded, "config", None) or {}, quiet)
 
     start = time.perf_counter()
     generated = _generate(loaded, todo, decoding, cfg, out / PARTIAL, quiet)
