@@ -15,7 +15,14 @@ from typing import Any
 from mlx_med.config import config_to_dict, load_config
 from mlx_med.errors import UserError
 from mlx_med.fingerprint import file_fingerprint, model_fingerprint
-from mlx_med.io import LOCK, atomic_write_text, check_output_dir, clean_leftovers, has_content
+from mlx_med.io import (
+    LOCK,
+    atomic_write_text,
+    check_output_dir,
+    check_output_location,
+    clean_leftovers,
+    has_content,
+)
 from mlx_med.train.checkpoints import CHECKPOINTS
 from mlx_med.train.config import TrainConfig
 from mlx_med.train.datasets import data_fingerprint
@@ -82,9 +89,10 @@ def check_run_dir(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> Non
     """Raise ``UserError`` when ``out`` cannot be started, resumed or replaced as asked (cheap: no loading)."""
     if resume and not out.is_dir():
         raise UserError(f"cannot resume: {out} does not exist")
+    inputs = [cfg.model, cfg.data.train, cfg.data.valid, cfg.on_top_of]
+    check_output_location(out, inputs=[] if resume else inputs)  # first: a refusal --force cannot lift
     if out.exists() and not resume and not force and (not out.is_dir() or has_content(out)):
         raise UserError(f"{out} already exists; pass --force to replace it or --resume {out} to continue it")
-    inputs = [cfg.model, cfg.data.train, cfg.data.valid, cfg.on_top_of]
     check_output_dir(out, force=force, reuse=resume, inputs=[] if resume else inputs)
     if resume and (out / RUN_CONFIG).is_file():
         check_resumable(out, cfg)
