@@ -87,15 +87,17 @@ def clear_run_dir(out: Path) -> None:
 
 def check_run_dir(out: Path, cfg: TrainConfig, resume: bool, force: bool) -> None:
     """Raise ``UserError`` when ``out`` cannot be started, resumed or replaced as asked (cheap: no loading)."""
-    if resume and not out.is_dir():
-        raise UserError(f"cannot resume: {out} does not exist")
+    if resume:  # resuming only adds to an existing run folder
+        if not out.is_dir():
+            raise UserError(f"cannot resume: {out} does not exist")
+        if (out / RUN_CONFIG).is_file():
+            check_resumable(out, cfg)
+        return
     inputs = [cfg.model, cfg.data.train, cfg.data.valid, cfg.on_top_of]
-    check_output_location(out, inputs=[] if resume else inputs)  # first: a refusal --force cannot lift
-    if out.exists() and not resume and not force and (not out.is_dir() or has_content(out)):
+    check_output_location(out, inputs=inputs)  # first: a refusal that --force cannot lift
+    if out.exists() and not force and (not out.is_dir() or has_content(out)):
         raise UserError(f"{out} already exists; pass --force to replace it or --resume {out} to continue it")
-    check_output_dir(out, force=force, reuse=resume, inputs=[] if resume else inputs)
-    if resume and (out / RUN_CONFIG).is_file():
-        check_resumable(out, cfg)
+    check_output_dir(out, force=force, inputs=inputs)
 
 
 def truncate_metrics(out: Path, step: int) -> None:
