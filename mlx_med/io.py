@@ -28,7 +28,7 @@ from typing import Any
 from mlx_med.errors import UserError
 
 MARKER = ".mlx-med"  # in every folder mlx-med writes: proof that --force may replace it
-LOCK = ".mlx-med.lock"  # flock'ed for a command's life (run, eval, sweep and pipeline folders)
+LOCK = ".mlx-med.lock"  # the pid of the process holding a folder's lock (run, eval, sweep, pipeline)
 # Files that identify a folder written by mlx-med before it wrote the marker.
 LEGACY_SIGNS = ("run.yaml", "done.json", ".pipeline")
 LEFTOVER_SUFFIXES = (".tmp.safetensors", ".partial", ".old", ".tmp")  # temp names of our writers
@@ -224,14 +224,17 @@ def clean_leftovers(folder: str | Path, prefix: str = ".") -> list[Path]:
 def output_lock(folder: str | Path) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (created if missing) for the ``with`` block.
 
+    The lock is ``flock`` on the folder itself, so the kernel drops it when the process dies (never
+    stale) and nothing is left behind; ``LOCK`` inside holds the holder's pid while it runs, for the
+    message others get.
+
     Raises:
         UserError: "FOLDER is in use by pid N" when another process holds it (at once, no waiting).
     """
     folder = Path(folder)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(folder, os.O_RDONLY)
     failed = True
     try:
         try:
@@ -239,14 +242,19 @@ def output_lock(folder: str | Path) -> Iterator[Path]:
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            try:
+                holder = (folder / LOCK).read_text().strip() or "?"
+            except OSError:
+                holder = "?"
             raise UserError(f"{folder} is in use by pid {holder}; wait for it to finish or use another folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield folder
-        failed = False
+        atomic_write_text(folder / LOCK, f"{os.getpid()}\n")
+        try:
+            yield folder
+            failed = False
+        finally:
+            (folder / LOCK).unlink(missing_ok=True)
     finally:
-        if failed and created and [p.name for p in folder.iterdir()] == [LOCK]:
+        if failed and created and folder.is_dir() and not has_content(folder):
             shutil.rmtree(folder, ignore_errors=True)  # a command that failed before writing leaves no folder
         os.close(fd)  # releases the lock
 
