@@ -64,6 +64,8 @@ def load_model(model_dir: str | Path, backend: Backend | None = None, compute: b
                                     tokenizer_config={"trust_remote_code": False})
     except ValueError as err:
         raise UserError(f"{model_dir}: cannot load model: {err}") from None
+    except RuntimeError as err:  # MLX's "[load_safetensors] ... incomplete download or corrupt file?"
+        raise UserError(f"{model_dir}: cannot read the weights: {err}") from None
     backend = backend or detect_backend()
     if compute:
         model = prepare_for_compute(model, backend)

@@ -134,3 +134,11 @@ def test_glob_fingerprint_follows_content(tmp_path):
     before = path_fingerprint(tmp_path / "pt_*.jsonl")
     jsonl(tmp_path, [{"text": "changed"}], "pt_a.jsonl")
     assert path_fingerprint(tmp_path / "pt_*.jsonl") != before
+
+
+@pytest.mark.parametrize("name", ["deep.jsonl", "deep.json"])
+def test_hostile_nesting_is_a_data_error_not_a_crash(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("[" * 100_000 + "\n")
+    with pytest.raises(DataError, match="nested too deeply"):
+        load_examples(path)
