@@ -63,6 +63,7 @@ from mlx_med.train.run_dir import (
 
 __all__ = ["TrainingRun", "completed_run", "finish_run", "load_run_config", "run_training", "setup_run"]
 
+
 @dataclass
 class TrainingRun:
     """Everything ``setup_run`` prepared: the loop and ``finish_run`` work from this."""
