@@ -130,4 +130,8 @@ def run_safety(config_path, overrides: dict, preset_name: str | None, decoding: 
     })
     base = preset(preset_name) if preset_name else cfg.decoding
     cfg.decoding = base.with_overrides(**decoding)
+    if cfg.out is not None:
+        from mlx_med.io import check_output_dir
+
+        check_output_dir(cfg.out, force=cfg.force, inputs=[cfg.model, cfg.adapter, cfg.sft, cfg.pt])  # before loading
     run_safety_eval(cfg, echo=(lambda s: None) if quiet else None)
