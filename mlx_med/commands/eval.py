@@ -111,7 +111,13 @@ def command(config_path, model, adapter, sft, pt, alpha, alpha_schedule, data, o
         **overrides, **decoding, "preset": preset, "lang": lang, "ppl_data": ppl_data,
         "ppl_limit": ppl_limit, "ppl_block_size": ppl_block_size,
     })
-    run_eval(cfg, quiet=quiet)
+    from mlx_med.io import check_output_location, mark_dir, output_lock
+
+    # Where it may write is checked here, before loading; what it may replace, by the runner (resume/--force).
+    check_output_location(cfg.out, inputs=[cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.data, cfg.ppl_data])
+    with output_lock(cfg.out):  # one eval per folder at a time
+        run_eval(cfg, quiet=quiet)
+        mark_dir(cfg.out)
     if not quiet:
         click.echo(f"wrote {Path(cfg.out) / 'generated_predictions.jsonl'} and metrics.json")
 
@@ -133,4 +139,8 @@ def run_safety(config_path, overrides: dict, preset_name: str | None, decoding: 
     })
     base = preset(preset_name) if preset_name else cfg.decoding
     cfg.decoding = base.with_overrides(**decoding)
+    if cfg.out is not None:
+        from mlx_med.io import check_output_dir
+
+        check_output_dir(cfg.out, force=cfg.force, inputs=[cfg.model, cfg.adapter, cfg.sft, cfg.pt])  # before loading
     run_safety_eval(cfg, echo=(lambda s: None) if quiet else None)

@@ -67,7 +67,8 @@ def decoding(config_path, model, adapter, sft, pt, alpha, alpha_schedule, data, 
         min_p=min_p, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
         force=force, grid=parse_grid(list(grids)) if grids else None,
     ))
-    run_decoding_sweep(cfg, quiet=quiet)
+    with _locked(cfg):
+        run_decoding_sweep(cfg, quiet=quiet)
 
 
 @command.command("alpha")
@@ -118,4 +119,14 @@ def alpha(config_path, model, sft, pt, alpha_schedule, data, out, limit, batch_s
         force=force, **{"rule.metric": metric, "rule.ppl_tolerance": ppl_tolerance,
                         "rule.safety_margin": safety_margin},
     ))
-    run_alpha_sweep(cfg, quiet=quiet)
+    with _locked(cfg):
+        run_alpha_sweep(cfg, quiet=quiet)
+
+
+def _locked(cfg):
+    """Check where the sweep writes (before loading) and hold its folder for the sweep's life."""
+    from mlx_med.io import check_output_location, output_lock
+
+    check_output_location(cfg.out, inputs=[cfg.model, getattr(cfg, "adapter", None), cfg.sft, cfg.pt, cfg.data,
+                                           getattr(cfg, "ppl_data", None)])
+    return output_lock(cfg.out)

@@ -19,7 +19,7 @@ from mlx_med.adapters.mix import check_mix_flags
 from mlx_med.adapters.schedule import effective_alpha
 from mlx_med.config import config_to_dict
 from mlx_med.errors import ConfigError, UserError
-from mlx_med.evaluation.decoding import DecodingConfig, preset
+from mlx_med.evaluation.decoding import DecodingConfig, cap_to_window, preset
 
 PREDICTIONS = "generated_predictions.jsonl"
 METRICS = "metrics.json"
@@ -151,6 +151,7 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
         print(f"resuming: {len(done)} of {len(evalset.rows)} predictions already in {out / PARTIAL}")
     if loaded is None:
         loaded, _ = load_for_eval(cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.alpha, cfg.alpha_schedule)
+    decoding = cap_to_window(decoding, getattr(loaded, "config", None) or {}, quiet)
 
     start = time.perf_counter()
     generated = _generate(loaded, todo, decoding, cfg, out / PARTIAL, quiet)
@@ -244,6 +245,7 @@ def score_predictions(path: str | Path, out: str | Path | None = None, lang: str
 
 def _state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
     """What must match for a partial run to be resumed: inputs and decoding, not batch size."""
+    from mlx_med import __version__
     from mlx_med.fingerprint import model_fingerprint, path_fingerprint
 
     adapters = {k: str(v) for k, v in (("adapter", cfg.adapter), ("sft", cfg.sft), ("pt", cfg.pt)) if v is not None}
@@ -255,6 +257,7 @@ def _state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
         "limit": cfg.limit,
         "system": cfg.system,
         "decoding": config_to_dict(decoding),
+        "mlx_med": __version__,  # an upgrade never resumes an older run's predictions
     }
     if cfg.alpha_schedule is not None:  # only then, so earlier runs' states still match
         state["alpha_schedule"] = path_fingerprint(cfg.alpha_schedule)
@@ -263,7 +266,7 @@ def _state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
 
 def _prepare_out_dir(out: Path, state: dict[str, Any], force: bool) -> dict[int, dict]:
     """Create ``out`` or reopen an interrupted run in it; return the predictions already made."""
-    from mlx_med.io import atomic_write_json
+    from mlx_med.io import atomic_write_json, has_content
 
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
@@ -282,7 +285,7 @@ def _prepare_out_dir(out: Path, state: dict[str, Any], force: bool) -> dict[int,
             raise UserError(f"{out} holds an interrupted eval with different model, data or decoding "
                             "settings; pass --force to start over")
         done = read_partial(out / PARTIAL)
-    elif out.exists() and any(out.iterdir()) and not force:
+    elif out.exists() and has_content(out) and not force:
         raise UserError(f"{out} already exists and is not an eval folder; pass --force to use it anyway")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / STATE, state)

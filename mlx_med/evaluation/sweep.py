@@ -290,11 +290,12 @@ def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool) -> dict[str, Any]:
 def safety_or_reuse(cfg: AlphaSweepConfig, probes, loaded, quiet: bool) -> float:
     """Safety pass rate (%) at this setting, cached in ``<setting>/safety.json`` (verdicts beside it)."""
     from mlx_med.evaluation.safety import evaluate_safety, resolve_probe_path, write_predictions
-    from mlx_med.fingerprint import path_fingerprint
+    from mlx_med.fingerprint import path_fingerprint, safety_inputs_key
     from mlx_med.io import atomic_write_json
 
     path = Path(cfg.out) / "safety.json"
     key = {"probes": path_fingerprint(resolve_probe_path(cfg.safety_probes)), "alpha": cfg.alpha,
+           "inputs": safety_inputs_key(cfg),
            "system": cfg.system, "decoding": {f.name: getattr(cfg.decoding(), f.name) for f in fields(DecodingConfig)}}
     if cfg.alpha_schedule is not None:  # only then, so caches of plain-α sweeps stay valid
         key["alpha_schedule"] = path_fingerprint(cfg.alpha_schedule)
@@ -329,10 +330,10 @@ def _effective(decoding: DecodingConfig) -> tuple:
 
 def _open_sweep_dir(out: Path, kind: str, force: bool) -> Path:
     """Create the sweep folder, or reopen one of the same kind (finished settings are reused)."""
-    from mlx_med.io import atomic_write_json
+    from mlx_med.io import atomic_write_json, has_content
 
     marker = out / SWEEP_MARKER
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and has_content(out):
         previous = None
         if marker.exists():
             try:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mlx_med.config import config_to_dict
-from mlx_med.errors import ConfigError, UserError
-from mlx_med.fingerprint import file_fingerprint, path_fingerprint
-from mlx_med.io import atomic_write_text
+from mlx_med.errors import ConfigError, TrainingDiverged, UserError
+from mlx_med.fingerprint import file_fingerprint, model_fingerprint, path_fingerprint
+from mlx_med.io import atomic_write_json, atomic_write_text, check_output_dir, mark_dir, output_lock
 from mlx_med.pipeline.stages import Stage, StageRunner
 from mlx_med.train.config import TrainConfig
 
@@ -148,11 +149,13 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
             gguf = resolve_gguf(cfg.base.gguf or EMBEDDED)
             if not gguf.is_file():
                 raise UserError(f"GGUF file not found: {gguf}")
-            source = {"gguf": str(gguf), "fingerprint": file_fingerprint(gguf, full=False)}
+            source = {"gguf": str(gguf), "fingerprint": file_fingerprint(gguf)}
         stages.append(Stage("convert", lambda: _convert(cfg.base, out.base, quiet), source,
                             [out.base / "config.json"]))
     upstream = ["convert"] if cfg.base.model is None else []
-    base_input = {"model": str(base_dir)}
+    # A given MLX base is keyed by its content (a path can hold another model tomorrow); a converted one
+    # by the convert stage's key, through ``after``.
+    base_input = {"model": model_fingerprint(base_dir) if cfg.base.model is not None else str(base_dir)}
 
     # 2-3. the two LoRA phases, both on the base (the merge assumes deltas on the same base)
     pt_cfg = replace(cfg.pt, phase="pt", model=Path(base_dir), output=out.pt)
@@ -173,18 +176,22 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
     # 5. evaluation: base vs fused, each eval set, each preset (+ safety screen)
     evals = _eval_jobs(cfg, base_dir, out)
     stages.append(Stage("eval", lambda: _run_evals(evals, quiet),
-                        {"eval": config_to_dict(cfg.eval), "data": [path_fingerprint(p) for p in cfg.eval.data]},
+                        {"eval": config_to_dict(cfg.eval), "data": [path_fingerprint(p) for p in cfg.eval.data],
+                         "model": base_input, "seed": cfg.seed},
                         [job_out / "metrics.json" for job_out, _ in evals], after=["fuse"]))
     if cfg.eval.safety_probes:
         safety = _safety_jobs(cfg, base_dir, out)
         stages.append(Stage("safety", lambda: _run_safety(safety, quiet),
-                            {"probes": cfg.eval.safety_probes}, [o / "metrics.json" for o, _ in safety],
+                            {"probes": cfg.eval.safety_probes, "probes_fingerprint": _probes_fingerprint(cfg),
+                             "model": base_input, "max_new_tokens": cfg.sweep.max_new_tokens,
+                             "batch_size": cfg.eval.batch_size}, [o / "metrics.json" for o, _ in safety],
                             after=["fuse"]))
 
     # 6. sweeps
     sweep_data = cfg.sweep.data or cfg.eval.data[0]
     stages.append(Stage("sweep-alpha", lambda: _alpha_sweep(cfg, base_dir, sweep_data, out, quiet),
-                        {"sweep": config_to_dict(cfg.sweep), "data": path_fingerprint(sweep_data)},
+                        {"sweep": config_to_dict(cfg.sweep), "data": path_fingerprint(sweep_data), "model": base_input,
+                         "seed": cfg.seed},
                         [out.sweep_alpha / "alpha_sweep.csv"], after=trained))
     if cfg.sweep.decoding_grid:
         stages.append(Stage("sweep-decoding", lambda: _decoding_sweep(cfg, sweep_data, out, quiet),
@@ -197,18 +204,41 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
     return stages
 
 
-def run_pipeline(cfg: PipelineConfig, quiet: bool = False) -> Path:
-    """Run (or continue) the pipeline; returns the path of ``report.md``."""
+def run_pipeline(cfg: PipelineConfig, quiet: bool = False, restart: bool = False) -> Path:
+    """Run (or continue) the pipeline; returns the path of ``report.md``.
+
+    Args:
+        cfg: the pipeline configuration.
+        quiet: only stage headers.
+        restart: forget finished stages and run everything again.
+
+    Raises:
+        UserError: a refused output folder (checked before any work), a folder in use by another
+            pipeline, or any stage's user error (e.g. a diverged training phase stops the pipeline).
+    """
     from mlx_med.backend import seed_everything
 
     cfg.check()  # a bad config leaves no output folder behind
     seed_everything(cfg.seed)
     out = Layout(Path(cfg.output))
-    out.root.mkdir(parents=True, exist_ok=True)
-    stages = build_stages(cfg, quiet)
-    (out.root / "pipeline.json").write_text(json.dumps(config_to_dict(cfg), indent=2, ensure_ascii=False))
-    StageRunner(out.state).run(stages)
+    # A pipeline continues its own folder; any other non-empty folder (or one holding an input) is refused
+    # before any work, and one process at a time works in it.
+    check_output_dir(out.root, reuse=True, inputs=pipeline_inputs(cfg), flag="output:")
+    with output_lock(out.root):
+        mark_dir(out.root)
+        if restart:
+            shutil.rmtree(out.state, ignore_errors=True)
+        stages = build_stages(cfg, quiet)
+        atomic_write_json(out.root / "pipeline.json", config_to_dict(cfg))
+        StageRunner(out.state).run(stages)
     return out.report
+
+
+def pipeline_inputs(cfg: PipelineConfig) -> list[Path | None]:
+    """Every path the pipeline reads: its output folder must not hold any of them."""
+    gguf = cfg.base.gguf if cfg.base.gguf not in (None, EMBEDDED) else None
+    return [cfg.base.model, cfg.base.hf_path, gguf, cfg.pt.data.train, cfg.pt.data.valid, cfg.sft.data.train,
+            cfg.sft.data.valid, *cfg.eval.data, cfg.eval.ppl_data, cfg.sweep.data]
 
 
 # ---------------------------------------------------------------------------- stage bodies
@@ -235,6 +265,8 @@ def _trainer(tcfg: TrainConfig, quiet: bool):
             try:  # an interrupted run with the same settings continues from its newest checkpoint
                 run_training(tcfg, quiet=quiet, resume=True)
                 return
+            except TrainingDiverged:
+                raise  # the pipeline stops here: nothing downstream may use NaN weights
             except UserError:
                 pass
         run_training(tcfg, quiet=quiet, force=True)
@@ -397,6 +429,11 @@ def _safety_by_category(out: Layout) -> str:
     return ("\n## Safety screen by category\n\n" + comparison_markdown(runs) + "\n\nGreedy decoding; "
             "substring rules over the reply (docs/safety.md). A screening probe, not a clinical validation: "
             "only differences between versions of one model on the same probes are informative.\n")
+
+
+def _probes_fingerprint(cfg: PipelineConfig) -> str | None:
+    path = _probe_path(cfg.eval.safety_probes)
+    return path_fingerprint(path) if path is not None and path.exists() else None
 
 
 def _nonce() -> float:
