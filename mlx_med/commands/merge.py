@@ -76,7 +76,8 @@ def command(sft, pt, alpha, w_sft, w_pt, alpha_schedule, method, rank, density, 
     if cfg.alpha is None and cfg.w_sft is None and cfg.w_pt is None and cfg.alpha_schedule is None:
         raise UserError("missing --alpha (w_sft = alpha, w_pt = 1 − alpha), --w-sft/--w-pt or --alpha-schedule")
     mix = resolve_mix(None, cfg.sft, cfg.pt, cfg.alpha, cfg.w_sft, cfg.w_pt, cfg.alpha_schedule)
-    result = merge_adapters(mix.adapters, mix.weights, cfg.method, rank=cfg.rank, density=cfg.density,
+    adapters, weights = mix.adapters, mix.weights
+    result = merge_adapters(adapters, weights, cfg.method, rank=cfg.rank, density=cfg.density,
                             seed=cfg.seed, progress=not quiet, schedule=mix.schedule)
     write_merged(result, out_dir, force=force, inputs=[cfg.sft, cfg.pt])
     if quiet:
