@@ -279,7 +279,7 @@ def _check_against_transformers(folder: Path, written: dict[str, tuple[list[int]
     except ImportError:
         return None
     try:
-        config = AutoConfig.from_pretrained(str(folder))
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError) as err:

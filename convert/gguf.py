@@ -186,6 +186,7 @@ def model_config(metadata: dict[str, Any], arch: Architecture, tensors: dict[str
     missing = [p + k for k in required if _meta(metadata, p + k) is None]
     if missing:
         raise UserError(f"{where}: GGUF metadata lacks {', '.join(missing)}")
+    _check_sizes(metadata, p, where)
     hidden = _meta(metadata, p + "embedding_length")
     heads = _meta(metadata, p + "attention.head_count")
     embed = tensors.get("token_embd.weight")
@@ -215,6 +216,25 @@ def model_config(metadata: dict[str, Any], arch: Architecture, tensors: dict[str
     if arch.model_type == "llama":
         config.update(attention_bias="blk.0.attn_q.bias" in tensors, mlp_bias=False)
     return config
+
+
+def _check_sizes(metadata: dict[str, Any], p: str, where: Path) -> None:
+    """Refuse metadata no real model has (a zero head count would divide by zero further on)."""
+    sizes = {k: _meta(metadata, p + k) for k in ("embedding_length", "block_count", "feed_forward_length",
+                                                 "attention.head_count", "attention.head_count_kv",
+                                                 "attention.key_length", "context_length", "vocab_size")}
+    for key, value in sizes.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 24:
+            raise UserError(f"{where}: GGUF metadata {p}{key} = {value!r} is not a positive size")
+    heads, kv = sizes["attention.head_count"], sizes["attention.head_count_kv"]
+    if sizes["embedding_length"] % heads and not sizes["attention.key_length"]:
+        raise UserError(f"{where}: GGUF metadata {p}embedding_length = {sizes['embedding_length']} is not a "
+                        f"multiple of {p}attention.head_count = {heads}")
+    if kv is not None and heads % kv:
+        raise UserError(f"{where}: GGUF metadata {p}attention.head_count = {heads} is not a multiple of "
+                        f"{p}attention.head_count_kv = {kv}")
 
 
 def map_tensors(tensors: dict[str, mx.array], arch: Architecture, config: dict, where: Path) -> dict[str, mx.array]:

@@ -2,7 +2,8 @@
 
 Each module there defines ``command`` (a click command) or ``commands`` (a list of them). They
 import only click and config at module level; mlx and models are imported inside the command, so
-``mlx-med --help`` is instant. User mistakes (``UserError``) print one line and exit 2.
+``mlx-med --help`` is instant. User mistakes (``UserError``) and OS errors (missing files, full or
+read-only disks, permissions) print one line naming the file and exit 2.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mlx_med.errors import UserError
 
 
 class FriendlyGroup(click.Group):
-    """Turn ``UserError`` (and a few OS errors on user paths) into one-line messages."""
+    """Turn ``UserError``, any ``OSError`` and Ctrl-C into one-line messages."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -27,12 +28,21 @@ class FriendlyGroup(click.Group):
         except UserError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
-            click.echo(f"error: {err.strerror or err}: {err.filename}", err=True)
+        except OSError as err:  # missing file, permission, full or read-only disk ...: one line naming the file
+            click.echo(f"error: {os_error_line(err)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
+
+
+def os_error_line(err: OSError) -> str:
+    """``cannot use FILE: No space left on device`` (the file first, so it is never lost in the text)."""
+    reason = err.strerror or str(err)
+    if err.filename is None:
+        return reason
+    other = f" -> {err.filename2}" if err.filename2 else ""
+    return f"{err.filename}{other}: {reason}"
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -63,6 +73,9 @@ _register(cli)
 
 
 def main() -> None:
+    from mlx_med.hf_config import offline_hub
+
+    offline_hub()  # before any command imports transformers: no command waits on a network
     cli(prog_name="mlx-med")
 
 

@@ -8,6 +8,7 @@ keys and wrong types are errors that name the file, the line and the key. No mlx
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -192,9 +193,12 @@ def _coerce(hint: Any, value: Any, key: tuple[str, ...], where: str, lines: dict
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{locate(key)}: '{name}' must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{locate(key)}: '{name}' must be a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan/inf pass every range check (nan < 0 is False): refuse them here
+            raise ConfigError(f"{locate(key)}: '{name}' must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{locate(key)}: '{name}' must be a string, got {value!r}")

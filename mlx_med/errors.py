@@ -13,6 +13,10 @@ class ConfigError(UserError):
     """A bad configuration file or flag."""
 
 
+class TrainingDiverged(UserError):
+    """The loss or a gradient became NaN/inf: training stopped, the last good checkpoint is kept."""
+
+
 class DataError(UserError):
     """A bad data record. Formats as ``file:line: field 'x': problem``."""
 

@@ -1,49 +1,67 @@
-"""Cheap, stable fingerprints of model folders and data files.
+"""Content fingerprints of model folders, adapters and data files, and the cache keys built on them.
 
-Used to refuse merging adapters trained on different bases, and to skip pipeline stages whose inputs
-did not change. A model's fingerprint hashes config.json, every safetensors header (names, shapes,
-dtypes, offsets) and the first and last 64 KiB of each weights file, so two fine-tunes of one
-architecture differ while a multi-GB checkpoint is fingerprinted in milliseconds.
+A fingerprint is a sha256 over every byte that matters (weights, config, tokenizer), streamed in
+1 MiB chunks. Hashing a multi-GB model takes seconds, so each file's hash is cached by
+(absolute path, size, mtime_ns), in memory and in ``~/.cache/mlx-med/fingerprints.json``
+(``MLX_MED_CACHE`` moves it): an unchanged file is never read twice, a changed one always is.
+
+Used to refuse merging adapters trained on different bases, to resume an eval only with the same
+model, and as the key of every reused result (eval resume, sweep points, safety cache, pipeline
+stages): ``cache_key`` adds the mlx-med version, so an upgrade never reuses an older result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
-SAMPLE = 64 * 1024
+CHUNK = 1 << 20
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "tokenizer.model", "chat_template.jinja", "generation_config.json")
+_memory: dict[str, str] = {}
 
 
 def file_fingerprint(path: str | Path, full: bool = True) -> str:
-    """sha256 of a file's bytes (``full``) or of its size, head and tail (large weights)."""
+    """sha256 (16 hex digits) of a file's bytes, cached by path, size and mtime.
+
+    Args:
+        path: the file.
+        full: kept for callers of the old sampled hash; every byte is hashed either way.
+    """
     path = Path(path)
+    st = path.stat()
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cached = _memory.get(stamp) or _disk_cache().get(stamp)
+    if cached:
+        _memory[stamp] = cached
+        return cached
     digest = hashlib.sha256()
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        if full or size <= 2 * SAMPLE:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        else:
-            digest.update(str(size).encode())
-            digest.update(f.read(SAMPLE))
-            f.seek(size - SAMPLE)
-            digest.update(f.read(SAMPLE))
-    return digest.hexdigest()[:16]
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()[:16]
+    _memory[stamp] = value
+    if st.st_size >= CHUNK:  # small files are cheaper to re-read than to cache on disk
+        _store(stamp, value)
+    return value
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
-    """Fingerprint of an MLX or HF model folder (config + weights files)."""
+    """Fingerprint of an MLX or HF model folder (or one .gguf file): config, tokenizer and all weights."""
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        return file_fingerprint(model_dir)
     digest = hashlib.sha256()
-    for name in ("config.json",):
-        if (model_dir / name).exists():
-            digest.update((model_dir / name).read_bytes())
-    weights = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.gguf"))
-    for path in weights:
-        digest.update(path.name.encode())
-        digest.update(file_fingerprint(path, full=False).encode())
+    names = [n for n in MODEL_FILES if (model_dir / n).is_file()]
+    weights = sorted(p.name for p in model_dir.glob("*.safetensors")) + sorted(p.name for p in model_dir.glob("*.gguf"))
+    for name in names + weights:
+        digest.update(name.encode())
+        digest.update(file_fingerprint(model_dir / name).encode())
     return digest.hexdigest()[:16]
 
 
@@ -56,8 +74,68 @@ def path_fingerprint(path: str | Path) -> str:
             digest.update(os.fsencode(match))
             digest.update(path_fingerprint(match).encode())
         return digest.hexdigest()[:16]
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not _ours(p))
     for file in files:
         digest.update(os.fsencode(file.relative_to(path) if path.is_dir() else file.name))
         digest.update(file_fingerprint(file).encode())
     return digest.hexdigest()[:16]
+
+
+def optional_fingerprint(path: str | Path | None) -> str | None:
+    """``path_fingerprint`` of an existing path, None for None or a missing path."""
+    if path is None or not str(path):
+        return None
+    path = Path(path)
+    if not path.exists() and not glob.has_magic(str(path)):
+        return None
+    return path_fingerprint(path)
+
+
+def cache_key(**parts: Any) -> str:
+    """Hash of ``parts`` (fingerprints, settings) and the mlx-med version: the key of a reusable result."""
+    from mlx_med import __version__
+
+    blob = json.dumps({"parts": parts, "mlx_med": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _ours(path: Path) -> bool:
+    """Bookkeeping files mlx-med writes into folders (locks, markers): not part of their content."""
+    return path.name in (".mlx-med", ".mlx-med.lock")
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("MLX_MED_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                          os.path.join(os.path.expanduser("~"), ".cache"), "mlx-med")
+    return Path(root) / "fingerprints.json"
+
+
+def _disk_cache() -> dict[str, str]:
+    try:
+        data = json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store(stamp: str, value: str) -> None:
+    """Add one entry to the on-disk cache; a read-only or full disk only costs re-hashing later."""
+    with contextlib.suppress(OSError):
+        from mlx_med.io import atomic_write_json
+
+        cache = _disk_cache()
+        if len(cache) > 5000:  # bounded: drop the oldest half
+            cache = dict(list(cache.items())[2500:])
+        cache[stamp] = value
+        atomic_write_json(_cache_path(), cache)
+
+
+def safety_inputs_key(cfg: Any) -> str:
+    """Key of what a cached safety screen depends on besides probes and decoding: model and adapters.
+
+    ``cfg`` is any config with ``model`` and optional ``adapter`` / ``sft`` / ``pt`` paths (eval and
+    sweep configs); missing paths count as absent.
+    """
+    model = getattr(cfg, "model", None)
+    return cache_key(model=model_fingerprint(model) if model is not None and Path(model).exists() else None,
+                     adapters={name: optional_fingerprint(getattr(cfg, name, None)) for name in ("adapter", "sft", "pt")})

@@ -4,11 +4,13 @@ transformers 5.x writes RoPE settings as ``rope_parameters: {rope_theta, rope_ty
 mlx-lm reads a top-level ``rope_theta`` (silently defaulting to 10000) and ``rope_scaling``. A
 SmolLM2 folder saved by transformers 5 therefore loads in mlx-lm with wrong logits unless the key is
 lifted. Older transformers read ``torch_dtype``, newer ``dtype``. Both directions are handled here.
+``offline_hub`` keeps transformers and huggingface_hub off the network (mlx-med reads local folders).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 MLX_ONLY_KEYS = ("quantization", "quantization_config")
@@ -39,3 +41,13 @@ def normalize_for_hf(config: dict[str, Any], dtype: str) -> dict[str, Any]:
     out["torch_dtype"] = dtype
     out["dtype"] = dtype
     return out
+
+
+def offline_hub() -> None:
+    """Keep transformers / huggingface_hub off the network: mlx-med only reads local folders.
+
+    Set before they are imported (they read these at import); a user's own setting wins.
+    """
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

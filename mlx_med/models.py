@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from mlx_med.backend import Backend, detect_backend, prepare_for_compute
 from mlx_med.errors import UserError
-from mlx_med.hf_config import normalize_for_mlx
+from mlx_med.hf_config import normalize_for_mlx, offline_hub
 
 
 @dataclass
@@ -50,6 +50,7 @@ def load_model(model_dir: str | Path, backend: Backend | None = None, compute: b
         compute: apply the backend's compute policy (dequantize + fp32 on CPU). Pass False to get
             the weights exactly as stored (fuse, export).
     """
+    offline_hub()
     from mlx_lm.utils import load as mlx_load
 
     model_dir = Path(model_dir)
@@ -58,9 +59,13 @@ def load_model(model_dir: str | Path, backend: Backend | None = None, compute: b
         raise UserError(f"{model_dir}: no *.safetensors weights")
     fixes = {k: v for k, v in normalize_for_mlx(config).items() if config.get(k) != v}
     try:
-        model, tokenizer = mlx_load(str(model_dir), model_config=fixes)
+        # Never run code shipped with a model folder (auto_map), and never ask about it on stdin.
+        model, tokenizer = mlx_load(str(model_dir), model_config=fixes, trust_remote_code=False,
+                                    tokenizer_config={"trust_remote_code": False})
     except ValueError as err:
         raise UserError(f"{model_dir}: cannot load model: {err}") from None
+    except RuntimeError as err:  # MLX's "[load_safetensors] ... incomplete download or corrupt file?"
+        raise UserError(f"{model_dir}: cannot read the weights: {err}") from None
     backend = backend or detect_backend()
     if compute:
         model = prepare_for_compute(model, backend)

@@ -438,3 +438,28 @@ def test_cli_lang_and_system_file(tiny_llama, loaded, tmp_path):
     assert from_file["prompt_tokens"] == len(expected)
     missing = runner.invoke(cli, [*args, "--system", f"@{tmp_path / 'nope.txt'}"], input="fever\n")
     assert missing.exit_code == 2 and "file not found" in missing.stderr
+
+
+def test_line_history_is_private_and_two_sessions_merge(tmp_path):
+    readline = pytest.importorskip("readline")
+    from mlx_med.chat.repl import load_line_history, save_line_history
+
+    path = tmp_path / "state" / "chat_history"
+    readline.clear_history()
+    loaded = load_line_history(path)
+    readline.add_history("first session: fever and cough?")
+    save_line_history(path, loaded)  # a session that ends first ...
+    assert path.stat().st_mode & 0o777 == 0o600
+    readline.clear_history()
+    loaded = load_line_history(path)
+    readline.add_history("second session: dose of paracetamol?")
+    with open(path, "a") as f:  # ... while another one, started earlier, ends in between
+        f.write("third session: chest pain\n")
+    save_line_history(path, loaded)
+    readline.clear_history()
+    readline.read_history_file(str(path))
+    lines = [readline.get_history_item(i) for i in range(1, readline.get_current_history_length() + 1)]
+    assert lines == ["first session: fever and cough?", "third session: chest pain",
+                     "second session: dose of paracetamol?"]
+    assert path.stat().st_mode & 0o777 == 0o600
+    readline.clear_history()

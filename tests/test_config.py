@@ -82,3 +82,46 @@ def test_section_and_round_trip(tmp_path):
     assert cfg.iters == 3 and cfg.lora.rank == 2
     again = load_config(Recipe, write(tmp_path, dump_config(cfg)))
     assert again == cfg
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("optim.learning_rate", "nan", "'optim.learning_rate' must be a finite number"),
+    ("optim.learning_rate", "inf", "'optim.learning_rate' must be a finite number"),
+    ("lora.alpha", "nan", "'lora.alpha' must be a finite number"),
+    ("lora.alpha", -4, "'lora.alpha' must be a positive number"),
+    ("optim.beta1", 2, "'optim.beta1' must be in \\[0, 1\\)"),
+    ("optim.eps", 0, "'optim.eps' must be a positive number"),
+    ("optim.grad_clip", "nan", "'optim.grad_clip' must be a finite number"),
+    ("schedule.min_lr_ratio", "nan", "'schedule.min_lr_ratio' must be a finite number"),
+    ("eval.early_stopping_patience", -1, "'eval.early_stopping_patience' must be at least 1"),
+])
+def test_float_settings_are_finite_and_in_range(field, value, message):
+    from mlx_med.errors import ConfigError
+    from mlx_med.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, None, {"model": "m", "data.train": "d", "output": "o", field: value}).check()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--w-sft", "nan", "--w-pt", "0.5"], "'w_sft' must be a finite number"),
+    (["--alpha", "inf"], "'alpha' must be a finite number"),
+])
+def test_nan_weight_flags_are_refused_with_one_line(tmp_path, flags, message):
+    from click.testing import CliRunner
+
+    from mlx_med.cli import cli
+
+    result = CliRunner().invoke(cli, ["fuse", "--model", str(tmp_path), "--sft", str(tmp_path / "s"),
+                                      "--pt", str(tmp_path / "p"), "-o", str(tmp_path / "out"), *flags])
+    assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "repetition_penalty", "min_p"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_decoding_refuses_non_finite_values(name, value):
+    from mlx_med.errors import ConfigError
+    from mlx_med.evaluation.decoding import DecodingConfig
+
+    with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
+        DecodingConfig(**{name: value})

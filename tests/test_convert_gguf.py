@@ -38,7 +38,7 @@ def gguf_name(key: str) -> str:
     return f"blk.{layer}.{LAYER_NAMES[rest]}.{suffix}"
 
 
-def write_gguf(hf_dir, path, arch="llama", dtype=np.float32):
+def write_gguf(hf_dir, path, arch="llama", dtype=np.float32, overrides=None):
     """A GGUF of the HF folder as llama.cpp would write it (F32/F16 tensors + llama.cpp metadata)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
@@ -77,6 +77,7 @@ def write_gguf(hf_dir, path, arch="llama", dtype=np.float32):
         "tokenizer.ggml.add_bos_token": mx.array(False),
         "tokenizer.chat_template": tok_cfg.get("chat_template") or (hf_dir / "chat_template.jinja").read_text(),
     }
+    meta.update({f"{arch}.{k}": u32(v) for k, v in (overrides or {}).items()})
     mx.save_gguf(str(path), tensors, meta)
     return path
 
@@ -194,3 +195,19 @@ def test_demo_gguf_answers_a_simple_question(smollm2):
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
     answer = generate(loaded.model, loaded.tokenizer, prompt, max_tokens=10)
     assert "Paris" in answer
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"attention.head_count": 0}, "attention.head_count = 0 is not a positive size"),
+    ({"attention.head_count_kv": 3}, "is not a multiple of llama.attention.head_count_kv = 3"),
+    ({"block_count": 0}, "block_count = 0 is not a positive size"),
+])
+def test_gguf_with_impossible_sizes_is_refused_in_one_line(tiny_llama, tmp_path, overrides, message):
+    from click.testing import CliRunner
+
+    from mlx_med.cli import cli
+
+    path = write_gguf(tiny_llama, tmp_path / "bad.gguf", overrides=overrides)
+    result = CliRunner().invoke(cli, ["convert", "--gguf", str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
+    assert not (tmp_path / "out").exists()

@@ -138,3 +138,11 @@ def test_glob_fingerprint_follows_content(tmp_path):
 
 def load_examples(path, kind="any", skip_bad=False, report=None) -> list:
     return list(iter_examples(path, kind, skip_bad, report))
+
+
+@pytest.mark.parametrize("name", ["deep.jsonl", "deep.json"])
+def test_hostile_nesting_is_a_data_error_not_a_crash(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("[" * 100_000 + "\n")
+    with pytest.raises(DataError, match="nested too deeply"):
+        load_examples(path)

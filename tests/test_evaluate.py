@@ -199,3 +199,12 @@ def test_system_keywords_resolve(tmp_path):
 
 def perplexity(model, tokenizer, texts, block_size=512) -> float:
     return perplexity_stats(model, tokenizer, texts, block_size)["perplexity"]
+
+
+def test_max_new_tokens_is_capped_by_the_context_window(tiny_llama, tmp_path, capsys):
+    window = json.loads((tiny_llama / "config.json").read_text())["max_position_embeddings"]
+    data = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "q?", "response": "a"}])
+    metrics = run_eval(EvalConfig(model=tiny_llama, data=data, out=tmp_path / "o", max_new_tokens=window * 4),
+                       quiet=False)
+    assert f"capped to {window}" in capsys.readouterr().err
+    assert metrics["config"]["decoding"]["max_new_tokens"] == window

@@ -52,3 +52,12 @@ def test_load_model_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no config.json"):
         load_model(tmp_path / "empty")
+
+
+def test_truncated_weights_are_a_user_error(tmp_path, tiny_llama):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 3])  # an interrupted download
+    with pytest.raises(UserError, match=r"model: cannot read the weights: .*corrupt"):
+        load_model(model)

@@ -24,7 +24,7 @@ import json, sys
 from pathlib import Path
 import mlx_med
 from mlx_med.config import load_config
-from mlx_med.evaluation.safety import load_probes, resolve_probe_path
+from mlx_med.evaluation.probes import load_probes, resolve_probe_path
 from mlx_med.pipeline.runner import PipelineConfig
 from mlx_med.resources import resolve_recipe, shipped_root
 demo = load_config(PipelineConfig, resolve_recipe(Path("demo")))

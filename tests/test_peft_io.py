@@ -132,3 +132,22 @@ def test_import_refusals(tmp_path, tiny_llama, tiny_qwen2):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no adapter_config.json"):
         import_peft(tmp_path / "empty", tmp_path / "x")
+
+
+@pytest.mark.parametrize("field, patterns, message", [
+    ("alpha_pattern", {"(a+)+$": 8}, "is not a safe module pattern"),
+    ("alpha_pattern", {"q_proj[": 8}, "is not a valid regex"),
+    ("alpha_pattern", {"q_proj": float("nan")}, "not a positive number"),
+    ("rank_pattern", {"q_proj": 2.5}, "not a positive integer"),
+])
+def test_hostile_peft_patterns_are_refused_in_one_line(tmp_path, tiny_llama, field, patterns, message):
+    make_adapter(tiny_llama, tmp_path / "run", keys=ATTN)
+    export_peft(tmp_path / "run", tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config[field] = patterns
+    config_path.write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["import-adapter", str(tmp_path / "peft"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
+    assert "adapter_config.json" in result.output and f"'{field}'" in result.output
+    assert not (tmp_path / "out").exists()

@@ -181,3 +181,21 @@ def read_table(path: Path) -> list[dict]:
     with open(path, encoding="utf-8", newline="") as f:
         return [{k: (float(v) if number.match(v or "") else (v or None)) for k, v in row.items()}
                 for row in csv.DictReader(f)]
+
+
+def test_a_retrained_adapter_is_not_served_old_safety_results(tiny_llama, eval_file, tmp_path):
+    probes = tmp_path / "probes.jsonl"
+    source = Path(__file__).resolve().parents[1] / "data" / "demo" / "safety_probes.jsonl"
+    probes.write_text("".join(source.read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
+    make_adapter(tiny_llama, tmp_path / "pt", rank=4, keys=ALL, seed=1, phase="pt")
+    make_adapter(tiny_llama, tmp_path / "sft", rank=4, keys=ALL, seed=2, phase="sft")
+    cfg = AlphaSweepConfig(model=tiny_llama, sft=tmp_path / "sft", pt=tmp_path / "pt", data=eval_file,
+                           out=tmp_path / "alpha", alphas="1", max_new_tokens=2, safety_probes=probes, limit=1)
+    run_alpha_sweep(cfg, quiet=True)
+    cache = tmp_path / "alpha" / "alpha_1" / "safety.json"
+    first = json.loads(cache.read_text())["key"]
+    run_alpha_sweep(cfg, quiet=True)
+    assert json.loads(cache.read_text())["key"] == first  # unchanged inputs: reused
+    make_adapter(tiny_llama, tmp_path / "sft", rank=4, keys=ALL, seed=3, phase="sft")  # retrained in place
+    run_alpha_sweep(cfg, quiet=True)
+    assert json.loads(cache.read_text())["key"] != first  # screened again, not served from the cache

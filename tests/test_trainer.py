@@ -246,3 +246,130 @@ def test_lora_scale_targets_and_trainable_count(tiny_llama):
     trainable = dict(tree_flatten(model.trainable_parameters()))
     assert sum(v.size for v in trainable.values()) == 4 * (64 + 64) + 4 * (128 + 64)
     assert all(float(mx.abs(m.lora_b).max()) == 0 for _, m in loras)  # B = 0: the base is unchanged at init
+
+
+# ---------------------------------------------------------------- never lose a user's data
+
+
+def test_a_loss_that_turns_nan_stops_keeps_the_last_good_checkpoint_and_writes_no_done(tmp_path, tiny_llama):
+    from mlx_med.errors import TrainingDiverged
+    from mlx_med.train.step import masked_loss
+
+    calls = []
+
+    def poisoned_at_step_4(model, inputs, targets, mask):  # the injectable loss: NaN from the 4th step on
+        calls.extend([1] if model.training else [])  # validation passes do not count
+        loss, count = masked_loss(model, inputs, targets, mask)
+        return (loss * float("nan") if len(calls) >= 4 else loss), count
+
+    cfg = config(tmp_path, tiny_llama, pt_data(tmp_path), iters=8, phase="sft", **{
+        "checkpoint.every": 1, "checkpoint.keep": 1, "eval.every": 0, "data.train": str(sft_data(tmp_path))})
+    with pytest.raises(TrainingDiverged, match="diverged at step 4: the loss is nan"):
+        run_training(cfg, quiet=True, loss=poisoned_at_step_4)
+    run = Path(cfg.output)
+    assert not (run / "done.json").exists()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000003"]
+    weights = mx.load(str(run / "checkpoints" / "step-0000003" / "adapters.safetensors"))
+    assert all(mx.all(mx.isfinite(w)).item() for w in weights.values())
+    assert all(mx.all(mx.isfinite(w)).item() for w in read_adapter(run).weights.values())
+
+
+def test_an_exploding_learning_rate_is_caught(tmp_path, tiny_llama):
+    from mlx_med.errors import TrainingDiverged
+
+    cfg = config(tmp_path, tiny_llama, pt_data(tmp_path), iters=30, **{
+        "optim.learning_rate": 1e30, "optim.grad_clip": None, "checkpoint.every": 1, "eval.every": 0})
+    with pytest.raises(TrainingDiverged, match="diverged at step"):
+        run_training(cfg, quiet=True)
+    assert not (Path(cfg.output) / "done.json").exists()
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused_and_the_first_finishes(tmp_path, tiny_llama):
+    cfg = config(tmp_path, tiny_llama, pt_data(tmp_path), iters=4)
+    refused = []
+
+    def second_trainer(step, record):
+        if step == 2:
+            with pytest.raises(UserError, match=rf"run is in use by pid {os.getpid()}\b"):
+                run_training(cfg, quiet=True, force=True)
+            refused.append(step)
+
+    run = run_training(cfg, quiet=True, on_step=second_trainer)
+    assert refused == [2]
+    assert completed_run(cfg) == run
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+
+
+def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, tiny_llama, capsys):
+    cfg = config(tmp_path, tiny_llama, pt_data(tmp_path), iters=6, **{"checkpoint.every": 2, "checkpoint.keep": 3})
+
+    def stop_at_5(step, record):
+        if step == 5:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run_training(cfg, quiet=True, on_step=stop_at_5)
+    run = Path(cfg.output)
+    newest = run / "checkpoints" / "step-0000004" / "adapters.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # a torn write
+    (run / "checkpoints" / ".step-0000006.999999999.x.partial").mkdir()  # left by a killed process
+    run_training(cfg, resume=True)
+    err = capsys.readouterr().err
+    assert "skipping checkpoint step-0000004" in err and "resuming" in err and "from step 2 (step-0000002)" in err
+    assert completed_run(cfg) == run
+    assert not (run / "checkpoints" / ".step-0000006.999999999.x.partial").exists()
+
+
+def test_sigterm_mid_training_leaves_a_resumable_checkpoint(tmp_path, tiny_llama):
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "mlx_med.cli", "train", "--model", str(tiny_llama), "--data",
+            str(pt_data(tmp_path)), "-o", str(run), "--iters", "100000", "--max-seq-len", "32", "--batch-size", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+        time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGTERM" in err and "Traceback" not in err
+    checkpoints = list((run / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "optimizer.safetensors").is_file()
+    assert not (run / "done.json").exists()
+    step = json.loads((checkpoints[0] / "state.json").read_text())["step"]
+    cfg = load_config(TrainConfig, run / "run.yaml", {"iters": step + 1, "output": str(run)})
+    run_training(cfg, quiet=True, resume=True)
+    assert json.loads((run / "done.json").read_text())["steps"] == step + 1
+
+
+def test_train_cli_refuses_dangerous_outputs_before_loading_and_loses_nothing(tmp_path, tiny_llama, monkeypatch):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from mlx_med.cli import cli
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_llama, work / "model")
+    data = pt_data(work)
+    (work / "notes.txt").write_text("keep me")
+    foreign = work / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "diary.txt").write_text("private")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for target in (".", "~", str(work), "foreign", str(home)):
+        for force in ([], ["--force"]):
+            result = CliRunner().invoke(cli, ["train", "--model", "model", "--data", str(data), "-o", target,
+                                              "--iters", "1", *force])
+            assert result.exit_code == 2, (target, force, result.output)
+            assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_med.errors import UserError
-from mlx_med.io import atomic_write_json
+from mlx_med.io import atomic_write_json, save_safetensors
 
 WEIGHTS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -140,9 +141,12 @@ def write_adapter(adapter: Adapter, out_dir: str | Path) -> Path:
     """Write weights and config into ``out_dir`` (each file atomically)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{WEIGHTS_FILE}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), adapter.weights, metadata={"format": "mlx"})
-    tmp.replace(out_dir / WEIGHTS_FILE)
+    tmp = out_dir / f".{WEIGHTS_FILE}.{os.getpid()}.w.tmp.safetensors"  # per process: no two writers share it
+    try:
+        save_safetensors(tmp, adapter.weights, metadata={"format": "mlx"})
+        tmp.replace(out_dir / WEIGHTS_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
     atomic_write_json(out_dir / CONFIG_FILE, adapter.config_json())
     adapter.path = out_dir
     return out_dir

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,8 @@ def merge_adapters(
     return MergeResult(merged, method, dict(weights), coefficients, reports)
 
 
-def write_merged(result: MergeResult, out_dir: str | Path, force: bool = False) -> Path:
+def write_merged(result: MergeResult, out_dir: str | Path, force: bool = False,
+                 inputs: Iterable[str | Path | None] = ()) -> Path:
     """Write a merge's adapter dir plus ``merge_report.json`` (summary and per-module table), atomically.
 
     The one writer of a merged adapter: ``mlx-med merge`` and the pipeline's merge stage both call it.
@@ -216,7 +218,7 @@ def write_merged(result: MergeResult, out_dir: str | Path, force: bool = False) 
     from mlx_med.adapters.format import write_adapter
     from mlx_med.io import atomic_output_dir, atomic_write_json
 
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    with atomic_output_dir(out_dir, force=force, inputs=inputs) as tmp:
         write_adapter(result.adapter, tmp)
         atomic_write_json(tmp / REPORT_FILE, {
             "summary": result.summary(),

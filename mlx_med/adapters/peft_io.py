@@ -18,6 +18,7 @@ DoRA, ``modules_to_save`` (fully trained layers), LoRA biases, embedding LoRA, f
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -146,6 +147,7 @@ def import_peft(src: str | Path, out_dir: str | Path, base: str | Path | None = 
     rslora = bool(config.get("use_rslora", False))
     default_alpha = float(config.get("lora_alpha", config.get("r", 8)))
     alpha_pattern = config.get("alpha_pattern") or {}
+    _check_patterns(config, src / "adapter_config.json")
     pairs: dict[str, dict[str, mx.array]] = {}
     for key, value in raw.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -265,6 +267,33 @@ def _check_against_base(adapter: Adapter, base: Path) -> None:
             raise UserError(f"{module}: the PEFT adapter is {a_in}→{a_out} but {base} has "
                             f"{in_dims}→{out_dims} (adapter for another model?)")
     adapter.meta.base_fingerprint = model_fingerprint(base)
+
+
+def _check_patterns(config: dict[str, Any], where: Path) -> None:
+    """Refuse ``alpha_pattern`` / ``rank_pattern`` entries before their keys are used as regexes.
+
+    A key must be a short regex that compiles and has no nested quantifier (``(a+)+`` can take
+    exponential time); a value must be a finite positive number (an integer for ranks).
+    """
+    for name in ("alpha_pattern", "rank_pattern"):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise UserError(f"{where}: field '{name}' must be a mapping of module patterns to numbers")
+        for key, value in patterns.items():
+            if not isinstance(key, str) or not key or len(key) > 200 or _NESTED_QUANTIFIER.search(key):
+                raise UserError(f"{where}: field '{name}': pattern {str(key)[:60]!r} is not a safe module pattern")
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise UserError(f"{where}: field '{name}': pattern {key!r} is not a valid regex ({err})") from None
+            number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+            if number is None or not math.isfinite(number) or number <= 0 or (
+                    name == "rank_pattern" and number != int(number)):
+                raise UserError(f"{where}: field '{name}': {key!r} maps to {value!r}, not a positive "
+                                f"{'integer' if name == 'rank_pattern' else 'number'}")
+
+
+_NESTED_QUANTIFIER = re.compile(r"[+*}?]\)*[+*{]|\)[+*{?]")  # a quantified group (or stacked quantifiers)
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: float) -> float:

@@ -15,6 +15,7 @@ a turn is interrupted.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -477,7 +478,7 @@ def run_interactive(session: ChatSession, history_file: Path | None = None) -> N
 
     Ctrl-C stops the answer being generated (or clears the line being typed); Ctrl-D quits.
     """
-    _enable_line_editing(history_file)
+    loaded = load_line_history(history_file)
     print("Type a message, /help for commands, Ctrl-D to quit.", flush=True)
     while True:
         try:
@@ -508,7 +509,7 @@ def run_interactive(session: ChatSession, history_file: Path | None = None) -> N
             print("\n[stopped]", flush=True)
         except UserError as err:
             print(f"error: {err}", flush=True)
-    _save_line_history(history_file)
+    save_line_history(history_file, loaded)
 
 
 def run_piped(session: ChatSession, lines: Iterable[str], out: TextIO, err: TextIO,
@@ -567,26 +568,48 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _enable_line_editing(history_file: Path | None) -> None:
+def load_line_history(history_file: Path | None) -> int:
+    """Turn on readline editing and load earlier sessions' lines; returns how many were loaded."""
     try:
         import readline  # noqa: F401  (importing it gives input() line editing and ↑/↓ history)
     except ImportError:  # Windows without pyreadline: plain input() still works
-        return
+        return 0
     if history_file is not None and history_file.is_file():
         try:
             readline.read_history_file(str(history_file))
         except OSError:
             pass
+    return readline.get_current_history_length()
 
 
-def _save_line_history(history_file: Path | None) -> None:
+def save_line_history(history_file: Path | None, loaded: int = 0, keep: int = 1000) -> None:
+    """Append this session's typed lines to ``history_file`` (mode 0600: they can be medical questions).
+
+    Lines are appended under an exclusive lock, not written over the file, so two chat sessions
+    ending in any order both keep their lines. ``loaded`` is what ``load_line_history`` returned.
+    """
     if history_file is None:
         return
     try:
+        import fcntl
         import readline
 
+        new = readline.get_current_history_length() - loaded
+        if new <= 0:
+            return
         history_file.parent.mkdir(parents=True, exist_ok=True)
-        readline.set_history_length(1000)
-        readline.write_history_file(str(history_file))
+        fd = os.open(history_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # sessions ending together take turns (a short wait)
+            os.fchmod(fd, 0o600)
+            readline.append_history_file(new, str(history_file))
+            if history_file.stat().st_size > 200 * keep:  # trim now and then: keep the newest lines
+                readline.clear_history()
+                readline.read_history_file(str(history_file))
+                readline.set_history_length(keep)
+                readline.write_history_file(str(history_file))
+                os.chmod(history_file, 0o600)
+        finally:
+            os.close(fd)
     except (ImportError, OSError):
         pass

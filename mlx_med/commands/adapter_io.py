@@ -27,7 +27,9 @@ def export_adapter(src: Path, out_dir: Path, base_model: str | None, own_only: b
       mlx-med export-adapter runs/sft -o sft-peft --base-model base-hf
     """
     from mlx_med.adapters.peft_io import export_peft
+    from mlx_med.io import check_output_dir
 
+    check_output_dir(out_dir, force=force, inputs=[src])  # before any loading
     result = export_peft(src, out_dir, base_model=base_model, own_only=own_only, force=force)
     for note in result.notes:
         click.echo(note)
@@ -51,7 +53,9 @@ def import_adapter(src: Path, out_dir: Path, base: Path | None, force: bool) -> 
       mlx-med import-adapter llamafactory/saves/sft -o runs/sft-gpu --base base
     """
     from mlx_med.adapters.peft_io import import_peft
+    from mlx_med.io import check_output_dir
 
+    check_output_dir(out_dir, force=force, inputs=[src, base])  # before any loading
     adapter = import_peft(src, out_dir, base=base, force=force)
     click.echo(f"wrote {out_dir} (rank {adapter.rank}, scale {adapter.scale:g}, {len(adapter.modules())} modules"
                f"{', checked against ' + str(base) if base else ''})")

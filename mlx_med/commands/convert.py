@@ -60,10 +60,16 @@ def command(hf_path: Path | None, gguf_path: Path | None, out_dir: Path, q_bits:
         if cfg.q_bits is not None:
             raise UserError("--q-bits applies to --hf-path; a GGUF keeps its own quantization")
         from mlx_med.convert.gguf import convert_gguf
+        from mlx_med.io import check_output_dir
+
+        check_output_dir(out_dir, force=force, inputs=[gguf_path])  # before any reading
 
         out = convert_gguf(gguf_path, out_dir, dtype=cfg.dtype, force=force)
     else:
         from mlx_med.convert.hf import convert_hf
+        from mlx_med.io import check_output_dir
+
+        check_output_dir(out_dir, force=force, inputs=[hf_path])  # before any reading
 
         out = convert_hf(hf_path, out_dir, q_bits=cfg.q_bits, q_group_size=cfg.q_group_size,
                          dtype=cfg.dtype, force=force)

@@ -125,6 +125,20 @@ def command(config_path, model, adapter, sft, pt, alpha, alpha_schedule, data, o
         from mlx_med.evaluation.decoding import preset as named_preset
 
         cfg.decoding = (named_preset(preset) if preset else cfg.decoding).with_overrides(**decoding)
-    run_suite(suite, cfg, quiet=quiet)
-    if not quiet and suite == "qa":
+    from mlx_med.io import check_output_dir, check_output_location, mark_dir, output_lock
+
+    inputs = [cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.alpha_schedule, cfg.data,
+              getattr(cfg, "ppl_data", None), getattr(cfg, "shots_data", None)]
+    if suite != "qa":  # written whole after loading (atomic_output_dir): -o is checked before loading
+        if cfg.out is not None:  # (a missing -o is named by the suite)
+            check_output_dir(cfg.out, force=cfg.force, inputs=inputs)
+        run_suite(suite, cfg, quiet=quiet)
+        return
+    cfg.validate()  # a missing -o is named before its location is checked
+    # Where it may write is checked here, before loading; what it may replace, by the runner (resume/--force).
+    check_output_location(cfg.out, inputs=inputs)
+    with output_lock(cfg.out):  # one eval per folder at a time
+        run_suite(suite, cfg, quiet=quiet)
+        mark_dir(cfg.out)
+    if not quiet:
         click.echo(f"wrote {Path(cfg.out) / 'generated_predictions.jsonl'} and metrics.json")

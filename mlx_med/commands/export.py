@@ -42,7 +42,9 @@ def command(model_dir: Path, out_dir: Path, dtype: str | None, max_shard_size: s
 
     cfg = load_config(ExportConfig, config_path, {"dtype": dtype, "max_shard_size": max_shard_size})
     from mlx_med.convert.export import export_hf
+    from mlx_med.io import check_output_dir
 
+    check_output_dir(out_dir, force=force, inputs=[model_dir])  # before any loading
     report = export_hf(model_dir, out_dir, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size, force=force)
     if quiet:
         click.echo(str(report.out_dir))

@@ -76,6 +76,12 @@ def command(model, sft, pt, adapter, alpha, w_sft, w_pt, alpha_schedule, out_dir
                         "an --adapter is fused with weight 1")
     if cfg.export_hf is not None and cfg.export_hf.exists() and not force:
         raise UserError(f"{cfg.export_hf} already exists; pass --force to replace it")
+    from mlx_med.io import check_output_dir
+
+    inputs = [cfg.model, cfg.adapter, cfg.sft, cfg.pt]
+    check_output_dir(out_dir, force=force, inputs=inputs)  # before any loading
+    if cfg.export_hf is not None:
+        check_output_dir(cfg.export_hf, force=force, inputs=inputs, flag="--export-hf")
     report = fuse_model(
         cfg.model, out_dir, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha,
         dtype=cfg.dtype, requantize=cfg.requantize, force=force, w_sft=cfg.w_sft, w_pt=cfg.w_pt,

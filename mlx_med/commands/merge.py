@@ -62,21 +62,24 @@ def command(sft, pt, alpha, w_sft, w_pt, alpha_schedule, method, rank, density, 
         "method": method, "rank": rank,
         "density": density, "seed": seed,
     })
-    from mlx_med.adapters.merge import merge_adapters, write_merged
+    from mlx_med.adapters.merge import METHODS, merge_adapters, write_merged
     from mlx_med.adapters.mix import resolve_mix
     from mlx_med.errors import UserError
 
     if cfg.sft is None or cfg.pt is None:
         raise UserError("give --sft RUN and --pt RUN (or sft:/pt: in the config)")
-    if out_dir.exists() and not force:
-        raise UserError(f"{out_dir} already exists; pass --force to replace it")
+    if cfg.method not in METHODS:
+        raise UserError(f"method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
+    from mlx_med.io import check_output_dir
+
+    check_output_dir(out_dir, force=force, inputs=[cfg.sft, cfg.pt])  # before any loading
     if cfg.alpha is None and cfg.w_sft is None and cfg.w_pt is None and cfg.alpha_schedule is None:
         raise UserError("missing --alpha (w_sft = alpha, w_pt = 1 − alpha), --w-sft/--w-pt or --alpha-schedule")
     mix = resolve_mix(None, cfg.sft, cfg.pt, cfg.alpha, cfg.w_sft, cfg.w_pt, cfg.alpha_schedule)
     adapters, weights = mix.adapters, mix.weights
-    result = merge_adapters(adapters, weights, cfg.method, rank=cfg.rank, density=cfg.density, seed=cfg.seed,
-                            progress=not quiet, schedule=mix.schedule)
-    write_merged(result, out_dir, force=force)
+    result = merge_adapters(adapters, weights, cfg.method, rank=cfg.rank, density=cfg.density,
+                            seed=cfg.seed, progress=not quiet, schedule=mix.schedule)
+    write_merged(result, out_dir, force=force, inputs=[cfg.sft, cfg.pt])
     if quiet:
         click.echo(str(out_dir))
         return

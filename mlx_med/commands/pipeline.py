@@ -28,15 +28,11 @@ def command(config_path: Path | None, output: Path | None, alpha: float | None, 
       mlx-med pipeline -c configs/demo.yaml            # the same recipe file, in a checkout
       mlx-med pipeline -c configs/demo.yaml -o runs/x  # somewhere else
     """
-    import shutil
-
     from mlx_med.config import load_config
-    from mlx_med.pipeline.runner import Layout, PipelineConfig, run_pipeline
+    from mlx_med.pipeline.runner import PipelineConfig, run_pipeline
 
     if config_path is None:
         raise click.UsageError("pass -c CONFIG.yaml (for the demo: -c demo)")
     cfg = load_config(PipelineConfig, config_path, {"output": output, "fuse.alpha": alpha})
-    if restart:
-        shutil.rmtree(Layout(Path(cfg.output)).state, ignore_errors=True)
-    report = run_pipeline(cfg, quiet=quiet)
+    report = run_pipeline(cfg, quiet=quiet, restart=restart)
     click.echo(f"report: {report}")

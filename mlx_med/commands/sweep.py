@@ -98,7 +98,8 @@ def decoding(config_path, model, adapter, sft, pt, alpha, alpha_schedule, data, 
         min_p=min_p, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
         force=force, grid=parse_grid(list(grids)) if grids else None,
     ))
-    run_decoding_sweep(cfg, quiet=quiet)
+    with _locked(cfg):
+        run_decoding_sweep(cfg, quiet=quiet)
 
 
 @command.command("alpha")
@@ -159,4 +160,16 @@ def alpha(config_path, model, sft, pt, alpha_schedule, data, out, limit, batch_s
         mcq_data=mcq_data, mcq_limit=mcq_limit, mcq_shots=mcq_shots, mcq_shots_data=mcq_shots_data,
         search=search, objective=objective, constraints=list(constraints) or None, budget=budget,
     ))
-    (run_alpha_search if cfg.search else run_alpha_sweep)(cfg, quiet=quiet)
+    with _locked(cfg):
+        (run_alpha_search if cfg.search else run_alpha_sweep)(cfg, quiet=quiet)
+
+
+def _locked(cfg):
+    """Check where the sweep writes (before loading) and hold its folder for the sweep's life."""
+    from mlx_med.io import check_output_location, output_lock
+
+    cfg.validate()  # a missing -o is named before its location is checked
+    inputs = [cfg.model, cfg.adapter, cfg.sft, cfg.pt, cfg.alpha_schedule, cfg.data, cfg.ppl_data]
+    inputs += [getattr(cfg, name, None) for name in ("mcq_data", "mcq_shots_data", "safety_probes")]
+    check_output_location(cfg.out, inputs=inputs)
+    return output_lock(cfg.out)

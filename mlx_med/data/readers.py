@@ -153,6 +153,8 @@ def _jsonl_records(file: Path) -> Iterator[tuple[str, int, Any]]:
                 yield source, number, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 yield source, number, DataError(file, number, None, f"invalid JSON ({err.msg} at column {err.colno})")
+            except RecursionError:  # e.g. 100 000 nested "[": hostile, not a record
+                yield source, number, DataError(file, number, None, "invalid JSON (nested too deeply)")
 
 
 def _json_records(file: Path) -> Iterator[tuple[str, int | None, Any]]:
@@ -163,6 +165,9 @@ def _json_records(file: Path) -> Iterator[tuple[str, int | None, Any]]:
         return
     except json.JSONDecodeError as err:
         yield str(file), err.lineno, DataError(file, err.lineno, None, f"invalid JSON ({err.msg} at column {err.colno})")
+        return
+    except RecursionError:
+        yield str(file), None, DataError(file, None, None, "invalid JSON (nested too deeply)")
         return
     if not isinstance(data, list):
         yield str(file), None, DataError(file, None, None, "a .json data file must hold a list of records")

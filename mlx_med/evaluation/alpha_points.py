@@ -137,11 +137,12 @@ def safety_or_reuse(cfg, probes, loaded, quiet: bool) -> float:
     from mlx_med.evaluation.decoding import DecodingConfig
     from mlx_med.evaluation.probes import resolve_probe_path
     from mlx_med.evaluation.safety import evaluate_safety, write_predictions
-    from mlx_med.fingerprint import path_fingerprint
+    from mlx_med.fingerprint import path_fingerprint, safety_inputs_key
     from mlx_med.io import atomic_write_json
 
     path = Path(cfg.out) / "safety.json"
     key = {"probes": path_fingerprint(resolve_probe_path(cfg.safety_probes)), "alpha": cfg.effective_alpha,
+           "inputs": safety_inputs_key(cfg),
            "system": cfg.system, "decoding": {f.name: getattr(cfg.decoding(), f.name) for f in fields(DecodingConfig)}}
     if cfg.alpha_schedule is not None:  # only then, so caches of plain-α sweeps stay valid
         key["alpha_schedule"] = path_fingerprint(cfg.alpha_schedule)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from mlx_med.errors import ConfigError
@@ -20,6 +21,10 @@ class DecodingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):  # nan passes the range checks
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -71,3 +76,19 @@ def make_logits_processors(cfg: DecodingConfig) -> list:
     if cfg.repetition_penalty == 1.0:
         return []
     return mlx_processors(repetition_penalty=cfg.repetition_penalty)
+
+
+def cap_to_window(decoding: DecodingConfig, model_config: dict, quiet: bool = False) -> DecodingConfig:
+    """``decoding`` with ``max_new_tokens`` at most the model's context window (with a notice).
+
+    Tokens past the window are not generated meaningfully; asking for them only costs time and memory.
+    """
+    window = model_config.get("max_position_embeddings") or model_config.get("max_sequence_length")
+    if not isinstance(window, int) or window <= 0 or decoding.max_new_tokens <= window:
+        return decoding
+    if not quiet:
+        import sys
+
+        print(f"note: max_new_tokens {decoding.max_new_tokens} is more than the model's context window "
+              f"({window} tokens); capped to {window}", file=sys.stderr)
+    return replace(decoding, max_new_tokens=window)

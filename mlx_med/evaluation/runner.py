@@ -18,7 +18,7 @@ from typing import Any, Literal
 from mlx_med.adapters.schedule import effective_alpha
 from mlx_med.config import config_to_dict
 from mlx_med.errors import UserError
-from mlx_med.evaluation.decoding import DecodingConfig, preset
+from mlx_med.evaluation.decoding import DecodingConfig, cap_to_window, preset
 from mlx_med.evaluation.run_config import RunConfig, fused_from
 from mlx_med.evaluation.tables import format_metrics_table
 
@@ -123,6 +123,7 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
         print(f"resuming: {len(done)} of {len(evalset.rows)} predictions already in {out / PARTIAL}")
     if loaded is None:
         loaded, _ = cfg.load()
+    decoding = cap_to_window(decoding, getattr(loaded, "config", None) or {}, quiet)
 
     start = time.perf_counter()
     generated = _generate(loaded, todo, decoding, cfg, out / PARTIAL, quiet)
@@ -219,6 +220,7 @@ def score_predictions(path: str | Path, out: str | Path | None = None, lang: str
 def run_state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
     """What must match for a partial run to be resumed (or a sweep setting reused): inputs and
     decoding, not batch size."""
+    from mlx_med import __version__
     from mlx_med.fingerprint import path_fingerprint
 
     return {
@@ -227,12 +229,13 @@ def run_state(cfg: EvalConfig, decoding: DecodingConfig) -> dict[str, Any]:
         "limit": cfg.limit,
         "system": cfg.system,
         "decoding": config_to_dict(decoding),
+        "mlx_med": __version__,  # an upgrade never resumes an older run's predictions
     }
 
 
 def prepare_out_dir(out: Path, state: dict[str, Any], force: bool) -> dict[int, dict]:
     """Create ``out`` or reopen an interrupted run in it; return the predictions already made."""
-    from mlx_med.io import atomic_write_json
+    from mlx_med.io import atomic_write_json, has_content
 
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
@@ -251,7 +254,7 @@ def prepare_out_dir(out: Path, state: dict[str, Any], force: bool) -> dict[int, 
             raise UserError(f"{out} holds an interrupted eval with different model, data or decoding "
                             "settings; pass --force to start over")
         done = read_partial(out / PARTIAL)
-    elif out.exists() and any(out.iterdir()) and not force:
+    elif out.exists() and has_content(out) and not force:
         raise UserError(f"{out} already exists and is not an eval folder; pass --force to use it anyway")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / STATE, state)

@@ -138,10 +138,10 @@ def _effective(decoding: DecodingConfig) -> tuple:
 
 def open_sweep_dir(out: Path, kind: str, force: bool) -> Path:
     """Create the sweep folder, or reopen one of the same kind (finished settings are reused)."""
-    from mlx_med.io import atomic_write_json
+    from mlx_med.io import atomic_write_json, has_content
 
     marker = out / SWEEP_MARKER
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and has_content(out):
         previous = None
         if marker.exists():
             try:

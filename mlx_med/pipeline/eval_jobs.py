@@ -1,5 +1,5 @@
-"""Pipeline stage bodies for the MCQ suite and the α sweep and search (the same functions the commands call),
-and the report's safety-by-category section.
+"""Pipeline stage bodies for evaluation: QA, safety and MCQ suites, the α sweep and search, the decoding
+sweep (the same functions the commands call), and the report's safety-by-category section.
 
 Types are imported lazily: this module is imported by ``pipeline.runner`` while stages are built.
 """
@@ -18,6 +18,80 @@ def probe_path(spec: str | None) -> Path | None:
     from mlx_med.evaluation.probes import resolve_probe_path
 
     return resolve_probe_path(spec)
+
+
+def qa_jobs(cfg, base_dir: Path, out) -> list[tuple[Path, Any]]:
+    """``(folder, EvalConfig)`` for each QA set × (base greedy, fused × each preset)."""
+    from mlx_med.evaluation.runner import EvalConfig
+
+    jobs = []
+    for data in cfg.eval.data:
+        name = Path(data).stem
+        for model_name, model in (("base", base_dir), ("fused", out.fused)):
+            presets = ["greedy"] if model_name == "base" else cfg.eval.presets
+            for preset in presets:
+                job_out = out.evals / f"{name}-{model_name}-{preset}"
+                jobs.append((job_out, EvalConfig(
+                    model=Path(model), data=Path(data), out=job_out, preset=preset, limit=cfg.eval.limit,
+                    batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                    ppl_data=cfg.eval.ppl_data if preset == "greedy" else None, ppl_limit=cfg.eval.ppl_limit,
+                    ppl_block_size=cfg.eval.ppl_block_size, seed=cfg.seed, force=True)))
+    return jobs
+
+
+def run_qa_jobs(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
+    """Run the QA evals, skipping those an interrupted stage already finished with the same settings."""
+    import json
+
+    from mlx_med.config import config_to_dict
+    from mlx_med.evaluation.runner import run_eval
+    from mlx_med.io import atomic_write_text
+
+    for job_out, ecfg in jobs:
+        settings = json.dumps(config_to_dict(ecfg), sort_keys=True)
+        marker = job_out / "pipeline_eval.json"  # lets an interrupted eval stage keep its finished evals
+        if (job_out / "metrics.json").exists() and marker.exists() and marker.read_text() == settings:
+            continue
+        run_eval(ecfg, quiet=quiet)
+        atomic_write_text(marker, settings)
+
+
+def safety_jobs(cfg, base_dir: Path, out) -> list[tuple[Path, Any]]:
+    """``(folder, SafetyEvalConfig)`` for the base and the fused model."""
+    from mlx_med.evaluation.decoding import DecodingConfig
+    from mlx_med.evaluation.safety import SafetyEvalConfig
+
+    decoding = DecodingConfig(max_new_tokens=cfg.sweep.max_new_tokens)
+    return [(out.safety / name, SafetyEvalConfig(model=Path(model), data=cfg.eval.safety_probes, out=out.safety / name,
+                                                 decoding=decoding, batch_size=cfg.eval.batch_size, force=True,
+                                                 progress=True))
+            for name, model in (("base", base_dir), ("fused", out.fused))]
+
+
+def run_safety_jobs(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
+    """Screen each model with the safety probes."""
+    from mlx_med.evaluation.safety import run_safety_eval
+
+    for _, scfg in jobs:
+        run_safety_eval(replace(scfg, progress=not quiet), echo=None if not quiet else (lambda s: None))
+
+
+def decoding_sweep(cfg, data: Path, out, quiet: bool) -> None:
+    """``mlx-med sweep decoding`` on the fused model."""
+    from mlx_med.evaluation.sweep import DecodingSweepConfig, normalise_grid, run_decoding_sweep
+
+    run_decoding_sweep(DecodingSweepConfig(
+        model=out.fused, data=Path(data), out=out.sweep_decoding, limit=cfg.sweep.limit,
+        max_new_tokens=cfg.sweep.max_new_tokens, batch_size=cfg.eval.batch_size,
+        grid=normalise_grid(cfg.sweep.decoding_grid), seed=cfg.seed, force=True), quiet=quiet)
+
+
+def probes_fingerprint(cfg) -> str | None:
+    """The safety stage's probe file by content (None: no file)."""
+    from mlx_med.fingerprint import path_fingerprint
+
+    path = probe_path(cfg.eval.safety_probes)
+    return path_fingerprint(path) if path is not None and path.exists() else None
 
 
 def mcq_jobs(cfg, base_dir: Path, out) -> list[tuple[Path, Any]]:

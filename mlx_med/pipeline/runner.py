@@ -8,16 +8,28 @@ its newest checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mlx_med.config import config_to_dict
-from mlx_med.errors import ConfigError, UserError
-from mlx_med.fingerprint import file_fingerprint, path_fingerprint
-from mlx_med.io import atomic_write_text
+from mlx_med.errors import ConfigError, TrainingDiverged, UserError
+from mlx_med.fingerprint import file_fingerprint, model_fingerprint, path_fingerprint
+from mlx_med.io import atomic_write_json, check_output_dir, mark_dir, output_lock
+from mlx_med.pipeline.eval_jobs import (
+    alpha_search,
+    alpha_sweep,
+    decoding_sweep,
+    mcq_jobs,
+    probes_fingerprint,
+    qa_jobs,
+    run_mcq_jobs,
+    run_qa_jobs,
+    run_safety_jobs,
+    safety_by_category,
+    safety_jobs,
+)
 from mlx_med.pipeline.stages import Stage, StageRunner
 from mlx_med.train.config import TrainConfig
 
@@ -155,11 +167,13 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
             gguf = resolve_gguf(cfg.base.gguf or EMBEDDED)
             if not gguf.is_file():
                 raise UserError(f"GGUF file not found: {gguf}")
-            source = {"gguf": str(gguf), "fingerprint": file_fingerprint(gguf, full=False)}
+            source = {"gguf": str(gguf), "fingerprint": file_fingerprint(gguf)}
         stages.append(Stage("convert", lambda: _convert(cfg.base, out.base, quiet), source,
                             [out.base / "config.json"]))
     upstream = ["convert"] if cfg.base.model is None else []
-    base_input = {"model": str(base_dir)}
+    # A given MLX base is keyed by its content (a path can hold another model tomorrow); a converted one
+    # by the convert stage's key, through ``after``.
+    base_input = {"model": model_fingerprint(base_dir) if cfg.base.model is not None else str(base_dir)}
 
     # 2-3. the two LoRA phases, both on the base (the merge assumes deltas on the same base)
     pt_cfg = replace(cfg.pt, phase="pt", model=Path(base_dir), output=out.pt)
@@ -178,37 +192,39 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
                         [out.hf / "config.json"], after=["fuse"]))
 
     # 5. evaluation: base vs fused, each eval set, each preset (+ safety screen)
-    evals = _eval_jobs(cfg, base_dir, out)
-    stages.append(Stage("eval", lambda: _run_evals(evals, quiet),
-                        {"eval": config_to_dict(cfg.eval), "data": [path_fingerprint(p) for p in cfg.eval.data]},
+    evals = qa_jobs(cfg, base_dir, out)
+    stages.append(Stage("eval", lambda: run_qa_jobs(evals, quiet),
+                        {"eval": config_to_dict(cfg.eval), "data": [path_fingerprint(p) for p in cfg.eval.data],
+                         "model": base_input, "seed": cfg.seed},
                         [job_out / "metrics.json" for job_out, _ in evals], after=["fuse"]))
     if cfg.eval.safety_probes:
-        safety = _safety_jobs(cfg, base_dir, out)
-        stages.append(Stage("safety", lambda: _run_safety(safety, quiet),
-                            {"probes": cfg.eval.safety_probes}, [o / "metrics.json" for o, _ in safety],
+        safety = safety_jobs(cfg, base_dir, out)
+        stages.append(Stage("safety", lambda: run_safety_jobs(safety, quiet),
+                            {"probes": cfg.eval.safety_probes, "probes_fingerprint": probes_fingerprint(cfg),
+                             "model": base_input, "max_new_tokens": cfg.sweep.max_new_tokens,
+                             "batch_size": cfg.eval.batch_size}, [o / "metrics.json" for o, _ in safety],
                             after=["fuse"]))
 
     if cfg.eval.mcq_data:
-        from mlx_med.pipeline.eval_jobs import mcq_jobs, run_mcq_jobs
-
         mcq = mcq_jobs(cfg, base_dir, out)
         stages.append(Stage("mcq", lambda: run_mcq_jobs(mcq, quiet),
-                            {"mcq": [path_fingerprint(p) for p in cfg.eval.mcq_data], "limit": cfg.eval.mcq_limit},
+                            {"mcq": [path_fingerprint(p) for p in cfg.eval.mcq_data], "limit": cfg.eval.mcq_limit,
+                             "model": base_input},
                             [o / "metrics.json" for o, _ in mcq], after=["fuse"]))
 
     # 6. sweeps
     sweep_data = cfg.sweep.data or cfg.eval.data[0]
-    from mlx_med.pipeline.eval_jobs import alpha_search, alpha_sweep
-
     stages.append(Stage("sweep-alpha", lambda: alpha_sweep(cfg, base_dir, sweep_data, out, quiet),
-                        {"sweep": config_to_dict(cfg.sweep), "data": path_fingerprint(sweep_data)},
+                        {"sweep": config_to_dict(cfg.sweep), "data": path_fingerprint(sweep_data), "model": base_input,
+                         "seed": cfg.seed},
                         [out.sweep_alpha / "alpha_sweep.csv"], after=trained))
     if cfg.sweep.search_budget:
         stages.append(Stage("search-alpha", lambda: alpha_search(cfg, base_dir, sweep_data, out, quiet),
-                            {"sweep": config_to_dict(cfg.sweep), "data": path_fingerprint(sweep_data)},
+                            {"sweep": config_to_dict(cfg.sweep), "data": path_fingerprint(sweep_data),
+                             "model": base_input, "seed": cfg.seed},
                             [out.sweep_alpha / "alpha_search.json"], after=["sweep-alpha"]))
     if cfg.sweep.decoding_grid:
-        stages.append(Stage("sweep-decoding", lambda: _decoding_sweep(cfg, sweep_data, out, quiet),
+        stages.append(Stage("sweep-decoding", lambda: decoding_sweep(cfg, sweep_data, out, quiet),
                             {"grid": cfg.sweep.decoding_grid, "data": path_fingerprint(sweep_data)},
                             [out.sweep_decoding / "decoding_sweep.csv"], after=["fuse"]))
 
@@ -218,18 +234,42 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
     return stages
 
 
-def run_pipeline(cfg: PipelineConfig, quiet: bool = False) -> Path:
-    """Run (or continue) the pipeline; returns the path of ``report.md``."""
+def run_pipeline(cfg: PipelineConfig, quiet: bool = False, restart: bool = False) -> Path:
+    """Run (or continue) the pipeline; returns the path of ``report.md``.
+
+    Args:
+        cfg: the pipeline configuration.
+        quiet: only stage headers.
+        restart: forget finished stages and run everything again.
+
+    Raises:
+        UserError: a refused output folder (checked before any work), a folder in use by another
+            pipeline, or any stage's user error (e.g. a diverged training phase stops the pipeline).
+    """
     from mlx_med.backend import seed_everything
 
     cfg.check()  # a bad config leaves no output folder behind
     seed_everything(cfg.seed)
     out = Layout(Path(cfg.output))
-    out.root.mkdir(parents=True, exist_ok=True)
-    stages = build_stages(cfg, quiet)
-    (out.root / "pipeline.json").write_text(json.dumps(config_to_dict(cfg), indent=2, ensure_ascii=False))
-    StageRunner(out.state).run(stages)
+    # A pipeline continues its own folder; any other non-empty folder (or one holding an input) is refused
+    # before any work, and one process at a time works in it.
+    check_output_dir(out.root, reuse=True, inputs=pipeline_inputs(cfg), flag="output:")
+    with output_lock(out.root):
+        mark_dir(out.root)
+        if restart:
+            shutil.rmtree(out.state, ignore_errors=True)
+        stages = build_stages(cfg, quiet)
+        atomic_write_json(out.root / "pipeline.json", config_to_dict(cfg))
+        StageRunner(out.state).run(stages)
     return out.report
+
+
+def pipeline_inputs(cfg: PipelineConfig) -> list[Path | None]:
+    """Every path the pipeline reads: its output folder must not hold any of them."""
+    gguf = cfg.base.gguf if cfg.base.gguf not in (None, EMBEDDED) else None
+    return [cfg.base.model, cfg.base.hf_path, gguf, cfg.pt.data.train, cfg.pt.data.valid, cfg.sft.data.train,
+            cfg.sft.data.valid, *cfg.eval.data, cfg.eval.ppl_data, cfg.sweep.data, *cfg.eval.mcq_data,
+            cfg.sweep.mcq_data, cfg.fuse.alpha_schedule]
 
 
 # ---------------------------------------------------------------------------- stage bodies
@@ -256,6 +296,8 @@ def _trainer(tcfg: TrainConfig, quiet: bool):
             try:  # an interrupted run with the same settings continues from its newest checkpoint
                 run_training(tcfg, quiet=quiet, resume=True)
                 return
+            except TrainingDiverged:
+                raise  # the pipeline stops here: nothing downstream may use NaN weights
             except UserError:
                 pass
         run_training(tcfg, quiet=quiet, force=True)
@@ -309,63 +351,6 @@ def _export(fuse: FuseStageConfig, out: Layout) -> None:
         print(f"  {line}")
 
 
-def _eval_jobs(cfg: PipelineConfig, base_dir: Path, out: Layout) -> list[tuple[Path, Any]]:
-    from mlx_med.evaluation.runner import EvalConfig
-
-    jobs = []
-    for data in cfg.eval.data:
-        name = Path(data).stem
-        for model_name, model in (("base", base_dir), ("fused", out.fused)):
-            presets = ["greedy"] if model_name == "base" else cfg.eval.presets
-            for preset in presets:
-                job_out = out.evals / f"{name}-{model_name}-{preset}"
-                jobs.append((job_out, EvalConfig(
-                    model=Path(model), data=Path(data), out=job_out, preset=preset, limit=cfg.eval.limit,
-                    batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                    ppl_data=cfg.eval.ppl_data if preset == "greedy" else None, ppl_limit=cfg.eval.ppl_limit,
-                    ppl_block_size=cfg.eval.ppl_block_size, seed=cfg.seed, force=True)))
-    return jobs
-
-
-def _run_evals(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
-    from mlx_med.evaluation.runner import run_eval
-
-    for job_out, ecfg in jobs:
-        settings = json.dumps(config_to_dict(ecfg), sort_keys=True)
-        marker = job_out / "pipeline_eval.json"  # lets an interrupted eval stage keep its finished evals
-        if (job_out / "metrics.json").exists() and marker.exists() and marker.read_text() == settings:
-            continue
-        run_eval(ecfg, quiet=quiet)
-        atomic_write_text(marker, settings)
-
-
-def _safety_jobs(cfg: PipelineConfig, base_dir: Path, out: Layout) -> list[tuple[Path, Any]]:
-    from mlx_med.evaluation.decoding import DecodingConfig
-    from mlx_med.evaluation.safety import SafetyEvalConfig
-
-    decoding = DecodingConfig(max_new_tokens=cfg.sweep.max_new_tokens)
-    return [(out.safety / name, SafetyEvalConfig(model=Path(model), data=cfg.eval.safety_probes, out=out.safety / name,
-                                                 decoding=decoding, batch_size=cfg.eval.batch_size, force=True,
-                                                 progress=True))
-            for name, model in (("base", base_dir), ("fused", out.fused))]
-
-
-def _run_safety(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
-    from mlx_med.evaluation.safety import run_safety_eval
-
-    for _, scfg in jobs:
-        run_safety_eval(dataclasses.replace(scfg, progress=not quiet), echo=None if not quiet else (lambda s: None))
-
-
-def _decoding_sweep(cfg: PipelineConfig, data: Path, out: Layout, quiet: bool) -> None:
-    from mlx_med.evaluation.sweep import DecodingSweepConfig, normalise_grid, run_decoding_sweep
-
-    run_decoding_sweep(DecodingSweepConfig(
-        model=out.fused, data=Path(data), out=out.sweep_decoding, limit=cfg.sweep.limit,
-        max_new_tokens=cfg.sweep.max_new_tokens, batch_size=cfg.eval.batch_size,
-        grid=normalise_grid(cfg.sweep.decoding_grid), seed=cfg.seed, force=True), quiet=quiet)
-
-
 def _report(out: Layout) -> None:
     runs: list[tuple[str, Path]] = [("PT run", out.pt), ("SFT run", out.sft)]
     runs += [(p.name, p) for p in sorted(out.evals.iterdir())] if out.evals.exists() else []
@@ -375,7 +360,6 @@ def _report(out: Layout) -> None:
              if path.exists()]
     from mlx_med.evaluation.report import build_report
     from mlx_med.io import atomic_write_text
-    from mlx_med.pipeline.eval_jobs import safety_by_category
 
     text = build_report(runs, out.report, title="mlx-med pipeline report") + safety_by_category(out)
     atomic_write_text(out.report, text)

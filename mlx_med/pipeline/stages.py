@@ -9,7 +9,6 @@ atomically after each stage, so Ctrl-C loses at most the stage in flight.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlx_med.fingerprint import cache_key
 from mlx_med.io import atomic_write_json
 
 
@@ -49,8 +49,7 @@ class StageRunner:
 
     def key(self, stage: Stage, keys: dict[str, str]) -> str:
         upstream = {name: keys[name] for name in stage.after}
-        blob = json.dumps({"inputs": stage.inputs, "upstream": upstream}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return cache_key(inputs=stage.inputs, upstream=upstream)  # includes the mlx-med version
 
     def is_complete(self, stage: Stage, key: str) -> bool:
         recorded = self.state.get(stage.name, {})

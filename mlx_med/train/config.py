@@ -6,6 +6,7 @@ written to the run directory as ``run.yaml``. No mlx here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -101,6 +102,28 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def _check_numbers(self) -> None:
+        """Every float setting finite and in its range (nan passes ``x <= 0`` checks, so test explicitly)."""
+        o, lo, sc, ev, ck = self.optim, self.lora, self.schedule, self.eval, self.checkpoint
+        _need(_finite(o.learning_rate) and o.learning_rate > 0, "optim.learning_rate", "a positive number",
+              o.learning_rate)
+        _need(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+        _need(_finite(o.beta1) and 0 <= o.beta1 < 1, "optim.beta1", "in [0, 1)", o.beta1)
+        _need(_finite(o.beta2) and 0 <= o.beta2 < 1, "optim.beta2", "in [0, 1)", o.beta2)
+        _need(_finite(o.eps) and o.eps > 0, "optim.eps", "a positive number", o.eps)
+        _need(o.grad_clip is None or (_finite(o.grad_clip) and o.grad_clip > 0), "optim.grad_clip",
+              "a positive number or null (off)", o.grad_clip)
+        _need(_finite(lo.alpha) and lo.alpha > 0, "lora.alpha", "a positive number", lo.alpha)
+        _need(_finite(sc.min_lr_ratio) and 0 <= sc.min_lr_ratio <= 1, "schedule.min_lr_ratio", "in [0, 1]",
+              sc.min_lr_ratio)
+        _need(ev.early_stopping_patience is None or ev.early_stopping_patience >= 1, "eval.early_stopping_patience",
+              "at least 1 or null (off)", ev.early_stopping_patience)
+        _need(_finite(ev.early_stopping_min_delta) and ev.early_stopping_min_delta >= 0,
+              "eval.early_stopping_min_delta", ">= 0", ev.early_stopping_min_delta)
+        _need(ev.every >= 0 or ev.every == -1, "eval.every", ">= 0 (or -1: never)", ev.every)
+        _need(ck.every >= 0, "checkpoint.every", ">= 0", ck.every)
+        _need(ck.keep >= 1, "checkpoint.keep", "at least 1", ck.keep)
+
     def check(self) -> None:
         """Raise ``ConfigError`` naming the setting for values that cannot work."""
         if self.model is None:
@@ -121,8 +144,7 @@ class TrainConfig:
             raise ConfigError(f"'data.val_ratio' must be in [0, 1), got {self.data.val_ratio}")
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"'lora.dropout' must be in [0, 1), got {self.lora.dropout}")
-        if self.optim.learning_rate <= 0:
-            raise ConfigError(f"'optim.learning_rate' must be positive, got {self.optim.learning_rate}")
+        self._check_numbers()
         if self.schedule.warmup_steps < 0 or self.schedule.warmup_steps >= self.iters:
             raise ConfigError(f"'schedule.warmup_steps' must be in [0, iters={self.iters}), "
                               f"got {self.schedule.warmup_steps}")
@@ -130,6 +152,15 @@ class TrainConfig:
             raise ConfigError("--on-top-of stacks an SFT adapter on a PT run; it needs --phase sft")
         if self.lora.num_layers == 0 or self.lora.num_layers < -1:
             raise ConfigError(f"'lora.num_layers' must be -1 (all) or at least 1, got {self.lora.num_layers}")
+
+
+def _need(ok: bool, name: str, rule: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"'{name}' must be {rule}, got {value}")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def match_target_modules(requested: list[str], available: list[str]) -> list[str]:

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.nn.utils import average_gradients
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_med.data.batches import Batch
 from mlx_med.train.config import TrainConfig
@@ -123,14 +123,17 @@ class StepRunner:
     """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, grad_clip: float | None,
-                 head_split=None, world: mx.distributed.Group | None = None, compile: bool = False):
+                 head_split=None, world: mx.distributed.Group | None = None, compile: bool = False,
+                 loss=None):
         """``compile``: also trace forward + backward with ``mx.compile`` (worth it for fixed shapes,
-        i.e. packed PT blocks; SFT batches change shape every step and would re-trace)."""
+        i.e. packed PT blocks; SFT batches change shape every step and would re-trace).
+        ``loss``: ``loss(model, inputs, targets, mask) -> (summed loss, token count)`` replacing the
+        default masked cross-entropy (``head_split`` is then ignored)."""
         self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
         self.world_size = world.size() if world is not None else 1
         self.world = world
-        self.selected = head_split is not None
-        self.loss = selected_loss(head_split) if self.selected else masked_loss
+        self.selected = head_split is not None and loss is None
+        self.loss = loss or (selected_loss(head_split) if self.selected else masked_loss)
         value_and_grad = nn.value_and_grad(model, self.loss)
         self.value_and_grad = value_and_grad
         if compile:
@@ -175,9 +178,10 @@ class StepRunner:
             reduced = average_gradients({"grads": grads, "counts": counts}, group=self.world)
             grads, counts = reduced["grads"], reduced["counts"]
         grads = tree_map(lambda g: g / counts[1], grads)
-        grad_norm = mx.array(0.0)
         if self.grad_clip is not None:
             grads, grad_norm = optim.clip_grad_norm(grads, self.grad_clip)
+        else:  # still measured: the loop's NaN/inf guard reads it with the loss, at no extra sync
+            grad_norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
         self.optimizer.update(self.model, grads)
         return counts, grad_norm
 
@@ -186,7 +190,7 @@ class StepRunner:
 
         Returns:
             (mean loss of this step, loss tokens and input tokens across processes, gradient norm
-            before clipping, or 0 without clipping).
+            before clipping).
         """
         counts = mx.stack([self._loss_sum, self._tokens, mx.array(float(self._inputs))])
         counts, grad_norm = self._apply(self._grads, counts)
