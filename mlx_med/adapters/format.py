@@ -68,9 +68,13 @@ class Adapter:
 
     def delta(self, module: str) -> mx.array:
         """ΔW (out × in) of one module, in fp32."""
-        a = self.weights[f"{module}.lora_a"].astype(mx.float32)
-        b = self.weights[f"{module}.lora_b"].astype(mx.float32)
+        a, b = self.factors(module)
         return self.scale * (a @ b).T
+
+    def factors(self, module: str) -> tuple[mx.array, mx.array]:
+        """``(lora_a (in × r), lora_b (r × out))`` of one module in fp32, unscaled: ΔW = scale · (a @ b)ᵀ."""
+        key_a, key_b = factor_keys(module)
+        return self.weights[key_a].astype(mx.float32), self.weights[key_b].astype(mx.float32)
 
     def config_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +83,11 @@ class Adapter:
             "lora_parameters": {"rank": self.rank, "scale": self.scale, "dropout": self.dropout, "keys": self.keys},
             "mlx_med": dataclasses.asdict(self.meta),
         }
+
+
+def factor_keys(module: str) -> tuple[str, str]:
+    """The safetensors keys of one module's factors: ``(lora_a key, lora_b key)``."""
+    return f"{module}.lora_a", f"{module}.lora_b"
 
 
 def lora_scale(lora_alpha: float, rank: int, use_rslora: bool = False) -> float:
