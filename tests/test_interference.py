@@ -238,3 +238,16 @@ def test_cli_refusals_are_one_line(tmp_path, case):
     assert result.exit_code == 2 and expect in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert case == "exists" or not (tmp_path / "out").exists()
+
+
+def test_report_includes_an_inspect_folder(tmp_path, tiny_llama):
+    from mlx_med.evaluation.report import build_report
+
+    make_adapter(tiny_llama, tmp_path / "sft", keys=ALL, seed=14, phase="sft")
+    make_adapter(tiny_llama, tmp_path / "pt", keys=ALL, seed=15)
+    inspect_pair(tmp_path / "sft", tmp_path / "pt", tmp_path / "study" / "inspect", alpha=0.5)
+    report = build_report([tmp_path / "study"], tmp_path / "report.md")
+    assert "## Where the adapters interfere: study/inspect" in report
+    assert "](study/inspect/interference.png)" in report  # relative to the report, not to summary.md
+    assert "### Suggested α schedule (heuristic)" in report and "# Where the adapters interfere: sft" not in report
+    assert "[suggested_schedule.yaml](study/inspect/suggested_schedule.yaml)" in report
