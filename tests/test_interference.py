@@ -67,7 +67,7 @@ def test_identical_adapters_agree_fully(tmp_path):
         assert row.cosine == pytest.approx(1.0, abs=1e-9)
         assert row.overlap_out == pytest.approx(1.0, abs=1e-9) and row.overlap_in == pytest.approx(1.0, abs=1e-9)
         assert row.sign_conflict == 0.0
-        assert row.cancelled == pytest.approx(0.0, abs=1e-9)
+        assert row.cancelled == pytest.approx(-1.0, abs=1e-9)  # equal parallel parts reinforce
         assert row.merged_norm == pytest.approx(row.norm_sft, rel=1e-9)  # 0.5·ΔW + 0.5·ΔW = ΔW
 
 
@@ -83,8 +83,8 @@ def test_negated_b_cancels_at_even_mix(tmp_path):
         assert row.merged_norm == pytest.approx(0.0, abs=1e-6 * row.norm_pt)
         assert row.cancelled == pytest.approx(1.0, abs=1e-6) and row.merged_over_sft == pytest.approx(0.0, abs=1e-6)
     uneven = analyse_pair(tmp_path / "sft", tmp_path / "pt", alpha=0.25)
-    for row in uneven.modules:  # 0.25·(−ΔW) + 0.75·ΔW = 0.5·ΔW: half of the combined norm cancels
-        assert row.merged_over_pt == pytest.approx(0.5, rel=1e-9) and row.cancelled == pytest.approx(0.5, rel=1e-9)
+    for row in uneven.modules:  # 0.25·(−ΔW) + 0.75·ΔW = 0.5·ΔW: energy 0.25 of the parts' 0.0625 + 0.5625
+        assert row.merged_over_pt == pytest.approx(0.5, rel=1e-9) and row.cancelled == pytest.approx(0.6, rel=1e-9)
 
 
 def test_orthogonal_subspaces_do_not_overlap(tmp_path):
@@ -100,7 +100,7 @@ def test_orthogonal_subspaces_do_not_overlap(tmp_path):
     result = analyse_pair(write_factors(tmp_path / "sft", first, phase="sft"), write_factors(tmp_path / "pt", second))
     for row in result.modules:
         assert row.overlap_out == pytest.approx(0.0, abs=1e-12) and row.overlap_in == pytest.approx(0.0, abs=1e-12)
-        assert row.cosine == pytest.approx(0.0, abs=1e-12)
+        assert row.cosine == pytest.approx(0.0, abs=1e-12) and row.cancelled == pytest.approx(0.0, abs=1e-12)
         assert math.isnan(row.sign_conflict) and row.both_large == 0.0  # large entries never coincide
 
 

@@ -18,8 +18,9 @@ b = lora_b (r × out) (the adapter-dir layout, ``Adapter.factors``):
 - ``merged_norm``: ‖c_sft·ΔW_sft + c_pt·ΔW_pt‖ at the chosen α (c = α, 1 − α; for a stacked SFT run
   c = α, 1: the merge's own coefficients, ``merge.component_weights``), ``merged_over_sft`` and
   ``merged_over_pt`` that norm relative to ‖ΔW_sft‖ and ‖ΔW_pt‖, and ``cancelled`` =
-  1 − ‖merged‖ / (‖c_sft·ΔW_sft‖ + ‖c_pt·ΔW_pt‖): 0 when the parts point the same way, 1 when they
-  cancel completely.
+  1 − ‖merged‖² / (‖c_sft·ΔW_sft‖² + ‖c_pt·ΔW_pt‖²), the share of the two weighted parts' energy the
+  merge cancels: 0 for orthogonal parts (nothing cancels, nothing adds up), 1 when they cancel
+  completely, negative when they reinforce (−1 for equal, parallel parts).
 
 A stacked SFT run (trained on top of the frozen PT adapter, ``meta.stacked_on``) stores only its own
 ΔW_sft_own; that is what is compared with ΔW_pt (what SFT added on top of PT, against PT itself).
@@ -178,7 +179,7 @@ def analyse_module(sft: Adapter, pt: Adapter, module: str, coefficients: dict[st
 
     c1, c2 = coefficients["sft"], coefficients["pt"]
     merged = math.sqrt(max(c1 * c1 * sq1 + c2 * c2 * sq2 + 2 * c1 * c2 * inner, 0.0))
-    parts = abs(c1) * n1 + abs(c2) * n2
+    parts = c1 * c1 * sq1 + c2 * c2 * sq2
     layer, kind = module_position(module)
     return ModuleInterference(
         module=module, layer=layer, type=kind, norm_sft=n1, norm_pt=n2, norm_base=base_norm,
@@ -186,7 +187,7 @@ def analyse_module(sft: Adapter, pt: Adapter, module: str, coefficients: dict[st
         cosine=cosine, overlap_out=subspace_overlap(out1, out2), overlap_in=subspace_overlap(in1, in2),
         sign_conflict=conflict, both_large=both, merged_norm=merged,
         merged_over_sft=merged / n1 if n1 > 0 else math.nan, merged_over_pt=merged / n2 if n2 > 0 else math.nan,
-        cancelled=1.0 - merged / parts if parts > 0 else math.nan,
+        cancelled=1.0 - merged * merged / parts if parts > 0 else math.nan,
     )
 
 

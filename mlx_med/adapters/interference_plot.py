@@ -2,8 +2,8 @@
 
 Four panels share the grid (rows = layers, columns = module types in the adapter's order): cosine of
 ΔW_sft and ΔW_pt (diverging, centred on 0, scaled to the largest |cosine| so that weak structure
-shows), output-subspace overlap, sign conflict among large entries, and the share cancelled by the
-merge at the chosen α. Drawn with matplotlib's Agg backend and written atomically.
+shows), output-subspace overlap, sign conflict among large entries, and the share of energy the
+merge at the chosen α cancels (diverging: negative = the parts reinforce). Drawn with matplotlib's Agg backend and written atomically.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PANELS = (  # (measure, title, colormap, fixed range or None for symmetric aroun
     ("cosine", "cosine(ΔW_sft, ΔW_pt)", "RdBu", None),
     ("overlap_out", "output-subspace overlap", "viridis", (0.0, 1.0)),
     ("sign_conflict", "sign conflict (large entries)", "magma", (0.0, 1.0)),
-    ("cancelled", "cancelled at α", "magma", (0.0, 1.0)),
+    ("cancelled", "cancelled at α", "RdBu_r", None),
 )
 
 

@@ -141,11 +141,13 @@ def summary_markdown(result: Interference, rules: list[dict[str, object]]) -> st
                    f"(range {min(cosines):+.3f} to {max(cosines):+.3f}); {negative} of {len(cosines)} modules point "
                    f"against each other. {_strength(cosines)}")
         if cancelled:
-            out.append(f"- At α = {result.alpha:g} the merge cancels {100 * statistics.fmean(cancelled):.1f}% of the "
-                       f"two weighted updates' combined norm on average (most: {100 * max(cancelled):.1f}%).")
+            out.append(f"- At α = {result.alpha:g} the merge cancels {100 * statistics.fmean(cancelled):+.1f}% of the "
+                       f"two weighted updates' energy on average (most: {100 * max(cancelled):+.1f}%, least: "
+                       f"{100 * min(cancelled):+.1f}%; 0 = orthogonal, negative = they add up).")
     if layers:
-        out.append(f"- Most conflict by layer (lowest mean cosine): {_ranked(layers, low=True, prefix='layer ')}.")
-        out.append(f"- Least conflict by layer (highest mean cosine): {_ranked(layers, low=False, prefix='layer ')}.")
+        n = max(1, min(3, len(layers) // 2))
+        out.append(f"- Most conflict by layer (lowest mean cosine): {_ranked(layers, True, 'layer ', n)}.")
+        out.append(f"- Least conflict by layer (highest mean cosine): {_ranked(layers, False, 'layer ', n)}.")
     if types:
         out.append("- Module types, from most to least conflict: "
                    + ", ".join(f"{k} ({v:+.3f})" for k, v in sorted(types.items(), key=lambda kv: kv[1])) + ".")
@@ -156,8 +158,8 @@ def summary_markdown(result: Interference, rules: list[dict[str, object]]) -> st
     overlap = by_key(rows, "type", "overlap_out")
     conflict = by_key(rows, "type", "sign_conflict")
     if overlap:
-        out.append(f"- Output-subspace overlap (mean cos² of principal angles; a random pair of rank-r subspaces "
-                   f"of an n-dim space gives about r/n): {_span(overlap)}.")
+        out.append(f"- Output-subspace overlap (mean cos² of principal angles; 1 = shared directions; unrelated "
+                   f"rank-r updates of an n-wide output give about r/n): {_span(overlap)}.")
     if conflict:
         out.append(f"- Sign conflict among entries in the top {100 * result.top_fraction:g}% of both updates "
                    f"(0.5 = unrelated): {_span(conflict)}.")
