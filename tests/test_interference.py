@@ -251,3 +251,20 @@ def test_report_includes_an_inspect_folder(tmp_path, tiny_llama):
     assert "](study/inspect/interference.png)" in report  # relative to the report, not to summary.md
     assert "### Suggested α schedule (heuristic)" in report and "# Where the adapters interfere: sft" not in report
     assert "[suggested_schedule.yaml](study/inspect/suggested_schedule.yaml)" in report
+
+
+def test_sampled_sign_conflict_matches_exact():
+    from mlx_med.adapters.interference import update_entries
+
+    rng = np.random.default_rng(16)
+    a1, b1 = rng.standard_normal((300, 4)), rng.standard_normal((4, 400))
+    a2, b2 = a1 + 0.8 * rng.standard_normal((300, 4)), -b1 + 0.8 * rng.standard_normal((4, 400))  # mostly opposed
+    full = update_entries(a1, b1, a2, b2, "m", limit=300 * 400)
+    np.testing.assert_allclose(full[0], a1 @ b1, rtol=1e-4, atol=1e-5)  # fp32
+    exact = sign_conflict(*full)
+    sampled = update_entries(a1, b1, a2, b2, "m", limit=40_000)
+    assert sampled[0].shape == (40_000,)
+    np.testing.assert_array_equal(sampled[0], update_entries(a1, b1, a2, b2, "m", limit=40_000)[0])  # seeded
+    estimate = sign_conflict(*sampled)
+    assert exact[0] > 0.6 and estimate[0] == pytest.approx(exact[0], abs=0.02)
+    assert estimate[1] == pytest.approx(exact[1], abs=0.01)
