@@ -51,6 +51,7 @@ TOP_FRACTION = 0.2  # TIES' default density: the top 20% of entries by magnitude
 RANK_TOLERANCE = 1e-6  # singular values below this × the largest do not span the update's subspace
 SAMPLE_ENTRIES = 1 << 20  # sign conflict: every entry up to this many, else this many sampled ones
 CHUNK = 1 << 16  # sampled entries computed per step (memory: CHUNK × rank floats)
+TYPE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # data flow order
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 COLUMNS = ("module", "layer", "type", "norm_sft", "norm_pt", "norm_base", "rel_sft", "rel_pt", "cosine",
            "overlap_out", "overlap_in", "sign_conflict", "both_large", "merged_norm", "merged_over_sft",
@@ -108,6 +109,12 @@ def module_position(module: str) -> tuple[int | None, str]:
     """``(layer index or None, module type)``; the type is the last name of the path (``q_proj``)."""
     match = LAYER_RE.search(module)
     return (int(match.group(1)) if match else None), module.rsplit(".", 1)[-1]
+
+
+def type_order(rows: list[ModuleInterference]) -> list[str]:
+    """The module types present, attention then MLP in data-flow order, any others after, as they come."""
+    present = list(dict.fromkeys(row.type for row in rows))
+    return [t for t in TYPE_ORDER if t in present] + [t for t in present if t not in TYPE_ORDER]
 
 
 def low_rank_inner(a1: np.ndarray, b1: np.ndarray, s1: float, a2: np.ndarray, b2: np.ndarray, s2: float) -> float:

@@ -2,8 +2,9 @@
 
 Four panels share the grid (rows = layers, columns = module types in the adapter's order): cosine of
 ΔW_sft and ΔW_pt (diverging, centred on 0, scaled to the largest |cosine| so that weak structure
-shows), output-subspace overlap, sign conflict among large entries, and the share of energy the
-merge at the chosen α cancels (diverging: negative = the parts reinforce). Drawn with matplotlib's Agg backend and written atomically.
+shows), output-subspace overlap, sign conflict among large entries (white = 0.5, unrelated), and
+the share of energy the merge at the chosen α cancels (negative = the parts reinforce). Red means
+conflict in every panel but the overlap. Drawn with matplotlib's Agg backend and written atomically.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_med.adapters.interference import Interference
+from mlx_med.adapters.interference import Interference, type_order
 
-PANELS = (  # (measure, title, colormap, fixed range or None for symmetric around 0)
+PANELS = (  # (measure, title, colormap, fixed range or None for symmetric around 0); red = conflict throughout
     ("cosine", "cosine(ΔW_sft, ΔW_pt)", "RdBu", None),
     ("overlap_out", "output-subspace overlap", "viridis", (0.0, 1.0)),
-    ("sign_conflict", "sign conflict (large entries)", "magma", (0.0, 1.0)),
+    ("sign_conflict", "sign conflict (large entries)", "RdBu_r", (0.0, 1.0)),  # white = 0.5 = unrelated
     ("cancelled", "cancelled at α", "RdBu_r", None),
 )
 
@@ -28,10 +29,7 @@ def grid(result: Interference, measure: str) -> tuple[np.ndarray, list[int], lis
     """``(values (layers × types), layers, types)`` of one measure; NaN where a cell has no module."""
     rows = [r for r in result.modules if r.layer is not None]
     layers = sorted({r.layer for r in rows})
-    types: list[str] = []
-    for row in rows:
-        if row.type not in types:
-            types.append(row.type)
+    types = type_order(rows)
     values = np.full((len(layers), len(types)), np.nan)
     for row in rows:
         value = getattr(row, measure)

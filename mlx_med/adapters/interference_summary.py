@@ -25,6 +25,7 @@ from mlx_med.adapters.interference import (
     Interference,
     ModuleInterference,
     analyse_pair,
+    type_order,
 )
 
 CSV_FILE = "interference.csv"
@@ -67,7 +68,7 @@ def layer_bands(layers: list[int], bands: int = BANDS) -> list[tuple[int, int]]:
 def suggest_schedule(result: Interference) -> list[dict[str, object]]:
     """Rules ``{"layers": "a-b", "modules": [...], "alpha": x}`` (see the module docstring); may be empty."""
     rows = [r for r in result.modules if r.layer is not None]
-    types = _type_order(rows)
+    types = type_order(rows)
     cells: list[tuple[tuple[int, int], str, float]] = []
     for band in layer_bands([r.layer for r in rows]):
         for kind in types:
@@ -195,13 +196,6 @@ def _ranked(values: dict[object, float], low: bool, prefix: str = "", n: int = 3
 def _span(values: dict[object, float]) -> str:
     low, high = min(values.items(), key=lambda kv: kv[1]), max(values.items(), key=lambda kv: kv[1])
     return f"from {low[1]:.3f} ({low[0]}) to {high[1]:.3f} ({high[0]})"
-
-
-def _type_order(rows: list[ModuleInterference]) -> list[str]:
-    seen: dict[str, None] = {}
-    for row in rows:
-        seen.setdefault(row.type, None)
-    return list(seen)
 
 
 def _round(alpha: float) -> float:
