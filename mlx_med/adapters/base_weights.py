@@ -9,13 +9,14 @@ given) are dequantized to fp32 first.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import mlx.core as mx
 
 from mlx_med.adapters.format import Adapter
 from mlx_med.errors import UserError
+
+BATCH = 16  # layers dequantized per evaluation
 
 
 def base_weight_norms(model_dir: str | Path, modules: list[str],
@@ -39,7 +40,7 @@ def base_weight_norms(model_dir: str | Path, modules: list[str],
     tensors: dict[str, mx.array] = {}
     for path in weight_files(model_dir):
         tensors.update(mx.load(str(path)))  # lazy: nothing is read until an array is evaluated
-    norms = {}
+    norms: dict[str, mx.array] = {}
     for module in modules:
         weight = tensors.get(f"{module}.weight")
         if weight is None:
@@ -50,8 +51,11 @@ def base_weight_norms(model_dir: str | Path, modules: list[str],
             in_dims, out_dims = shapes[module]
             raise UserError(f"{model_dir}: {module} is a {dense.shape[1]}→{dense.shape[0]} layer, the adapters "
                             f"adapt a {in_dims}→{out_dims} one (different base model?)")
-        norms[module] = math.sqrt(float(mx.sum(dense * dense)))
-    return norms
+        norms[module] = mx.sqrt(mx.sum(dense * dense))
+        if len(norms) % BATCH == 0:  # evaluate a few layers at a time: fewer graph runs, bounded memory
+            mx.eval(list(norms.values()))
+    mx.eval(list(norms.values()))
+    return {module: float(norm) for module, norm in norms.items()}
 
 
 def fingerprint_notes(model_dir: str | Path, adapters: dict[str, Adapter]) -> list[str]:
@@ -74,7 +78,10 @@ def _dense(tensors: dict[str, mx.array], module: str, weight: mx.array, quantiza
     # Bits follow from the packed width: each uint32 holds 32 / bits values of a group_size-wide group.
     bits = int(spec.get("bits") or weight.shape[-1] * 32 // (scales.shape[-1] * group_size))
     try:
-        return mx.dequantize(weight, scales, tensors.get(f"{module}.biases"), group_size=group_size, bits=bits,
-                             mode=mode).astype(mx.float32)
+        biases = tensors.get(f"{module}.biases")
+        if mode == "affine":  # fp32 scales give fp32 directly; fp16 arithmetic on a CPU is many times slower
+            scales = scales.astype(mx.float32)
+            biases = None if biases is None else biases.astype(mx.float32)
+        return mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits, mode=mode).astype(mx.float32)
     except (ValueError, RuntimeError) as err:
         raise UserError(f"{where}: cannot dequantize {module} ({err})") from None

@@ -15,9 +15,10 @@ b = lora_b (r × out) (the adapter-dir layout, ``Adapter.factors``):
   update's top ``top_fraction`` (default 20%, TIES' density); of the entries large in both, the
   fraction whose signs differ (0 = they agree, 1 = always opposed, about 0.5 for unrelated updates).
   ``both_large`` is the fraction of all entries that are large in both. The entries are computed from
-  the factors: all of them for a layer of up to ``SAMPLE_ENTRIES`` (about a million) entries, else that
-  many uniformly sampled ones (seeded by the module path; the thresholds are then the sample's
-  quantiles, a standard error of about 0.003 on the fraction), so a 5120 × 13824 layer costs the same.
+  the factors: all of them for a layer of up to ``SAMPLE_ENTRIES`` (262,144) entries, else those on a
+  random grid of that many (random rows × random columns, seeded by the module path; the thresholds
+  are then the sample's quantiles; about 10,000 entries are large in both), so a 5120 × 13824 layer
+  costs what a small one does.
 - ``merged_norm``: ‖c_sft·ΔW_sft + c_pt·ΔW_pt‖ at the chosen α (c = α, 1 − α; for a stacked SFT run
   c = α, 1: the merge's own coefficients, ``merge.component_weights``), ``merged_over_sft`` and
   ``merged_over_pt`` that norm relative to ‖ΔW_sft‖ and ‖ΔW_pt‖, and ``cancelled`` =
@@ -49,8 +50,7 @@ from mlx_med.errors import UserError
 
 TOP_FRACTION = 0.2  # TIES' default density: the top 20% of entries by magnitude count as "large"
 RANK_TOLERANCE = 1e-6  # singular values below this × the largest do not span the update's subspace
-SAMPLE_ENTRIES = 1 << 20  # sign conflict: every entry up to this many, else this many sampled ones
-CHUNK = 1 << 16  # sampled entries computed per step (memory: CHUNK × rank floats)
+SAMPLE_ENTRIES = 1 << 18  # sign conflict: every entry up to this many, else this many sampled ones
 TYPE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # data flow order
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 COLUMNS = ("module", "layer", "type", "norm_sft", "norm_pt", "norm_base", "rel_sft", "rel_pt", "cosine",
@@ -167,20 +167,21 @@ def sign_conflict(delta1: np.ndarray, delta2: np.ndarray, top_fraction: float = 
 def update_entries(a1: np.ndarray, b1: np.ndarray, a2: np.ndarray, b2: np.ndarray, module: str,
                    limit: int = SAMPLE_ENTRIES) -> tuple[np.ndarray, np.ndarray]:
     """Matching entries of the unscaled products a₁b₁ and a₂b₂ (ΔWᵀ up to scale), in fp32: all of them
-    when there are at most ``limit``, else ``limit`` uniformly sampled ones (seeded by ``module``)."""
+    when there are at most ``limit``, else those on a random grid of about ``limit`` entries (random rows ×
+    random columns, seeded by ``module``), which two small matrix products give."""
     f32 = np.float32
     a1, b1, a2, b2 = (x.astype(f32) for x in (a1, b1, a2, b2))
     in_dims, out_dims = a1.shape[0], b1.shape[1]
     if in_dims * out_dims <= limit:
         return a1 @ b1, a2 @ b2
+    # a square-ish grid: each side scaled to its dimension, neither larger than the layer
+    side = math.sqrt(limit / (in_dims * out_dims))
+    n_rows = min(in_dims, max(1, round(in_dims * side)))
+    n_cols = min(out_dims, max(1, limit // n_rows))
     rng = np.random.default_rng(zlib.crc32(module.encode()))
-    rows, cols = rng.integers(0, in_dims, limit), rng.integers(0, out_dims, limit)
-    parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-    for start in range(0, limit, CHUNK):  # entry (i, j) = Σₖ a[i, k]·b[k, j], chunked to bound memory
-        i, j = rows[start:start + CHUNK], cols[start:start + CHUNK]
-        parts[0].append(np.einsum("nk,kn->n", a1[i], b1[:, j]))
-        parts[1].append(np.einsum("nk,kn->n", a2[i], b2[:, j]))
-    return np.concatenate(parts[0]), np.concatenate(parts[1])
+    rows = np.sort(rng.choice(in_dims, n_rows, replace=False))
+    cols = np.sort(rng.choice(out_dims, n_cols, replace=False))
+    return a1[rows] @ b1[:, cols], a2[rows] @ b2[:, cols]
 
 
 def _top_mask(magnitude: np.ndarray, fraction: float) -> np.ndarray:
