@@ -2,7 +2,7 @@
 
 Four panels share the grid (rows = layers, columns = module types in the adapter's order): cosine of
 ΔW_sft and ΔW_pt (diverging, centred on 0, scaled to the largest |cosine| so that weak structure
-shows), output-subspace overlap, sign conflict among large entries (white = 0.5, unrelated), and
+shows), output-subspace overlap (0 to its largest value), sign conflict among large entries (white = 0.5, unrelated), and
 the share of energy the merge at the chosen α cancels (negative = the parts reinforce). Red means
 conflict in every panel but the overlap. Drawn with matplotlib's Agg backend and written atomically.
 """
@@ -17,9 +17,9 @@ import numpy as np
 
 from mlx_med.adapters.interference import Interference, type_order
 
-PANELS = (  # (measure, title, colormap, fixed range or None for symmetric around 0); red = conflict throughout
+PANELS = (  # (measure, title, colormap, range: fixed, None = symmetric around 0, "max" = 0 to the largest)
     ("cosine", "cosine(ΔW_sft, ΔW_pt)", "RdBu", None),
-    ("overlap_out", "output-subspace overlap", "viridis", (0.0, 1.0)),
+    ("overlap_out", "output-subspace overlap", "viridis", "max"),
     ("sign_conflict", "sign conflict (large entries)", "RdBu_r", (0.0, 1.0)),  # white = 0.5 = unrelated
     ("cancelled", "cancelled at α", "RdBu_r", None),
 )
@@ -50,10 +50,10 @@ def plot_interference(result: Interference, out: Path) -> Path:
     fig, axes = plt.subplots(1, len(PANELS), figsize=(3.2 * len(PANELS) + 1, height), dpi=110, squeeze=False)
     for ax, (measure, title, cmap, limits) in zip(axes[0], PANELS):
         values, _, _ = grid(result, measure)
-        if limits is None:
+        if limits is None or limits == "max":
             finite = np.abs(values[np.isfinite(values)])
             bound = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-            limits = (-bound, bound)
+            limits = (-bound, bound) if limits is None else (0.0, bound)
         image = ax.imshow(values, aspect="auto", cmap=cmap, vmin=limits[0], vmax=limits[1], interpolation="nearest")
         ax.set_title(title if measure != "cancelled" else f"cancelled at α = {result.alpha:g}", fontsize=9)
         ax.set_xticks(range(len(types)), types, rotation=60, ha="right", fontsize=7)

@@ -142,9 +142,15 @@ def summary_markdown(result: Interference, rules: list[dict[str, object]]) -> st
                    f"(range {min(cosines):+.3f} to {max(cosines):+.3f}); {negative} of {len(cosines)} modules point "
                    f"against each other. {_strength(cosines)}")
         if cancelled:
-            out.append(f"- At α = {result.alpha:g} the merge cancels {100 * statistics.fmean(cancelled):+.1f}% of the "
-                       f"two weighted updates' energy on average (most: {100 * max(cancelled):+.1f}%, least: "
-                       f"{100 * min(cancelled):+.1f}%; 0 = orthogonal, negative = they add up).")
+            mean, low, high = (100 * x for x in (statistics.fmean(cancelled), min(cancelled), max(cancelled)))
+            if mean >= 0:
+                out.append(f"- At α = {result.alpha:g} the merge cancels {mean:.1f}% of the two weighted updates' "
+                           f"energy on average (per module from {low:+.1f}% to {high:+.1f}%; 0 = orthogonal parts, "
+                           "negative = they add up).")
+            else:
+                out.append(f"- At α = {result.alpha:g} the two weighted updates reinforce rather than cancel: the merged "
+                           f"update has {-mean:.1f}% more energy than the parts' sum on average (`cancelled` per "
+                           f"module from {low:+.1f}% to {high:+.1f}%; 0 = orthogonal parts, 100% = full cancellation).")
     if layers:
         n = max(1, min(3, len(layers) // 2))
         out.append(f"- Most conflict by layer (lowest mean cosine): {_ranked(layers, True, 'layer ', n)}.")
