@@ -1,8 +1,8 @@
 """``interference.png``: heatmaps of layer × module type for the measures of an ``Interference``.
 
-Four panels share the grid (rows = layers, columns = module types in the adapter's order): cosine of
+Five panels share the grid (rows = layers, columns = module types in the adapter's order): cosine of
 ΔW_sft and ΔW_pt (diverging, centred on 0, scaled to the largest |cosine| so that weak structure
-shows), output-subspace overlap (0 to its largest value), sign conflict among large entries (white = 0.5, unrelated), and
+shows), input- and output-subspace overlap (0 to their largest value), sign conflict among large entries (white = 0.5, unrelated), and
 the share of energy the merge at the chosen α cancels (negative = the parts reinforce). Red means
 conflict in every panel but the overlap. Drawn with matplotlib's Agg backend and written atomically.
 """
@@ -19,6 +19,7 @@ from mlx_med.adapters.interference import Interference, type_order
 
 PANELS = (  # (measure, title, colormap, range: fixed, None = symmetric around 0, "max" = 0 to the largest)
     ("cosine", "cosine(ΔW_sft, ΔW_pt)", "RdBu", None),
+    ("overlap_in", "input-subspace overlap", "viridis", "max"),
     ("overlap_out", "output-subspace overlap", "viridis", "max"),
     ("sign_conflict", "sign conflict (large entries)", "RdBu_r", (0.0, 1.0)),  # white = 0.5 = unrelated
     ("cancelled", "cancelled at α", "RdBu_r", None),
@@ -38,7 +39,7 @@ def grid(result: Interference, measure: str) -> tuple[np.ndarray, list[int], lis
 
 
 def plot_interference(result: Interference, out: Path) -> Path:
-    """Draw the four heatmaps into ``out`` (PNG); returns ``out``."""
+    """Draw the heatmaps into ``out`` (PNG); returns ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,7 +48,7 @@ def plot_interference(result: Interference, out: Path) -> Path:
     out = Path(out)
     _, layers, types = grid(result, "cosine")
     height = max(3.5, 0.22 * len(layers) + 1.8)
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(3.2 * len(PANELS) + 1, height), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(3.0 * len(PANELS) + 1, height), dpi=110, squeeze=False)
     for ax, (measure, title, cmap, limits) in zip(axes[0], PANELS):
         values, _, _ = grid(result, measure)
         if limits is None or limits == "max":

@@ -163,10 +163,12 @@ def summary_markdown(result: Interference, rules: list[dict[str, object]]) -> st
         out.append("- Single modules that conflict most: "
                    + ", ".join(f"`{r.module}` ({r.cosine:+.3f})" for r in worst) + ".")
     overlap = by_key(rows, "type", "overlap_out")
+    overlap_in = by_key(rows, "type", "overlap_in")
     conflict = by_key(rows, "type", "sign_conflict")
     if overlap:
         out.append(f"- Output-subspace overlap (mean cos² of principal angles; 1 = shared directions; unrelated "
-                   f"rank-r updates of an n-wide output give about r/n): {_span(overlap)}.")
+                   f"rank-r updates of an n-wide output give about r/n): {_span(overlap)}; input subspace: "
+                   f"{_span(overlap_in)}.")
     if conflict:
         out.append(f"- Sign conflict among entries in the top {100 * result.top_fraction:g}% of both updates "
                    f"(0.5 = unrelated): {_span(conflict)}.")
