@@ -167,7 +167,7 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
                             "data": _data_fingerprints(tcfg)}, [tcfg.output / "done.json"], after=upstream))
     trained = ["train-pt", "train-sft"]
     if cfg.inspect.enabled:  # cheap (seconds): the factors and the adapted base weights only
-        stages.append(Stage("inspect", lambda: _inspect(cfg, base_dir, out), {
+        stages.append(Stage("inspect", lambda: _inspect(cfg, base_dir, out, quiet), {
             "inspect": config_to_dict(cfg.inspect), "alpha": cfg.fuse.alpha, **base_input},
             [out.inspect / "summary.md"], after=[*upstream, *trained]))
 
@@ -255,13 +255,14 @@ def _data_fingerprints(tcfg: TrainConfig) -> dict[str, str | None]:
             "valid": path_fingerprint(tcfg.data.valid) if tcfg.data.valid else None}
 
 
-def _inspect(cfg: PipelineConfig, base_dir: Path, out: Layout) -> None:
+def _inspect(cfg: PipelineConfig, base_dir: Path, out: Layout, quiet: bool) -> None:
     from mlx_med.adapters.interference_summary import inspect_pair
 
     alpha = cfg.fuse.alpha if cfg.inspect.alpha is None else cfg.inspect.alpha
     inspect_pair(out.sft, out.pt, out.inspect, alpha=alpha, model=base_dir, top_fraction=cfg.inspect.top_fraction,
                  force=True)
-    print(f"  interference: {out.inspect / 'summary.md'}")
+    if not quiet:
+        print(f"  interference: {out.inspect / 'summary.md'}")
 
 
 def _merge(fuse: FuseStageConfig, out: Layout) -> None:
