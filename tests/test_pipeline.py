@@ -58,7 +58,8 @@ def test_pipeline_end_to_end_then_skips(pipeline_config):
     for artefact in ["base/config.json", "pt/adapters.safetensors", "sft/adapters.safetensors",
                      "pt/loss_curve.png", "sft/metrics.jsonl", "merged/adapters.safetensors",
                      "fused/config.json", "hf/config.json", "sweep-alpha/alpha_sweep.csv",
-                     "sweep-alpha/alpha_sweep.png", "report.md"]:
+                     "sweep-alpha/alpha_sweep.png", "inspect/summary.md", "inspect/interference.png",
+                     "inspect/suggested_schedule.yaml", "report.md"]:
         assert (out / artefact).exists(), artefact
     evals = sorted(p.name for p in (out / "evals").iterdir())
     assert evals == ["eval-base-greedy", "eval-fused-greedy", "eval-fused-llamafactory"]
@@ -74,6 +75,7 @@ def test_pipeline_end_to_end_then_skips(pipeline_config):
     assert "| eval-base-greedy | base | greedy |" in report
     assert "## α sweep\n" in report and "α sweep: α sweep" not in report
     assert "| PT run | 6 |" in report and "val loss first" in report  # training table
+    assert "## Where the adapters interfere: SFT vs PT" in report and "](inspect/interference.png)" in report
 
     # the HF export loads in transformers
     import transformers

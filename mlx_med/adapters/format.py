@@ -101,6 +101,11 @@ class Adapter:
         }
 
 
+def factor_keys(module: str) -> tuple[str, str]:
+    """The safetensors keys of one module's factors: ``(lora_a key, lora_b key)``."""
+    return module + A_SUFFIX, module + B_SUFFIX
+
+
 def lora_scale(lora_alpha: float, rank: int, use_rslora: bool = False) -> float:
     """PEFT's scaling: alpha / r, or alpha / √r with rsLoRA."""
     return lora_alpha / (math.sqrt(rank) if use_rslora else rank)

@@ -16,7 +16,7 @@ def command(run_dirs, out, title) -> None:
     """Assemble report.md: metrics table, safety, loss curves, decoding and α sweep plots.
 
     \b
-    RUN_DIRS are eval folders, training runs, sweep folders, or folders holding them (searched two
+    RUN_DIRS are eval folders, training runs, sweep folders, inspect folders, or folders holding them (searched two
     levels down). Example:
       mlx-med report evals/base evals/sft runs/pt runs/sft sweeps/alpha sweeps/dec -o report.md
     """

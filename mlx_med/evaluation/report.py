@@ -2,8 +2,9 @@
 
 Each folder is recognised by what it holds: an eval (``metrics.json`` with ``bleu-4``), a safety eval
 (``metrics.json`` with ``"suite": "safety"``), an MCQ eval (``"suite": "mcq"``), a training run
-(``metrics.jsonl``; ``loss_curve.png`` is drawn when missing), a decoding sweep (``decoding_sweep.csv``)
-or an α sweep (``alpha_sweep.csv`` and/or an α search, ``alpha_search.json``).
+(``metrics.jsonl``; ``loss_curve.png`` is drawn when missing), a decoding sweep (``decoding_sweep.csv``),
+an α sweep (``alpha_sweep.csv`` and/or an α search, ``alpha_search.json``) or an interference
+inspection (``interference.csv`` + ``summary.md``, from ``mlx-med inspect``).
 Any other folder is searched two levels down (a pipeline's output folder), skipping the per-setting
 folders inside sweeps. Images are linked relative to the report, so keep them together.
 
@@ -24,6 +25,7 @@ from mlx_med.evaluation.tables import markdown_table, metrics_row
 
 STUDY = {"bleu-4": 16.38, "rouge-1": 20.42, "rouge-2": 4.60, "rouge-l": 11.54}
 SWEEP_CHILDREN = ("settings",)  # per-setting eval folders inside a decoding sweep
+INSPECT_FILES = ("interference.csv", "summary.md", "interference.png", "suggested_schedule.yaml")
 
 
 @dataclass
@@ -36,13 +38,17 @@ class Found:
     runs: list[tuple[str, Path]] = field(default_factory=list)
     decoding_sweeps: list[tuple[str, Path]] = field(default_factory=list)
     alpha_sweeps: list[tuple[str, Path]] = field(default_factory=list)
+    inspections: list[tuple[str, Path]] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return not any((self.evals, self.safety, self.mcq, self.runs, self.decoding_sweeps, self.alpha_sweeps))
+        return not any((self.evals, self.safety, self.mcq, self.runs, self.decoding_sweeps, self.alpha_sweeps,
+                        self.inspections))
 
 
 def classify(path: Path) -> str | None:
     """The kind of result folder ``path`` is, or None."""
+    if (path / INSPECT_FILES[0]).is_file() and (path / INSPECT_FILES[1]).is_file():
+        return "inspect"
     if (path / "alpha_sweep.csv").is_file() or (path / "alpha_search.json").is_file():
         return "alpha_sweep"
     if (path / "decoding_sweep.csv").is_file():
@@ -74,7 +80,8 @@ def discover(runs: Sequence[str | Path | tuple[str, str | Path]], depth: int = 2
     """
     found = Found()
     slots = {"eval": found.evals, "safety": found.safety, "mcq": found.mcq, "run": found.runs,
-             "decoding_sweep": found.decoding_sweeps, "alpha_sweep": found.alpha_sweeps}
+             "decoding_sweep": found.decoding_sweeps, "alpha_sweep": found.alpha_sweeps,
+             "inspect": found.inspections}
 
     def visit(label: str, path: Path, level: int) -> None:
         kind = classify(path)
@@ -152,6 +159,8 @@ def build_report(runs: Sequence[str | Path | tuple[str, str | Path]], out_path: 
         parts.append(_sweep_section(f"Decoding sweep: {label}", path, "decoding_sweep", link))
     for label, path in found.alpha_sweeps:
         parts.append(_alpha_section(label, path, link))
+    for label, path in found.inspections:
+        parts.append(inspect_section(label, path, link))
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -285,3 +294,17 @@ def _alpha_section(label: str, path: Path, link) -> str:
                  f"({search['pareto']['x']}, {search['pareto']['y']}): α = "
                  + ", ".join(f"{a:g}" for a in search["pareto"]["alphas"]) + ".\n")
     return text
+
+
+def inspect_section(label: str, path: Path, link) -> str:
+    """An ``mlx-med inspect`` folder: its summary.md under one heading, headings demoted, links made
+    relative to the report."""
+    csv_file, summary_file, figure, schedule = (path / name for name in INSPECT_FILES)
+    lines = summary_file.read_text(encoding="utf-8").splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    body = "\n".join("#" + line if line.startswith("## ") else line for line in lines).strip()
+    body = body.replace(f"](./{figure.name})", f"]({link(figure)})")
+    files = f"Files: [{csv_file.name}]({link(csv_file)})" + (
+        f", [{schedule.name}]({link(schedule)})" if schedule.is_file() else "")
+    return f"## Where the adapters interfere: {label}\n\n{body}\n\n{files}\n"

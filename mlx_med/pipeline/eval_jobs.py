@@ -1,5 +1,5 @@
 """Pipeline stage bodies for evaluation: QA, safety and MCQ suites, the α sweep and search, the decoding
-sweep (the same functions the commands call), and the report's safety-by-category section.
+sweep (the same functions the commands call), and the pipeline's report.md (with its safety-by-category section).
 
 Types are imported lazily: this module is imported by ``pipeline.runner`` while stages are built.
 """
@@ -162,3 +162,20 @@ def safety_by_category(out) -> str:
     return ("\n## Safety screen by category\n\n" + comparison_markdown(runs) + "\n\nGreedy decoding; "
             "substring rules over the reply (docs/safety.md). A screening probe, not a clinical validation: "
             "only differences between versions of one model on the same probes are informative.\n")
+
+
+def write_pipeline_report(out) -> None:
+    """``report.md`` over every result folder of the pipeline, plus the safety-by-category section."""
+    runs: list[tuple[str, Path]] = [("PT run", out.pt), ("SFT run", out.sft)]
+    runs += [(p.name, p) for p in sorted(out.evals.iterdir())] if out.evals.exists() else []
+    runs += [(f"safety: {p.name}", p) for p in sorted(out.safety.iterdir())] if out.safety.exists() else []
+    runs += [(f"mcq: {p.name}", p) for p in sorted(out.mcq.iterdir())] if out.mcq.exists() else []
+    runs += [(name, path) for name, path in (("α sweep", out.sweep_alpha), ("decoding sweep", out.sweep_decoding))
+             if path.exists()]
+    runs += [("SFT vs PT", out.inspect)] if (out.inspect / "summary.md").is_file() else []
+    from mlx_med.evaluation.report import build_report
+    from mlx_med.io import atomic_write_text
+
+    text = build_report(runs, out.report, title="mlx-med pipeline report") + safety_by_category(out)
+    atomic_write_text(out.report, text)
+    print(f"  report: {out.report}")

@@ -1,4 +1,5 @@
-"""The whole study in one command: convert → PT → SFT → merge + fuse → HF export → eval → sweeps → report.
+"""The whole study in one command: convert → PT → SFT → inspect → merge + fuse → HF export → eval → sweeps →
+report.
 
 Every stage calls the same Python API as its CLI verb. Stages are skipped when their outputs are
 complete and their inputs (config section, data fingerprints, upstream stages) are unchanged, so a
@@ -27,8 +28,8 @@ from mlx_med.pipeline.eval_jobs import (
     run_mcq_jobs,
     run_qa_jobs,
     run_safety_jobs,
-    safety_by_category,
     safety_jobs,
+    write_pipeline_report,
 )
 from mlx_med.pipeline.stages import Stage, StageRunner
 from mlx_med.train.config import TrainConfig
@@ -93,6 +94,15 @@ class SweepStageConfig:
 
 
 @dataclass
+class InspectStageConfig:
+    """Where the SFT and PT adapters interfere (``mlx-med inspect``), with a suggested α schedule."""
+
+    enabled: bool = True
+    alpha: float | None = None  # the merge α for the cancellation columns; None = fuse.alpha
+    top_fraction: float = 0.2  # share of entries by magnitude counted as "large" for the sign conflict
+
+
+@dataclass
 class PipelineConfig:
     output: Path = Path("runs/demo")
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
@@ -101,6 +111,7 @@ class PipelineConfig:
     fuse: FuseStageConfig = field(default_factory=FuseStageConfig)
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
     sweep: SweepStageConfig = field(default_factory=SweepStageConfig)
+    inspect: InspectStageConfig = field(default_factory=InspectStageConfig)
     seed: int = 0
 
     def check(self) -> None:
@@ -120,6 +131,8 @@ class PipelineConfig:
                 load_schedule(self.fuse.alpha_schedule)  # bad rules fail before any stage runs
         except UserError as err:
             raise ConfigError(str(err)) from None
+        if not 0.0 < self.inspect.top_fraction <= 1.0:
+            raise ConfigError(f"inspect.top_fraction must be in (0, 1], got {self.inspect.top_fraction}")
 
 
 @dataclass
@@ -182,6 +195,10 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
         stages.append(Stage(name, _trainer(tcfg, quiet), {**base_input, "config": config_to_dict(tcfg),
                             "data": _data_fingerprints(tcfg)}, [tcfg.output / "done.json"], after=upstream))
     trained = ["train-pt", "train-sft"]
+    if cfg.inspect.enabled:  # cheap (seconds): the factors and the adapted base weights only
+        stages.append(Stage("inspect", lambda: _inspect(cfg, base_dir, out, quiet), {
+            "inspect": config_to_dict(cfg.inspect), "alpha": _inspect_alpha(cfg), **base_input},
+            [out.inspect / "summary.md"], after=[*upstream, *trained]))
 
     # 4. merged adapter (an artefact users can load) and the fused model + HF export
     stages.append(Stage("merge", lambda: _merge(cfg.fuse, out), {"fuse": _fuse_key(cfg.fuse)},
@@ -229,7 +246,7 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
                             [out.sweep_decoding / "decoding_sweep.csv"], after=["fuse"]))
 
     # 7. the report (always rebuilt: cheap, and it should reflect every folder present)
-    stages.append(Stage("report", lambda: _report(out), {"always": _nonce()}, [out.report],
+    stages.append(Stage("report", lambda: write_pipeline_report(out), {"always": _nonce()}, [out.report],
                         after=[s.name for s in stages]))
     return stages
 
@@ -310,6 +327,23 @@ def _data_fingerprints(tcfg: TrainConfig) -> dict[str, str | None]:
             "valid": path_fingerprint(tcfg.data.valid) if tcfg.data.valid else None}
 
 
+def _inspect_alpha(cfg: PipelineConfig) -> float:
+    """The α whose cancellation inspect reports: its own, else the fuse stage's (default or schedule's)."""
+    from mlx_med.adapters.schedule import effective_alpha
+
+    return effective_alpha(cfg.fuse.alpha, cfg.fuse.alpha_schedule) if cfg.inspect.alpha is None else cfg.inspect.alpha
+
+
+def _inspect(cfg: PipelineConfig, base_dir: Path, out: Layout, quiet: bool) -> None:
+    from mlx_med.adapters.interference_summary import inspect_pair
+
+    alpha = _inspect_alpha(cfg)
+    inspect_pair(out.sft, out.pt, out.inspect, alpha=alpha, model=base_dir, top_fraction=cfg.inspect.top_fraction,
+                 force=True)
+    if not quiet:
+        print(f"  interference: {out.inspect / 'summary.md'}")
+
+
 def _fuse_key(fuse: FuseStageConfig) -> dict[str, Any]:
     """The fuse section as a stage input: α resolved, and the schedule by content (only when there is one)."""
     from mlx_med.adapters.schedule import effective_alpha
@@ -349,21 +383,6 @@ def _export(fuse: FuseStageConfig, out: Layout) -> None:
     report = export_hf(out.fused, out.hf, dtype=fuse.export_dtype, force=True)
     for line in report.summary():
         print(f"  {line}")
-
-
-def _report(out: Layout) -> None:
-    runs: list[tuple[str, Path]] = [("PT run", out.pt), ("SFT run", out.sft)]
-    runs += [(p.name, p) for p in sorted(out.evals.iterdir())] if out.evals.exists() else []
-    runs += [(f"safety: {p.name}", p) for p in sorted(out.safety.iterdir())] if out.safety.exists() else []
-    runs += [(f"mcq: {p.name}", p) for p in sorted(out.mcq.iterdir())] if out.mcq.exists() else []
-    runs += [(name, path) for name, path in (("α sweep", out.sweep_alpha), ("decoding sweep", out.sweep_decoding))
-             if path.exists()]
-    from mlx_med.evaluation.report import build_report
-    from mlx_med.io import atomic_write_text
-
-    text = build_report(runs, out.report, title="mlx-med pipeline report") + safety_by_category(out)
-    atomic_write_text(out.report, text)
-    print(f"  report: {out.report}")
 
 
 def _nonce() -> float:
