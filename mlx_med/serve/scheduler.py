@@ -163,37 +163,41 @@ class Scheduler:
                     break
                 new, self._pending = self._pending, []
                 cancelled, self._cancelled = self._cancelled, []
-            gone = [job.uid for job in cancelled if job.uid in jobs]
-            if gone:
-                gen.remove(gone)
-                for uid in gone:
-                    del jobs[uid]
-                    self._weights.pop(uid, None)
-            for job in new:
-                if job.cancelled:
-                    continue
-                sampler = make_request_sampler(job.sampling, self._vocab_size)
-                uid = gen.insert([job.prompt], [job.sampling.max_tokens], samplers=[sampler])[0]
-                job.uid, jobs[uid], self._weights[uid] = uid, job, job.weights
-            self.active = len(jobs)
-            if not jobs:
-                continue
             try:
-                _, responses = gen.next()
+                self._step(gen, jobs, new, cancelled)
             except Exception as err:  # a failed step fails the requests in it, not the server
-                for job in jobs.values():
+                for job in [*jobs.values(), *(j for j in new if j.uid not in jobs)]:
                     job.post(err)
                 jobs.clear()
                 self._weights.clear()
                 gen.close()
                 gen = self._generator()
-                continue
-            for r in responses:
-                job = jobs.get(r.uid)
-                if job is None:
-                    continue
-                job.post((r.token, r.finish_reason))
-                if r.finish_reason is not None:
-                    del jobs[r.uid]
-                    self._weights.pop(r.uid, None)
+            self.active = len(jobs)
         gen.close()
+
+    def _step(self, gen, jobs: dict[int, Job], new: list[Job], cancelled: list[Job]) -> None:
+        """Take cancelled jobs out, put new ones in, and advance the batch by one step."""
+        gone = sorted({job.uid for job in cancelled if job.uid in jobs})  # a job may be cancelled twice
+        if gone:
+            gen.remove(gone)
+            for uid in gone:
+                del jobs[uid]
+                self._weights.pop(uid, None)
+        for job in new:
+            if job.cancelled:
+                continue
+            sampler = make_request_sampler(job.sampling, self._vocab_size)
+            uid = gen.insert([job.prompt], [job.sampling.max_tokens], samplers=[sampler])[0]
+            job.uid, jobs[uid], self._weights[uid] = uid, job, job.weights
+        self.active = len(jobs)
+        if not jobs:
+            return
+        _, responses = gen.next()
+        for r in responses:
+            job = jobs.get(r.uid)
+            if job is None:
+                continue
+            job.post((r.token, r.finish_reason))
+            if r.finish_reason is not None:
+                del jobs[r.uid]
+                self._weights.pop(r.uid, None)

@@ -81,6 +81,7 @@ def serve(cfg: ServeConfig) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((cfg.host, cfg.port))
+        sock.listen(2048)  # clients that connect right after the URL is printed wait for uvicorn, not refused
     except OSError as err:
         raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {err.strerror or err}") from None
     host, port = sock.getsockname()[:2]
