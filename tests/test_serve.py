@@ -298,17 +298,12 @@ BAD_REQUESTS = [
 
 
 def test_bad_inputs_get_openai_errors_while_a_good_request_completes(server, client):
-    good_question = QUESTIONS[3]
-    alone = client.chat.completions.create(model="merged", messages=[{"role": "user", "content": good_question}],
-                                           temperature=0, max_tokens=40)
-    result = {}
-
-    def good():
-        result["r"] = client.chat.completions.create(
-            model="merged", messages=[{"role": "user", "content": good_question}], temperature=0, max_tokens=40)
-
-    worker = threading.Thread(target=good)
-    worker.start()
+    question = QUESTIONS[3]
+    alone = client.chat.completions.create(model="merged", messages=[{"role": "user", "content": question}],
+                                           temperature=0, max_tokens=100)
+    stream = iter(client.chat.completions.create(model="merged", messages=[{"role": "user", "content": question}],
+                                                 temperature=0, max_tokens=100, stream=True))
+    pieces = [next(stream)]  # the good request is in flight while the bad ones arrive
     for what, body, status, param in BAD_REQUESTS:
         raw = Raw(server.base)  # a fresh connection each: the server may close one it refused
         got, answer = raw.json("POST", "/v1/chat/completions", body)
@@ -323,8 +318,8 @@ def test_bad_inputs_get_openai_errors_while_a_good_request_completes(server, cli
     got, answer = raw.json("GET", "/v2/nothing")
     assert got == 404 and "error" in answer
     raw.close()
-    worker.join(TIMEOUT_S)
-    assert result["r"].choices[0].message.content == alone.choices[0].message.content
+    pieces += list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces) == alone.choices[0].message.content
     # The openai client raises its own typed errors for them.
     with pytest.raises(openai.NotFoundError):
         ask(client, "x", "gpt-4")
