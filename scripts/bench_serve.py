@@ -31,7 +31,6 @@ from pathlib import Path
 
 import mlx_med  # noqa: F401  (BLAS preload before mlx)
 
-REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "You are a careful medical assistant. Answer briefly."
 QUESTIONS = ["What is hypertension?", "How is type 2 diabetes treated?", "What causes a migraine?",
              "When is a fever dangerous in a child?", "What does a high CRP mean?", "How does aspirin work?",
@@ -115,17 +114,50 @@ def measure(name: str, cmd: list[str], port: int, model: str, args, per_client: 
 
 
 def prepare(tmp: Path, model: Path | None) -> tuple[Path, Path, Path, Path]:
-    """Model folder, two random adapters on it, and the model fused at α = 0.5 for the peer."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from random_adapters import ALL, make_adapter
+    """Model folder, two random adapters on it, and the model fused at α = 0.5 for the peer.
 
+    The fused model is requantized when the base is quantized, so both servers multiply by
+    weights in the same format.
+    """
     from mlx_med.adapters.fuse import fuse_model
 
     model = model or convert_demo(tmp / "smollm2")
-    make_adapter(model, tmp / "pt", rank=8, lora_alpha=16, keys=ALL, seed=1, phase="pt", std=0.02)
-    make_adapter(model, tmp / "sft", rank=8, lora_alpha=16, keys=ALL, seed=2, phase="sft", std=0.02)
-    fuse_model(model, tmp / "fused", sft=tmp / "sft", pt=tmp / "pt", alpha=0.5, dtype="float32")
+    quantized = write_random_adapters(model, tmp)
+    fuse_model(model, tmp / "fused", sft=tmp / "sft", pt=tmp / "pt", alpha=0.5, dtype="float32",
+               requantize=quantized)
     return model, tmp / "sft", tmp / "pt", tmp / "fused"
+
+
+def write_random_adapters(model_dir: Path, out: Path, rank: int = 8) -> bool:
+    """Random rank-8 PT and SFT adapters on every linear layer of the decoder; True if the base is quantized."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    from mlx_med.adapters.format import Adapter, AdapterMeta, lora_scale, write_adapter
+    from mlx_med.fingerprint import model_fingerprint
+    from mlx_med.models import load_model
+
+    loaded = load_model(model_dir)
+    linears = {p: m for p, m in loaded.model.named_modules()
+               if ".layers." in p and isinstance(m, (nn.Linear, nn.QuantizedLinear))}
+    quantized = any(isinstance(m, nn.QuantizedLinear) for m in linears.values())
+    keys = sorted({p.split(".layers.")[1].split(".", 1)[1] for p in linears})
+    for seed, phase in ((1, "pt"), (2, "sft")):
+        rng = np.random.default_rng(seed)
+        weights = {}
+        for path, layer in linears.items():
+            out_dims, in_dims = layer.weight.shape
+            if isinstance(layer, nn.QuantizedLinear):
+                in_dims = in_dims * 32 // layer.bits
+            weights[f"{path}.lora_a"] = mx.array(rng.standard_normal((in_dims, rank)) * 0.02, dtype=mx.float32)
+            weights[f"{path}.lora_b"] = mx.array(rng.standard_normal((rank, out_dims)) * 0.02, dtype=mx.float32)
+        meta = AdapterMeta(phase=phase, base_model=str(model_dir), base_fingerprint=model_fingerprint(model_dir),
+                           lora_alpha=2.0 * rank, target_modules=sorted({k.split(".")[-1] for k in keys}))
+        layers = len({p.split(".layers.")[1].split(".")[0] for p in linears})
+        write_adapter(Adapter(rank=rank, scale=lora_scale(2.0 * rank, rank), num_layers=layers, keys=keys,
+                              weights=weights, meta=meta), out / phase)
+    return quantized
 
 
 def convert_demo(out: Path) -> Path:

@@ -228,6 +228,8 @@ def attach_adapters(model: nn.Module, adapters: dict[str, Adapter], weights: dic
                     f"{in_dims}→{out_dims} in the model (adapter trained on another model?)"
                 )
             factors[name] = (a.astype(mx.float32), b.astype(mx.float32), float(adapter.scale))
+        # Evaluated now: a lazy array belongs to this thread's stream, and a server decodes on another.
+        mx.eval([f[:2] for f in factors.values()])
         layers[path] = MultiLoRALinear(layer, factors)
     model.update_modules(tree_unflatten(list(layers.items())))
     live = LiveAdapters(model, dict(adapters), layers, parents)

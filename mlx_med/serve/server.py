@@ -26,6 +26,8 @@ def check_host(host: str, api_key: str | None) -> None:
 
 def build_state(cfg: ServeConfig):
     """Load the model and adapters and wire the scheduler, catalog and limits together."""
+    import mlx.core as mx
+
     from mlx_med.adapters.live import load_with_adapters, print_notes
     from mlx_med.chat.session import context_window
     from mlx_med.serve.app import ServerState
@@ -34,6 +36,9 @@ def build_state(cfg: ServeConfig):
     from mlx_med.serve.schemas import Defaults
 
     loaded, live = load_with_adapters(cfg.model, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha)
+    # Weights loading left lazy belong to this thread's stream; the scheduler's thread could not
+    # evaluate them ("There is no Stream(cpu, 0) in current thread").
+    mx.eval(loaded.model.parameters())
     print_notes(live)
     names = list(live.adapters) if live is not None else []
     catalog = MixCatalog(adapters=names, weights=live.weights if live is not None else {},
