@@ -337,6 +337,28 @@ def test_other_hosts_need_an_api_key(runs):
     assert result.returncode == 2 and "--api-key" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_config_file_and_flags(runs, tmp_path):
+    """``-c serve.yaml``: keys as the flags, mistakes named by file and line, flags win over the file."""
+    from click.testing import CliRunner
+
+    from mlx_med.cli import cli
+
+    model, *_ = runs
+    runner = CliRunner()
+    help_text = runner.invoke(cli, ["serve", "--help"]).output
+    for flag in ("--model", "--sft", "--pt", "--alpha", "--adapter", "--host", "--port", "--api-key", "--config"):
+        assert flag in help_text
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"model: {model}\nhots: 0.0.0.0\n")
+    result = runner.invoke(cli, ["serve", "-c", str(cfg)])
+    assert result.exit_code == 2 and "serve.yaml:2" in result.stderr and "hots" in result.stderr
+    cfg.write_text(f"model: {model}\nhost: 0.0.0.0\n")
+    result = runner.invoke(cli, ["serve", "-c", str(cfg)])
+    assert result.exit_code == 2 and "--api-key" in result.stderr
+    result = runner.invoke(cli, ["serve", "-c", str(cfg), "--alpha", "1.5", "--host", "127.0.0.1"])
+    assert result.exit_code == 2 and "alpha" in result.stderr
+
+
 def test_api_key_and_ctrl_c_with_a_request_in_flight(runs):
     model, sft, pt, root = runs
     proc = ServerProcess(["--model", str(model), "--adapter", str(sft), "--api-key", "s3cret"], root / "keyed.log")
