@@ -245,6 +245,7 @@ async def run(job, scheduler: Scheduler, text: TextStream, request: Request | No
     Stops early (and frees the batch slot) on a stop string, or when ``request``'s client has gone.
     The stop token itself is not part of the answer.
     """
+    getter = None
     try:
         while True:
             getter = asyncio.ensure_future(job.queue.get())
@@ -266,6 +267,8 @@ async def run(job, scheduler: Scheduler, text: TextStream, request: Request | No
                 return
             yield piece, None
     finally:
+        if getter is not None and not getter.done():
+            getter.cancel()
         scheduler.cancel(job)
 
 
