@@ -118,6 +118,7 @@ class Scheduler:
         self._pending: list[Job] = []
         self._cancelled: list[Job] = []
         self._stopping = False
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlx-med-serve-batch", daemon=True)
         self.active = 0  # requests in the batch (for /health)
 
@@ -144,17 +145,16 @@ class Scheduler:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout)
+        self._stopped.wait(timeout)
 
     def _generator(self):
-        import mlx.core as mx
         from mlx_lm.generate import BatchGenerator
 
         self._model.forget_rows()  # a new generator numbers its rows from 0 again
+        # Its default stream (mlx-lm's thread-local generation stream) works from this thread.
         return BatchGenerator(
             self._model, stop_tokens=[[t] for t in self._stop_tokens],
             completion_batch_size=self._batch_size, prefill_batch_size=self._batch_size,
-            stream=mx.default_stream(mx.default_device()),
         )
 
     def _run(self) -> None:
@@ -181,6 +181,11 @@ class Scheduler:
                 gen = self._generator()
             self.active = len(jobs)
         gen.close()
+        self._stopped.set()
+        # The thread stays parked until the process exits: a thread that ran MLX work and ended
+        # before interpreter shutdown sometimes made the exit abort ("terminate called without an
+        # active exception", status 134) in MLX's C++ teardown; a parked daemon thread never did.
+        threading.Event().wait()
 
     def _step(self, gen, jobs: dict[int, Job], new: list[Job], cancelled: list[Job]) -> None:
         """Take cancelled jobs out, put new ones in, and advance the batch by one step."""
