@@ -56,7 +56,7 @@ def peer(model, tokenizer, system: str, questions: list[str], max_new_tokens: in
 
 
 def ours(model, tokenizer, system: str, window: int, questions: list[str], max_new_tokens: int):
-    from mlx_med.chat.repl import ChatSession
+    from mlx_med.chat.session import ChatSession
     from mlx_med.evaluation.decoding import DecodingConfig
 
     session = ChatSession(model, tokenizer, DecodingConfig(max_new_tokens=max_new_tokens), system=system,
@@ -77,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mlx_med.adapters.live import load_with_adapters
-    from mlx_med.chat.repl import context_window
+    from mlx_med.chat.session import context_window
     from mlx_med.prompts import DEFAULT_SYSTEM_PROMPT
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,13 +17,12 @@ from click.testing import CliRunner
 
 import mlx_med  # noqa: F401
 from mlx_med.chat.repl import (
-    ChatSession,
-    context_window,
     escape_line,
     handle_command,
     length_notice,
     run_piped,
 )
+from mlx_med.chat.session import ChatSession, context_window
 from mlx_med.cli import cli
 from mlx_med.errors import UserError
 from mlx_med.evaluation.decoding import DecodingConfig

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 import mlx_med  # noqa: F401
-from mlx_med.chat.repl import ChatSession, context_window
+from mlx_med.chat.session import ChatSession, context_window
 from mlx_med.evaluation.decoding import DecodingConfig
 from mlx_med.prompts import DEFAULT_SYSTEM_PROMPT
 

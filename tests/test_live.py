@@ -127,3 +127,38 @@ def test_errors(pair, tmp_path, tiny_qwen2, tiny_llama):
     other.weights = {k: mx.concatenate([v, v], axis=0) if k.endswith("lora_a") else v for k, v in other.weights.items()}
     with pytest.raises(UserError, match=r"_proj is 128→\d+ in the adapter but 64→"):
         attach_adapters(load_model(tiny_qwen2).model, {"x": other}, {"x": 1.0})
+
+
+def test_per_row_weights_equal_each_row_alone(pair):
+    """A batch whose rows carry different α (one forward) = each row run alone at its α."""
+    model_dir, sft_dir, pt_dir, *_ = pair
+    loaded, live = load_with_adapters(model_dir, sft=sft_dir, pt=pt_dir, alpha=0.5)
+    rows = mx.array([[5, 17, 42, 99, 3, 250, 7, 11], [8, 1, 300, 4, 4, 9, 60, 2],
+                     [5, 17, 42, 99, 3, 250, 7, 11], [77, 6, 5, 40, 12, 13, 200, 1]])
+    weights = [{"sft": 0.0, "pt": 1.0}, {"sft": 0.3, "pt": 0.7}, {"sft": 1.0, "pt": 0.0}, {"sft": 0.0, "pt": 0.0}]
+    live.set_row_weights(weights)
+    mixed = np.array(loaded.model(rows))
+    alone = []
+    for i, w in enumerate(weights):
+        live.set_weights(**w)
+        alone.append(np.array(loaded.model(rows[i: i + 1]))[0])
+    np.testing.assert_allclose(mixed, np.stack(alone), atol=1e-5, rtol=1e-5)
+    assert np.abs(mixed[0] - mixed[2]).max() > 1e-2  # same tokens, different α: really different rows
+    # set_weights returns every row to the model-wide mix.
+    live.set_row_weights(weights)
+    live.set_weights(sft=0.3, pt=0.7)
+    np.testing.assert_allclose(np.array(loaded.model(rows))[1], alone[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="no adapter named"):
+        live.set_row_weights([{"lora": 1.0}])
+
+
+def test_per_row_weights_with_stacked_sft(tmp_path, tiny_llama):
+    make_adapter(tiny_llama, tmp_path / "pt", seed=3, phase="pt")
+    make_adapter(tiny_llama, tmp_path / "sft", seed=4, phase="sft", stacked_on=tmp_path / "pt")
+    loaded, live = load_with_adapters(tiny_llama, sft=tmp_path / "sft", pt=tmp_path / "pt", alpha=0.3)
+    tokens = mx.concatenate([TOKENS, TOKENS])
+    live.set_row_weights([{"sft": 0.3, "pt": 0.7}, {"sft": 0.9, "pt": 0.1}])
+    mixed = np.array(loaded.model(tokens))
+    for i, alpha in enumerate((0.3, 0.9)):
+        live.set_alpha(alpha)
+        np.testing.assert_allclose(mixed[i], np.array(loaded.model(TOKENS))[0], atol=1e-5, rtol=1e-5)

@@ -11,6 +11,12 @@ number of adapters. The coefficients cᵢ of each layer come from ``mlx_med.adap
 (per module under an α schedule; stacking resolved), so they mean what they mean in ``merge`` and
 ``fuse``, and the output equals the fused model's.
 
+Rows of one batch may carry different weights (``LiveAdapters.set_row_weights``: one coefficient
+per batch row, so a server decodes several α in one forward pass). Then A and B hold every adapter
+and the coefficients scale the rank-space activations row by row instead::
+
+    y = base(x) + ((x @ A) * C) @ B,   B = [s₁b₁ ; s₂b₂ ; …],  C[row] = [c₁(row)·1_{r₁} | c₂(row)·1_{r₂} | …]
+
 The adapter factors are kept outside the model's parameter tree: ``model.parameters()`` still holds
 only the base weights (under ``<module>.linear``), and ``LiveAdapters.detach()`` puts the original
 layers back.
@@ -18,6 +24,7 @@ layers back.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +34,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from mlx_med.adapters.format import Adapter
-from mlx_med.adapters.mix import AdapterMix, mix_of, resolve_mix
+from mlx_med.adapters.mix import AdapterMix, component_weights, mix_of, resolve_mix
 from mlx_med.adapters.schedule import AlphaSchedule
 from mlx_med.errors import UserError
 
@@ -42,6 +49,8 @@ class MultiLoRALinear(nn.Module):
         # dicts and tuples as parameters).
         object.__setattr__(self, "_factors", factors)
         object.__setattr__(self, "_mix", None)
+        object.__setattr__(self, "_rows", None)  # (C, A, B) while weights are per batch row
+        object.__setattr__(self, "_stacked", None)  # (A, B) of every adapter, built on first per-row use
 
     @property
     def compute_dtype(self) -> mx.Dtype:
@@ -49,8 +58,20 @@ class MultiLoRALinear(nn.Module):
             return self.linear.scales.dtype
         return self.linear.weight.dtype
 
-    def set_coefficients(self, coefficients: dict[str, float]) -> None:
-        """Rebuild the concatenated factors for new coefficients (one per adapter name)."""
+    def set_coefficients(self, coefficients: dict[str, float | mx.array], memo: dict | None = None) -> None:
+        """Rebuild the concatenated factors for new coefficients (one per adapter name).
+
+        Args:
+            coefficients: adapter name → a number (every row alike), or an array of shape (B,) with
+                one coefficient per batch row (the next inputs must then have B rows, or 1 row).
+            memo: a dict shared by the layers of one model for one set of per-row coefficients,
+                so the (rows × Σr) coefficient matrix is built once per adapter layout, not per layer.
+        """
+        if any(isinstance(c, mx.array) and c.ndim > 0 for c in coefficients.values()):
+            self._set_row_coefficients(coefficients, {} if memo is None else memo)
+            return
+        object.__setattr__(self, "_rows", None)
+        coefficients = {n: float(c) for n, c in coefficients.items()}
         active = [(a, b * (coefficients.get(n, 0.0) * s)) for n, (a, b, s) in self._factors.items()
                   if coefficients.get(n, 0.0) != 0.0]
         if not active:
@@ -62,8 +83,28 @@ class MultiLoRALinear(nn.Module):
         mx.eval(a, b)
         object.__setattr__(self, "_mix", (a, b))
 
+    def _set_row_coefficients(self, coefficients: dict[str, float | mx.array], memo: dict) -> None:
+        dtype = self.compute_dtype
+        if self._stacked is None:
+            a = mx.concatenate([a for a, _, _ in self._factors.values()], axis=1).astype(dtype)
+            b = mx.concatenate([b * s for _, b, s in self._factors.values()], axis=0).astype(dtype)
+            mx.eval(a, b)
+            object.__setattr__(self, "_stacked", (a, b))
+        layout = (tuple((n, a.shape[1]) for n, (a, _, _) in self._factors.items()), dtype)
+        if layout not in memo:
+            rows = max(c.shape[0] for c in coefficients.values() if isinstance(c, mx.array) and c.ndim > 0)
+            # Each adapter's coefficient repeated over its rank: C is (rows, Σr), one row per batch row.
+            columns = [mx.broadcast_to(mx.array(coefficients.get(n, 0.0), dtype=mx.float32).reshape(-1, 1),
+                                       (rows, r)) for n, r in layout[0]]
+            memo[layout] = mx.concatenate(columns, axis=1).astype(dtype)[:, None, :]
+        object.__setattr__(self, "_rows", (memo[layout], *self._stacked))
+        object.__setattr__(self, "_mix", None)
+
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
+        if self._rows is not None:
+            c, a, b = self._rows
+            return y + (((x @ a) * c) @ b).astype(y.dtype)
         if self._mix is None:
             return y
         a, b = self._mix
@@ -113,6 +154,23 @@ class LiveAdapters:
         """Change the weight of some adapters (by name); the others keep theirs (a schedule is dropped)."""
         self.mix.set_weights(**weights)
         self._apply()
+
+    def set_row_weights(self, rows: list[dict[str, float]]) -> None:
+        """Give each row of the next batches its own weights (one dict per row, as in ``set_weights``).
+
+        The layers then expect inputs with ``len(rows)`` rows. ``weights`` (the model-wide setting)
+        is left as it was; ``set_weights`` returns every row to it.
+        """
+        unknown = sorted({n for r in rows for n in r} - set(self.adapters))
+        if unknown:
+            raise UserError(f"no adapter named {', '.join(unknown)} (attached: {', '.join(self.adapters)})")
+        if not rows or not all(math.isfinite(float(v)) for r in rows for v in r.values()):
+            raise UserError("row weights must be finite numbers, one dict per row")
+        per_adapter = {n: mx.array([float(r.get(n, 0.0)) for r in rows], dtype=mx.float32) for n in self.adapters}
+        coefficients = component_weights(per_adapter, self.parents)
+        memo: dict = {}
+        for layer in self.layers.values():
+            layer.set_coefficients(coefficients, memo)
 
     def set_alpha(self, alpha: float) -> None:
         """w_sft = α, w_pt = 1 − α (with a schedule: its default; its rules stay)."""
@@ -174,6 +232,8 @@ def attach_adapters(model: nn.Module, adapters: dict[str, Adapter] | AdapterMix,
                 )
             a, b = adapter.raw_factors(path)
             factors[name] = (a.astype(mx.float32), b.astype(mx.float32), float(adapter.scale))
+        # Evaluated now: a lazy array belongs to this thread's stream, and a server decodes on another.
+        mx.eval([f[:2] for f in factors.values()])
         layers[path] = MultiLoRALinear(layer, factors)
     model.update_modules(tree_unflatten(list(layers.items())))
     live = LiveAdapters(model, mix, layers)

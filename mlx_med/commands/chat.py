@@ -43,7 +43,7 @@ def command(config_path, model, adapter, sft, pt, alpha, alpha_schedule, system,
       printf 'What is hypertension?\\nHow is it treated?\\n' | mlx-med chat --model base --temp 0
     """
     from mlx_med.adapters.mix import check_mix_flags
-    from mlx_med.chat.repl import ChatConfig
+    from mlx_med.chat.session import ChatConfig
     from mlx_med.config import load_config
     from mlx_med.errors import UserError
 
@@ -68,7 +68,8 @@ def run(cfg, decoding, system: str | None, interactive: bool, as_json: bool, kee
 
     from mlx_med.adapters.live import load_with_adapters, print_notes
     from mlx_med.backend import seed_everything
-    from mlx_med.chat.repl import ChatSession, context_window, run_interactive, run_piped
+    from mlx_med.chat.repl import run_interactive, run_piped
+    from mlx_med.chat.session import ChatSession, context_window
 
     start = time.perf_counter()
     loaded, adapters = load_with_adapters(cfg.model, adapter=cfg.adapter, sft=cfg.sft, pt=cfg.pt, alpha=cfg.alpha,
