@@ -295,6 +295,9 @@ def _add_tokenizer(writer: Any, tokenizer: Any, model_dir: Path, config: dict[st
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(writer, quiet=True)
+    if config["model_type"] == "llama" and vocab_size == 49152:
+        # llama.cpp's LlamaModel.set_vocab: 49152-token llama vocabularies (Granite, SmolLM) add no BOS.
+        writer.add_add_bos_token(False)
 
 
 def _looks_special(token: str) -> bool:

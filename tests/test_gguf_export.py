@@ -9,6 +9,7 @@ runtime checks (llama.cpp's forward pass, LoRA scaling and tokenizer) are in
 from __future__ import annotations
 
 import json
+import lzma
 import shutil
 import subprocess
 import sys
@@ -18,13 +19,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mlx_med.convert.gguf import convert_gguf, demo_gguf
+from mlx_med.convert.gguf_export import export_gguf
+from mlx_med.convert.hf import convert_hf
 from random_adapters import ALL, ATTN, make_adapter
 from tiny_models import build_model
 
 from mlx_med.cli import cli
-from mlx_med.convert.gguf import convert_gguf, demo_gguf
-from mlx_med.convert.gguf_export import export_gguf
-from mlx_med.convert.hf import convert_hf
 
 gguf = pytest.importorskip("gguf")
 
@@ -60,13 +61,25 @@ def assert_same_gguf(ours: Path, peer: Path, skip_meta: tuple[str, ...] = ("gene
         assert np.array_equal(data, tensors_b[name][2]), name  # same fp32 input, same quantizer: same bytes
 
 
+QWEN_VOCAB = Path(__file__).parent / "data" / "qwen3-tokenizer"
+
+
+def qwen_tokenizer(folder: Path) -> Path:
+    """The real Qwen2.5/Qwen3 tokenizer (kept xz-compressed in tests/data) unpacked into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_bytes(lzma.decompress((QWEN_VOCAB / "tokenizer.json.xz").read_bytes()))
+    shutil.copy(QWEN_VOCAB / "tokenizer_config.json", folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
-def qwen_vocab_models(tmp_path_factory, qwen_tokenizer_dir) -> dict[str, Path]:
+def qwen_vocab_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random llama and qwen2 MLX folders with the real Qwen vocabulary (which llama.cpp recognises)."""
     root = tmp_path_factory.mktemp("qwen-vocab")
+    vocab = qwen_tokenizer(root / "tokenizer")
     out = {}
     for arch, seed in (("llama", 0), ("qwen2", 1)):
-        hf = build_model(root / f"{arch}-hf", arch, qwen_tokenizer_dir, seed=seed)
+        hf = build_model(root / f"{arch}-hf", arch, vocab, seed=seed)
         out[arch] = convert_hf(hf, root / f"{arch}-mlx")
     return out
 
@@ -92,7 +105,7 @@ def test_model_gguf_equals_llama_cpp_converter(qwen_vocab_models, arch, outtype,
 def test_adapter_gguf_equals_convert_lora_to_gguf(tiny_llama, tmp_path, stacked):
     base = convert_hf(tiny_llama, tmp_path / "base")
     make_adapter(base, tmp_path / "pt", rank=4, lora_alpha=8.0, keys=ALL, seed=1, phase="pt")
-    make_adapter(base, tmp_path / "sft", rank=2, lora_alpha=16.0, keys=ATTN, seed=2, phase="sft",
+    make_adapter(base, tmp_path / "sft", rank=2, lora_alpha=16.0, keys=ALL if stacked else ATTN, seed=2, phase="sft",
                  stacked_on=tmp_path / "pt" if stacked else None)
     hf_base = tmp_path / "base-hf"
     assert CliRunner().invoke(cli, ["export", str(base), "-o", str(hf_base), "--dtype", "float32"]).exit_code == 0
