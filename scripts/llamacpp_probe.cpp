@@ -61,6 +61,11 @@ int main(int argc, char ** argv) {
     cparams.n_batch = cparams.n_ctx;
     cparams.n_ubatch = cparams.n_ctx;
     cparams.n_threads = cparams.n_threads_batch = 2;
+    // fp32 attention end to end: the default f16 KV cache and the CPU flash-attention kernel (which
+    // works in f16) each move logits by ~1e-3 on their own, above the fp32 comparison's tolerance.
+    cparams.type_k = GGML_TYPE_F32;
+    cparams.type_v = GGML_TYPE_F32;
+    cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     llama_context * ctx = llama_init_from_model(model, cparams);
     if (!ctx) {
         fprintf(stderr, "cannot create a context\n");

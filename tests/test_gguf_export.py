@@ -9,7 +9,6 @@ runtime checks (llama.cpp's forward pass, LoRA scaling and tokenizer) are in
 from __future__ import annotations
 
 import json
-import lzma
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from mlx_med.convert.gguf import convert_gguf, demo_gguf
 from mlx_med.convert.gguf_export import export_gguf
 from mlx_med.convert.hf import convert_hf
 from random_adapters import ALL, ATTN, make_adapter
-from tiny_models import build_model
+from tiny_models import build_model, qwen_tokenizer
 
 from mlx_med.cli import cli
 
@@ -59,17 +58,6 @@ def assert_same_gguf(ours: Path, peer: Path, skip_meta: tuple[str, ...] = ("gene
     for name, (kind, shape, data) in tensors_a.items():
         assert (kind, shape) == tensors_b[name][:2], name
         assert np.array_equal(data, tensors_b[name][2]), name  # same fp32 input, same quantizer: same bytes
-
-
-QWEN_VOCAB = Path(__file__).parent / "data" / "qwen3-tokenizer"
-
-
-def qwen_tokenizer(folder: Path) -> Path:
-    """The real Qwen2.5/Qwen3 tokenizer (kept xz-compressed in tests/data) unpacked into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.json").write_bytes(lzma.decompress((QWEN_VOCAB / "tokenizer.json.xz").read_bytes()))
-    shutil.copy(QWEN_VOCAB / "tokenizer_config.json", folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
