@@ -139,7 +139,7 @@ def check_greedy(probe, model_dir: Path, label: str, tokens: int, tmp: Path, fai
         theirs = [int(t) for t in probe_run(probe, gguf_path, "greedy", str(tokens), *map(str, ids)).split()]
         ours = mlx_greedy(loaded, ids, tokens)
         same = sum(1 for _ in zip(ours, theirs) if _[0] == _[1])
-        check(f"greedy {label} {lang}", ours == theirs, f"{len(ours)} tokens, {same} equal", failures)
+        check(f"greedy {label} {lang} {question[:24]!r}", ours == theirs, f"{len(ours)} tokens, {same} equal", failures)
         if show:
             print(f"    llama.cpp: {loaded.tokenizer.decode(theirs)!r}")
             print(f"    mlx-med:   {loaded.tokenizer.decode(ours)!r}")
