@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import struct
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx_med.convert.gguf_names import ARCHITECTURES, Architecture, hf_name, unpermute_rows
 from mlx_med.convert.gguf_tokenizer import plain, write_gguf_tokenizer
 
 from mlx_med.errors import UserError
@@ -25,56 +25,6 @@ from mlx_med.io import atomic_output_dir
 
 GGUF_GROUP_SIZE = 32  # Q4_0, Q4_1 and Q8_0 blocks hold 32 weights
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-
-
-@dataclass(frozen=True)
-class Architecture:
-    model_type: str
-    hf_class: str
-    permute_qk: bool  # llama.cpp's convert_hf_to_gguf permutes Q/K rows for LlamaModel only
-
-
-ARCHITECTURES = {
-    "llama": Architecture("llama", "LlamaForCausalLM", permute_qk=True),
-    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", permute_qk=False),
-    "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", permute_qk=False),
-}
-
-TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
-
-def hf_name(gguf_name: str) -> str | None:
-    """``blk.3.attn_q.scales`` → ``model.layers.3.self_attn.q_proj.scales``; None when unknown."""
-    base, _, suffix = gguf_name.rpartition(".")
-    if base in TOP_NAMES:
-        return f"{TOP_NAMES[base]}.{suffix}"
-    parts = base.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{suffix}"
-    return None
-
-
-def unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
-    """Undo llama.cpp's Q/K permutation: rows (n, 2, d/2) were stored as (n, d/2, 2).
-
-    Applies to a weight (out, in), its quantization scales/biases (out, in/32) or a bias (out,): the
-    permutation only moves whole rows, which the quantization groups (along ``in``) never cross.
-    """
-    rest = w.shape[1:]
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -13,10 +13,9 @@ import pytest
 import mlx_med  # noqa: F401  (BLAS preload before any test imports mlx)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import build_model, build_tokenizer  # noqa: E402
+from tiny_models import build_model, build_tokenizer, qwen_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-QWEN_TOKENIZER = REPO.parent / "shared" / "assets" / "qwen3-tokenizer"
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +42,6 @@ def tiny_model(request, tiny_llama, tiny_qwen2) -> Path:
 
 
 @pytest.fixture(scope="session")
-def qwen_tokenizer_dir() -> Path:
-    """The real Qwen2.5/Qwen3 vocabulary from the team's shared assets; skipped when absent."""
-    if not (QWEN_TOKENIZER / "tokenizer.json").exists():
-        pytest.skip("shared Qwen tokenizer not present")
-    return QWEN_TOKENIZER
+def qwen_tokenizer_dir(tmp_path_factory) -> Path:
+    """The real Qwen2.5/Qwen3 vocabulary (shipped xz-compressed in tests/data), unpacked once."""
+    return qwen_tokenizer(tmp_path_factory.mktemp("qwen-tokenizer"))

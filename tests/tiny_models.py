@@ -9,6 +9,7 @@ mlx-lm and transformers load the folder.
 from __future__ import annotations
 
 import json
+import lzma
 import shutil
 from pathlib import Path
 
@@ -145,3 +146,14 @@ def build_model(out_dir: Path, arch: str, tokenizer_dir: Path, seed: int = 0) ->
         json.dumps({"eos_token_id": eos, "pad_token_id": pad, "do_sample": False}, indent=2)
     )
     return out_dir
+
+
+QWEN_VOCAB = Path(__file__).parent / "data" / "qwen3-tokenizer"
+
+
+def qwen_tokenizer(folder: Path) -> Path:
+    """The real Qwen2.5/Qwen3 tokenizer (kept xz-compressed in tests/data) unpacked into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_bytes(lzma.decompress((QWEN_VOCAB / "tokenizer.json.xz").read_bytes()))
+    shutil.copy(QWEN_VOCAB / "tokenizer_config.json", folder)
+    return folder

@@ -209,6 +209,19 @@ def merge_adapters(
     return MergeResult(merged, method, dict(weights), coefficients, reports)
 
 
+def combine_stacked(adapter: Adapter) -> tuple[Adapter, Path]:
+    """An SFT run trained stacked on a PT run as one adapter, "the SFT model": ΔW_pt + ΔW_sft_own.
+
+    Exact (a linear merge, rank r_pt + r_sft). Returns the combined adapter and the PT run's path;
+    PEFT and GGUF adapter export both call it.
+    """
+    from mlx_med.adapters.mix import with_stacked_parent
+
+    adapters = with_stacked_parent(adapter)
+    combined = merge_adapters(adapters, {"adapter": 1.0, "stacked_on": 0.0}, "linear").adapter
+    return combined, adapters["stacked_on"].path
+
+
 def write_merged(result: MergeResult, out_dir: str | Path, force: bool = False,
                  inputs: Iterable[str | Path | None] = ()) -> Path:
     """Write a merge's adapter dir plus ``merge_report.json`` (summary and per-module table), atomically.

@@ -77,15 +77,13 @@ def export_peft(
             PT adapter is combined in (rank r_pt + r_sft, exact), so the PEFT adapter is the SFT model.
         force: replace an existing ``out_dir``.
     """
-    from mlx_med.adapters.merge import merge_adapters
-    from mlx_med.adapters.mix import with_stacked_parent
+    from mlx_med.adapters.merge import combine_stacked
 
     adapter = read_adapter(src)
     result = PeftExport(Path(out_dir), adapter.rank, 0.0, 0)
     if adapter.meta.stacked_on and not own_only:
-        adapters = with_stacked_parent(adapter)
-        adapter = merge_adapters(adapters, {"adapter": 1.0, "stacked_on": 0.0}, "linear").adapter
-        result.combined_with = str(adapters["stacked_on"].path)
+        adapter, parent = combine_stacked(adapter)
+        result.combined_with = str(parent)
         result.notes.append(
             f"{src} was trained on top of {result.combined_with}: exported both as one adapter "
             f"(rank {adapter.rank}), i.e. the SFT model; pass --own-only for its own ΔW alone"

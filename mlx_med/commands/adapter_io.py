@@ -1,4 +1,4 @@
-"""``mlx-med export-adapter`` / ``import-adapter``: adapters to and from Hugging Face PEFT's format."""
+"""``mlx-med export-adapter`` / ``import-adapter``: adapters to and from PEFT's format; out to GGUF."""
 
 from __future__ import annotations
 
@@ -12,20 +12,48 @@ from mlx_med.commands.options import force_option
 @click.command("export-adapter")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="PEFT folder to create (adapter_config.json + adapter_model.safetensors).")
-@click.option("--base-model", help="base_model_name_or_path to record, e.g. the HF export of the base "
-                                   "(mlx-med export) or a Hub id. [default: the base the adapter was trained on]")
+              help="PEFT folder to create (adapter_config.json + adapter_model.safetensors), or the .gguf "
+                   "file with --format gguf.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "gguf"]), default="peft", show_default=True,
+              help="peft: Hugging Face PEFT folder; gguf: llama.cpp LoRA adapter (--lora-scaled FILE SCALE).")
+@click.option("--base-model", help="PEFT: base_model_name_or_path to record, e.g. the HF export of the base "
+                                   "(mlx-med export) or a Hub id. GGUF: the MLX base folder (architecture, head "
+                                   "counts). [default: the base the adapter was trained on]")
 @click.option("--own-only", is_flag=True,
               help="For an SFT run stacked on a PT run: export its own ΔW only (default: both, as one adapter).")
+@click.option("--ollama", "ollama_dir", type=click.Path(path_type=Path),
+              help="GGUF: add this adapter as the ADAPTER of DIR/Modelfile (written by `mlx-med export "
+                   "--format gguf --ollama DIR`) and print the `ollama create` line.")
 @force_option
-def export_adapter(src: Path, out_dir: Path, base_model: str | None, own_only: bool, force: bool) -> None:
-    """Export the adapter in SRC (a run, merged or imported adapter dir) to PEFT format.
+def export_adapter(src: Path, out_dir: Path, fmt: str, base_model: str | None, own_only: bool,
+                   ollama_dir: Path | None, force: bool) -> None:
+    """Export the adapter in SRC (a run, merged or imported adapter dir) to PEFT or GGUF format.
 
     \b
-    Loads with peft: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(HF_BASE), OUT).
-    Example:
+    PEFT loads with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(HF_BASE), OUT).
+    GGUF loads with: llama-server -m base.gguf --lora-scaled sft.gguf A --lora-scaled pt.gguf 1-A
+    (the weighted merge at α = A, live). Examples:
       mlx-med export-adapter runs/sft -o sft-peft --base-model base-hf
+      mlx-med export-adapter runs/sft --format gguf -o sft.gguf
     """
+    from mlx_med.errors import UserError
+
+    if fmt == "gguf":
+        from mlx_med.adapters.gguf_io import export_gguf_adapter
+
+        result = export_gguf_adapter(src, out_dir, base=base_model, own_only=own_only, force=force)
+        click.echo(f"wrote {result.path} (GGUF LoRA for {result.architecture}, r={result.rank}, "
+                   f"alpha={result.lora_alpha:g}, {result.modules} modules)")
+        click.echo(f"holds: {result.holds}")
+        if ollama_dir is not None:
+            from mlx_med.convert.ollama import add_adapter, create_command
+
+            modelfile = add_adapter(ollama_dir, result.path)
+            click.echo(f"wrote {modelfile} (ADAPTER {result.path.name}); register it with Ollama:")
+            click.echo(create_command(ollama_dir, result.path.stem))
+        return
+    if ollama_dir is not None:
+        raise UserError("--ollama needs --format gguf")
     from mlx_med.adapters.peft_io import export_peft
     from mlx_med.io import check_output_dir
 
