@@ -78,10 +78,8 @@ def batched(model, tokenizer, conversations, max_new_tokens: int, batch_size: in
 def matmul_params(model) -> tuple[int, int]:
     """(matmul parameters of the blocks, of the output head): FLOPs per token = 2 x these."""
     import mlx.nn as nn
-    from mlx.utils import tree_flatten
 
-    body = sum(m.weight.size for _, m in tree_flatten(model.layers, is_leaf=lambda m: isinstance(m, nn.Module))
-               if isinstance(m, nn.Linear))
+    body = sum(m.weight.size for block in model.layers for _, m in block.named_modules() if isinstance(m, nn.Linear))
     inner = model.model if hasattr(model, "model") else model
     hidden = inner.embed_tokens.weight.shape[1]
     return body, int(inner.embed_tokens.weight.shape[0]) * hidden
