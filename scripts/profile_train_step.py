@@ -7,9 +7,11 @@ backward, compiled AdamW update) is timed whole and then taken apart by replayin
   and their input gradients, the LoRA A/B products and their weight gradients; the tied output head
   forward and its input gradient), evaluated as one graph;
 - attention: ``mx.fast.scaled_dot_product_attention`` forward + backward (causal) for every block;
+- norms and activations: RMSNorm (two per block) and SwiGLU, forward + backward;
+- loss: cross-entropy over the vocabulary-sized logits, forward + backward;
 - optimizer: the compiled update alone (gradient division, clipping, AdamW);
 - Python: building the step's graph (the call returns before anything is evaluated);
-- norms, activations, RoPE, loss and the rest: what the step takes beyond those.
+- the rest (RoPE, residual adds, embedding): what the step takes beyond those.
 
     python scripts/profile_train_step.py [--model DIR] [--batch-size 2] [--seq-len 256] [--repeats 3]
 
@@ -96,6 +98,36 @@ def attention_replay(model, batch: int, seq: int):
     return run
 
 
+def elementwise_replay(model, rows: int):
+    """Forward + backward of the non-matmul work: RMSNorms, SwiGLU, and the loss over the vocabulary."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models.activations import swiglu
+
+    block = model.layers[0]
+    vocab, hidden = model.model.embed_tokens.weight.shape
+    inter = block.mlp.gate_proj.linear.weight.shape[0] if hasattr(block.mlp.gate_proj, "linear") \
+        else block.mlp.gate_proj.weight.shape[0]
+    x, cot = mx.random.normal((rows, hidden)), mx.random.normal((rows, hidden))
+    gate, up, cot_mlp = (mx.random.normal((rows, inter)) for _ in range(3))
+    logits, targets = mx.random.normal((rows, vocab)), mx.random.randint(0, vocab, (rows,))
+    mx.eval(x, cot, gate, up, cot_mlp, logits, targets)
+
+    def norm(x):
+        return block.input_layernorm(x)
+
+    def run_activations():
+        outs = []
+        for _ in model.layers:
+            outs += [mx.vjp(norm, [x], [cot]), mx.vjp(norm, [x], [cot]), mx.vjp(swiglu, [gate, up], [cot_mlp])]
+        mx.eval(outs)
+
+    def run_loss():
+        mx.eval(mx.value_and_grad(lambda z: nn.losses.cross_entropy(z, targets).sum())(logits))
+
+    return run_activations, run_loss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="MLX model folder (default: the demo GGUF, converted)")
@@ -160,13 +192,18 @@ def main() -> None:
     gemm_run, gemm_flops = gemm_replay(model, b * n, 8)
     gemm_s = best_of(gemm_run, args.repeats)
     attention_s = best_of(attention_replay(model, b, n), args.repeats)
-    rest = max(0.0, total - gemm_s - attention_s - optimizer_s - python_s)
+    run_activations, run_loss = elementwise_replay(model, b * n)
+    activations_s = best_of(run_activations, args.repeats)
+    loss_s = best_of(run_loss, args.repeats)
+    rest = total - gemm_s - attention_s - optimizer_s - python_s - activations_s - loss_s
     print(f"PT step, batch {b} x {n}, LoRA r 8 on 7 projections x {len(model.layers)} blocks, fp32; "
           f"measured GEMM {gemm:.1f} GFLOP/s")
     print(f"step {total:.3f} s = {b * n / total:.0f} tok/s (forward + backward alone {fwd_bwd_s:.3f} s)")
     for name, seconds in [("GEMM (all matmuls)", gemm_s), ("attention (SDPA fwd+bwd)", attention_s),
+                          ("RMSNorm + SwiGLU fwd+bwd", activations_s),
+                          ("cross-entropy over the vocabulary fwd+bwd", loss_s),
                           ("optimizer (compiled AdamW)", optimizer_s), ("Python (graph build)", python_s),
-                          ("norms, activations, RoPE, loss, rest", rest)]:
+                          ("rest (RoPE, residuals, overlap; < 0: pieces ran slower alone)", rest)]:
         print(f"  {name:38s} {seconds:7.3f} s  {100 * seconds / total:5.1f}%")
     print(f"GEMM replay: {gemm_flops / 1e9:.1f} GFLOP at {gemm_flops / gemm_s / 1e9:.1f} GFLOP/s "
           f"({100 * gemm_flops / gemm_s / 1e9 / gemm:.0f}% of the 1024^3 GEMM); step MFU "
