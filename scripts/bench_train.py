@@ -1,19 +1,24 @@
-"""Training throughput: mlx-med train vs mlx_lm.lora on the same model, data, batch and sequence length.
+"""Training throughput: mlx-med train vs mlx_lm.lora vs PyTorch + peft, same model, data, batch, length.
 
-Both sides run in their own process on the same fp32 copy of the model (the CPU compute path), with
-the same BLAS (``import mlx_med`` first preloads OpenBLAS for both) and the same environment, LoRA
-(rank 8, scale 2, all linear layers of every block), constant learning rate, no validation.
-mlx_lm runs through ``mlx_lm.lora.train_model``, the function behind ``mlx_lm.lora --train``, with
-a callback that records its own reports. Tokens/s counts loss tokens (what both report): PT = all
-real tokens, SFT = assistant tokens (``mask_prompt``). The first report window (warm-up) is skipped.
+Every side runs in its own process on the same fp32 copy of the model (the CPU compute path; for
+PyTorch it is the same folder, read as a Hugging Face export), with the same BLAS (``import
+mlx_med`` first preloads OpenBLAS for the MLX sides), the same thread count and environment, LoRA
+(rank 8, scale 2, all seven projections of every block), AdamW at a constant learning rate, no
+validation. mlx_lm runs through ``mlx_lm.lora.train_model``, the function behind ``mlx_lm.lora
+--train``, with a callback that records its own reports. PyTorch + peft (PT only) trains on the
+same packed blocks mlx-med trains on (documents + EOS concatenated, cut into ``max_seq_len``
+windows), ``torch.set_num_threads`` = the cores MLX's BLAS uses. Tokens/s counts loss tokens (what
+all report): PT = all real tokens, SFT = assistant tokens (``mask_prompt``). The first report
+window (warm-up) is skipped.
 
 MFU = useful FLOPs / time / measured fp32 GEMM peak, with useful FLOPs = 4·N_body per input token
 (forward + input gradient through frozen weights) + 4·N_head per scored position, attention left
-out (so MFU is a lower bound). Prints per-phase figures and, last, ``ratio: <geometric mean over
-phases of mlx-med ÷ mlx_lm tokens/s>``.
+out (so MFU is a lower bound). Prints per-phase figures and, last, ``ratio: <mlx-med ÷ PyTorch +
+peft tokens/s>`` for PT (with ``--phase sft``: the geometric mean over phases of mlx-med ÷ mlx_lm).
+The defaults (PT, batch 2 x 256, 8 steps) finish in a few minutes on a 2-core box.
 
-    python scripts/bench_train.py                        # SmolLM2-135M from the bundled GGUF
-    python scripts/bench_train.py --model DIR --phase pt --steps 30 --pt-batch-size 4 --max-seq-len 256
+    python scripts/bench_train.py                        # SmolLM2-135M from the bundled GGUF, PT
+    python scripts/bench_train.py --model DIR --phase both --steps 30 --pt-batch-size 4 --max-seq-len 256
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +53,43 @@ args = types.SimpleNamespace(**{**CONFIG_DEFAULTS, **json.loads(sys.argv[1])})
 model, tokenizer = load(args.model)
 train_set, valid_set, _ = load_dataset(args, tokenizer)
 train_model(args, model, train_set, valid_set, Report())
+"""
+
+TORCH_RUNNER = r"""
+import glob, json, sys, time
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(a["model"])
+model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32, attn_implementation="sdpa")
+model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=[
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+model.train()
+stream = []
+for path in sorted(glob.glob(a["data"])):
+    for line in open(path, encoding="utf-8"):
+        if line.strip():
+            stream += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+B, n = a["max_seq_len"], a["batch_size"]
+windows = torch.tensor(stream[: (len(stream) - 1) // B * B + 1])
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a["learning_rate"], weight_decay=0.0)
+start = time.perf_counter()
+for step in range(a["steps"]):
+    ids = [(step * n + i) % ((len(windows) - 1) // B) for i in range(n)]
+    x = torch.stack([windows[k * B: k * B + B] for k in ids])
+    y = torch.stack([windows[k * B + 1: k * B + B + 1] for k in ids])
+    logits = model(input_ids=x).logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    print("TORCH " + json.dumps({"step": step + 1, "elapsed_s": time.perf_counter() - start,
+                                 "tokens": (step + 1) * n * B, "train_loss": loss.item()}), flush=True)
 """
 
 
@@ -132,6 +175,16 @@ def run_ours(model: Path, data: Path, phase: str, a, work: Path) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+def run_torch(model: Path, phase: str, a) -> list[dict]:
+    settings = {"model": str(model), "data": str(REPO / a.pt_data), "steps": a.steps, "batch_size": a.batch[phase],
+                "max_seq_len": a.max_seq_len, "learning_rate": a.learning_rate, "threads": a.threads}
+    proc = subprocess.run([sys.executable, "-c", TORCH_RUNNER, json.dumps(settings)], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"PyTorch + peft failed:\n{proc.stderr[-3000:]}")
+    records = [json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("TORCH ")]
+    return records[a.report_every - 1::a.report_every]  # the same report windows as the MLX sides
+
+
 def steady_ours(records: list[dict]) -> tuple[float, float]:
     """(loss tokens/s, input tokens/s) over every logged window but the first (warm-up)."""
     windows = [(r["elapsed_s"] - p["elapsed_s"], r) for p, r in zip(records, records[1:])]
@@ -156,23 +209,32 @@ def model_sizes(model: Path) -> tuple[float, float]:
     return float(body), float(c["vocab_size"] * h)
 
 
+def steady_torch(records: list[dict]) -> float:
+    """Loss tokens/s over every report window but the first."""
+    return (records[-1]["tokens"] - records[0]["tokens"]) / (records[-1]["elapsed_s"] - records[0]["elapsed_s"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="MLX model folder [default: SmolLM2-135M from the GGUF]")
-    parser.add_argument("--phase", choices=["pt", "sft", "both"], default="both")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--phase", choices=["pt", "sft", "both"], default="pt")
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--report-every", type=int, default=2)
-    parser.add_argument("--pt-batch-size", type=int, default=8,
-                        help="Unpacked training pads each batch to its longest document: bigger batches pad more.")
+    parser.add_argument("--pt-batch-size", type=int, default=2,
+                        help="PT trains on packed blocks of --max-seq-len tokens: no padding")
     parser.add_argument("--sft-batch-size", type=int, default=4)
-    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--pt-data", default="data/demo/pt_*.jsonl")
     parser.add_argument("--sft-data", default="data/demo/sft_*.jsonl")
-    parser.add_argument("--repeats", type=int, default=1, help="Runs per side, alternated; the best counts.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="PyTorch threads (MLX's BLAS uses every core unless OPENBLAS_NUM_THREADS says otherwise)")
+    parser.add_argument("--repeats", type=int, default=1, help="Runs per side, rotated; the best counts.")
     parser.add_argument("--workdir", type=Path, help="Keep models, data and runs here [default: a temp dir]")
     a = parser.parse_args()
     a.batch = {"pt": a.pt_batch_size, "sft": a.sft_batch_size}
+    if os.environ.get("OPENBLAS_NUM_THREADS"):
+        a.threads = int(os.environ["OPENBLAS_NUM_THREADS"])
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench_train."))
     work.mkdir(parents=True, exist_ok=True)
@@ -184,42 +246,46 @@ def main() -> None:
     peak = gemm_gflops(1024) * 1e9
     body, head = model_sizes(model)
     print(f"model {model} ({(body + head) / 1e6:.0f}M matmul parameters), fp32 compute, BLAS {blas_in_use()}, "
-          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    print(f"measured fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s; batch {a.batch} x {a.max_seq_len}, "
+          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, torch threads {a.threads}")
+    print(f"measured fp32 GEMM peak (MLX): {peak / 1e9:.1f} GFLOP/s; batch {a.batch} x {a.max_seq_len}, "
           f"{a.steps} steps (first {a.report_every} not timed)")
-    ratios = []
+    vs_mlx_lm, vs_torch = [], []
     for phase in (["pt", "sft"] if a.phase == "both" else [a.phase]):
         data_dir = work / f"data-{phase}"
         data = write_data(a.pt_data if phase == "pt" else a.sft_data, data_dir, model, a.max_seq_len)
-        # Alternate the two sides and keep each one's best run: the machine may be shared.
-        best_theirs, best_ours = None, None
+        runners = {"mlx_lm.lora": (partial(run_mlx_lm, model, data_dir, phase, a, work),
+                                   partial(steady_mlx_lm, report_every=a.report_every)),
+                   "mlx-med": (partial(run_ours, model, data, phase, a, work), lambda run: steady_ours(run)[0])}
+        if phase == "pt":
+            runners["PyTorch + peft"] = (partial(run_torch, model, phase, a), steady_torch)
+        # Rotate the sides and keep each one's best run: the machine may be shared.
+        best: dict[str, list[dict]] = {}
+        names = list(runners)
         for repeat in range(a.repeats):
-            sides = ("theirs", "ours") if repeat % 2 == 0 else ("ours", "theirs")
-            for side in sides:
-                if side == "theirs":
-                    run = run_mlx_lm(model, data_dir, phase, a, work)
-                    if best_theirs is None or steady_mlx_lm(run, a.report_every) > steady_mlx_lm(best_theirs, a.report_every):
-                        best_theirs = run
-                else:
-                    run = run_ours(model, data, phase, a, work)
-                    if best_ours is None or steady_ours(run)[0] > steady_ours(best_ours)[0]:
-                        best_ours = run
-        theirs, ours = best_theirs, best_ours
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+                run_side, speed = runners[name]
+                run = run_side()
+                if name not in best or speed(run) > speed(best[name]):
+                    best[name] = run
+        ours = best["mlx-med"]
         ours_tps, ours_inputs = steady_ours(ours)
-        theirs_tps = steady_mlx_lm(theirs, a.report_every)
-        # Input positions per loss token, from our run (same data, same template): mlx_lm's useful work.
+        # Input positions per loss token, from our run (same data, same template): the peers' useful work.
         per_loss = ours_inputs / ours_tps
-
-        # Useful work: the body on every input position, the head on every scored one.
-        ours_mfu, theirs_mfu = ((4 * body * tps * per_loss + 4 * head * tps) / peak for tps in (ours_tps, theirs_tps))
-        ratio = ours_tps / theirs_tps
-        ratios.append(ratio)
-        print(f"[{phase}] mlx_lm.lora: {theirs_tps:8.1f} tok/s  final train loss {theirs[-1]['train_loss']:.3f}  "
-              f"MFU {100 * theirs_mfu:.1f}%  peak {theirs[-1]['peak_memory']:.2f} GB")
-        print(f"[{phase}] mlx-med    : {ours_tps:8.1f} tok/s  final train loss {ours[-1]['train_loss']:.3f}  "
-              f"MFU {100 * ours_mfu:.1f}%  peak {ours[-1]['peak_memory_gb']:.2f} GB  "
-              f"({ours_inputs:.1f} input tok/s)")
-        print(f"[{phase}] ratio mlx-med / mlx_lm.lora: {ratio:.2f}")
+        losses = {"mlx_lm.lora": best["mlx_lm.lora"][-1]["train_loss"], "mlx-med": ours[-1]["train_loss"]}
+        if "PyTorch + peft" in best:
+            losses["PyTorch + peft"] = best["PyTorch + peft"][-1]["train_loss"]
+        for name in names:
+            tps = runners[name][1](best[name])
+            # Useful work: the body on every input position, the head on every scored one.
+            mfu = (4 * body * tps * per_loss + 4 * head * tps) / peak
+            print(f"[{phase}] {name:15s}: {tps:8.1f} tok/s  final train loss {losses[name]:.3f}  MFU {100 * mfu:.1f}%")
+        theirs_tps = steady_mlx_lm(best["mlx_lm.lora"], a.report_every)
+        vs_mlx_lm.append(ours_tps / theirs_tps)
+        print(f"[{phase}] ratio mlx-med / mlx_lm.lora: {ours_tps / theirs_tps:.2f}")
+        if "PyTorch + peft" in best:
+            vs_torch.append(ours_tps / steady_torch(best["PyTorch + peft"]))
+            print(f"[{phase}] ratio mlx-med / PyTorch + peft: {vs_torch[-1]:.2f}")
+    ratios = vs_torch or vs_mlx_lm
     print(f"ratio: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}")
 
 

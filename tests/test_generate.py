@@ -6,7 +6,14 @@ import pytest
 
 import mlx_med  # noqa: F401
 from mlx_med.evaluation.decoding import DecodingConfig, make_sampler
-from mlx_med.evaluation.generate import encode_chat, generate_batch, with_system
+from mlx_med.evaluation.generate import (
+    GenerationProfile,
+    candidate_sampler,
+    encode_chat,
+    generate_batch,
+    top_candidates,
+    with_system,
+)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Is aspirin indicated after a stroke?"}],
@@ -53,6 +60,56 @@ def test_greedy_batch_equals_sequential(loaded, batch_size):
         assert result.prompt_tokens == len(encode_chat(loaded.tokenizer, conv))
         assert result.finish_reason == ("length" if len(expected) == 12 else "stop")
         assert "<|im_start|>" in result.prompt
+
+
+@pytest.mark.parametrize("prefill_batch_size", [1, 2, 6])
+def test_greedy_equals_sequential_whatever_the_prefill_bucket(loaded, prefill_batch_size):
+    decoding = DecodingConfig(max_new_tokens=10)
+    profile = GenerationProfile()
+    results = generate_batch(loaded.model, loaded.tokenizer, CONVERSATIONS, decoding, batch_size=6,
+                             prefill_batch_size=prefill_batch_size, progress=False, profile=profile)
+    expected = [sequential_greedy(loaded.model, loaded.tokenizer, conv, 10) for conv in CONVERSATIONS]
+    assert [r.text for r in results] == [loaded.tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+    # the profile counts what was done: every prompt token prefilled (the last one of each prompt is
+    # the first decode input) and every generated token
+    assert profile.prompt_tokens == sum(len(encode_chat(loaded.tokenizer, c)) - 1 for c in CONVERSATIONS)
+    assert profile.generated_tokens == sum(len(e) for e in expected)
+    assert 0 < profile.prompt_s + profile.decode_s <= profile.wall_s
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (40, 0.7), (40, 0.05), (200, 0.95)])
+def test_top_candidates_keep_what_mlx_lm_keeps(top_k, top_p):
+    """Same kept tokens and values as mlx-lm's top-p then top-k over the sorted vocabulary."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_k, apply_top_p
+
+    mx.random.seed(1)
+    logits = mx.random.normal((6, 1000)) * mx.array([0.5, 1, 2, 4, 8, 16])[:, None]
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    reference = apply_top_k(apply_top_p(logprobs, top_p) if top_p < 1 else logprobs, top_k)
+    ids, values = top_candidates(logprobs, top_k, top_p)
+    for row in range(logprobs.shape[0]):
+        want = {i: v for i, v in enumerate(reference[row].tolist()) if v != float("-inf")}
+        got = {i: v for i, v in zip(ids[row].tolist(), values[row].tolist()) if v != float("-inf")}
+        assert got == want
+    assert (values[:, :-1] >= values[:, 1:]).all().item()  # most likely first
+
+
+def test_candidate_sampler_draws_only_kept_tokens_with_their_frequencies():
+    import mlx.core as mx
+    import numpy as np
+
+    decoding = DecodingConfig(temperature=1.0, top_k=3, top_p=0.9)
+    sampler = candidate_sampler(decoding)
+    probs = mx.array([0.5, 0.3, 0.15, 0.05])
+    logprobs = mx.broadcast_to(mx.log(probs), (20000, 4))
+    mx.random.seed(0)
+    counts = np.bincount(np.array(sampler(logprobs)), minlength=4) / 20000
+    # top-p 0.9 keeps 0.5, 0.3, 0.15 (mass above 0.15 is 0.8 < 0.9); renormalized over 0.95
+    assert counts[3] == 0
+    np.testing.assert_allclose(counts[:3], [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95], atol=0.015)
+    assert candidate_sampler(DecodingConfig()) is None  # greedy stays mlx-lm's argmax
+    assert candidate_sampler(DecodingConfig(temperature=0.7, top_p=0.9)) is None  # no top-k bound
 
 
 def test_sampling_is_reproducible_with_seed_and_callback_sees_all(loaded):

@@ -1,13 +1,17 @@
 """Batched generation for chat prompts, on mlx-lm's ``BatchGenerator`` (continuous batching).
 
-Prompts are chat-templated, tokenized and sorted by length (longest first) so that each prefill
-batch pads little; results come back in the caller's order. Under greedy decoding the output is
-token-for-token what sequential ``mlx_lm.generate_step`` gives (``tests/test_generate.py``). No
-printing here: the only output is an optional tqdm bar on stderr.
+Prompts are chat-templated, tokenized and sorted by length (longest first); mlx-lm prefills them a
+few rows at a time (length buckets: neighbours have similar lengths, so a bucket pads little) while
+up to ``batch_size`` rows decode together, and a finished row's slot is refilled from the queue.
+Sampling with a top-k bound draws from the k candidates only, never sorting the vocabulary. Results
+come back in the caller's order. Under greedy decoding the output is token-for-token what
+sequential ``mlx_lm.generate_step`` gives (``tests/test_generate.py``). No printing here: the only
+output is an optional tqdm bar on stderr.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +20,11 @@ from mlx_med.evaluation.decoding import DecodingConfig, make_logits_processors, 
 
 # Used when a tokenizer has no chat template (base models): a plain, documented layout.
 PLAIN_TEMPLATE_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+# Rows per prefill batch. Prompts arrive sorted by length, so a bucket of 8 neighbours pads little,
+# and 8 prompts of ~100+ tokens already give the GEMMs hundreds of rows: a whole 64-row batch in one
+# prefill padded every prompt to the longest (about 1.5x the work on the demo eval set).
+PREFILL_ROWS = 8
 
 
 @dataclass
@@ -35,6 +44,28 @@ class GenerationResult:
     generation_tokens: int
     finish_reason: str = "stop"
     prompt: str = ""
+
+
+@dataclass
+class GenerationProfile:
+    """Where the time of one ``generate_batch`` call went (filled in when passed to it).
+
+    ``prompt_s`` and ``decode_s`` are mlx-lm's own ``BatchGenerator`` timers (prefill; one decode
+    step = forward + sampling, evaluated together); ``detokenize_s`` is ours; the rest of ``wall_s``
+    is Python overhead (scheduling, bookkeeping, the first step of each refill).
+    """
+
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+    detokenize_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def overhead_s(self) -> float:
+        return max(0.0, self.wall_s - self.prompt_s - self.decode_s - self.detokenize_s)
 
 
 def with_system(messages: Sequence[dict], system: str | None) -> list[dict]:
@@ -64,6 +95,60 @@ def encode_chat(tokenizer, messages: Sequence[dict], system: str | None = None) 
     return list(tokenizer.encode(text))
 
 
+def top_candidates(logprobs, top_k: int, top_p: float = 1.0):
+    """The ``top_k`` most likely tokens per row, nucleus-filtered, without sorting the vocabulary.
+
+    Same kept set and values as mlx-lm's ``apply_top_p`` then ``apply_top_k`` over the whole
+    vocabulary: the top-k tokens are a prefix of the fully sorted order, so the probability mass
+    above each of them is a cumulative sum over the candidates alone (the full-vocabulary total
+    is a plain sum, no sort).
+
+    Args:
+        logprobs: ``(..., vocab)`` normalized log-probabilities.
+        top_k: candidates kept per row (``0 < top_k < vocab``).
+        top_p: nucleus threshold; 1 keeps all candidates.
+
+    Returns:
+        ``(ids, values)``, each ``(..., top_k)``, most likely first; dropped candidates hold -inf.
+    """
+    import mlx.core as mx
+
+    ids = mx.argpartition(-logprobs, kth=top_k - 1, axis=-1)[..., :top_k]
+    values = mx.take_along_axis(logprobs, ids, axis=-1)
+    order = mx.argsort(-values, axis=-1)  # a sort of k values, not of the vocabulary
+    ids, values = mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
+    if top_p < 1.0:
+        probs = mx.exp(values.astype(mx.float32))
+        total = mx.exp(logprobs.astype(mx.float32)).sum(axis=-1, keepdims=True)
+        mass_above = mx.cumsum(probs, axis=-1) - probs
+        values = mx.where(mass_above < top_p * total, values, mx.array(-float("inf"), values.dtype))
+    return ids, values
+
+
+def candidate_sampler(decoding: DecodingConfig):
+    """A sampler drawing from the top-k candidate set (see ``top_candidates``), or None.
+
+    None (use ``make_sampler``) for greedy decoding, no top-k bound, or min-p. The kept tokens and
+    their probabilities are mlx-lm's; the random draw runs over k values instead of the vocabulary,
+    so the same seed picks other (equally distributed) tokens than mlx-lm's sampler.
+    """
+    if decoding.greedy or decoding.top_k <= 0 or decoding.min_p:
+        return None
+    import mlx.core as mx
+
+    fallback = make_sampler(decoding)
+    inv_temp = 1.0 / decoding.temperature
+
+    def sample(logprobs):
+        if decoding.top_k >= logprobs.shape[-1]:
+            return fallback(logprobs)
+        ids, values = top_candidates(logprobs, decoding.top_k, decoding.top_p)
+        choice = mx.random.categorical(values * inv_temp)
+        return mx.take_along_axis(ids, choice[..., None], axis=-1).squeeze(-1)
+
+    return sample
+
+
 def generate_batch(
     model,
     tokenizer,
@@ -73,6 +158,8 @@ def generate_batch(
     system: str | None = None,
     progress: bool = True,
     on_result: Callable[[int, GenerationResult], None] | None = None,
+    prefill_batch_size: int | None = None,
+    profile: GenerationProfile | None = None,
 ) -> list[GenerationResult]:
     """Generate one assistant reply per conversation, several sequences at a time.
 
@@ -82,11 +169,13 @@ def generate_batch(
         conversations: each a list of ``{"role", "content"}`` turns ending where the assistant
             should speak (no trailing assistant turn).
         decoding: sampling settings; ``decoding.seed`` seeds MLX's RNG when sampling.
-        batch_size: sequences decoded together (also the prefill batch size).
+        batch_size: sequences decoded together.
         system: system prompt added to conversations that have none.
         progress: show a tqdm bar (sequences done, generated tokens/s) on stderr.
         on_result: called as ``on_result(index, result)`` as soon as a sequence finishes, in
             completion order (the eval runner appends it to disk so an interrupted run resumes).
+        prefill_batch_size: prompts prefilled together (default ``min(batch_size, PREFILL_ROWS)``).
+        profile: when given, filled with the time split of this call.
 
     Returns:
         One ``GenerationResult`` per conversation, in the input order.
@@ -96,6 +185,7 @@ def generate_batch(
 
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    started = time.perf_counter()
     if not conversations:
         return []
     prompts = [encode_chat(tokenizer, conv, system) for conv in conversations]
@@ -109,44 +199,56 @@ def generate_batch(
         model,
         max_tokens=decoding.max_new_tokens,
         stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
-        sampler=make_sampler(decoding),
+        sampler=candidate_sampler(decoding) or make_sampler(decoding),
         logits_processors=make_logits_processors(decoding),
         completion_batch_size=batch_size,
-        prefill_batch_size=batch_size,
+        prefill_batch_size=min(batch_size, prefill_batch_size or PREFILL_ROWS),
     )
+    detokenize_s = 0.0
     bar = _progress_bar(len(prompts), progress)
     results: list[GenerationResult | None] = [None] * len(prompts)
     try:
-        uids = gen.insert([prompts[i] for i in order], [decoding.max_new_tokens] * len(order))
-        index_of = dict(zip(uids, order))
-        tokens: dict[int, list[int]] = {uid: [] for uid in uids}
-        generated = 0
-        while responses := gen.next_generated():
-            for r in responses:
-                if r.finish_reason != "stop":  # the stop token itself is not part of the answer
-                    tokens[r.uid].append(r.token)
-                    generated += 1
-                if r.finish_reason is None:
-                    continue
-                i = index_of[r.uid]
-                ids = tokens.pop(r.uid)
-                results[i] = GenerationResult(
-                    text=tokenizer.decode(ids, skip_special_tokens=True),
-                    prompt_tokens=len(prompts[i]),
-                    generation_tokens=len(ids),
-                    finish_reason=r.finish_reason,
-                    prompt=tokenizer.decode(prompts[i], skip_special_tokens=False),
-                )
-                if on_result is not None:
-                    on_result(i, results[i])
+        with gen.stats() as stats:
+            uids = gen.insert([prompts[i] for i in order], [decoding.max_new_tokens] * len(order))
+            index_of = dict(zip(uids, order))
+            tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+            generated = 0
+            while responses := gen.next_generated():
+                for r in responses:
+                    if r.finish_reason != "stop":  # the stop token itself is not part of the answer
+                        tokens[r.uid].append(r.token)
+                        generated += 1
+                    if r.finish_reason is None:
+                        continue
+                    i = index_of[r.uid]
+                    ids = tokens.pop(r.uid)
+                    tic = time.perf_counter()
+                    results[i] = GenerationResult(
+                        text=tokenizer.decode(ids, skip_special_tokens=True),
+                        prompt_tokens=len(prompts[i]),
+                        generation_tokens=len(ids),
+                        finish_reason=r.finish_reason,
+                        prompt=tokenizer.decode(prompts[i], skip_special_tokens=False),
+                    )
+                    detokenize_s += time.perf_counter() - tic
+                    if on_result is not None:
+                        on_result(i, results[i])
+                    if bar is not None:
+                        bar.update(1)
                 if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.set_postfix_str(f"{generated / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s")
+                    bar.set_postfix_str(f"{generated / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s")
     finally:
         gen.close()
         if bar is not None:
             bar.close()
+    if profile is not None:
+        profile.prompt_tokens += stats.prompt_tokens
+        profile.prompt_s += stats.prompt_time
+        profile.decode_steps += stats.generation_steps
+        profile.decode_s += stats.decode_time
+        profile.generated_tokens += generated
+        profile.detokenize_s += detokenize_s
+        profile.wall_s += time.perf_counter() - started
     return results  # type: ignore[return-value]
 
 
