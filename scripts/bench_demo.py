@@ -2,7 +2,7 @@
 
 Runs the demo into a fresh output folder (so no stage is skipped), then prints the wall time of each
 pipeline stage (from the pipeline's own state file), the total, and the training figures a user sees
-in the report. The demo's budget on a 2-core Linux CPU is 20 minutes; the last line is
+in the report. The demo's budget on a 2-core Linux CPU is 15 minutes; the last line is
 ``ratio: <wall / budget>`` (below 1 is within budget).
 
     python scripts/bench_demo.py                 # fresh run into a temporary folder
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGET_S = 20 * 60
+BUDGET_S = 15 * 60
 
 
 def main() -> None:
