@@ -326,23 +326,23 @@ def test_mcq_suite_and_alpha_search_honour_the_schedule(runs, tiny_llama, tmp_pa
     _, fused_scores = mcq_run(tmp_path / "fused-eval", "--model", tmp_path / "fused", "--data", mcq)
     assert max_gap(ruled_scores, fused_scores) < 2e-3
 
-    # the α search moves the schedule's default at every point, its rules stay (also after the base
-    # reference, which zeroes both weights on the same live model)
+    # with rules, the α search is a coordinate search over the default and each rule's α; every point's
+    # scores are eval's with the schedule written in its folder (also after the base reference, which
+    # zeroes both weights on the same live model)
     out = tmp_path / "search"
     search = ["sweep", "alpha", "--model", tiny_llama, "--sft", runs / "sft", "--pt", runs / "pt", "--mcq-data", mcq,
               "--search", "--objective", "accuracy_norm", "--constraint", "accuracy_norm>=0*base", "-o", out, "-q"]
     result = invoke(*search, "--alpha-schedule", runs / "schedule.yaml", "--budget", "4")
     assert result.exit_code == 0, result.output
     choice = json.loads((out / "alpha_search.json").read_text(encoding="utf-8"))
-    alphas = [p["alpha"] for p in choice["points"]]
-    assert len(alphas) == 4 and {0.0, 0.5, 1.0} < set(alphas) and (out / "base" / "mcq.json").exists()
-    for alpha in alphas:
-        want, want_scores = mcq_run(tmp_path / f"direct-{alpha:g}", *pair, "--alpha", str(alpha),
-                                    "--alpha-schedule", runs / "schedule.yaml")
-        point = next(p for p in choice["points"] if p["alpha"] == alpha)
-        got_scores = [json.loads(line)["scores"]
-                      for line in (out / f"alpha_{alpha:g}" / "mcq_predictions.jsonl").open(encoding="utf-8")]
-        assert max_gap(got_scores, want_scores) < 1e-4, alpha
+    names = ["default"] + [f"rule{i}" for i in range(len(SCHEDULE["rules"]))]
+    assert list(choice["coordinates"]) == names and len(choice["points"]) == 4 and (out / "base" / "mcq.json").exists()
+    for point in choice["points"]:
+        folder = out / ("schedule_" + "_".join(repr(float(point[name])) for name in names))
+        want, want_scores = mcq_run(tmp_path / f"direct-{point['point']}", *pair,
+                                    "--alpha-schedule", folder / "alpha_schedule.yaml")
+        got_scores = [json.loads(line)["scores"] for line in (folder / "mcq_predictions.jsonl").open(encoding="utf-8")]
+        assert max_gap(got_scores, want_scores) < 1e-4, point
         assert point["accuracy"] == want["accuracy"] and point["accuracy_norm"] == want["accuracy_norm"]
     # the cached points belong to the schedule: the same folder without it measures the plain mix again
     result = invoke(*search, "--budget", "3")

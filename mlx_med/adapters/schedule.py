@@ -134,6 +134,14 @@ class AlphaSchedule:
         }
 
 
+def schedule_yaml(schedule: AlphaSchedule) -> str:
+    """The schedule as the YAML ``load_schedule`` reads (``default`` and ``rules``; unset fields left out)."""
+    import yaml
+
+    rules = [{k: v for k, v in rule.items() if v is not None} for rule in schedule.to_json()["rules"]]
+    return yaml.safe_dump({"default": schedule.default, "rules": rules}, sort_keys=False, allow_unicode=True)
+
+
 def load_schedule(path: str | Path) -> AlphaSchedule:
     """Read a schedule file: ``{default: A, rules: [{layers: "20-29", modules: [gate_proj], alpha: B}]}``.
 

@@ -71,6 +71,25 @@ class SweepPoints:
         self.live.set_alpha(alpha)  # live: the next forward pass uses the new mix (a schedule's rules stay)
         return {"alpha": alpha, **self._measure(replace(self.cfg, alpha=alpha, out=self.out / f"alpha_{alpha:g}"))}
 
+    def at_schedule(self, schedule, name: str) -> dict[str, Any]:
+        """The row of one α schedule (a point of the schedule search), measured in folder ``name``.
+
+        The schedule is written there as ``alpha_schedule.yaml`` (rewritten only when it changes) and
+        the point's settings name that file, so every cache key holds the schedule's full α vector.
+        """
+        from mlx_med.adapters.schedule import schedule_yaml
+        from mlx_med.io import atomic_write_text
+
+        folder = self.out / name
+        path = folder / "alpha_schedule.yaml"
+        text = schedule_yaml(schedule)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, text)
+        self.live.mix.schedule = schedule
+        self.live.set_alpha(schedule.default)  # live: the default moves, the rules are this schedule's
+        return self._measure(replace(self.cfg, alpha=None, alpha_schedule=path, out=folder))
+
     def base(self) -> dict[str, Any]:
         """The row of the base model: both adapter weights 0 on the same live model (folder ``base/``)."""
         self.live.set_weights(sft=0.0, pt=0.0)

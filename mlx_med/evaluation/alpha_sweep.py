@@ -193,7 +193,8 @@ def pick_alpha(rows: list[dict[str, Any]], rule: AlphaRule) -> tuple[float, str]
 
 
 def run_alpha_search(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, live=None) -> dict[str, Any]:
-    """``sweep alpha --search``: the bounded search of ``alpha_search`` on the live model.
+    """``sweep alpha --search``: the bounded search of ``alpha_search`` on the live model (with a schedule
+    that has rules: the coordinate search of ``schedule_search``, the α of each rule and the default).
 
     Writes ``alpha_search.{csv,md,png}`` (every evaluated point, the base reference when a constraint
     names it, the Pareto plot) and ``alpha_search.json`` (the choice, its reason, the settings).
@@ -207,6 +208,14 @@ def run_alpha_search(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, li
 
     cfg.validate()
     require_pair(cfg)
+    if cfg.alpha_schedule is not None:
+        from mlx_med.adapters.schedule import load_schedule
+
+        schedule = load_schedule(cfg.alpha_schedule)
+        if schedule.rules:  # the default and each rule's α are searched together
+            from mlx_med.evaluation.schedule_search import run_schedule_search
+
+            return run_schedule_search(cfg, schedule, quiet, loaded, live)
     constraints = [parse_constraint(text) for text in cfg.constraints]
     objective = cfg.objective or cfg.main_metric()
     points = SweepPoints.open(cfg, quiet, loaded, live)

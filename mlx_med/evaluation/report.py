@@ -288,11 +288,17 @@ def _alpha_section(label: str, path: Path, link) -> str:
         search = json.loads(search_file.read_text(encoding="utf-8"))
         text += "\n" + _sweep_section(f"α search: {label}", path, "alpha_search", link).replace("## ", "### ", 1)
         limits = ", ".join(f"`{c}`" for c in search["constraints"]) or "none"
-        text += (f"\n**Search picked α = {search['alpha']:g}** — {search['reason']}.\n\nObjective "
+        if "coordinates" in search:  # a schedule search: the chosen α of each coordinate, points by number
+            picked = ", ".join(f"{name} = {a:g}" for name, a in search["coordinates"].items())
+            head, front = f"Search picked the schedule {picked} (point {search['point']})", "points "
+            on_front = search["pareto"]["points"]
+        else:
+            head, front, on_front = f"Search picked α = {search['alpha']:g}", "α = ", search["pareto"]["alphas"]
+        text += (f"\n**{head}** — {search['reason']}.\n\nObjective "
                  f"`{search['objective']}`; constraints {limits}; {search['evaluated']} of at most "
                  f"{search['budget']} evaluations ({search['method']}). Pareto front on "
-                 f"({search['pareto']['x']}, {search['pareto']['y']}): α = "
-                 + ", ".join(f"{a:g}" for a in search["pareto"]["alphas"]) + ".\n")
+                 f"({search['pareto']['x']}, {search['pareto']['y']}): {front}"
+                 + ", ".join(f"{a:g}" for a in on_front) + ".\n")
     return text
 
 

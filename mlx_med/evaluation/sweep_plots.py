@@ -88,8 +88,13 @@ def plot_alpha_sweep(rows: list[dict[str, Any]], metric: str, picked: float | No
 
 
 def plot_alpha_search(rows: list[dict[str, Any]], x: str, y: str, picked: float, front: list[float], out: Path,
-                      base: dict[str, Any] | None = None) -> Path:
-    """The searched points in the (objective, trade-off metric) plane: Pareto front joined, choice marked."""
+                      base: dict[str, Any] | None = None, key: str = "alpha") -> Path:
+    """The searched points in the (objective, trade-off metric) plane: Pareto front joined, choice marked.
+
+    ``key`` names the column that identifies a point (``alpha``; ``point`` for a schedule search),
+    which ``picked`` and ``front`` hold.
+    """
+    name = "α" if key == "alpha" else key
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.8), dpi=110)
     usable = [r for r in rows if r.get(x) is not None and r.get(y) is not None]
@@ -97,21 +102,21 @@ def plot_alpha_search(rows: list[dict[str, Any]], x: str, y: str, picked: float,
         pts = [r for r in usable if r.get("feasible", "✓") == feasible]
         if pts:
             ax.scatter([r[x] for r in pts], [r[y] for r in pts], marker=marker, label=label)
-    on_front = sorted((r for r in usable if r["alpha"] in front), key=lambda r: r[x])
+    on_front = sorted((r for r in usable if r[key] in front), key=lambda r: r[x])
     if len(on_front) > 1:
         ax.plot([r[x] for r in on_front], [r[y] for r in on_front], linestyle="--", color="gray", label="Pareto front")
     for r in usable:
-        ax.annotate(f"α={r['alpha']:g}", (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    chosen = [r for r in usable if r["alpha"] == picked]
+        ax.annotate(f"{name}={r[key]:g}", (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    chosen = [r for r in usable if r[key] == picked]
     if chosen:
         ax.scatter([chosen[0][x]], [chosen[0][y]], s=160, facecolors="none", edgecolors="tab:red",
-                   label=f"picked α={picked:g}")
+                   label=f"picked {name}={picked:g}")
     if base is not None and base.get(x) is not None and base.get(y) is not None:
         ax.scatter([base[x]], [base[y]], marker="s", color="black", label="base model")
     ax.set_xlabel(f"{x} (objective{', lower is better' if x == 'ppl' else ''})")
     ax.set_ylabel(y + (" (lower is better)" if y == "ppl" else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    ax.set_title("α search: evaluated points")
+    ax.set_title(("α" if key == "alpha" else "schedule") + " search: evaluated points")
     fig.tight_layout()
     return _save(fig, out)
