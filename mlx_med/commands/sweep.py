@@ -109,7 +109,8 @@ def decoding(config_path, model, adapter, sft, pt, alpha, alpha_schedule, data, 
 @click.option("--sft", type=click.Path(path_type=Path), help="SFT run directory.")
 @click.option("--pt", type=click.Path(path_type=Path), help="PT run directory.")
 @click.option("--alpha-schedule", type=click.Path(path_type=Path),
-              help="YAML α schedule: its rules stay at every α of the sweep or search, which sets its default.")
+              help="YAML α schedule: the grid moves its default and keeps its rules; --search with rules "
+                   "searches the default and each rule's α (→ best_schedule.yaml).")
 @common_options
 @click.option("--alphas", help="α values: a list (0,0.5,1) or a range A,B,...,C with step B−A.  "
                                "[default: 0,0.1,...,1]")
@@ -139,7 +140,9 @@ def alpha(config_path, model, sft, pt, alpha_schedule, data, out, limit, batch_s
     Rule: the highest --metric among α whose perplexity is ≤ (1 + --ppl-tolerance) × the sweep's
     lowest and whose safety pass rate is ≥ the α=1 rate − --safety-margin; ties → larger α.
     With --search: at most --budget evaluations, the best --objective among the α meeting every
-    --constraint, ties → α closer to 0.5 → alpha_search.* (every point, Pareto plot, the choice).
+    --constraint, ties → α closer to 0.5 → alpha_search.* (every point, Pareto plot, the choice);
+    with an --alpha-schedule that has rules, coordinate search over its default and rule α →
+    also best_schedule.yaml.
     Examples:
       mlx-med sweep alpha --model base --sft runs/sft --pt runs/pt --alphas 0,0.25,...,1 \\
         --data eval.jsonl --ppl-data pt_heldout.jsonl -o sweeps/alpha --limit 50
