@@ -172,6 +172,10 @@ class LiveAdapters:
         for layer in self.layers.values():
             layer.set_coefficients(coefficients, memo)
 
+    def clear_row_weights(self) -> None:
+        """Return every row to the model-wide weights (``weights``; a schedule stays)."""
+        self._apply()
+
     def set_alpha(self, alpha: float) -> None:
         """w_sft = α, w_pt = 1 − α (with a schedule: its default; its rules stay)."""
         self.mix.set_alpha(alpha)

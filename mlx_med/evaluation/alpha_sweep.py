@@ -122,6 +122,7 @@ def run_alpha_sweep(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, liv
     if cfg.ppl_data is None and not quiet:
         print("note: no --ppl-data: the α rule will use QA (and safety) only")
     points = SweepPoints.open(cfg, quiet, loaded, live, first_alpha=alphas[0])
+    points.answer_together(alphas)  # the QA answers of all α as one batch (greedy decoding)
     rows = []
     for n, alpha in enumerate(alphas, 1):
         if not quiet:

@@ -160,6 +160,8 @@ def generate_batch(
     on_result: Callable[[int, GenerationResult], None] | None = None,
     prefill_batch_size: int | None = None,
     profile: GenerationProfile | None = None,
+    live=None,
+    row_weights: Sequence[dict[str, float]] | None = None,
 ) -> list[GenerationResult]:
     """Generate one assistant reply per conversation, several sequences at a time.
 
@@ -176,6 +178,10 @@ def generate_batch(
             completion order (the eval runner appends it to disk so an interrupted run resumes).
         prefill_batch_size: prompts prefilled together (default ``min(batch_size, PREFILL_ROWS)``).
         profile: when given, filled with the time split of this call.
+        live: the ``LiveAdapters`` attached to ``model``; needed with ``row_weights``.
+        row_weights: adapter weights per conversation (e.g. ``{"sft": α, "pt": 1 − α}``): each row
+            of the batch decodes under its own weights (``row_weights.RowWeightedModel``), so one
+            batch answers at several α. The model-wide weights are restored afterwards.
 
     Returns:
         One ``GenerationResult`` per conversation, in the input order.
@@ -185,6 +191,8 @@ def generate_batch(
 
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if row_weights is not None and (live is None or len(row_weights) != len(conversations)):
+        raise UserError("row_weights needs the live adapters and one weights dict per conversation")
     started = time.perf_counter()
     if not conversations:
         return []
@@ -195,6 +203,11 @@ def generate_batch(
     if not decoding.greedy:
         mx.random.seed(decoding.seed)
 
+    weights_by_uid: dict[int, dict[str, float]] = {}
+    if row_weights is not None:
+        from mlx_med.evaluation.row_weights import RowWeightedModel
+
+        model = RowWeightedModel(model, live, weights_by_uid)
     gen = BatchGenerator(
         model,
         max_tokens=decoding.max_new_tokens,
@@ -211,6 +224,8 @@ def generate_batch(
         with gen.stats() as stats:
             uids = gen.insert([prompts[i] for i in order], [decoding.max_new_tokens] * len(order))
             index_of = dict(zip(uids, order))
+            if row_weights is not None:  # read at each forward, which starts after the inserts
+                weights_by_uid.update({uid: row_weights[i] for uid, i in index_of.items()})
             tokens: dict[int, list[int]] = {uid: [] for uid in uids}
             generated = 0
             while responses := gen.next_generated():
@@ -239,6 +254,8 @@ def generate_batch(
                     bar.set_postfix_str(f"{generated / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s")
     finally:
         gen.close()
+        if row_weights is not None:
+            live.clear_row_weights()
         if bar is not None:
             bar.close()
     if profile is not None:

@@ -281,24 +281,32 @@ def _generate(loaded, rows: list[EvalRow], decoding: DecodingConfig, cfg: EvalCo
     made: dict[int, dict] = {}
     if not rows:
         return made
-    # Repair a torn last line from an interrupted write, so appended records start on a fresh line.
-    if partial.exists() and partial.stat().st_size and not partial.read_bytes().endswith(b"\n"):
-        with open(partial, "a", encoding="utf-8") as f:
-            f.write("\n")
-    with open(partial, "a", encoding="utf-8") as f:
+    with open_partial(partial) as f:
         def keep(i: int, result) -> None:
-            row = rows[i]
-            record = {"index": row.index, "prompt": result.prompt, "predict": result.text, "label": row.reference,
-                      "prompt_tokens": result.prompt_tokens, "generation_tokens": result.generation_tokens,
-                      "finish_reason": result.finish_reason}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            made[row.index] = record
+            made[rows[i].index] = append_prediction(f, rows[i], result)
 
         generate_batch(loaded.model, loaded.tokenizer, [row.messages for row in rows], decoding,
                        batch_size=cfg.batch_size, system=system_text(cfg.system, cfg.lang, rows),
                        progress=not quiet, on_result=keep)
     return made
+
+
+def open_partial(partial: Path):
+    """``predictions.partial.jsonl`` opened for appending, a torn last line (interrupted write) ended first."""
+    if partial.exists() and partial.stat().st_size and not partial.read_bytes().endswith(b"\n"):
+        with open(partial, "a", encoding="utf-8") as f:
+            f.write("\n")
+    return open(partial, "a", encoding="utf-8")
+
+
+def append_prediction(f, row: EvalRow, result) -> dict:
+    """Append one finished answer (a ``GenerationResult``) to an open partial file; return its record."""
+    record = {"index": row.index, "prompt": result.prompt, "predict": result.text, "label": row.reference,
+              "prompt_tokens": result.prompt_tokens, "generation_tokens": result.generation_tokens,
+              "finish_reason": result.finish_reason}
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+    return record
 
 
 def system_text(system: str | None, lang: str, rows: list[EvalRow]) -> str | None:

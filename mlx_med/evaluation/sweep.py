@@ -117,7 +117,18 @@ def run_decoding_sweep(cfg: DecodingSweepConfig, quiet: bool = False, loaded=Non
 
 def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool) -> dict[str, Any]:
     """``run_eval`` for one sweep setting, or its ``metrics.json`` when it already ran with these inputs."""
-    from mlx_med.evaluation.runner import run_eval, run_state
+    from mlx_med.evaluation.runner import run_eval
+
+    metrics = finished_metrics(cfg)
+    if metrics is not None:
+        return metrics
+    out = Path(cfg.out)
+    return run_eval(replace(cfg, force=True) if (out / METRICS).exists() else cfg, quiet=quiet, loaded=loaded)
+
+
+def finished_metrics(cfg: EvalConfig) -> dict[str, Any] | None:
+    """The setting's ``metrics.json`` when it finished with these inputs (and ``force`` is off), else None."""
+    from mlx_med.evaluation.runner import run_state
 
     out = Path(cfg.out)
     if not cfg.force and (out / METRICS).exists() and (out / STATE).exists():
@@ -126,7 +137,7 @@ def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool) -> dict[str, Any]:
                 return json.loads((out / METRICS).read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             pass
-    return run_eval(replace(cfg, force=True) if (out / METRICS).exists() else cfg, quiet=quiet, loaded=loaded)
+    return None
 
 
 def _effective(decoding: DecodingConfig) -> tuple:

@@ -4,7 +4,8 @@ The scheduler owns the model on one worker thread and drives mlx-lm's ``BatchGen
 join the running batch as soon as they arrive and leave it when they finish or are cancelled (a
 client that hangs up frees its slot at the next step). Each row of the batch keeps its own adapter
 weights: before every forward the live LoRA layers get one coefficient per row
-(``LiveAdapters.set_row_weights``), so eight clients at eight α values share one pass.
+(``LiveAdapters.set_row_weights``, matched to rows by
+``mlx_med.evaluation.row_weights.RowWeightedModel``), so eight clients at eight α values share one pass.
 
 The HTTP side (an asyncio event loop) only calls ``submit`` and ``cancel``; tokens come back on each
 job's asyncio queue as ``(token, finish_reason)`` pairs, or an exception if the step failed.
@@ -14,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlx_med.evaluation.row_weights import RowWeightedModel
 from mlx_med.serve.schemas import Sampling
 
 
@@ -40,38 +41,6 @@ class Job:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
-
-
-class RowWeightedModel:
-    """The model as ``BatchGenerator`` sees it: each forward first gives every batch row its job's weights.
-
-    mlx-lm's batch objects (the prompt-processing batch and the generation batch) call
-    ``self.model(inputs, cache=...)`` with one input row per entry of their ``uids``; this wrapper
-    reads those uids from the calling batch, so rows stay matched to requests however the batch
-    is filtered, split or extended. Everything else (``layers``, ``make_cache``) is the model's.
-    """
-
-    def __init__(self, model, live, weights_by_uid: dict[int, dict[str, float]]):
-        self.model, self.live, self.weights_by_uid = model, live, weights_by_uid
-        self._rows: list[int] | None = None  # the uids the layers' per-row weights are set for
-
-    def forget_rows(self) -> None:
-        self._rows = None
-
-    def __getattr__(self, name: str):
-        return getattr(self.model, name)
-
-    def __call__(self, inputs, cache=None, **kwargs):
-        if self.live is not None:
-            batch = sys._getframe(1).f_locals.get("self")
-            uids = getattr(batch, "uids", None)
-            if uids is None or len(uids) != inputs.shape[0]:
-                raise RuntimeError("mlx-lm's batch generator no longer calls the model from a batch with "
-                                   "one uid per row; per-row adapter weights cannot be matched to requests")
-            if uids != self._rows:  # most decoding steps run the same rows as the one before
-                self.live.set_row_weights([self.weights_by_uid[uid] for uid in uids])
-                self._rows = list(uids)
-        return self.model(inputs, cache=cache, **kwargs)
 
 
 def make_request_sampler(sampling: Sampling, vocab_size: int):
