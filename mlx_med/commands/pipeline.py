@@ -18,7 +18,7 @@ from mlx_med.commands.options import compute_policy_option, config_option
 @click.option("--restart", is_flag=True, help="Forget finished stages and run everything again.")
 @click.option("-q", "--quiet", is_flag=True, help="Only stage headers, no progress bars.")
 def command(config_path: Path | None, output: Path | None, alpha: float | None, restart: bool, quiet: bool) -> None:
-    """Convert → PT → SFT → merge + fuse → HF export → eval → sweeps → report.md.
+    """Convert → PT → SFT → inspect → merge + fuse → HF export → eval (QA, MCQ) → α sweep + search → report.md.
 
     Stages whose outputs are complete and whose inputs did not change are skipped, so running the
     same command again (or after Ctrl-C) continues where it stopped.
