@@ -34,6 +34,18 @@ LEGACY_SIGNS = ("run.yaml", "done.json", ".pipeline")
 LEFTOVER_SUFFIXES = (".tmp.safetensors", ".partial", ".old", ".tmp")  # temp names of our writers
 
 
+def atomic_save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure as PNG to a temp file beside ``path``, rename it over ``path``, close it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
 def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> Path:
     """Write ``text`` to a temp file beside ``path``, then rename it over ``path``.
 

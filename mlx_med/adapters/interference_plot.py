@@ -10,7 +10,6 @@ conflict in every panel but the overlap. Drawn with matplotlib's Agg backend and
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +64,6 @@ def plot_interference(result: Interference, out: Path) -> Path:
     label = "SFT (own ΔW, stacked on PT)" if result.stacked else "SFT"
     fig.suptitle(f"{label} {result.sft.name} vs PT {result.pt.name}: where the adapters interfere", fontsize=10)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    from mlx_med.io import atomic_save_figure
+
+    return atomic_save_figure(fig, out)

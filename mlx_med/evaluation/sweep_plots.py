@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,9 @@ def _pyplot():
 
 
 def _save(fig, out: Path) -> Path:
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    fig.clf()
-    _pyplot().close(fig)
-    os.replace(tmp, out)
-    return out
+    from mlx_med.io import atomic_save_figure
+
+    return atomic_save_figure(fig, out)
 
 
 def plot_decoding_sweep(rows: list[dict[str, Any]], keys: list[str], out: Path) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +77,6 @@ def plot_loss_curve(run_dir: Path, out: Path | None = None, title: str | None = 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    from mlx_med.io import atomic_save_figure
+
+    return atomic_save_figure(fig, out)
