@@ -113,20 +113,12 @@ def search_alpha(evaluate: Callable[[float], dict[str, Any]], objective: str, co
     points: dict[float, dict[str, Any]] = {}
     for alpha in START:
         points[alpha] = evaluate(alpha)
-    if points[0.5].get(objective) is None:
-        measured = ", ".join(k for k, v in points[0.5].items() if v is not None and k != "alpha")
-        raise ConfigError(f"--objective {objective}: not measured by this sweep (measured: {measured})")
+    check_objective(points[0.5], objective)
     references = {name: points[a] for name, a in REFERENCES.items()}
-    if any(c.reference == "base" for c in constraints):
-        if base is None:
-            raise ConfigError("a constraint names 'base' but no base model can be evaluated here")
-        references["base"] = base()
+    references.update(base_reference(constraints, base))
 
     def rank(alpha: float) -> tuple:
-        row = points[alpha]
-        broken = sum(not c.holds(row, references) for c in constraints)
-        value = float(row[objective]) * (-1 if objective in MINIMISED else 1)
-        return (-broken, value, -abs(alpha - 0.5), -alpha)
+        return (*merit(points[alpha], objective, constraints, references), -abs(alpha - 0.5), -alpha)
 
     step = 0.25
     while len(points) < budget and step >= FINEST_STEP:
@@ -135,22 +127,57 @@ def search_alpha(evaluate: Callable[[float], dict[str, Any]], objective: str, co
             if 0.0 <= alpha <= 1.0 and alpha not in points and len(points) < budget:
                 points[alpha] = evaluate(alpha)
         step /= 2
-    feasible = {a: all(c.holds(points[a], references) for c in constraints) for a in points}
+    feasible = feasibility(points, constraints, references)
     best = max(points, key=rank)
     return SearchResult(dict(sorted(points.items())), references, best,
-                        _reason(best, points, feasible, objective, constraints, references), feasible)
+                        choice_reason(points[best], feasible[best], feasible, objective, constraints, references,
+                                      noun="α", noun_one="α", chosen=f"α={best:g}"), feasible)
 
 
-def _reason(best: float, points, feasible, objective: str, constraints: list[Constraint], references) -> str:
+# Shared by the 1-D search here and the coordinate search over α schedules (schedule_search.py).
+
+
+def check_objective(row: dict[str, Any], objective: str) -> None:
+    """Raise ``ConfigError`` when the first measured row has no value for ``objective``."""
+    if row.get(objective) is None:
+        measured = ", ".join(k for k, v in row.items() if v is not None and k != "alpha")
+        raise ConfigError(f"--objective {objective}: not measured by this sweep (measured: {measured})")
+
+
+def base_reference(constraints: list[Constraint], base: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
+    """``{"base": row}`` when a constraint names the base model (measured once, outside the budget), else {}."""
+    if not any(c.reference == "base" for c in constraints):
+        return {}
+    if base is None:
+        raise ConfigError("a constraint names 'base' but no base model can be evaluated here")
+    return {"base": base()}
+
+
+def merit(row: dict[str, Any], objective: str, constraints: list[Constraint], references) -> tuple[int, float]:
+    """(−constraints broken, objective with ``ppl`` negated): the leading keys of both searches' ranking."""
+    broken = sum(not c.holds(row, references) for c in constraints)
+    return -broken, float(row[objective]) * (-1 if objective in MINIMISED else 1)
+
+
+def feasibility(points: dict[Any, dict[str, Any]], constraints: list[Constraint], references) -> dict[Any, bool]:
+    """Point → whether its row meets every constraint."""
+    return {p: all(c.holds(row, references) for c in constraints) for p, row in points.items()}
+
+
+def choice_reason(row: dict[str, Any], ok: bool, feasible: dict[Any, bool], objective: str,
+                  constraints: list[Constraint], references, noun: str, noun_one: str, chosen: str) -> str:
+    """Why the chosen point won, in words (``noun``/``noun_one``: "α"/"α" or "schedules"/"schedule";
+    ``chosen``: how to name the choice)."""
     word = "lowest" if objective in MINIMISED else "highest"
-    value = points[best][objective]
+    value = row[objective]
     limits = "; ".join(f"{c.text} ({c.metric} {c.op} {c.bound(references):.3g})" for c in constraints)
-    ok = sum(feasible.values())
+    count = len(feasible)
     if not constraints:
-        return f"{word} {objective} ({value:.3g}) among {len(points)} evaluated α"
-    if feasible[best]:
-        return f"{word} {objective} ({value:.3g}) among the {ok} of {len(points)} evaluated α that meet {limits}"
-    return (f"no evaluated α meets every constraint ({limits}); α={best:g} breaks the fewest and has the "
+        return f"{word} {objective} ({value:.3g}) among {count} evaluated {noun}"
+    if ok:
+        return (f"{word} {objective} ({value:.3g}) among the {sum(feasible.values())} of {count} evaluated "
+                f"{noun} that meet {limits}")
+    return (f"no evaluated {noun_one} meets every constraint ({limits}); {chosen} breaks the fewest and has the "
             f"{word} {objective} ({value:.3g}) among those")
 
 

@@ -23,7 +23,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mlx_med.errors import ConfigError
-from mlx_med.evaluation.alpha_search import FINEST_STEP, MINIMISED, START, Constraint
+from mlx_med.evaluation.alpha_search import (
+    FINEST_STEP,
+    START,
+    Constraint,
+    base_reference,
+    check_objective,
+    choice_reason,
+    feasibility,
+    merit,
+)
 
 Vector = tuple[float, ...]
 FIRST_STEP = 0.25
@@ -68,22 +77,15 @@ def coordinate_search(evaluate: Callable[[Vector], dict[str, Any]], start: Vecto
         return seen[vector]
 
     points = {start: measured(start)}
-    if points[start].get(objective) is None:
-        names = ", ".join(k for k, v in points[start].items() if v is not None and k != "alpha")
-        raise ConfigError(f"--objective {objective}: not measured by this sweep (measured: {names})")
+    check_objective(points[start], objective)
     references = {name: measured((value,) * len(start)) for name, value in (("pt", 0.0), ("sft", 1.0))
                   if any(c.reference == name for c in constraints)}
-    if any(c.reference == "base" for c in constraints):
-        if base is None:
-            raise ConfigError("a constraint names 'base' but no base model can be evaluated here")
-        references["base"] = base()
+    references.update(base_reference(constraints, base))
 
     def rank(vector: Vector) -> tuple:
-        row = points[vector]
-        broken = sum(not c.holds(row, references) for c in constraints)
-        value = float(row[objective]) * (-1 if objective in MINIMISED else 1)
         closeness = tuple(-abs(a - 0.5) for a in vector)
-        return (-broken, value, sum(closeness), closeness, tuple(-a for a in vector))
+        return (*merit(points[vector], objective, constraints, references), sum(closeness), closeness,
+                tuple(-a for a in vector))
 
     best, step, cycles = start, None, 0
     while len(points) < budget and (step is None or step >= FINEST_STEP):
@@ -100,22 +102,10 @@ def coordinate_search(evaluate: Callable[[Vector], dict[str, Any]], start: Vecto
             step = FIRST_STEP
         elif best == before:
             step /= 2
-    feasible = {v: all(c.holds(points[v], references) for c in constraints) for v in points}
-    return CoordinateResult(points, references, best, _reason(best, points, feasible, objective, constraints,
-                                                              references), feasible, cycles)
-
-
-def _reason(best: Vector, points, feasible, objective: str, constraints: list[Constraint], references) -> str:
-    word = "lowest" if objective in MINIMISED else "highest"
-    value = points[best][objective]
-    limits = "; ".join(f"{c.text} ({c.metric} {c.op} {c.bound(references):.3g})" for c in constraints)
-    if not constraints:
-        return f"{word} {objective} ({value:.3g}) among {len(points)} evaluated schedules"
-    if feasible[best]:
-        return (f"{word} {objective} ({value:.3g}) among the {sum(feasible.values())} of {len(points)} evaluated "
-                f"schedules that meet {limits}")
-    return (f"no evaluated schedule meets every constraint ({limits}); the chosen one breaks the fewest and has "
-            f"the {word} {objective} ({value:.3g}) among those")
+    feasible = feasibility(points, constraints, references)
+    reason = choice_reason(points[best], feasible[best], feasible, objective, constraints, references,
+                           noun="schedules", noun_one="schedule", chosen="the chosen one")
+    return CoordinateResult(points, references, best, reason, feasible, cycles)
 
 
 def coordinate_names(schedule) -> list[str]:
