@@ -30,11 +30,14 @@ from mlx_med.errors import DataError, UserError
 DEFAULT_ALPHA = 0.5
 ALPHA_RANGE = (0.0, 1.0)
 
-def check_alpha(alpha: Any, name: str = "--alpha") -> float:
+def check_alpha(alpha: Any, name: str = "--alpha", cli_hint: bool = True) -> float:
     """α as a float, if it is a number in [0, 1] (the one range rule of every command).
 
+    Args:
+        cli_hint: point the message at ``--w-sft/--w-pt`` (off where there are no such flags: HTTP).
+
     Raises:
-        UserError: not a number, or outside [0, 1] (the message points at ``--w-sft/--w-pt``).
+        UserError: not a number, or outside [0, 1].
     """
     try:
         value = float(alpha)
@@ -42,7 +45,8 @@ def check_alpha(alpha: Any, name: str = "--alpha") -> float:
         raise UserError(f"{name} must be a number in [0, 1], got {alpha!r}") from None
     low, high = ALPHA_RANGE
     if not (math.isfinite(value) and low <= value <= high):
-        raise UserError(f"{name} must be in [0, 1], got {alpha} (for other weights give --w-sft X --w-pt Y)")
+        hint = " (for other weights give --w-sft X --w-pt Y)" if cli_hint else ""
+        raise UserError(f"{name} must be in [0, 1], got {alpha}{hint}")
     return value
 
 

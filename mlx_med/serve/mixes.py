@@ -28,9 +28,9 @@ def check_weight(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ApiError(400, f"{where} must be a number, got {value!r}", param=where)
     try:
-        check_alpha(value, where)
+        check_alpha(value, where, cli_hint=False)
     except UserError as err:
-        raise ApiError(400, str(err).split(" (for other weights")[0], param=where) from None
+        raise ApiError(400, str(err), param=where) from None
     return float(value)
 
 
