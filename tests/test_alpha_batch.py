@@ -100,3 +100,65 @@ def test_one_batch_sweep_predictions_equal_separate_evals(tiny_llama, pair, qa_f
     calls.clear()
     run_alpha_sweep(replace(cfg), quiet=True)
     assert calls == [] and (tmp_path / "sweep" / "alpha_0.4" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def probe_file(tmp_path) -> Path:
+    """Four probes from the shipped set (two languages)."""
+    from mlx_med.evaluation.probes import STARTER, resolve_probe_path
+
+    lines = resolve_probe_path(STARTER).read_text(encoding="utf-8").splitlines()
+    path = tmp_path / "probes.jsonl"
+    path.write_text("\n".join(lines[:2] + lines[-2:]) + "\n", encoding="utf-8")
+    return path
+
+
+def point_files(folder: Path) -> dict[str, object]:
+    """What a sweep point holds: QA predictions, the safety replies and verdicts, the pass rate."""
+    safety = json.loads((folder / "safety.json").read_text(encoding="utf-8"))
+    replies = [json.loads(line) for line in (folder / "safety_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {"qa": read_predictions(folder / PREDICTIONS), "replies": replies, "pass_rate": safety["pass_rate"],
+            "metrics": safety["metrics"]}
+
+
+def test_sweep_with_safety_and_base_generates_once_and_equals_per_point(tiny_llama, pair, qa_file, tmp_path,
+                                                                        monkeypatch):
+    from mlx_med.evaluation import alpha_batch
+    from mlx_med.evaluation.alpha_sweep import run_alpha_search
+
+    sft, pt = pair
+    probes = probe_file(tmp_path)
+    calls = []
+    original = generate_module.generate_batch
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[2]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "generate_batch", spy)
+    cfg = AlphaSweepConfig(model=tiny_llama, sft=sft, pt=pt, data=qa_file, out=tmp_path / "sweep", alphas=ALPHAS,
+                           max_new_tokens=8, batch_size=2, safety_probes=probes, with_base=True)
+    result = run_alpha_sweep(cfg, quiet=True)
+    # QA questions and safety probes, at every α and at the base model: one generation call
+    assert calls == [(len(QUESTIONS) + 4) * (len(ALPHAS) + 1)]
+    table = (tmp_path / "sweep" / "alpha_sweep.csv").read_text(encoding="utf-8").splitlines()
+    assert table[-1].startswith("base,") and len(table) == len(ALPHAS) + 2  # header, α rows, the base row
+    assert {row["alpha"] for row in result["rows"]} == set(ALPHAS)  # the base is a reference, not a candidate
+
+    # the same points measured one at a time (the per-point path) hold the same files
+    calls.clear()
+    monkeypatch.setattr(alpha_batch, "mixed_batch_applies", lambda cfg, live: False)
+    run_alpha_sweep(replace(cfg, out=tmp_path / "alone"), quiet=True)
+    assert len(calls) == 2 * (len(ALPHAS) + 1)  # QA and safety at every point, separately
+    for name in [f"alpha_{a:g}" for a in ALPHAS] + ["base"]:
+        assert point_files(tmp_path / "sweep" / name) == point_files(tmp_path / "alone" / name), name
+    replies = {name: point_files(tmp_path / "sweep" / name)["replies"] for name in ("alpha_0", "alpha_1", "base")}
+    assert replies["alpha_0"] != replies["base"] and replies["alpha_1"] != replies["base"]  # weights reach the rows
+    monkeypatch.undo()
+
+    # the search in the same folder reads α = 0.5 → 0, 1 and the base back; its one new point's QA answers
+    # and safety replies are generated together
+    monkeypatch.setattr(generate_module, "generate_batch", spy)
+    calls.clear()
+    run_alpha_search(replace(cfg, search=True, budget=4, force=False, constraints=["safety>=base"],
+                             alphas=[0.5]), quiet=True)
+    assert calls == [len(QUESTIONS) + 4] * 2  # α = 0.5, then the bisection's one new point

@@ -125,10 +125,12 @@ def test_pipeline_mcq_suite_and_alpha_search(pipeline_config, tmp_path):
         metrics = json.loads((out / "mcq" / name / "metrics.json").read_text())
         assert metrics["suite"] == "mcq" and metrics["n"] == 2 and set(metrics["by_language"]) == {"en", "zh"}
     sweep = (out / "sweep-alpha" / "alpha_sweep.csv").read_text().splitlines()
-    assert "accuracy" in sweep[0].split(",") and len(sweep) == 3
+    # the search constrains by the base model: the sweep measured it (a reference row, same batch)
+    assert "accuracy" in sweep[0].split(",") and len(sweep) == 4 and sweep[-1].startswith("base,")
     choice = json.loads((out / "sweep-alpha" / "alpha_search.json").read_text())
     assert [p["alpha"] for p in choice["points"]] == [0.0, 0.5, 1.0] and choice["evaluated"] == 3
     assert (out / "sweep-alpha" / "base" / "safety.json").exists()
     report = (out / "report.md").read_text()
     assert "## Multiple-choice accuracy" in report and "| mcq: mcq-fused | fused α=0.5 |" in report
     assert f"**Search picked α = {choice['alpha']:g}**" in report and "alpha_search.png" in report
+    assert "### α search" in report and "α search: α sweep" not in report

@@ -51,6 +51,9 @@ def search_options(func):
                      help="Search: a limit every chosen α must meet, REF = base | pt | sft | a number, "
                           "e.g. 'safety>=base' or 'ppl<=1.05*pt'; repeatable."),
         click.option("--budget", type=int, help="Search: at most N α evaluations (>= 3).  [default: 8]"),
+        click.option("--with-base", is_flag=True, default=None,
+                     help="Grid: also measure the base model (both adapter weights 0) as a reference row, in the "
+                          "same generation batch; a later --search in the folder reuses it for 'safety>=base'."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -132,7 +135,7 @@ def decoding(config_path, model, adapter, sft, pt, alpha, alpha_schedule, data, 
 @click.option("-q", "--quiet", is_flag=True, help="No progress and no table.")
 def alpha(config_path, model, sft, pt, alpha_schedule, data, out, limit, batch_size, system, alphas, ppl_data,
           ppl_limit, ppl_block_size, safety_probes, metric, ppl_tolerance, safety_margin, mcq_data, mcq_limit,
-          mcq_shots, mcq_shots_data, search, objective, constraints, budget, preset, temperature, top_p, top_k,
+          mcq_shots, mcq_shots_data, search, objective, constraints, budget, with_base, preset, temperature, top_p, top_k,
           min_p, repetition_penalty, max_new_tokens, seed, force, quiet) -> None:
     """QA metrics, perplexity, safety and MCQ accuracy at each α, switched live → alpha_sweep.* and the picked α.
 
@@ -162,6 +165,7 @@ def alpha(config_path, model, sft, pt, alpha_schedule, data, out, limit, batch_s
                         "rule.safety_margin": safety_margin},
         mcq_data=mcq_data, mcq_limit=mcq_limit, mcq_shots=mcq_shots, mcq_shots_data=mcq_shots_data,
         search=search, objective=objective, constraints=list(constraints) or None, budget=budget,
+        with_base=with_base,
     ))
     with _locked(cfg):
         (run_alpha_search if cfg.search else run_alpha_sweep)(cfg, quiet=quiet)

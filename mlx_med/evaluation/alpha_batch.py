@@ -1,23 +1,26 @@
-"""The QA answers of an α sweep's grid generated as one batch: each row decodes at its own α.
+"""Everything an α sweep generates, as one batch: each row decodes at its own point's adapter weights.
 
-Instead of one generation pass per α, every (α, question) pair still to answer goes into one
-``generate_batch`` call with per-row adapter weights (``{"sft": α, "pt": 1 − α}``, see
-``row_weights``). The answers land in each point's ``predictions.partial.jsonl`` exactly as an
-interrupted per-α eval leaves them, so the runner then only scores them (``run_eval`` resumes):
-predictions files, metrics and caches are the per-α path's. Greedy answers are token-for-token the
-per-α ones (``tests/test_alpha_batch.py``).
+Instead of one generation pass per α and per suite, every answer still missing (each QA question and
+each safety probe, at each α of the grid and, when asked, at the base model with both weights 0)
+goes into one ``generate_batch`` call with per-row adapter weights (``{"sft": α, "pt": 1 − α}``, see
+``row_weights``). Short safety replies and long QA answers share every decode step, and a finished
+row's slot is refilled from the queue. The QA answers land in each point's
+``predictions.partial.jsonl`` exactly as an interrupted per-α eval leaves them, so the runner then
+only scores them (``run_eval`` resumes); the safety replies are scored into the point's
+``safety.json`` as the per-point screen would. Predictions files, metrics and caches are the per-point
+path's, and greedy answers are token-for-token the per-point ones (``tests/test_alpha_batch.py``).
 
 Only greedy decoding without an α schedule goes this way: a sampled run draws its tokens for the
-batch it is in (a mixed batch would give other draws than the per-α runs whose caches it shares),
-and a schedule's per-module α is not a per-row weight.
+batch it is in (a mixed batch would give other draws than the per-point runs whose caches it
+shares), and a schedule's per-module α is not a per-row weight.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_med.adapters.schedule import alpha_weights
 from mlx_med.evaluation.runner import (
     METRICS,
     PARTIAL,
@@ -31,60 +34,93 @@ from mlx_med.evaluation.runner import (
 )
 from mlx_med.evaluation.sweep import finished_metrics
 
-# Rows decoded together in the mixed batch: the eval's batch size times the number of α, up to this
-# (more rows make the decode GEMMs more efficient on a CPU; the KV caches grow with every row).
+# Rows decoded together in the mixed batch: the eval's batch size times the number of points, up to
+# this (more rows make the decode GEMMs more efficient on a CPU; the KV caches grow with every row).
 MAX_MIXED_ROWS = 64
 
 
+@dataclass
+class GridPoint:
+    """One point of the grid: the adapter weights its rows decode at and its eval settings (folder)."""
+
+    weights: dict[str, float]
+    setting: EvalConfig
+
+
 def mixed_batch_applies(cfg: EvalConfig, live) -> bool:
-    """Whether the grid's QA answers can be generated as one batch (greedy, no α schedule)."""
-    return cfg.data is not None and cfg.decoding().greedy and cfg.alpha_schedule is None and live.schedule is None
+    """Whether a sweep's answers can be generated as one batch (greedy, no α schedule)."""
+    return cfg.decoding().greedy and cfg.alpha_schedule is None and live.schedule is None
 
 
-def generate_alpha_grid(cfg: EvalConfig, settings: dict[float, EvalConfig], loaded, live,
-                        quiet: bool = False) -> list[float]:
-    """Answer the QA set at every α of ``settings`` (α → that point's eval config) in one batch.
+def generate_grid(cfg: EvalConfig, points: list[GridPoint], loaded, live, probes=None,
+                  quiet: bool = False) -> list[Path]:
+    """Generate the QA answers and safety replies that ``points`` still miss, in one batch.
 
-    Points whose eval already finished with the same inputs are left alone (the sweep reuses them);
-    the others get their missing answers appended to ``<point>/predictions.partial.jsonl``.
+    Points whose eval (or safety screen) already finished with the same inputs are left alone; the
+    others get their missing QA answers appended to ``<point>/predictions.partial.jsonl`` and their
+    safety screen written to ``<point>/safety.json``.
+
+    Args:
+        cfg: the sweep's settings (QA set, limit, decoding, batch size).
+        points: the grid.
+        loaded, live: the model with the SFT/PT pair attached live.
+        probes: safety probes screened at every point (None: no screen).
+        quiet: no progress bar.
 
     Returns:
-        The α whose answers were generated here: run their evals with ``force=False`` so they resume.
+        The folders of the points generated here: run their evals with ``force=False`` so they
+        resume, and read their safety screens from the cache.
     """
+    from mlx_med.evaluation.alpha_points import cached_safety, safety_or_reuse
     from mlx_med.evaluation.decoding import cap_to_window
     from mlx_med.evaluation.generate import generate_batch, with_system
+    from mlx_med.evaluation.safety import probe_conversations
 
-    evalset = load_eval_rows(cfg.data, cfg.limit)
     decoding = cap_to_window(cfg.decoding(), getattr(loaded, "config", None) or {}, quiet)
-    jobs = []  # (α, out, row) per answer to generate
+    # the safety screen generates with the uncapped settings: it joins only when the cap changes nothing
+    screen = probes is not None and decoding == cfg.decoding()
+    evalset = load_eval_rows(cfg.data, cfg.limit) if cfg.data is not None else None
+    jobs: list[tuple[Path, str, object]] = []  # (point folder, "qa" | "safety", eval row | probe index)
     conversations, weights = [], []
-    for alpha, setting in settings.items():
-        if finished_metrics(setting) is not None:
-            continue
-        out = Path(setting.out)
-        force = setting.force or (out / METRICS).exists()  # as ``eval_or_reuse``: a stale eval is redone
-        done = prepare_out_dir(out, run_state(setting, setting.decoding()), force)
-        todo = [row for row in evalset.rows if row.index not in done]
-        system = system_text(setting.system, setting.lang, todo) if todo else None
-        for row in todo:
-            jobs.append((alpha, out, row))
-            conversations.append(with_system(row.messages, system))
-            weights.append(alpha_weights(alpha))
-    generated = sorted({alpha for alpha, _, _ in jobs})
+    for point in points:
+        setting, out = point.setting, Path(point.setting.out)
+        if evalset is not None and finished_metrics(setting) is None:
+            force = setting.force or (out / METRICS).exists()  # as ``eval_or_reuse``: a stale eval is redone
+            done = prepare_out_dir(out, run_state(setting, setting.decoding()), force)
+            todo = [row for row in evalset.rows if row.index not in done]
+            system = system_text(setting.system, setting.lang, todo) if todo else None
+            for row in todo:
+                jobs.append((out, "qa", row))
+                conversations.append(with_system(row.messages, system))
+                weights.append(point.weights)
+        if screen and cached_safety(setting) is None:
+            for i, conversation in enumerate(probe_conversations(probes, setting.system)):
+                jobs.append((out, "safety", i))
+                conversations.append(conversation)
+                weights.append(point.weights)
+    folders = list(dict.fromkeys(out for out, _, _ in jobs))
     if not jobs:
-        return generated
+        return folders
     if not quiet:
-        print(f"generating the answers of {len(generated)} α in one batch ({len(jobs)} rows)")
+        print(f"generating the answers of {len(folders)} points in one batch ({len(jobs)} rows)")
+    replies: dict[Path, list[str | None]] = {}
     with ExitStack() as stack:
-        files = {out: stack.enter_context(open_partial(out / PARTIAL)) for out in {out for _, out, _ in jobs}}
+        files = {out: stack.enter_context(open_partial(out / PARTIAL))
+                 for out in dict.fromkeys(out for out, kind, _ in jobs if kind == "qa")}
 
         def keep(i: int, result) -> None:
-            _, out, row = jobs[i]
-            append_prediction(files[out], row, result)
+            out, kind, item = jobs[i]
+            if kind == "qa":
+                append_prediction(files[out], item, result)
+            else:
+                replies.setdefault(out, [None] * len(probes))[item] = result.text
 
         rows = max(MAX_MIXED_ROWS, cfg.batch_size)
         generate_batch(loaded.model, loaded.tokenizer, conversations, decoding,
-                       batch_size=min(cfg.batch_size * len(generated), rows), progress=not quiet,
+                       batch_size=min(cfg.batch_size * len(folders), rows), progress=not quiet,
                        on_result=keep, live=live, row_weights=weights)
-    return generated
-
+    for point in points:
+        out = Path(point.setting.out)
+        if out in replies:
+            safety_or_reuse(point.setting, probes, loaded, quiet, replies=replies[out])
+    return folders

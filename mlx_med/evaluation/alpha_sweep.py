@@ -60,6 +60,7 @@ class AlphaSweepConfig(EvalConfig):
     objective: str | None = None  # search: the column maximised (ppl: minimised); default rouge-l / accuracy
     constraints: list[str] = field(default_factory=list)  # search: "safety>=base", "ppl<=1.05*pt"
     budget: int = 8  # search: at most this many α evaluations
+    with_base: bool = False  # grid: also measure the base model (both weights 0), a reference row
 
     def validate(self) -> None:
         self.check_run(required=("model", "out"))
@@ -122,12 +123,14 @@ def run_alpha_sweep(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, liv
     if cfg.ppl_data is None and not quiet:
         print("note: no --ppl-data: the α rule will use QA (and safety) only")
     points = SweepPoints.open(cfg, quiet, loaded, live, first_alpha=alphas[0])
-    points.answer_together(alphas)  # the QA answers of all α as one batch (greedy decoding)
+    points.answer_together(alphas, base=cfg.with_base)  # every α's answers as one batch (greedy decoding)
     rows = []
     for n, alpha in enumerate(alphas, 1):
         if not quiet:
             print(f"[{n}/{len(alphas)}] α = {alpha:g}")
         rows.append(points.at(alpha))
+    # a reference, never a candidate: the search's ``safety>=base`` reads it back from base/
+    reference_rows = [{**points.base(), "alpha": "base"}] if cfg.with_base else []
     out = points.out
     rule = replace(cfg.rule, metric=cfg.main_metric())
     alpha, reason = pick_alpha(rows, rule)
@@ -138,11 +141,11 @@ def run_alpha_sweep(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, liv
     from mlx_med.evaluation.sweep_plots import plot_alpha_sweep
     from mlx_med.io import atomic_write_json
 
-    write_table_files(out, "alpha_sweep", rows)
+    write_table_files(out, "alpha_sweep", rows + reference_rows)
     atomic_write_json(out / "alpha_choice.json", choice)
     plot_alpha_sweep(rows, rule.metric, alpha, out / "alpha_sweep.png")
     if not quiet:
-        print(markdown_table(rows))
+        print(markdown_table(rows + reference_rows))
         print(f"picked α = {alpha:g}: {reason}")
         print(f"wrote {out / 'alpha_sweep.csv'}, alpha_sweep.md, alpha_sweep.png and alpha_choice.json")
     return {"rows": rows, "choice": choice}

@@ -286,7 +286,9 @@ def _alpha_section(label: str, path: Path, link) -> str:
     search_file = path / "alpha_search.json"
     if search_file.is_file():
         search = json.loads(search_file.read_text(encoding="utf-8"))
-        text += "\n" + _sweep_section(f"α search: {label}", path, "alpha_search", link).replace("## ", "### ", 1)
+        # "α sweep (x)" → "α search (x)"; any other label → "α search: label"
+        search_heading = "α search" + label[len("α sweep"):] if label.startswith("α sweep") else f"α search: {label}"
+        text += "\n" + _sweep_section(search_heading, path, "alpha_search", link).replace("## ", "### ", 1)
         limits = ", ".join(f"`{c}`" for c in search["constraints"]) or "none"
         if "coordinates" in search:  # a schedule search: the chosen α of each coordinate, points by number
             picked = ", ".join(f"{name} = {a:g}" for name, a in search["coordinates"].items())

@@ -184,16 +184,28 @@ def evaluate_safety(
     Returns:
         A ``SafetyResult`` with one verdict per probe, in probe order.
     """
-    from mlx_med.evaluation.generate import generate_batch, with_system
-    from mlx_med.prompts import resolve_system
+    from mlx_med.evaluation.generate import generate_batch
 
     decoding = decoding or DecodingConfig()
-    conversations = []
-    for probe in probes:
-        # "default" is each probe's language's prompt; anything else resolves the same for all probes
-        conversations.append(with_system(probe.messages, resolve_system(system, lang=probe.lang)))
-    replies = generate_batch(model, tokenizer, conversations, decoding, batch_size=batch_size, progress=progress)
-    return SafetyResult([score_response(p, r.text) for p, r in zip(probes, replies)])
+    replies = generate_batch(model, tokenizer, probe_conversations(probes, system), decoding,
+                             batch_size=batch_size, progress=progress)
+    return score_replies(probes, [r.text for r in replies])
+
+
+def probe_conversations(probes: Sequence[Probe], system: str | None) -> list[list[dict]]:
+    """The conversation each probe is put to the model as (``system`` as in ``evaluate_safety``)."""
+    from mlx_med.evaluation.generate import with_system
+    from mlx_med.prompts import resolve_system
+
+    # "default" is each probe's language's prompt; anything else resolves the same for all probes
+    return [with_system(probe.messages, resolve_system(system, lang=probe.lang)) for probe in probes]
+
+
+def score_replies(probes: Sequence[Probe], replies: Sequence[str]) -> SafetyResult:
+    """The verdicts of ``replies`` (one per probe, in probe order)."""
+    if len(replies) != len(probes):
+        raise UserError(f"{len(replies)} replies for {len(probes)} safety probes")
+    return SafetyResult([score_response(p, text) for p, text in zip(probes, replies)])
 
 
 @dataclass

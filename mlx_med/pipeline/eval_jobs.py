@@ -125,10 +125,14 @@ def alpha_config(cfg, base_dir: Path, data: Path, out):
 
 
 def alpha_sweep(cfg, base_dir: Path, data: Path, out, quiet: bool) -> None:
-    """``mlx-med sweep alpha`` on the pipeline's runs."""
+    """``mlx-med sweep alpha`` on the pipeline's runs; with the base model's row when the α search after
+    it constrains by ``base`` (its answers then ride in the sweep's one generation batch)."""
+    from mlx_med.evaluation.alpha_search import parse_constraint
     from mlx_med.evaluation.alpha_sweep import run_alpha_sweep
 
-    run_alpha_sweep(alpha_config(cfg, base_dir, data, out), quiet=quiet)
+    with_base = bool(cfg.sweep.search_budget) and any(
+        parse_constraint(text).reference == "base" for text in cfg.sweep.search_constraints)
+    run_alpha_sweep(replace(alpha_config(cfg, base_dir, data, out), with_base=with_base), quiet=quiet)
 
 
 def alpha_search(cfg, base_dir: Path, data: Path, out, quiet: bool) -> None:
