@@ -134,3 +134,34 @@ def test_pipeline_mcq_suite_and_alpha_search(pipeline_config, tmp_path):
     assert "## Multiple-choice accuracy" in report and "| mcq: mcq-fused | fused α=0.5 |" in report
     assert f"**Search picked α = {choice['alpha']:g}**" in report and "alpha_search.png" in report
     assert "### α search" in report and "α search: α sweep" not in report
+
+
+def test_pipeline_eval_measures_perplexity_once_per_model(pipeline_config, tmp_path, monkeypatch):
+    from mlx_med.evaluation import perplexity as perplexity_module
+
+    path, out = pipeline_config
+    cfg = yaml.safe_load(path.read_text())
+    second = write_jsonl(tmp_path / "data" / "eval2.jsonl", [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in CHATS[::-1]])
+    cfg["eval"]["data"].append(str(second))
+    path.write_text(yaml.safe_dump(cfg))
+    calls = []
+    original = perplexity_module.perplexity_stats
+
+    def spy(*args, **kwargs):
+        import inspect
+        import os
+
+        caller = inspect.stack()[1].frame.f_locals  # run_eval: the QA evals and the α sweep's points
+        calls.append(os.path.basename(os.path.dirname(caller["cfg"].out)) if "cfg" in caller else None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(perplexity_module, "perplexity_stats", spy)
+    result = CliRunner().invoke(cli, ["pipeline", "-c", str(path), "-q"])
+    assert result.exit_code == 0, result.output
+    assert calls.count("evals") == 2  # base and fused, not once per QA set
+    for model in ("base", "fused"):
+        first, other = (json.loads((out / "evals" / f"{name}-{model}-greedy" / "metrics.json").read_text())
+                        for name in ("eval", "eval2"))
+        assert first["perplexity"] == other["perplexity"] and first["perplexity"]["perplexity"] > 1
+        assert first["bleu-4"] is not None and other["n"] == len(CHATS)

@@ -100,7 +100,8 @@ def load_eval_rows(path: str | Path, limit: int | None = None) -> EvalSet:
     return EvalSet(rows, report.skipped, report.reasons)
 
 
-def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any]:
+def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None,
+             perplexity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate ``cfg.model`` (+ adapters) on ``cfg.data``; write predictions and metrics to ``cfg.out``.
 
     Args:
@@ -108,6 +109,8 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
         quiet: no progress bar and no printed table.
         loaded: an already loaded ``LoadedModel`` to use instead of loading ``cfg.model`` (sweeps
             reuse one model; the adapters it carries are the caller's business).
+        perplexity: this same model's ``perplexity_stats`` on ``cfg.ppl_data`` (same limit and block
+            size), already measured by the caller (the pipeline measures it once per model).
 
     Returns:
         The metrics dict written to ``metrics.json``.
@@ -149,7 +152,9 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None) -> dict[str, Any
                              "batch_size": cfg.batch_size, "resumed": len(records) - len(generated)}
     metrics["finish_reasons"] = _count(r["finish_reason"] for r in records)
     metrics["bad_rows"] = {"count": evalset.bad, "first": evalset.bad_reasons}
-    if cfg.ppl_data is not None:
+    if cfg.ppl_data is not None and perplexity is not None:
+        metrics["perplexity"] = perplexity
+    elif cfg.ppl_data is not None:
         from mlx_med.evaluation.perplexity import load_ppl_texts, perplexity_stats
 
         texts = load_ppl_texts(cfg.ppl_data, cfg.ppl_limit)

@@ -40,19 +40,33 @@ def qa_jobs(cfg, base_dir: Path, out) -> list[tuple[Path, Any]]:
 
 
 def run_qa_jobs(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
-    """Run the QA evals, skipping those an interrupted stage already finished with the same settings."""
+    """Run the QA evals, skipping those an interrupted stage already finished with the same settings.
+
+    Jobs run model by model: each model is loaded once, and its held-out perplexity (the same text
+    for every QA set) is measured once and given to its other evals.
+    """
     import json
 
     from mlx_med.config import config_to_dict
     from mlx_med.evaluation.runner import run_eval
     from mlx_med.io import atomic_write_text
 
-    for job_out, ecfg in jobs:
+    def model_key(ecfg) -> tuple:
+        return tuple(str(v) for v in (ecfg.model, ecfg.adapter, ecfg.sft, ecfg.pt, ecfg.alpha, ecfg.alpha_schedule))
+
+    loaded, loaded_key, perplexities = None, None, {}
+    for job_out, ecfg in sorted(jobs, key=lambda job: model_key(job[1])):  # stable: QA-set order kept
         settings = json.dumps(config_to_dict(ecfg), sort_keys=True)
         marker = job_out / "pipeline_eval.json"  # lets an interrupted eval stage keep its finished evals
         if (job_out / "metrics.json").exists() and marker.exists() and marker.read_text() == settings:
             continue
-        run_eval(ecfg, quiet=quiet)
+        if loaded_key != model_key(ecfg):
+            loaded, loaded_key = None, model_key(ecfg)  # the previous model is freed before the next loads
+            loaded, _ = ecfg.load()
+        ppl_key = (*loaded_key, str(ecfg.ppl_data), ecfg.ppl_limit, ecfg.ppl_block_size)
+        metrics = run_eval(ecfg, quiet=quiet, loaded=loaded, perplexity=perplexities.get(ppl_key))
+        if ecfg.ppl_data is not None:
+            perplexities[ppl_key] = metrics["perplexity"]
         atomic_write_text(marker, settings)
 
 
