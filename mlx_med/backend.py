@@ -38,6 +38,12 @@ class Backend:
     def dtype_name(self) -> str:
         return str(self.compute_dtype).replace("mlx.core.", "")
 
+    def compute_path(self) -> dict[str, str | bool]:
+        """What results computed here depend on: the device and the arithmetic, not the policy's name
+        (``auto`` and ``fp32`` on a CPU take the same path)."""
+        return {"device": self.device, "accelerator": self.accelerator, "dtype": self.dtype_name,
+                "quantized_compute": self.quantized_compute}
+
     def describe(self) -> str:
         kept = "kept quantized" if self.quantized_compute else "dequantized"
         return (f"{self.device} ({self.accelerator}), compute {self.dtype_name}, quantized weights {kept} "

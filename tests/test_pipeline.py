@@ -165,3 +165,16 @@ def test_pipeline_eval_measures_perplexity_once_per_model(pipeline_config, tmp_p
                         for name in ("eval", "eval2"))
         assert first["perplexity"] == other["perplexity"] and first["perplexity"]["perplexity"] > 1
         assert first["bleu-4"] is not None and other["n"] == len(CHATS)
+
+
+def test_pipeline_stage_keys_follow_the_compute_path(pipeline_config):
+    path, out = pipeline_config
+    assert CliRunner().invoke(cli, ["pipeline", "-c", str(path), "-q"]).exit_code == 0
+    # on a CPU, auto is the fp32 path: the same results, nothing to redo
+    again = CliRunner().invoke(cli, ["pipeline", "-c", str(path), "-q", "--compute-policy", "fp32"])
+    assert again.exit_code == 0, again.output
+    assert "train-pt: up to date, skipped" in again.output and "eval: up to date, skipped" in again.output
+    # the accelerator path computes in other arithmetic: every stage that computes runs again
+    other = CliRunner().invoke(cli, ["pipeline", "-c", str(path), "-q", "--compute-policy", "accelerator"])
+    assert other.exit_code == 0, other.output
+    assert "train-pt: up to date" not in other.output and "train-pt: done" in other.output

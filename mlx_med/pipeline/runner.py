@@ -277,7 +277,9 @@ def run_pipeline(cfg: PipelineConfig, quiet: bool = False, restart: bool = False
             shutil.rmtree(out.state, ignore_errors=True)
         stages = build_stages(cfg, quiet)
         atomic_write_json(out.root / "pipeline.json", config_to_dict(cfg))
-        StageRunner(out.state).run(stages)
+        from mlx_med.backend import detect_backend
+
+        StageRunner(out.state, compute=detect_backend().compute_path()).run(stages)
     return out.report
 
 

@@ -40,16 +40,22 @@ class StageOutcome:
 class StageRunner:
     """Runs stages in order, recording completion in ``<state_dir>/state.json``."""
 
-    def __init__(self, state_dir: str | Path, echo: Callable[[str], None] = print):
+    def __init__(self, state_dir: str | Path, echo: Callable[[str], None] = print,
+                 compute: dict[str, Any] | None = None):
+        """``compute``: the compute path (``Backend.compute_path``) every stage's key includes, so a
+        stage computed on another device or in other arithmetic runs again."""
         self.state_path = Path(state_dir) / "state.json"
         self.echo = echo
+        self.compute = compute
         self.state: dict[str, dict[str, Any]] = (
             json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         )
 
     def key(self, stage: Stage, keys: dict[str, str]) -> str:
         upstream = {name: keys[name] for name in stage.after}
-        return cache_key(inputs=stage.inputs, upstream=upstream)  # includes the mlx-med version
+        if self.compute is None:
+            return cache_key(inputs=stage.inputs, upstream=upstream)  # includes the mlx-med version
+        return cache_key(inputs=stage.inputs, upstream=upstream, compute=self.compute)
 
     def is_complete(self, stage: Stage, key: str) -> bool:
         recorded = self.state.get(stage.name, {})
