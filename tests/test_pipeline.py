@@ -178,3 +178,24 @@ def test_pipeline_stage_keys_follow_the_compute_path(pipeline_config):
     other = CliRunner().invoke(cli, ["pipeline", "-c", str(path), "-q", "--compute-policy", "accelerator"])
     assert other.exit_code == 0, other.output
     assert "train-pt: up to date" not in other.output and "train-pt: done" in other.output
+
+
+def test_pipeline_sweep_keeps_the_fused_alpha_schedule(pipeline_config, tmp_path):
+    path, out = pipeline_config
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("default: 0.5\nrules:\n  - layers: \"0\"\n    alpha: 1.0\n")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["fuse"]["alpha_schedule"] = str(schedule)
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(cli, ["pipeline", "-c", str(path), "-q"])
+    assert result.exit_code == 0, result.output
+    for alpha in ("0", "1"):  # each α of the sweep is the schedule's default; layer 0 stays at 1
+        metrics = json.loads((out / "sweep-alpha" / f"alpha_{alpha}" / "metrics.json").read_text())
+        assert metrics["config"]["alpha_schedule"] == str(schedule) and metrics["config"]["alpha"] == float(alpha)
+        key = json.loads((out / "sweep-alpha" / f"alpha_{alpha}" / "safety.json").read_text())["key"]
+        assert "alpha_schedule" in key
+    # a changed schedule makes the sweep stale
+    schedule.write_text("default: 0.5\nrules:\n  - layers: \"0\"\n    alpha: 0.0\n")
+    again = CliRunner().invoke(cli, ["pipeline", "-c", str(path), "-q"])
+    assert again.exit_code == 0, again.output
+    assert "sweep-alpha: up to date" not in again.output

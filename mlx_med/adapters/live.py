@@ -2,20 +2,19 @@
 
 Each targeted linear layer is wrapped in place by a ``MultiLoRALinear``::
 
-    y = base(x) + Σᵢ cᵢ · sᵢ · (x @ aᵢ) @ bᵢ   computed as   (x @ A) @ B,
-    A = [a₁ | a₂ | …] (in × Σr),  B = [c₁s₁b₁ ; c₂s₂b₂ ; …] (Σr × out)
+    y = base(x) + Σᵢ cᵢ · sᵢ · (x @ aᵢ) @ bᵢ   computed as   y = base(x) + ((x @ A) * C) @ B,
+    A = [a₁ | a₂ | …] (in × Σr),  B = [s₁b₁ ; s₂b₂ ; …] (Σr × out),  C = [c₁·1_{r₁} | c₂·1_{r₂} | …]
 
-A and B are rebuilt on every weight change (adapters whose coefficient is 0 are left out), so a
-change of α costs nothing at generation time and the layer does one thin matmul pair whatever the
-number of adapters. The coefficients cᵢ of each layer come from ``mlx_med.adapters.mix.AdapterMix``
-(per module under an α schedule; stacking resolved), so they mean what they mean in ``merge`` and
-``fuse``, and the output equals the fused model's.
+A and B are stacked once; a change of weights only rebuilds C (Σr numbers), so a change of α costs
+nothing at generation time and the layer does one thin matmul pair whatever the number of adapters.
+The coefficients cᵢ of each layer come from ``mlx_med.adapters.mix.AdapterMix`` (per module under an
+α schedule; stacking resolved), so they mean what they mean in ``merge`` and ``fuse``, and the output
+equals the fused model's. With every coefficient 0 the layer is the base layer alone.
 
 Rows of one batch may carry different weights (``LiveAdapters.set_row_weights``: one coefficient
-per batch row, so a server decodes several α in one forward pass). Then A and B hold every adapter
-and the coefficients scale the rank-space activations row by row instead::
-
-    y = base(x) + ((x @ A) * C) @ B,   B = [s₁b₁ ; s₂b₂ ; …],  C[row] = [c₁(row)·1_{r₁} | c₂(row)·1_{r₂} | …]
+per batch row, so a server decodes several α in one forward pass). Then C has one row per batch row,
+``C[row] = [c₁(row)·1_{r₁} | c₂(row)·1_{r₂} | …]``, and the same formula runs: a row of a mixed batch
+gets bit for bit what the model-wide setting at its weights gives in a batch of the same shape.
 
 The adapter factors are kept outside the model's parameter tree: ``model.parameters()`` still holds
 only the base weights (under ``<module>.linear``), and ``LiveAdapters.detach()`` puts the original
@@ -48,8 +47,7 @@ class MultiLoRALinear(nn.Module):
         # object.__setattr__ keeps these out of the parameter tree (nn.Module stores arrays,
         # dicts and tuples as parameters).
         object.__setattr__(self, "_factors", factors)
-        object.__setattr__(self, "_mix", None)
-        object.__setattr__(self, "_rows", None)  # (C, A, B) while weights are per batch row
+        object.__setattr__(self, "_rows", None)  # (C, A, B): the weights (per batch row, or one row for all)
         object.__setattr__(self, "_stacked", None)  # (A, B) of every adapter, built on first per-row use
 
     @property
@@ -59,7 +57,13 @@ class MultiLoRALinear(nn.Module):
         return self.linear.weight.dtype
 
     def set_coefficients(self, coefficients: dict[str, float | mx.array], memo: dict | None = None) -> None:
-        """Rebuild the concatenated factors for new coefficients (one per adapter name).
+        """Set the adapters' weights (one per adapter name) for the next forward passes.
+
+        Both forms run the same arithmetic, ``y + ((x @ A) * c) @ B`` with every adapter's factors
+        stacked (B already times its LoRA scale) and ``c`` each adapter's weight repeated over its
+        rank: a row of a mixed-α batch gets bit for bit the numbers of the model-wide setting at its
+        weights in a batch of the same shape. (Across batch shapes the BLAS may pick other kernels
+        for the thin LoRA products and round differently in the last bits.)
 
         Args:
             coefficients: adapter name → a number (every row alike), or an array of shape (B,) with
@@ -67,23 +71,10 @@ class MultiLoRALinear(nn.Module):
             memo: a dict shared by the layers of one model for one set of per-row coefficients,
                 so the (rows × Σr) coefficient matrix is built once per adapter layout, not per layer.
         """
-        if any(isinstance(c, mx.array) and c.ndim > 0 for c in coefficients.values()):
-            self._set_row_coefficients(coefficients, {} if memo is None else memo)
+        per_row = any(isinstance(c, mx.array) and c.ndim > 0 for c in coefficients.values())
+        if not per_row and all(float(c) == 0.0 for c in coefficients.values()):
+            object.__setattr__(self, "_rows", None)  # the base layer alone
             return
-        object.__setattr__(self, "_rows", None)
-        coefficients = {n: float(c) for n, c in coefficients.items()}
-        active = [(a, b * (coefficients.get(n, 0.0) * s)) for n, (a, b, s) in self._factors.items()
-                  if coefficients.get(n, 0.0) != 0.0]
-        if not active:
-            object.__setattr__(self, "_mix", None)
-            return
-        dtype = self.compute_dtype
-        a = mx.concatenate([a for a, _ in active], axis=1).astype(dtype)
-        b = mx.concatenate([b for _, b in active], axis=0).astype(dtype)
-        mx.eval(a, b)
-        object.__setattr__(self, "_mix", (a, b))
-
-    def _set_row_coefficients(self, coefficients: dict[str, float | mx.array], memo: dict) -> None:
         dtype = self.compute_dtype
         if self._stacked is None:
             a = mx.concatenate([a for a, _, _ in self._factors.values()], axis=1).astype(dtype)
@@ -91,24 +82,26 @@ class MultiLoRALinear(nn.Module):
             mx.eval(a, b)
             object.__setattr__(self, "_stacked", (a, b))
         layout = (tuple((n, a.shape[1]) for n, (a, _, _) in self._factors.items()), dtype)
-        if layout not in memo:
-            rows = max(c.shape[0] for c in coefficients.values() if isinstance(c, mx.array) and c.ndim > 0)
-            # Each adapter's coefficient repeated over its rank: C is (rows, Σr), one row per batch row.
-            columns = [mx.broadcast_to(mx.array(coefficients.get(n, 0.0), dtype=mx.float32).reshape(-1, 1),
-                                       (rows, r)) for n, r in layout[0]]
-            memo[layout] = mx.concatenate(columns, axis=1).astype(dtype)[:, None, :]
-        object.__setattr__(self, "_rows", (memo[layout], *self._stacked))
-        object.__setattr__(self, "_mix", None)
+        if per_row:
+            memo = {} if memo is None else memo
+            if layout not in memo:
+                rows = max(c.shape[0] for c in coefficients.values() if isinstance(c, mx.array) and c.ndim > 0)
+                # Each adapter's coefficient repeated over its rank: C is (rows, Σr), one row per batch row.
+                columns = [mx.broadcast_to(mx.array(coefficients.get(n, 0.0), dtype=mx.float32).reshape(-1, 1),
+                                           (rows, r)) for n, r in layout[0]]
+                memo[layout] = mx.concatenate(columns, axis=1).astype(dtype)[:, None, :]
+            c = memo[layout]
+        else:  # one coefficient row for every input row
+            c = mx.concatenate([mx.full((r,), float(coefficients.get(n, 0.0)), dtype=mx.float32)
+                                for n, r in layout[0]]).astype(dtype)
+        object.__setattr__(self, "_rows", (c, *self._stacked))
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
-        if self._rows is not None:
-            c, a, b = self._rows
-            return y + (((x @ a) * c) @ b).astype(y.dtype)
-        if self._mix is None:
+        if self._rows is None:
             return y
-        a, b = self._mix
-        return y + ((x @ a) @ b).astype(y.dtype)
+        c, a, b = self._rows
+        return y + (((x @ a) * c) @ b).astype(y.dtype)
 
 
 @dataclass

@@ -135,7 +135,8 @@ def alpha_config(cfg, base_dir: Path, data: Path, out):
         alphas=list(cfg.sweep.alphas), limit=cfg.sweep.limit, max_new_tokens=cfg.sweep.max_new_tokens,
         batch_size=cfg.eval.batch_size, ppl_data=cfg.eval.ppl_data, ppl_limit=cfg.eval.ppl_limit,
         ppl_block_size=cfg.eval.ppl_block_size, mcq_data=cfg.sweep.mcq_data, mcq_limit=cfg.sweep.mcq_limit,
-        safety_probes=probe_path(cfg.sweep.safety_probes), seed=cfg.seed, force=True)
+        safety_probes=probe_path(cfg.sweep.safety_probes), seed=cfg.seed, force=True,
+        alpha_schedule=cfg.fuse.alpha_schedule)  # α moves the fused schedule's default; its rules stay
 
 
 def alpha_sweep(cfg, base_dir: Path, data: Path, out, quiet: bool) -> None:

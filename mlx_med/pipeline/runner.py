@@ -231,15 +231,15 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
 
     # 6. sweeps
     sweep_data = cfg.sweep.data or cfg.eval.data[0]
+    sweep_inputs = {"sweep": config_to_dict(cfg.sweep), "data": path_fingerprint(sweep_data), "model": base_input,
+                    "seed": cfg.seed}
+    if cfg.fuse.alpha_schedule is not None:  # the sweep and search move its default and keep its rules
+        sweep_inputs["alpha_schedule"] = path_fingerprint(cfg.fuse.alpha_schedule)
     stages.append(Stage("sweep-alpha", lambda: alpha_sweep(cfg, base_dir, sweep_data, out, quiet),
-                        {"sweep": config_to_dict(cfg.sweep), "data": path_fingerprint(sweep_data), "model": base_input,
-                         "seed": cfg.seed},
-                        [out.sweep_alpha / "alpha_sweep.csv"], after=trained))
+                        sweep_inputs, [out.sweep_alpha / "alpha_sweep.csv"], after=trained))
     if cfg.sweep.search_budget:
         stages.append(Stage("search-alpha", lambda: alpha_search(cfg, base_dir, sweep_data, out, quiet),
-                            {"sweep": config_to_dict(cfg.sweep), "data": path_fingerprint(sweep_data),
-                             "model": base_input, "seed": cfg.seed},
-                            [out.sweep_alpha / "alpha_search.json"], after=["sweep-alpha"]))
+                            sweep_inputs, [out.sweep_alpha / "alpha_search.json"], after=["sweep-alpha"]))
     if cfg.sweep.decoding_grid:
         stages.append(Stage("sweep-decoding", lambda: decoding_sweep(cfg, sweep_data, out, quiet),
                             {"grid": cfg.sweep.decoding_grid, "data": path_fingerprint(sweep_data)},
