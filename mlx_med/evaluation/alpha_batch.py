@@ -8,7 +8,8 @@ row's slot is refilled from the queue. The QA answers land in each point's
 ``predictions.partial.jsonl`` exactly as an interrupted per-α eval leaves them, so the runner then
 only scores them (``run_eval`` resumes); the safety replies are scored into the point's
 ``safety.json`` as the per-point screen would. Predictions files, metrics and caches are the per-point
-path's, and greedy answers are token-for-token the per-point ones (``tests/test_alpha_batch.py``).
+path's, and greedy answers are the per-point ones (``tests/test_alpha_batch.py``; up to the rare
+near-tie a neighbour's padding can flip in any batched generation, see ``generate``).
 
 Only greedy decoding without an α schedule goes this way: a sampled run draws its tokens for the
 batch it is in (a mixed batch would give other draws than the per-point runs whose caches it

@@ -5,8 +5,10 @@ few rows at a time (length buckets: neighbours have similar lengths, so a bucket
 up to ``batch_size`` rows decode together, and a finished row's slot is refilled from the queue.
 Sampling with a top-k bound draws from the k candidates only, never sorting the vocabulary. Results
 come back in the caller's order. Under greedy decoding the output is token-for-token what
-sequential ``mlx_lm.generate_step`` gives (``tests/test_generate.py``). No printing here: the only
-output is an optional tqdm bar on stderr.
+sequential ``mlx_lm.generate_step`` gives (``tests/test_generate.py``), except where a row's padding
+and neighbours move its logits in the last bits at a near-tie of its two best tokens (rare: one
+reply in 220 in ``scripts/bench_sweep.py``). No printing here: the only output is an optional tqdm
+bar on stderr.
 """
 
 from __future__ import annotations
