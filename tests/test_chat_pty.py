@@ -25,6 +25,7 @@ if sys.platform == "win32":  # pragma: no cover
 TIMEOUT = 120  # generous: the machine may be busy; nothing here takes more than a few seconds alone
 PROMPT = ">>> "
 MAX_NEW = 8
+LONG_MESSAGE = "fever"  # at α = 1 the fixture's answer runs on for thousands of tokens (checked below)
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,11 @@ def expected_answers(tiny_llama, sft, pt):
     session.reset()
     adapters.set_alpha(1.0)
     at_one = streamed("fever")
-    # Precondition of the Ctrl-C step: this answer is long (no stop token early), so the
-    # interrupt lands while tokens are still streaming.
+    # Precondition of the Ctrl-C step: this answer is long (no stop token within 1000 tokens, about a
+    # second of streaming), so the interrupt lands while tokens are still coming.
     session.reset()
-    session.set_decoding(max_new_tokens=200)
-    assert session.ask("cough").stats.finish_reason == "length"
+    session.set_decoding(max_new_tokens=1000)
+    assert session.ask(LONG_MESSAGE).stats.finish_reason == "length"
     return first, at_one
 
 
@@ -85,7 +86,9 @@ def test_repl_on_a_pseudo_terminal(tiny_llama, adapter_pair, tmp_path):
     first, at_one = expected_answers(tiny_llama, sft, pt)
     assert first != at_one  # the adapters pull the answer apart, so the /alpha check means something
 
-    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"), TERM="dumb")
+    # one BLAS thread: spinning OpenBLAS threads on a 2-core box would starve this process, and the
+    # Ctrl-C below must reach the REPL while it streams
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"), TERM="dumb", OPENBLAS_NUM_THREADS="1")
     child = pexpect.spawn(
         sys.executable,
         ["-m", "mlx_med.cli", "chat", "--model", str(tiny_llama), "--sft", str(sft), "--pt", str(pt),
@@ -118,8 +121,8 @@ def test_repl_on_a_pseudo_terminal(tiny_llama, adapter_pair, tmp_path):
         # Ctrl-C during a long answer stops it and returns to the prompt; the REPL keeps going.
         command(child, "/max 50000")
         command(child, "/reset")
-        child.sendline("cough")
-        child.expect(r"cough\r\n.")  # the first answer characters are on screen
+        child.sendline(LONG_MESSAGE)
+        child.expect(LONG_MESSAGE + r"\r\n.")  # the first answer characters are on screen
         child.sendintr()
         child.expect_exact("[stopped]")
         child.expect_exact(PROMPT)
