@@ -7,6 +7,7 @@ compared with what an in-process ``ChatSession`` streams for the same model, ada
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pytest
@@ -97,6 +98,9 @@ def test_repl_on_a_pseudo_terminal(tiny_llama, adapter_pair, tmp_path):
          # not cut short by the window and is still streaming when the interrupt lands on a busy machine.
          "--context", "65536"],
         env=env, encoding="utf-8", codec_errors="replace", timeout=TIMEOUT, dimensions=(40, 400),
+        # A test run started in the background (`cmd &` in a script) ignores SIGINT, and its children
+        # inherit that: the REPL on the terminal must get Ctrl-C as a user's would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         child.expect_exact(PROMPT)
