@@ -48,7 +48,7 @@ class MultiLoRALinear(nn.Module):
         # dicts and tuples as parameters).
         object.__setattr__(self, "_factors", factors)
         object.__setattr__(self, "_rows", None)  # (C, A, B): the weights (per batch row, or one row for all)
-        object.__setattr__(self, "_stacked", None)  # (A, B) of every adapter, built on first per-row use
+        object.__setattr__(self, "_stacked", None)  # (A, B) of every adapter, built on first use
 
     @property
     def compute_dtype(self) -> mx.Dtype:

@@ -187,7 +187,8 @@ def safety_or_reuse(cfg, probes, loaded, quiet: bool, replies: list[str] | None 
     from mlx_med.evaluation.safety import evaluate_safety, score_replies, write_predictions
     from mlx_med.io import atomic_write_json
 
-    cached = cached_safety(cfg)
+    key = safety_key(cfg)
+    cached = cached_safety(cfg, key)
     if cached is not None:
         return cached
     if replies is not None:
@@ -197,18 +198,18 @@ def safety_or_reuse(cfg, probes, loaded, quiet: bool, replies: list[str] | None 
                                  system=cfg.system, progress=not quiet)
     write_predictions(result, Path(cfg.out) / "safety_predictions.jsonl")  # the replies, to read failures
     atomic_write_json(Path(cfg.out) / "safety.json",
-                      {"key": safety_key(cfg), "pass_rate": result.pass_rate, "metrics": result.metrics()})
+                      {"key": key, "pass_rate": result.pass_rate, "metrics": result.metrics()})
     return result.pass_rate
 
 
-def cached_safety(cfg) -> float | None:
+def cached_safety(cfg, key: dict[str, Any] | None = None) -> float | None:
     """The pass rate in ``<setting>/safety.json`` when it was screened with these inputs (and ``force``
-    is off), else None."""
+    is off), else None. ``key``: ``safety_key(cfg)`` when the caller has it already."""
     path = Path(cfg.out) / "safety.json"
     if path.exists() and not cfg.force:
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
-            if cached.get("key") == safety_key(cfg):
+            if cached.get("key") == (key or safety_key(cfg)):
                 return float(cached["pass_rate"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             pass

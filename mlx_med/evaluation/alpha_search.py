@@ -144,9 +144,14 @@ def check_objective(row: dict[str, Any], objective: str) -> None:
         raise ConfigError(f"--objective {objective}: not measured by this sweep (measured: {measured})")
 
 
+def names_base(constraints: list[Constraint]) -> bool:
+    """Whether a constraint compares with the base model (``safety>=base``): then the base is measured."""
+    return any(c.reference == "base" for c in constraints)
+
+
 def base_reference(constraints: list[Constraint], base: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
     """``{"base": row}`` when a constraint names the base model (measured once, outside the budget), else {}."""
-    if not any(c.reference == "base" for c in constraints):
+    if not names_base(constraints):
         return {}
     if base is None:
         raise ConfigError("a constraint names 'base' but no base model can be evaluated here")

@@ -152,14 +152,14 @@ def run_eval(cfg: EvalConfig, quiet: bool = False, loaded=None,
                              "batch_size": cfg.batch_size, "resumed": len(records) - len(generated)}
     metrics["finish_reasons"] = _count(r["finish_reason"] for r in records)
     metrics["bad_rows"] = {"count": evalset.bad, "first": evalset.bad_reasons}
-    if cfg.ppl_data is not None and perplexity is not None:
-        metrics["perplexity"] = perplexity
-    elif cfg.ppl_data is not None:
-        from mlx_med.evaluation.perplexity import load_ppl_texts, perplexity_stats
+    if cfg.ppl_data is not None:
+        if perplexity is None:
+            from mlx_med.evaluation.perplexity import load_ppl_texts, perplexity_stats
 
-        texts = load_ppl_texts(cfg.ppl_data, cfg.ppl_limit)
-        metrics["perplexity"] = perplexity_stats(loaded.model, loaded.tokenizer, texts, cfg.ppl_block_size,
-                                                progress=not quiet)
+            texts = load_ppl_texts(cfg.ppl_data, cfg.ppl_limit)
+            perplexity = perplexity_stats(loaded.model, loaded.tokenizer, texts, cfg.ppl_block_size,
+                                          progress=not quiet)
+        metrics["perplexity"] = perplexity
     metrics["config"] = {**config_to_dict(cfg), "decoding": config_to_dict(decoding),
                          "alpha": effective_alpha(cfg.alpha, cfg.alpha_schedule)}
     fused = fused_from(cfg.model)

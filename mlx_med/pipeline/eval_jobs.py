@@ -60,10 +60,11 @@ def run_qa_jobs(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
         marker = job_out / "pipeline_eval.json"  # lets an interrupted eval stage keep its finished evals
         if (job_out / "metrics.json").exists() and marker.exists() and marker.read_text() == settings:
             continue
-        if loaded_key != model_key(ecfg):
-            loaded, loaded_key = None, model_key(ecfg)  # the previous model is freed before the next loads
-            loaded, _ = ecfg.load()
-        ppl_key = (*loaded_key, str(ecfg.ppl_data), ecfg.ppl_limit, ecfg.ppl_block_size)
+        key = model_key(ecfg)
+        if loaded_key != key:
+            loaded = None  # the previous model is freed before the next loads
+            (loaded, _), loaded_key = ecfg.load(), key
+        ppl_key = (*key, str(ecfg.ppl_data), ecfg.ppl_limit, ecfg.ppl_block_size)
         metrics = run_eval(ecfg, quiet=quiet, loaded=loaded, perplexity=perplexities.get(ppl_key))
         if ecfg.ppl_data is not None:
             perplexities[ppl_key] = metrics["perplexity"]
@@ -142,11 +143,11 @@ def alpha_config(cfg, base_dir: Path, data: Path, out):
 def alpha_sweep(cfg, base_dir: Path, data: Path, out, quiet: bool) -> None:
     """``mlx-med sweep alpha`` on the pipeline's runs; with the base model's row when the α search after
     it constrains by ``base`` (its answers then ride in the sweep's one generation batch)."""
-    from mlx_med.evaluation.alpha_search import parse_constraint
+    from mlx_med.evaluation.alpha_search import names_base, parse_constraint
     from mlx_med.evaluation.alpha_sweep import run_alpha_sweep
 
-    with_base = bool(cfg.sweep.search_budget) and any(
-        parse_constraint(text).reference == "base" for text in cfg.sweep.search_constraints)
+    with_base = bool(cfg.sweep.search_budget) and names_base(
+        [parse_constraint(text) for text in cfg.sweep.search_constraints])
     run_alpha_sweep(replace(alpha_config(cfg, base_dir, data, out), with_base=with_base), quiet=quiet)
 
 
