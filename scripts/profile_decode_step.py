@@ -23,20 +23,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
+from profile_train_step import best_of  # this script's folder is on sys.path when it runs
+
 import mlx_med  # noqa: F401  (BLAS preload before mlx)
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up: compilation, allocation
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def linear_shapes(model) -> list[tuple[int, int]]:

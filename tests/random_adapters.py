@@ -59,3 +59,26 @@ def make_adapter(
     if out_dir is not None:
         write_adapter(adapter, out_dir)
     return adapter
+
+
+def write_pair(model_dir: Path, folder: Path) -> tuple[Path, Path]:
+    """``folder/sft`` and ``folder/pt``: the study's pair as random rank-4 adapters on every projection,
+    large enough (std 0.3) that α visibly moves a tiny model's answers."""
+    make_adapter(model_dir, folder / "pt", rank=4, lora_alpha=8, keys=ALL, seed=1, phase="pt", std=0.3)
+    make_adapter(model_dir, folder / "sft", rank=4, lora_alpha=8, keys=ALL, seed=2, phase="sft", std=0.3)
+    return folder / "sft", folder / "pt"
+
+
+def write_search_data(folder: Path) -> tuple[Path, Path]:
+    """``folder/mcq.jsonl`` (two questions) and ``folder/held.jsonl`` (one held-out text): the MCQ and
+    perplexity axes of the α-search tests."""
+    import json
+
+    mcq = folder / "mcq.jsonl"
+    mcq.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "Which organ pumps blood?", "options": {"A": "heart", "B": "kidney", "C": "liver"}, "answer": "A"},
+        {"question": "Insulin comes from the", "options": {"A": "skin", "B": "pancreas"}, "answer": "B"},
+    ]) + "\n", encoding="utf-8")
+    ppl = folder / "held.jsonl"
+    ppl.write_text(json.dumps({"text": "Hypertension is treated with lifestyle changes."}) + "\n", encoding="utf-8")
+    return mcq, ppl

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from random_adapters import ALL, make_adapter
+from random_adapters import write_pair
 
 import mlx_med  # noqa: F401
 from mlx_med.evaluation import generate as generate_module
@@ -24,9 +24,7 @@ QUESTIONS = ["What lowers blood pressure?", "Is aspirin indicated after a stroke
 
 @pytest.fixture
 def pair(tiny_llama, tmp_path) -> tuple[Path, Path]:
-    make_adapter(tiny_llama, tmp_path / "pt", rank=4, lora_alpha=8, keys=ALL, seed=1, phase="pt", std=0.3)
-    make_adapter(tiny_llama, tmp_path / "sft", rank=4, lora_alpha=8, keys=ALL, seed=2, phase="sft", std=0.3)
-    return tmp_path / "sft", tmp_path / "pt"
+    return write_pair(tiny_llama, tmp_path)
 
 
 @pytest.fixture
@@ -39,6 +37,19 @@ def qa_file(tmp_path) -> Path:
 
 def read_predictions(path: Path) -> list[str]:
     return [json.loads(line)["predict"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def generation_calls(monkeypatch) -> list[int]:
+    """From now on, the number of conversations of every ``generate_batch`` call (``monkeypatch.undo()`` ends it)."""
+    calls = []
+    original = generate_module.generate_batch
+
+    def spy(*args, **kwargs):
+        calls.append(len(args[2]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "generate_batch", spy)
+    return calls
 
 
 def test_generate_batch_row_weights_equal_one_alpha_at_a_time(tiny_llama, pair):
@@ -65,19 +76,12 @@ def test_generate_batch_row_weights_equal_one_alpha_at_a_time(tiny_llama, pair):
 
 def test_one_batch_sweep_predictions_equal_separate_evals(tiny_llama, pair, qa_file, tmp_path, monkeypatch):
     sft, pt = pair
-    calls = []
-    original = generate_module.generate_batch
-
-    def spy(*args, **kwargs):
-        calls.append(len(args[2]))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(generate_module, "generate_batch", spy)
+    calls = generation_calls(monkeypatch)
     cfg = AlphaSweepConfig(model=tiny_llama, sft=sft, pt=pt, data=qa_file, out=tmp_path / "sweep",
                            alphas=ALPHAS, max_new_tokens=8, batch_size=2)
     run_alpha_sweep(cfg, quiet=True)
     assert calls == [len(QUESTIONS) * len(ALPHAS)]  # every α's answers in one generation call
-    monkeypatch.setattr(generate_module, "generate_batch", original)
+    monkeypatch.undo()
 
     answers = {}
     for alpha in ALPHAS:
@@ -96,8 +100,7 @@ def test_one_batch_sweep_predictions_equal_separate_evals(tiny_llama, pair, qa_f
 
     # a re-run reuses every point: nothing is generated again
     stamp = (tmp_path / "sweep" / "alpha_0.4" / "metrics.json").stat().st_mtime_ns
-    monkeypatch.setattr(generate_module, "generate_batch", spy)
-    calls.clear()
+    calls = generation_calls(monkeypatch)
     run_alpha_sweep(replace(cfg), quiet=True)
     assert calls == [] and (tmp_path / "sweep" / "alpha_0.4" / "metrics.json").stat().st_mtime_ns == stamp
 
@@ -127,14 +130,7 @@ def test_sweep_with_safety_and_base_generates_once_and_equals_per_point(tiny_lla
 
     sft, pt = pair
     probes = probe_file(tmp_path)
-    calls = []
-    original = generate_module.generate_batch
-
-    def spy(*args, **kwargs):
-        calls.append(len(args[2]))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(generate_module, "generate_batch", spy)
+    calls = generation_calls(monkeypatch)
     cfg = AlphaSweepConfig(model=tiny_llama, sft=sft, pt=pt, data=qa_file, out=tmp_path / "sweep", alphas=ALPHAS,
                            max_new_tokens=8, batch_size=2, safety_probes=probes, with_base=True)
     result = run_alpha_sweep(cfg, quiet=True)
@@ -157,8 +153,7 @@ def test_sweep_with_safety_and_base_generates_once_and_equals_per_point(tiny_lla
 
     # the search in the same folder reads α = 0.5 → 0, 1 and the base back; its one new point's QA answers
     # and safety replies are generated together
-    monkeypatch.setattr(generate_module, "generate_batch", spy)
-    calls.clear()
+    calls = generation_calls(monkeypatch)
     run_alpha_search(replace(cfg, search=True, budget=4, force=False, constraints=["safety>=base"],
                              alphas=[0.5]), quiet=True)
     assert calls == [len(QUESTIONS) + 4] * 2  # α = 0.5, then the bisection's one new point

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from random_adapters import ALL, make_adapter
+from random_adapters import write_pair, write_search_data
 
 import mlx_med  # noqa: F401
 from mlx_med.errors import ConfigError
@@ -110,15 +110,8 @@ def test_pareto_front():
 def test_sweep_alpha_search_cli_with_mcq_and_live_alpha(tiny_llama, tmp_path):
     from mlx_med.cli import cli
 
-    make_adapter(tiny_llama, tmp_path / "pt", rank=4, lora_alpha=8, keys=ALL, seed=1, phase="pt", std=0.3)
-    make_adapter(tiny_llama, tmp_path / "sft", rank=4, lora_alpha=8, keys=ALL, seed=2, phase="sft", std=0.3)
-    mcq = tmp_path / "mcq.jsonl"
-    mcq.write_text("\n".join(json.dumps(r) for r in [
-        {"question": "Which organ pumps blood?", "options": {"A": "heart", "B": "kidney", "C": "liver"}, "answer": "A"},
-        {"question": "Insulin comes from the", "options": {"A": "skin", "B": "pancreas"}, "answer": "B"},
-    ]) + "\n", encoding="utf-8")
-    ppl = tmp_path / "held.jsonl"
-    ppl.write_text(json.dumps({"text": "Hypertension is treated with lifestyle changes."}) + "\n", encoding="utf-8")
+    write_pair(tiny_llama, tmp_path)
+    mcq, ppl = write_search_data(tmp_path)
     out = tmp_path / "search"
     args = ["sweep", "alpha", "--model", str(tiny_llama), "--sft", str(tmp_path / "sft"), "--pt", str(tmp_path / "pt"),
             "--mcq-data", str(mcq), "--ppl-data", str(ppl), "--ppl-block-size", "8", "--search",
@@ -161,8 +154,7 @@ def test_sweep_alpha_search_cli_with_mcq_and_live_alpha(tiny_llama, tmp_path):
 def test_grid_sweep_with_mcq_only_needs_no_qa_set(tiny_llama, tmp_path):
     from mlx_med.cli import cli
 
-    make_adapter(tiny_llama, tmp_path / "pt", rank=4, lora_alpha=8, keys=ALL, seed=1, phase="pt", std=0.3)
-    make_adapter(tiny_llama, tmp_path / "sft", rank=4, lora_alpha=8, keys=ALL, seed=2, phase="sft", std=0.3)
+    write_pair(tiny_llama, tmp_path)
     mcq = tmp_path / "mcq.jsonl"
     mcq.write_text(json.dumps({"question": "Which organ pumps blood?", "options": {"A": "heart", "B": "kidney"},
                                "answer": "A"}) + "\n", encoding="utf-8")

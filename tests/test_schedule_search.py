@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 from click.testing import CliRunner
-from random_adapters import ALL, make_adapter
+from random_adapters import write_pair, write_search_data
 
 import mlx_med  # noqa: F401
 from mlx_med.errors import ConfigError
@@ -97,18 +97,11 @@ def test_sweep_alpha_search_with_a_schedule_writes_best_schedule(tiny_llama, tmp
     from mlx_med.adapters.schedule import load_schedule
     from mlx_med.cli import cli
 
-    make_adapter(tiny_llama, tmp_path / "pt", rank=4, lora_alpha=8, keys=ALL, seed=1, phase="pt", std=0.3)
-    make_adapter(tiny_llama, tmp_path / "sft", rank=4, lora_alpha=8, keys=ALL, seed=2, phase="sft", std=0.3)
+    write_pair(tiny_llama, tmp_path)
     schedule = tmp_path / "schedule.yaml"
     schedule.write_text(yaml.safe_dump({"default": 0.5, "rules": [
         {"layers": "1", "modules": ["gate_proj", "up_proj", "down_proj"], "alpha": 0.5}]}), encoding="utf-8")
-    mcq = tmp_path / "mcq.jsonl"
-    mcq.write_text("\n".join(json.dumps(r) for r in [
-        {"question": "Which organ pumps blood?", "options": {"A": "heart", "B": "kidney", "C": "liver"}, "answer": "A"},
-        {"question": "Insulin comes from the", "options": {"A": "skin", "B": "pancreas"}, "answer": "B"},
-    ]) + "\n", encoding="utf-8")
-    ppl = tmp_path / "held.jsonl"
-    ppl.write_text(json.dumps({"text": "Hypertension is treated with lifestyle changes."}) + "\n", encoding="utf-8")
+    mcq, ppl = write_search_data(tmp_path)
     out = tmp_path / "search"
     args = ["sweep", "alpha", "--model", str(tiny_llama), "--sft", str(tmp_path / "sft"), "--pt", str(tmp_path / "pt"),
             "--alpha-schedule", str(schedule), "--mcq-data", str(mcq), "--ppl-data", str(ppl), "--ppl-block-size", "8",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from random_adapters import ALL, make_adapter
+from random_adapters import ALL, make_adapter, write_pair
 
 import mlx_med  # noqa: F401
 from mlx_med.errors import ConfigError, UserError
@@ -109,8 +109,7 @@ def test_decoding_sweep_files_and_greedy_dedup(tiny_llama, eval_file, tmp_path):
 
 
 def test_alpha_sweep_switches_live_and_picks(tiny_llama, eval_file, tmp_path):
-    make_adapter(tiny_llama, tmp_path / "pt", rank=4, lora_alpha=8, keys=ALL, seed=1, phase="pt", std=0.3)
-    make_adapter(tiny_llama, tmp_path / "sft", rank=4, lora_alpha=8, keys=ALL, seed=2, phase="sft", std=0.3)
+    write_pair(tiny_llama, tmp_path)
     ppl = tmp_path / "pt_heldout.jsonl"
     ppl.write_text(json.dumps({"text": "Hypertension is treated with lifestyle changes."}) + "\n"
                    + json.dumps({"text": "糖尿病患者需要定期监测血糖。"}) + "\n", encoding="utf-8")
