@@ -79,13 +79,18 @@ def detect_backend(policy: str | None = None) -> Backend:
 def prepare_for_compute(model: nn.Module, backend: Backend | None = None) -> nn.Module:
     """Apply the backend's compute policy to a loaded model, in place.
 
-    On CPU: dequantize quantized layers and cast floating weights to fp32. Elsewhere: unchanged.
+    On CPU: dequantize quantized layers, cast floating weights to fp32, and route SwiGLU and attention
+    through mlx-med's vectorized kernels (``mlx_med.kernels``: MLX's results, faster). Elsewhere: unchanged.
     """
     backend = backend or detect_backend()
     if backend.quantized_compute:
         return model
     model = dequantize_fp32(model)
     model.set_dtype(backend.compute_dtype)
+    if backend.device == "cpu":
+        from mlx_med.kernels import use_cpu_kernels
+
+        use_cpu_kernels(model)
     return model
 
 

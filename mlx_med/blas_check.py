@@ -24,7 +24,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mlx_med.io import atomic_write_json
+from mlx_med.io import atomic_write_json, cache_dir
 
 # Instruction sets (as /proc/cpuinfo spells them) an OpenBLAS kernel set needs. A single-core build whose
 # core is missing here is not trusted: refusing a fast library costs speed, loading a wrong one a crash.
@@ -179,13 +179,6 @@ def child_check(library: str | Path, command: list[str] | None = None,
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         return Verdict(FAILED, f"the check exited with {done.returncode}: {last}")
     return Verdict(OK, "GEMM, GEMV and softmax under MLX passed in a child process")
-
-
-def cache_dir(env: dict[str, str] | None = None) -> Path:
-    """``$XDG_CACHE_HOME/mlx-med``, else ``~/.cache/mlx-med``."""
-    env = os.environ if env is None else env
-    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mlx-med"
 
 
 class VerdictCache:

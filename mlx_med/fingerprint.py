@@ -105,9 +105,9 @@ def _ours(path: Path) -> bool:
 
 
 def _cache_path() -> Path:
-    root = os.environ.get("MLX_MED_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                                                          os.path.join(os.path.expanduser("~"), ".cache"), "mlx-med")
-    return Path(root) / "fingerprints.json"
+    from mlx_med.io import cache_dir
+
+    return cache_dir() / "fingerprints.json"
 
 
 def _disk_cache() -> dict[str, str]:

@@ -5,6 +5,7 @@
   any model or data is loaded, so a refused ``-o`` costs nothing.
 * ``atomic_output_dir``: build a folder under a temporary name; the old one goes only once the new
   one is complete.
+* ``cache_dir``: the one place for rebuildable caches.
 * ``output_lock``: one process per output folder (``fcntl.flock``: released by the kernel when the
   process dies, so it can never go stale).
 
@@ -32,6 +33,15 @@ LOCK = ".mlx-med.lock"  # the pid of the process holding a folder's lock (run, e
 # Files that identify a folder written by mlx-med before it wrote the marker.
 LEGACY_SIGNS = ("run.yaml", "done.json", ".pipeline")
 LEFTOVER_SUFFIXES = (".tmp.safetensors", ".partial", ".old", ".tmp")  # temp names of our writers
+
+
+def cache_dir(env: dict[str, str] | None = None) -> Path:
+    """Where mlx-med keeps what it can rebuild (BLAS verdicts, file fingerprints, compiled kernels):
+    ``$MLX_MED_CACHE``, else ``$XDG_CACHE_HOME/mlx-med``, else ``~/.cache/mlx-med``."""
+    env = os.environ if env is None else env
+    if env.get("MLX_MED_CACHE"):
+        return Path(env["MLX_MED_CACHE"])
+    return Path(env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "mlx-med"
 
 
 def atomic_save_figure(fig, path: str | Path) -> Path:

@@ -6,8 +6,11 @@ sampler, then greedy argmax) is timed whole on the model, then taken apart by re
 alone at their real shapes:
 
 - GEMM: every projection of every block at M = batch rows, and the (tied) output head;
-- attention: ``mx.fast.scaled_dot_product_attention`` of one query per row over the cached keys, every block;
+- attention: the model's scaled dot-product attention of one query per row over the cached keys, every block;
 - norms and activations: RMSNorm (two per block and the final one) and SwiGLU;
+
+Attention and SwiGLU are the functions the model itself calls: mlx-med's vectorized kernels on the CPU
+fp32 path (``mlx_med.kernels``), MLX's with ``MLX_MED_KERNELS=off``.
 - log-softmax: the ``logsumexp`` over the vocabulary that mlx-lm's batch generator takes every step;
 - the rest (RoPE, residual adds, embedding, cache update, argmax): what the step takes beyond those.
 
@@ -22,6 +25,7 @@ Achieved GFLOP/s counts 2 FLOPs per weight per row (attention left out), against
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -50,6 +54,7 @@ def main() -> None:
     from mlx_lm.models.cache import make_prompt_cache
 
     from mlx_med.backend import detect_backend, gemm_gflops
+    from mlx_med.kernels import use_cpu_kernels
     from mlx_med.models import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,6 +67,7 @@ def main() -> None:
     model, config = loaded.model, loaded.config
     rows, context = args.batch, args.context
     print(f"model: {model_dir} | {detect_backend().describe()}")
+    print(f"SwiGLU and attention kernels: {use_cpu_kernels(model)}")
     gemm = gemm_gflops()
     print(f"fp32 GEMM (doctor): {gemm:.1f} GFLOP/s; decode step: {rows} rows, {context} cached tokens per row")
 
@@ -96,10 +102,11 @@ def main() -> None:
     k, v = (mx.random.normal((rows, kv_heads, context + 1, head_dim)) for _ in range(2))
     mx.eval(q, k, v)
     scale = head_dim ** -0.5
-    attention_s = best_of(lambda: mx.eval([mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    # The model module's own functions: mlx-lm's, or mlx-med's kernels where the CPU path put them there.
+    model_module = sys.modules[type(model).__module__]
+    sdpa, swiglu = model_module.scaled_dot_product_attention, model_module.swiglu
+    attention_s = best_of(lambda: mx.eval([sdpa(q, k, v, cache=None, scale=scale, mask=None)
                                           for _ in range(blocks)]), args.repeats)
-
-    from mlx_lm.models.activations import swiglu
 
     intermediate = config["intermediate_size"]
     x, gate, up = mx.random.normal((rows, 1, hidden)), *(mx.random.normal((rows, 1, intermediate)) for _ in range(2))

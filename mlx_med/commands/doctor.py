@@ -15,7 +15,8 @@ MIN_GOOD_GFLOPS = 50.0
 @click.option("--size", default=1024, show_default=True, help="GEMM size n for the n×n×n probe.")
 @compute_policy_option(warn_slow_blas=False)
 def command(size: int) -> None:
-    """Check the MLX install: device, BLAS (library, core, threads, safety verdict), GEMM speed, compute path.
+    """Check the MLX install: device, BLAS (library, core, threads, safety verdict), GEMM speed, compute path,
+    and on the CPU fp32 path whether mlx-med's vectorized SwiGLU/attention kernels are built and in use.
 
     The GEMM line also gives numpy's own fp32 GEMM at the same size, a yardstick for this CPU.
     """
@@ -56,6 +57,11 @@ def command(size: int) -> None:
                f"{backend.numpy_gemm_gflops(size):.1f} GFLOP/s)")
     click.echo(f"memory: {mem:.1f} GB" if mem else "memory: unknown")
     click.echo(f"compute: {info.describe()}")
+    if info.device == "cpu" and not info.quantized_compute:
+        from mlx_med.kernels import cpu_kernels
+
+        kernels, reason = cpu_kernels()
+        click.echo(f"kernels: {'mlx-med' if kernels else 'MLX'} ({reason})")
     if info.device == "cpu" and gflops < MIN_GOOD_GFLOPS:
         click.echo(
             f"warning: fp32 GEMM is slow ({gflops:.1f} GFLOP/s); training will crawl. {status.note}",

@@ -1,0 +1,43 @@
+"""mlx-med's vectorized CPU kernels: SwiGLU and the attention softmax, bit for bit MLX's.
+
+MLX's x86 CPU build evaluates ``exp`` one float at a time (a Cephes polynomial calling libm's
+``fma`` per term), so SwiGLU and the attention softmax, the two exp-heavy steps of a forward, cost
+more than their matmuls in a batched decode step. ``cpu_kernels.cpp`` evaluates the same polynomial,
+in the same order, with AVX2 + FMA (picked at run time; a scalar loop elsewhere): the same bits,
+10-17x faster. Values and gradients are checked against MLX's on every load (``ops.self_check``);
+on any difference, or when the module cannot be built here, mlx-med keeps MLX's kernels.
+
+``MLX_MED_KERNELS=off`` keeps MLX's kernels. The CPU fp32 compute path turns the kernels on for every
+model it prepares (``backend.prepare_for_compute``); Metal/CUDA never use them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import mlx.nn as nn
+
+KERNELS_ENV = "MLX_MED_KERNELS"
+OFF_VALUES = ("off", "0", "mlx", "false")
+
+
+@functools.cache
+def cpu_kernels():
+    """(kernels or None, one line saying which and why), built and checked once per process."""
+    if os.environ.get(KERNELS_ENV, "").strip().lower() in OFF_VALUES:
+        return None, f"{KERNELS_ENV}={os.environ[KERNELS_ENV]}"
+    from mlx_med.kernels.ops import load_kernels
+
+    return load_kernels()
+
+
+def use_cpu_kernels(model: nn.Module) -> str:
+    """Route ``model``'s SwiGLU and attention through the kernels when they are usable; says what ran."""
+    kernels, reason = cpu_kernels()
+    if kernels is None:
+        return f"MLX's ({reason})"
+    from mlx_med.kernels.ops import install
+
+    names = install(model, kernels)
+    return f"mlx-med's for {', '.join(names) or 'nothing in this model'} ({reason})"

@@ -1,0 +1,345 @@
+// Vectorized CPU kernels for the two exp-heavy steps of a transformer forward on MLX's CPU backend:
+// SwiGLU (silu(gate) * up) and the row softmax of attention. MLX's x86 CPU build has no SIMD type for
+// float (simd::max_size == 1), so its exp is the scalar Cephes polynomial with a libm fma per term.
+// These kernels evaluate the *same* polynomial, in the same order, with the same rounding, as
+// MLX 0.32's simd::exp / Sigmoid / softmax, written as plain loops the compiler vectorizes for the
+// instruction set it finds at run time (target_clones: AVX-512, AVX2+FMA, baseline). fma() is exact
+// in every variant and -ffp-contract=off forbids any other fusing, so results are bit for bit MLX's.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+
+namespace mlx_med {
+
+// ---- MLX's simd::exp, one float at a time (the reference and the fallback) ----------------------
+// Cephes polynomial with the fastermath constants. MLX rounds with floor(double(x) + 0.5);
+// floor(x) + (x - floor(x) >= 0.5) is the same integer for every float and stays in float lanes.
+// Out-of-range and NaN inputs are zeroed before the int conversion (so it is defined) and get
+// MLX's results from the selects: inf above 88, 0 below -88, NaN passed through.
+static inline float mlx_exp(float x_init) {
+  float xc = (x_init >= -88.0f && x_init <= 88.0f) ? x_init : 0.0f;
+  float x = xc * 1.442695f;
+  float fl = std::floor(x);
+  float ipart = (x - fl >= 0.5f) ? fl + 1.0f : fl + 0.0f;
+  float fpart = x - ipart;
+  float p = 1.535336188319500e-4f;
+  p = std::fma(p, fpart, 1.339887440266574e-3f);
+  p = std::fma(p, fpart, 9.618437357674640e-3f);
+  p = std::fma(p, fpart, 5.550332471162809e-2f);
+  p = std::fma(p, fpart, 2.402264791363012e-1f);
+  p = std::fma(p, fpart, 6.931472028550421e-1f);
+  p = std::fma(p, fpart, 1.000000000000000f);
+  int32_t epart = (static_cast<int32_t>(ipart) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &epart, sizeof(scale));
+  float result = std::isnan(x_init) ? x_init : scale * p;
+  result = x_init > 88.0f ? std::numeric_limits<float>::infinity() : result;
+  result = x_init < -88.0f ? 0.0f : result;
+  return result;
+}
+
+// MLX's Sigmoid then two multiplies, as nn.silu(gate) * up evaluates: 1 / (1 + exp(|g|)), mirrored
+// for g >= 0.
+static inline float mlx_swiglu(float g, float u) {
+  float y = 1.0f / (1.0f + mlx_exp(std::fabs(g)));
+  float s = g < 0.0f ? y : 1.0f - y;
+  return (g * s) * u;
+}
+
+// The gradients MLX's autodiff gives for nn.silu(gate) * up (Multiply, Multiply, Sigmoid vjps), one
+// product at a time in its order: s = sigmoid(g), d_up = (g * s) * c, da = u * c,
+// d_gate = s * da + (g * da) * (s * (1 - s)).
+static inline void mlx_swiglu_vjp(float g, float u, float c, float* d_gate, float* d_up) {
+  float y = 1.0f / (1.0f + mlx_exp(std::fabs(g)));
+  float s = g < 0.0f ? y : 1.0f - y;
+  float da = u * c;
+  *d_up = (g * s) * c;
+  *d_gate = s * da + (g * da) * (s * (1.0f - s));
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define MLX_MED_AVX2 1
+#define AVX2_FMA __attribute__((target("avx2,fma")))
+
+// The same steps as mlx_exp, eight lanes at a time.
+AVX2_FMA static inline __m256 mlx_exp8(__m256 x_init) {
+  const __m256 lo = _mm256_set1_ps(-88.0f), hi = _mm256_set1_ps(88.0f);
+  __m256 in_range = _mm256_and_ps(_mm256_cmp_ps(x_init, lo, _CMP_GE_OQ),
+                                  _mm256_cmp_ps(x_init, hi, _CMP_LE_OQ));
+  __m256 x = _mm256_mul_ps(_mm256_and_ps(x_init, in_range), _mm256_set1_ps(1.442695f));
+  __m256 fl = _mm256_floor_ps(x);
+  __m256 round_up = _mm256_cmp_ps(_mm256_sub_ps(x, fl), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+  __m256 ipart = _mm256_add_ps(fl, _mm256_and_ps(round_up, _mm256_set1_ps(1.0f)));
+  __m256 fpart = _mm256_sub_ps(x, ipart);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(1.000000000000000f));
+  __m256i epart = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(ipart), _mm256_set1_epi32(127)), 23);
+  __m256 result = _mm256_mul_ps(_mm256_castsi256_ps(epart), p);
+  result = _mm256_blendv_ps(result, x_init, _mm256_cmp_ps(x_init, x_init, _CMP_UNORD_Q));
+  result = _mm256_blendv_ps(result, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                            _mm256_cmp_ps(x_init, hi, _CMP_GT_OQ));
+  return _mm256_blendv_ps(result, _mm256_setzero_ps(), _mm256_cmp_ps(x_init, lo, _CMP_LT_OQ));
+}
+
+AVX2_FMA static void swiglu_avx2(const float* gate, const float* up, float* out, size_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 g = _mm256_loadu_ps(gate + i);
+    __m256 y = _mm256_div_ps(one, _mm256_add_ps(one, mlx_exp8(_mm256_and_ps(g, abs_mask))));
+    __m256 negative = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
+    __m256 s = _mm256_blendv_ps(_mm256_sub_ps(one, y), y, negative);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, s), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; i++) out[i] = mlx_swiglu(gate[i], up[i]);
+}
+
+AVX2_FMA static void swiglu_vjp_avx2(const float* gate, const float* up, const float* cotan,
+                                      float* d_gate, float* d_up, size_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 g = _mm256_loadu_ps(gate + i);
+    __m256 u = _mm256_loadu_ps(up + i);
+    __m256 c = _mm256_loadu_ps(cotan + i);
+    __m256 y = _mm256_div_ps(one, _mm256_add_ps(one, mlx_exp8(_mm256_and_ps(g, abs_mask))));
+    __m256 negative = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
+    __m256 s = _mm256_blendv_ps(_mm256_sub_ps(one, y), y, negative);
+    __m256 da = _mm256_mul_ps(u, c);
+    _mm256_storeu_ps(d_up + i, _mm256_mul_ps(_mm256_mul_ps(g, s), c));
+    __m256 sprime = _mm256_mul_ps(s, _mm256_sub_ps(one, s));
+    _mm256_storeu_ps(d_gate + i, _mm256_add_ps(_mm256_mul_ps(s, da),
+                                               _mm256_mul_ps(_mm256_mul_ps(g, da), sprime)));
+  }
+  for (; i < n; i++) mlx_swiglu_vjp(gate[i], up[i], cotan[i], d_gate + i, d_up + i);
+}
+
+AVX2_FMA static void shifted_exp_avx2(const float* in, float* out, float maximum, size_t n) {
+  const __m256 m = _mm256_set1_ps(maximum);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, mlx_exp8(_mm256_sub_ps(_mm256_loadu_ps(in + i), m)));
+  }
+  for (; i < n; i++) out[i] = mlx_exp(in[i] - maximum);
+}
+
+AVX2_FMA static void scale_avx2(float* out, float factor, size_t n) {
+  const __m256 f = _mm256_set1_ps(factor);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(out + i), f));
+  for (; i < n; i++) out[i] = out[i] * factor;
+}
+
+// AVX2 + FMA when the CPU has them, unless MLX_MED_KERNELS=scalar asks for the reference loop.
+static bool has_avx2_fma() {
+  static const bool yes = [] {
+    const char* choice = std::getenv("MLX_MED_KERNELS");
+    if (choice && std::string(choice) == "scalar") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
+#endif
+
+static void swiglu_f32(const float* gate, const float* up, float* out, size_t n) {
+#ifdef MLX_MED_AVX2
+  if (has_avx2_fma()) return swiglu_avx2(gate, up, out, n);
+#endif
+  for (size_t i = 0; i < n; i++) out[i] = mlx_swiglu(gate[i], up[i]);
+}
+
+static void swiglu_vjp_f32(const float* gate, const float* up, const float* cotan, float* d_gate,
+                           float* d_up, size_t n) {
+#ifdef MLX_MED_AVX2
+  if (has_avx2_fma()) return swiglu_vjp_avx2(gate, up, cotan, d_gate, d_up, n);
+#endif
+  for (size_t i = 0; i < n; i++) mlx_swiglu_vjp(gate[i], up[i], cotan[i], d_gate + i, d_up + i);
+}
+
+static const char* isa() {
+#ifdef MLX_MED_AVX2
+  if (has_avx2_fma()) return "avx2+fma";
+#endif
+  return "scalar";
+}
+
+static void shifted_exp_f32(const float* in, float* out, float maximum, size_t n) {
+#ifdef MLX_MED_AVX2
+  if (has_avx2_fma()) return shifted_exp_avx2(in, out, maximum, n);
+#endif
+  for (size_t i = 0; i < n; i++) out[i] = mlx_exp(in[i] - maximum);
+}
+
+static void scale_f32(float* out, float factor, size_t n) {
+#ifdef MLX_MED_AVX2
+  if (has_avx2_fma()) return scale_avx2(out, factor, n);
+#endif
+  for (size_t i = 0; i < n; i++) out[i] = out[i] * factor;
+}
+
+// MLX's fp32 softmax, row by row: the maximum (NaN sticks), the exponentials, their sum added in
+// index order (the order MLX adds them in, so the same rounding), one reciprocal, one multiply each.
+static void softmax_rows_f32(const float* in, float* out, size_t rows, size_t cols) {
+  for (size_t r = 0; r < rows; r++, in += cols, out += cols) {
+    float maximum = -std::numeric_limits<float>::infinity();
+    for (size_t i = 0; i < cols; i++) {
+      float v = in[i];
+      maximum = std::isnan(v) ? v : (v > maximum ? v : maximum);
+    }
+    shifted_exp_f32(in, out, maximum, cols);
+    float normalizer = 0.0f;
+    for (size_t i = 0; i < cols; i++) normalizer += out[i];
+    scale_f32(out, 1 / normalizer, cols);
+  }
+}
+
+static mx::array contiguous(const mx::array& a, mx::Stream s) {
+  // A row-contiguous copy MLX makes only when the input is not already one.
+  return mx::contiguous(a, false, s);
+}
+
+class SwiGLU : public mx::Primitive {
+ public:
+  explicit SwiGLU(mx::Stream stream) : mx::Primitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& gate = inputs[0];
+    auto& up = inputs[1];
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(gate);
+    encoder.set_input_array(up);
+    encoder.set_output_array(out);
+    encoder.dispatch([g = gate.data<float>(), u = up.data<float>(), o = out.data<float>(),
+                      n = out.size()]() { swiglu_f32(g, u, o, n); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[mlx_med.SwiGLU] CPU only.");
+  }
+  const char* name() const override { return "MlxMedSwiGLU"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+class SwiGLUVJP : public mx::Primitive {
+ public:
+  explicit SwiGLUVJP(mx::Stream stream) : mx::Primitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& in : inputs) encoder.set_input_array(in);
+    for (auto& out : outputs) {
+      out.set_data(mx::allocator::malloc(out.nbytes()));
+      encoder.set_output_array(out);
+    }
+    encoder.dispatch([g = inputs[0].data<float>(), u = inputs[1].data<float>(),
+                      c = inputs[2].data<float>(), dg = outputs[0].data<float>(),
+                      du = outputs[1].data<float>(),
+                      n = outputs[0].size()]() { swiglu_vjp_f32(g, u, c, dg, du, n); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[mlx_med.SwiGLUVJP] CPU only.");
+  }
+  const char* name() const override { return "MlxMedSwiGLUVJP"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+class Softmax : public mx::Primitive {
+ public:
+  explicit Softmax(mx::Stream stream) : mx::Primitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& in = inputs[0];
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    size_t cols = in.shape().back();
+    encoder.dispatch([i = in.data<float>(), o = out.data<float>(), rows = in.size() / cols, cols]() {
+      softmax_rows_f32(i, o, rows, cols);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[mlx_med.Softmax] CPU only.");
+  }
+  const char* name() const override { return "MlxMedSoftmax"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+static void require_f32_cpu(const mx::array& a, mx::Stream s, const char* op) {
+  if (a.dtype() != mx::float32 || s.device != mx::Device::cpu) {
+    throw std::invalid_argument(std::string("[mlx_med.") + op + "] float32 on the CPU only.");
+  }
+}
+
+mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  require_f32_cpu(gate, s, "swiglu");
+  require_f32_cpu(up, s, "swiglu");
+  if (gate.shape() != up.shape()) {
+    throw std::invalid_argument("[mlx_med.swiglu] gate and up must have the same shape.");
+  }
+  auto g = contiguous(gate, s);
+  auto u = contiguous(up, s);
+  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(s), {g, u});
+}
+
+std::vector<mx::array> swiglu_vjp(const mx::array& gate, const mx::array& up,
+                                  const mx::array& cotan, mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  for (auto* a : {&gate, &up, &cotan}) require_f32_cpu(*a, s, "swiglu_vjp");
+  if (gate.shape() != up.shape() || gate.shape() != cotan.shape()) {
+    throw std::invalid_argument("[mlx_med.swiglu_vjp] gate, up and cotangent must have the same shape.");
+  }
+  return mx::array::make_arrays({gate.shape(), gate.shape()}, {mx::float32, mx::float32},
+                                std::make_shared<SwiGLUVJP>(s),
+                                {contiguous(gate, s), contiguous(up, s), contiguous(cotan, s)});
+}
+
+mx::array softmax(const mx::array& x, mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  require_f32_cpu(x, s, "softmax");
+  auto c = contiguous(x, s);
+  return mx::array(x.shape(), mx::float32, std::make_shared<Softmax>(s), {c});
+}
+
+}  // namespace mlx_med
+
+NB_MODULE(_mlx_med_kernels, m) {
+  using namespace nb::literals;
+  m.doc() = "mlx-med's vectorized CPU kernels (bit-identical to MLX's own).";
+  m.def("swiglu", [](const mx::array& g, const mx::array& u) { return mlx_med::swiglu(g, u); }, "gate"_a, "up"_a,
+        "silu(gate) * up.");
+  m.def("swiglu_vjp", [](const mx::array& g, const mx::array& u, const mx::array& c) {
+          auto grads = mlx_med::swiglu_vjp(g, u, c);
+          return nb::make_tuple(grads[0], grads[1]);
+        }, "gate"_a, "up"_a, "cotangent"_a, "(d_gate, d_up): MLX's gradients of silu(gate) * up.");
+  m.def("isa", &mlx_med::isa, "The instruction set the kernels run with on this CPU.");
+  m.def("softmax", [](const mx::array& x) { return mlx_med::softmax(x); }, "x"_a, "Softmax over the last axis.");
+}

@@ -1,0 +1,171 @@
+"""mlx-med's vectorized CPU kernels: built here, and bit for bit MLX's values and gradients.
+
+Every comparison is exact (``array_equal``): the kernels' contract is MLX's own arithmetic, so the
+pipeline's greedy outputs and metrics do not move when they are switched on.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_med.kernels import cpu_kernels
+from mlx_med.kernels.build import unsupported_reason
+from mlx_med.kernels.ops import ORIGINALS, attention, uninstall
+
+UNSUPPORTED = unsupported_reason()
+pytestmark = pytest.mark.skipif(UNSUPPORTED is not None, reason=f"kernels not built here: {UNSUPPORTED}")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    found, reason = cpu_kernels()
+    assert found is not None, f"the kernels must build and match MLX on Linux x86-64: {reason}"
+    return found
+
+
+def same(a, b) -> bool:
+    return mx.array_equal(a, b, equal_nan=True).item()
+
+
+def test_swiglu_and_softmax_equal_mlx_on_every_kind_of_value(kernels):
+    from mlx_lm.models.activations import swiglu
+
+    special = mx.array([0.0, -0.0, 1e-38, -1e-38, 1e-45, 0.5, -0.5, 0.49999997, -0.49999997, 87.99, 88.0,
+                        -88.0, 88.00001, -88.00001, 1e4, -1e4, float("inf"), -float("inf"), float("nan")])
+    # Every exponent the polynomial sees, and random mantissas: 1M values over (-120, 120).
+    wide = mx.random.uniform(-120, 120, (1000, 1000), key=mx.random.key(3))
+    for gate in (special, wide, wide[:, 3:997]):  # odd widths take the scalar tail
+        up = mx.random.normal(gate.shape, key=mx.random.key(4))
+        assert same(kernels.swiglu(gate, up), swiglu(gate, up))
+    for scores in (wide[:50] / 4, wide[:, :13], mx.where(wide[:8] > 100, -mx.inf, wide[:8]),
+                   mx.broadcast_to(special, (3, special.size)), wide.T[:, :200]):  # transposed: not contiguous
+        assert same(kernels.softmax(scores), mx.softmax(scores, axis=-1, precise=True))
+    assert kernels.isa in ("avx2+fma", "scalar")
+
+
+def test_swiglu_gradients_equal_mlx_autodiff(kernels):
+    from mlx_lm.models.activations import swiglu
+
+    gate = mx.random.normal((33, 70), key=mx.random.key(5)) * 6
+    up = mx.random.normal((33, 70), key=mx.random.key(6))
+    weights = mx.random.normal((33, 70), key=mx.random.key(7))
+
+    def grads(fn):
+        return mx.grad(lambda g, u: (fn(g, u) * weights).sum(), argnums=(0, 1))(gate, up)
+
+    for ours, theirs in zip(grads(kernels.swiglu), grads(swiglu)):
+        assert same(ours, theirs)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+@pytest.mark.parametrize("q_len", [1, 5])
+@pytest.mark.parametrize("mask_kind", [None, "causal", "bool", "additive"])
+def test_attention_equals_mlx_fast_sdpa_values_and_gradients(kernels, n_kv_heads, q_len, mask_kind):
+    batch, heads, keys_len, dim = 3, 4, 9, 16
+    key = mx.random.split(mx.random.key(11), 4)
+    q = mx.random.normal((batch, heads, q_len, dim), key=key[0])
+    k = mx.random.normal((batch, n_kv_heads, keys_len, dim), key=key[1])
+    v = mx.random.normal((batch, n_kv_heads, keys_len, dim), key=key[2])
+    if mask_kind == "bool":  # left padding, as mlx-lm's batch KV cache makes it
+        mask = mx.arange(keys_len)[None, None, None, :] >= mx.array([0, 2, 4])[:, None, None, None]
+    elif mask_kind == "additive":
+        mask = mx.random.normal((q_len, keys_len), key=key[3])
+    else:
+        mask = mask_kind
+    scale = dim ** -0.5
+
+    def ours(q, k, v):
+        return attention(kernels, q, k, v, scale, mask)
+
+    def theirs(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    assert same(ours(q, k, v), theirs(q, k, v))
+    cotangent = mx.random.normal(q.shape, key=key[3])
+    _, grads_ours = mx.vjp(ours, [q, k, v], [cotangent])
+    _, grads_theirs = mx.vjp(theirs, [q, k, v], [cotangent])
+    for a, b in zip(grads_ours, grads_theirs):
+        assert same(a, b)
+
+
+def model_outputs(model, tokens):
+    """Prefill logits (causal mask), two cached decode steps, and the gradients of a loss."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    outputs = [model(tokens, cache=cache)]
+    for _ in range(2):
+        outputs.append(model(mx.argmax(outputs[-1][:, -1:], axis=-1), cache=cache))
+
+    def loss(m):
+        logits = m(tokens[:, :-1])
+        return nn.losses.cross_entropy(logits, tokens[:, 1:]).mean()
+
+    _, grads = nn.value_and_grad(model, loss)(model)
+    return outputs + [g for _, g in sorted(nn.utils.tree_flatten(grads))]
+
+
+def test_model_with_kernels_equals_mlx_lm(kernels, tiny_model):
+    from mlx_med.models import load_model
+
+    loaded = load_model(tiny_model)
+    module = sys.modules[type(loaded.model).__module__]
+    assert getattr(module, ORIGINALS), "the CPU fp32 path must put the kernels in the model"
+    tokens = mx.array(np.random.default_rng(0).integers(3, 400, size=(2, 12)))
+    try:
+        ours = model_outputs(loaded.model, tokens)
+        uninstall(loaded.model)
+        assert not hasattr(module, ORIGINALS)
+        theirs = model_outputs(loaded.model, tokens)
+    finally:
+        load_model(tiny_model)  # reinstalled for the tests after this one
+    assert len(ours) == len(theirs) > 3
+    for a, b in zip(ours, theirs):
+        assert same(a, b)
+
+
+def test_batched_greedy_generation_identical(kernels, tiny_llama):
+    from mlx_med.evaluation.decoding import DecodingConfig
+    from mlx_med.evaluation.generate import generate_batch
+    from mlx_med.models import load_model
+
+    loaded = load_model(tiny_llama)
+    conversations = [[{"role": "user", "content": text}] for text in
+                     ("fever and cough", "高血压患者应低盐饮食", "Is aspirin indicated after a stroke? " * 3)]
+
+    def texts():
+        return [r.text for r in generate_batch(loaded.model, loaded.tokenizer, conversations,
+                                               DecodingConfig(max_new_tokens=12), batch_size=3, progress=False)]
+
+    ours = texts()
+    uninstall(loaded.model)
+    try:
+        assert texts() == ours
+    finally:
+        load_model(tiny_llama)
+
+
+def kernels_report(env: dict) -> str:
+    done = subprocess.run([sys.executable, "-m", "mlx_med.kernels"], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_scalar_reference_loop_also_equals_mlx(kernels):
+    # The loop non-AVX2 CPUs run, checked by the same self-check every load runs.
+    assert kernels_report({"MLX_MED_KERNELS": "scalar"}).startswith("kernels: mlx-med (scalar,")
+
+
+def test_off_switch_and_failed_build_keep_mlx_kernels(tmp_path):
+    assert kernels_report({"MLX_MED_KERNELS": "off"}) == "kernels: MLX (MLX_MED_KERNELS=off)"
+    report = kernels_report({"CXX": "/bin/false", "MLX_MED_CACHE": str(tmp_path)})
+    assert report.startswith("kernels: MLX (could not build the kernels: false exited with 1")
+    assert not list(tmp_path.rglob("*.so")), "a failed build leaves no module behind"
