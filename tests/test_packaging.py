@@ -27,6 +27,7 @@ from mlx_med.config import load_config
 from mlx_med.evaluation.probes import load_probes, resolve_probe_path
 from mlx_med.pipeline.runner import PipelineConfig
 from mlx_med.resources import resolve_recipe, shipped_root
+from mlx_med.kernels.build import SOURCE
 demo = load_config(PipelineConfig, resolve_recipe(Path("demo")))
 paths = [demo.pt.data.train, demo.sft.data.train, *demo.eval.data, demo.eval.ppl_data]
 print(json.dumps({
@@ -34,7 +35,7 @@ print(json.dumps({
     "probes": len(load_probes(resolve_probe_path("starter"))),
     "demo_paths": [str(p) for p in paths],
     "demo_files": sum(len(list(Path(p).parent.glob(Path(p).name))) for p in paths),
-    "output": str(demo.output),
+    "output": str(demo.output), "kernels_source": SOURCE.is_file(),
 }))
 """
 
@@ -109,6 +110,7 @@ def test_wheel_carries_package_data_and_runs_outside_the_checkout(tmp_path):
     assert facts["probes"] >= 10
     assert all(p.startswith(facts["root"]) for p in facts["demo_paths"]), facts
     assert facts["demo_files"] >= 6 and facts["output"] == "runs/demo"
+    assert facts["kernels_source"], "the wheel must carry mlx_med/kernels/cpu_kernels.cpp (built on first use)"
 
     plan = subprocess.run([str(venv / "bin" / "mlx-med"), "plan", "-c", "qwen2.5-14b-pt", "--backend", "gpu"],
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
