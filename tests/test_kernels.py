@@ -64,6 +64,29 @@ def test_swiglu_gradients_equal_mlx_autodiff(kernels):
         assert same(ours, theirs)
 
 
+def test_logsumexp_and_cross_entropy_equal_mlx_values_and_gradients(kernels):
+    from mlx_med.kernels import cross_entropy, logsumexp
+
+    logits = mx.random.normal((4, 7, 1001), key=mx.random.key(8)) * 9
+    edge = mx.array([[0.0] * 5, [-mx.inf] * 5, [mx.inf, 1.0, 2.0, 3.0, 4.0], [float("nan"), 1.0, 2.0, 3.0, 4.0],
+                     [1e30, -1e30, 0.0, 88.0, -88.0]])
+    for x in (logits, edge, logits[..., ::2]):  # the strided view is copied first
+        assert same(logsumexp(x), mx.logsumexp(x, axis=-1))
+        assert same(logsumexp(x, keepdims=True), mx.logsumexp(x, axis=-1, keepdims=True))
+    targets = mx.random.randint(0, 1001, (4, 7), key=mx.random.key(9))
+    for reduction in ("none", "sum", "mean"):
+        ours = cross_entropy(logits, targets, reduction=reduction)
+        assert same(ours, nn.losses.cross_entropy(logits, targets, reduction=reduction))
+    weights = mx.random.uniform(shape=(4, 7), key=mx.random.key(10))
+
+    def gradient(loss):
+        return mx.grad(lambda x: (loss(x, targets) * weights).sum())(logits)
+
+    assert same(gradient(cross_entropy), gradient(nn.losses.cross_entropy))
+    assert same(mx.grad(lambda x: (logsumexp(x) * weights).sum())(logits),
+                mx.grad(lambda x: (mx.logsumexp(x, axis=-1) * weights).sum())(logits))
+
+
 @pytest.mark.parametrize("n_kv_heads", [2, 4])
 @pytest.mark.parametrize("q_len", [1, 5])
 @pytest.mark.parametrize("mask_kind", [None, "causal", "bool", "additive"])

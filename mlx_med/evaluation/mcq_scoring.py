@@ -96,13 +96,15 @@ def score_options(model, encoded: EncodedItem, shared_prefix: bool = True) -> li
     """
     import mlx.core as mx
 
+    from mlx_med.kernels import logsumexp
+
     if not shared_prefix or not _cache_is_copyable(model):
         return [_score_full(model, encoded.prefix, c) for c in encoded.continuations]
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
     logits = model(mx.array(encoded.prefix)[None], cache=cache)[0, -1].astype(mx.float32)
-    first = logits - mx.logsumexp(logits)
+    first = logits - logsumexp(logits)
     conts = encoded.continuations
     totals = first[mx.array([c[0] for c in conts])]
     longest = max(len(c) for c in conts)
@@ -117,7 +119,7 @@ def score_options(model, encoded: EncodedItem, shared_prefix: bool = True) -> li
         targets = mx.array([c[1:] + [0] * (width - len(c) + 1) for c in conts])
         mask = mx.array([[1.0] * (len(c) - 1) + [0.0] * (width - len(c) + 1) for c in conts])
         out = model(inputs, cache=cache).astype(mx.float32)
-        picked = mx.take_along_axis(out, targets[..., None], axis=-1).squeeze(-1) - mx.logsumexp(out, axis=-1)
+        picked = mx.take_along_axis(out, targets[..., None], axis=-1).squeeze(-1) - logsumexp(out)
         totals = totals + (picked * mask).sum(axis=-1)
     return totals.tolist()
 
@@ -125,10 +127,12 @@ def score_options(model, encoded: EncodedItem, shared_prefix: bool = True) -> li
 def _score_full(model, prefix: list[int], continuation: list[int]) -> float:
     import mlx.core as mx
 
+    from mlx_med.kernels import logsumexp
+
     tokens = mx.array(prefix + continuation)[None]
     logits = model(tokens[:, :-1])[0, len(prefix) - 1:].astype(mx.float32)
     picked = mx.take_along_axis(logits, mx.array(continuation)[:, None], axis=-1).squeeze(-1)
-    return (picked - mx.logsumexp(logits, axis=-1)).sum().item()
+    return (picked - logsumexp(logits)).sum().item()
 
 
 def _cache_is_copyable(model) -> bool:

@@ -34,7 +34,8 @@ def token_nll(model, tokenizer, texts: list[str], block_size: int = 512, batch_s
     ``block_size + 1`` tokens; each block predicts its last ``block_size`` tokens.
     """
     import mlx.core as mx
-    import mlx.nn as nn
+
+    from mlx_med.kernels import cross_entropy
 
     if block_size < 1:
         raise UserError(f"block_size must be >= 1, got {block_size}")
@@ -61,7 +62,7 @@ def token_nll(model, tokenizer, texts: list[str], block_size: int = 512, batch_s
     for group in groups:
         batch = mx.array(group)
         logits = model(batch[:, :-1]).astype(mx.float32)
-        loss = nn.losses.cross_entropy(logits, batch[:, 1:], reduction="sum")
+        loss = cross_entropy(logits, batch[:, 1:], reduction="sum")
         total += loss.item()
         count += batch.shape[0] * (batch.shape[1] - 1)
         if bar is not None:

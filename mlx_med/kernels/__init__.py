@@ -1,4 +1,5 @@
-"""mlx-med's vectorized CPU kernels: SwiGLU and the attention softmax, bit for bit MLX's.
+"""mlx-med's vectorized CPU kernels: SwiGLU, the attention softmax and the cross-entropy's logsumexp,
+bit for bit MLX's.
 
 MLX's x86 CPU build evaluates ``exp`` one float at a time (a Cephes polynomial calling libm's
 ``fma`` per term), so SwiGLU and the attention softmax, the two exp-heavy steps of a forward, cost
@@ -7,8 +8,10 @@ in the same order, with AVX2 + FMA (picked at run time; a scalar loop elsewhere)
 10-17x faster. Values and gradients are checked against MLX's on every load (``ops.self_check``);
 on any difference, or when the module cannot be built here, mlx-med keeps MLX's kernels.
 
-``MLX_MED_KERNELS=off`` keeps MLX's kernels. The CPU fp32 compute path turns the kernels on for every
-model it prepares (``backend.prepare_for_compute``); Metal/CUDA never use them.
+``MLX_MED_KERNELS=off`` keeps MLX's kernels (``scalar``: the reference loop, no AVX2). The CPU fp32
+compute path turns the kernels on for every model it prepares (``backend.prepare_for_compute``);
+``cross_entropy`` and ``logsumexp`` here take them wherever their input is fp32 on the CPU. Metal and
+CUDA never use them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 
+import mlx.core as mx
 import mlx.nn as nn
 
 KERNELS_ENV = "MLX_MED_KERNELS"
@@ -41,3 +45,32 @@ def use_cpu_kernels(model: nn.Module) -> str:
 
     names = install(model, kernels)
     return f"mlx-med's for {', '.join(names) or 'nothing in this model'} ({reason})"
+
+
+def usable_kernels(*arrays: mx.array):
+    """The kernels when they are loaded and every array is fp32 on the CPU, else None."""
+    kernels, _ = cpu_kernels()
+    if kernels is None or mx.default_device() != mx.cpu or any(a.dtype != mx.float32 for a in arrays):
+        return None
+    return kernels
+
+
+def cross_entropy(logits: mx.array, targets: mx.array, reduction: str = "none") -> mx.array:
+    """``nn.losses.cross_entropy(logits, targets, reduction=)`` for class-index targets: the same values
+    and gradients, with the vectorized logsumexp on the CPU."""
+    kernels = usable_kernels(logits)
+    if kernels is None:
+        return nn.losses.cross_entropy(logits, targets, reduction=reduction)
+    from mlx_med.kernels.ops import cross_entropy as kernel_cross_entropy
+
+    loss = kernel_cross_entropy(kernels, logits, targets)
+    return {"none": loss, "sum": mx.sum(loss), "mean": mx.mean(loss)}[reduction]
+
+
+def logsumexp(x: mx.array, keepdims: bool = False) -> mx.array:
+    """``mx.logsumexp(x, axis=-1, keepdims=)``, vectorized on the CPU."""
+    kernels = usable_kernels(x)
+    if kernels is None:
+        return mx.logsumexp(x, axis=-1, keepdims=keepdims)
+    out = kernels.logsumexp(x)
+    return out if keepdims else out.squeeze(-1)

@@ -150,6 +150,48 @@ AVX2_FMA static void shifted_exp_avx2(const float* in, float* out, float maximum
   for (; i < n; i++) out[i] = mlx_exp(in[i] - maximum);
 }
 
+// The row maximum as MLX's loop finds it: NaN if any element is NaN, else the largest value (a maximum
+// is the same in any order; only the sign of a zero maximum could differ, which no result depends on).
+AVX2_FMA static float row_max_avx2(const float* in, size_t n) {
+  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 nan = _mm256_setzero_ps();
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_loadu_ps(in + i);
+    vmax = _mm256_max_ps(vmax, v);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float maximum = lanes[0];
+  for (int l = 1; l < 8; l++) maximum = lanes[l] > maximum ? lanes[l] : maximum;
+  bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (; i < n; i++) {
+    any_nan = any_nan || std::isnan(in[i]);
+    maximum = in[i] > maximum ? in[i] : maximum;
+  }
+  if (any_nan) {  // MLX's loop keeps the last NaN it meets
+    for (size_t j = n; j-- > 0;) {
+      if (std::isnan(in[j])) return in[j];
+    }
+  }
+  return maximum;
+}
+
+// sum of exp(x - maximum), added in index order.
+AVX2_FMA static float shifted_exp_sum_avx2(const float* in, float maximum, size_t n) {
+  const __m256 m = _mm256_set1_ps(maximum);
+  alignas(32) float lanes[8];
+  float total = 0.0f;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_store_ps(lanes, mlx_exp8(_mm256_sub_ps(_mm256_loadu_ps(in + i), m)));
+    for (int l = 0; l < 8; l++) total += lanes[l];
+  }
+  for (; i < n; i++) total += mlx_exp(in[i] - maximum);
+  return total;
+}
+
 AVX2_FMA static void scale_avx2(float* out, float factor, size_t n) {
   const __m256 f = _mm256_set1_ps(factor);
   size_t i = 0;
@@ -205,15 +247,39 @@ static void scale_f32(float* out, float factor, size_t n) {
   for (size_t i = 0; i < n; i++) out[i] = out[i] * factor;
 }
 
+static float row_max_f32(const float* in, size_t n) {
+#ifdef MLX_MED_AVX2
+  if (has_avx2_fma()) return row_max_avx2(in, n);
+#endif
+  float maximum = -std::numeric_limits<float>::infinity();
+  for (size_t i = 0; i < n; i++) maximum = std::isnan(in[i]) ? in[i] : (in[i] > maximum ? in[i] : maximum);
+  return maximum;
+}
+
+static float shifted_exp_sum_f32(const float* in, float maximum, size_t n) {
+#ifdef MLX_MED_AVX2
+  if (has_avx2_fma()) return shifted_exp_sum_avx2(in, maximum, n);
+#endif
+  float total = 0.0f;
+  for (size_t i = 0; i < n; i++) total += mlx_exp(in[i] - maximum);
+  return total;
+}
+
+// MLX's fp32 logsumexp over each row: the maximum, the exponentials' sum in index order, log + max
+// (the maximum itself when it is infinite).
+static void logsumexp_rows_f32(const float* in, float* out, size_t rows, size_t cols) {
+  for (size_t r = 0; r < rows; r++, in += cols) {
+    float maximum = row_max_f32(in, cols);
+    float normalizer = shifted_exp_sum_f32(in, maximum, cols);
+    out[r] = std::isinf(maximum) ? maximum : std::log(normalizer) + maximum;
+  }
+}
+
 // MLX's fp32 softmax, row by row: the maximum (NaN sticks), the exponentials, their sum added in
 // index order (the order MLX adds them in, so the same rounding), one reciprocal, one multiply each.
 static void softmax_rows_f32(const float* in, float* out, size_t rows, size_t cols) {
   for (size_t r = 0; r < rows; r++, in += cols, out += cols) {
-    float maximum = -std::numeric_limits<float>::infinity();
-    for (size_t i = 0; i < cols; i++) {
-      float v = in[i];
-      maximum = std::isnan(v) ? v : (v > maximum ? v : maximum);
-    }
+    float maximum = row_max_f32(in, cols);
     shifted_exp_f32(in, out, maximum, cols);
     float normalizer = 0.0f;
     for (size_t i = 0; i < cols; i++) normalizer += out[i];
@@ -292,6 +358,28 @@ class Softmax : public mx::Primitive {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 };
 
+class LogSumExp : public mx::Primitive {
+ public:
+  explicit LogSumExp(mx::Stream stream) : mx::Primitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& in = inputs[0];
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(in);
+    encoder.set_output_array(out);
+    size_t cols = in.shape().back();
+    encoder.dispatch([i = in.data<float>(), o = out.data<float>(), rows = out.size(), cols]() {
+      logsumexp_rows_f32(i, o, rows, cols);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[mlx_med.LogSumExp] CPU only.");
+  }
+  const char* name() const override { return "MlxMedLogSumExp"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
 static void require_f32_cpu(const mx::array& a, mx::Stream s, const char* op) {
   if (a.dtype() != mx::float32 || s.device != mx::Device::cpu) {
     throw std::invalid_argument(std::string("[mlx_med.") + op + "] float32 on the CPU only.");
@@ -329,6 +417,17 @@ mx::array softmax(const mx::array& x, mx::StreamOrDevice s_ = {}) {
   return mx::array(x.shape(), mx::float32, std::make_shared<Softmax>(s), {c});
 }
 
+mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  require_f32_cpu(x, s, "logsumexp");
+  if (x.ndim() == 0 || x.shape().back() == 0) {
+    throw std::invalid_argument("[mlx_med.logsumexp] needs a non-empty last axis.");
+  }
+  auto shape = x.shape();
+  shape.back() = 1;
+  return mx::array(shape, mx::float32, std::make_shared<LogSumExp>(s), {contiguous(x, s)});
+}
+
 }  // namespace mlx_med
 
 NB_MODULE(_mlx_med_kernels, m) {
@@ -340,6 +439,8 @@ NB_MODULE(_mlx_med_kernels, m) {
           auto grads = mlx_med::swiglu_vjp(g, u, c);
           return nb::make_tuple(grads[0], grads[1]);
         }, "gate"_a, "up"_a, "cotangent"_a, "(d_gate, d_up): MLX's gradients of silu(gate) * up.");
+  m.def("logsumexp", [](const mx::array& x) { return mlx_med::logsumexp(x); }, "x"_a,
+        "log(sum(exp(x))) over the last axis, kept as a size-1 axis.");
   m.def("isa", &mlx_med::isa, "The instruction set the kernels run with on this CPU.");
   m.def("softmax", [](const mx::array& x) { return mlx_med::softmax(x); }, "x"_a, "Softmax over the last axis.");
 }

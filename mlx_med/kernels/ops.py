@@ -40,12 +40,21 @@ class Kernels:
             return module.softmax(x)
 
         @softmax.vjp
-        def softmax_vjp(primals, cotangent, output):
+        def softmax_vjp(x, cotangent, output):
             sv = output * cotangent  # MLX's Softmax::vjp, op for op
             return sv - output * mx.sum(sv, axis=-1, keepdims=True)
 
+        @mx.custom_function
+        def logsumexp(x):
+            return module.logsumexp(x)
+
+        @logsumexp.vjp
+        def logsumexp_vjp(x, cotangent, output):  # one input: the primal itself, not a tuple
+            return cotangent * softmax(x)  # MLX's LogSumExp::vjp
+
         self.swiglu = swiglu
         self.softmax = softmax
+        self.logsumexp = logsumexp
 
 
 def on_cpu_f32(*arrays: mx.array) -> bool:
@@ -81,6 +90,14 @@ def attention(kernels: Kernels, queries, keys, values, scale: float, mask):
             scores = scores + mask
     out = kernels.softmax(scores) @ v
     return mx.flatten(out, 1, 2) if n_repeats > 1 else out
+
+
+def cross_entropy(kernels: Kernels, logits: mx.array, targets: mx.array) -> mx.array:
+    """``nn.losses.cross_entropy(logits, targets)`` for class-index targets as MLX computes it on the CPU,
+    op for op, with the kernels' logsumexp."""
+    shifted = logits - mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
+    score = mx.take_along_axis(shifted, mx.expand_dims(targets, -1), -1).squeeze(-1)
+    return kernels.logsumexp(shifted).squeeze(-1) - score
 
 
 def model_functions(kernels: Kernels, module) -> dict:
@@ -141,12 +158,18 @@ def self_check(kernels: Kernels) -> str | None:
     checks = {"swiglu": (kernels.swiglu(gate, up), mlx_swiglu(gate, up))}
     scores = mx.random.normal((4, 3, 5, 37), key=mx.random.key(2)) * 8
     checks["softmax"] = (kernels.softmax(scores), mx.softmax(scores, axis=-1, precise=True))
+    checks["logsumexp"] = (kernels.logsumexp(scores), mx.logsumexp(scores, axis=-1, keepdims=True))
 
     def loss(fn):
         return lambda g, u: (fn(g, u) * mx.arange(gate.size) / gate.size).sum()
 
     checks["swiglu gradient"] = (mx.grad(loss(kernels.swiglu), argnums=(0, 1))(gate, up),
                                  mx.grad(loss(mlx_swiglu), argnums=(0, 1))(gate, up))
+    weights = mx.random.normal(scores.shape, key=mx.random.key(3))
+    for name, ours, theirs in (("softmax", kernels.softmax, lambda x: mx.softmax(x, axis=-1, precise=True)),
+                               ("logsumexp", kernels.logsumexp, lambda x: mx.logsumexp(x, axis=-1, keepdims=True))):
+        checks[f"{name} gradient"] = (mx.grad(lambda x, f=ours: (f(x) * weights).sum())(scores),
+                                      mx.grad(lambda x, f=theirs: (f(x) * weights).sum())(scores))
     for name, (ours, theirs) in checks.items():
         ours, theirs = (list(x) if isinstance(x, tuple) else [x] for x in (ours, theirs))
         if not all(mx.array_equal(a, b, equal_nan=True).item() for a, b in zip(ours, theirs)):

@@ -17,13 +17,14 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_med.data.batches import Batch
+from mlx_med.kernels import cross_entropy
 from mlx_med.train.config import TrainConfig
 
 
 def masked_loss(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
     """Summed cross-entropy over the masked targets, and their count."""
     logits = model(inputs)
-    ce = nn.losses.cross_entropy(logits, targets) * mask
+    ce = cross_entropy(logits, targets) * mask
     return ce.astype(mx.float32).sum(), mask.sum()
 
 
@@ -38,7 +39,7 @@ def selected_loss(head_split):
     def loss(model, inputs, targets, mask, positions):
         hidden = body(inputs)
         hidden = hidden.reshape(-1, hidden.shape[-1])[positions]
-        ce = nn.losses.cross_entropy(head(hidden), targets.reshape(-1)[positions])
+        ce = cross_entropy(head(hidden), targets.reshape(-1)[positions])
         return ce.astype(mx.float32).sum(), mx.array(positions.size, mx.float32)
 
     return loss
