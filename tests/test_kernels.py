@@ -192,3 +192,18 @@ def test_off_switch_and_failed_build_keep_mlx_kernels(tmp_path):
     report = kernels_report({"CXX": "/bin/false", "MLX_MED_CACHE": str(tmp_path)})
     assert report.startswith("kernels: MLX (could not build the kernels: false exited with 1")
     assert not list(tmp_path.rglob("*.so")), "a failed build leaves no module behind"
+
+
+def test_concurrent_first_builds_make_one_module(tmp_path):
+    # Two processes starting on a machine without the module: one builds under the lock, the other waits
+    # and loads that build; no temporary file is left behind.
+    env = {**os.environ, "MLX_MED_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-m", "mlx_med.kernels"], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    reports = sorted(p.communicate(timeout=300)[0].strip() for p in procs)
+    assert all(p.returncode == 0 for p in procs)
+    assert reports[0].startswith("kernels: mlx-med (avx2+fma, built ") or reports[0].startswith(
+        "kernels: mlx-med (scalar, built "), reports
+    assert " cached " in reports[1], reports
+    files = [p for p in (tmp_path / "kernels").rglob("*") if p.is_file() and p.name != ".build.lock"]
+    assert len(files) == 1 and files[0].suffix == ".so", files

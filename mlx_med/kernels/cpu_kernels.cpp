@@ -1,10 +1,12 @@
-// Vectorized CPU kernels for the two exp-heavy steps of a transformer forward on MLX's CPU backend:
-// SwiGLU (silu(gate) * up) and the row softmax of attention. MLX's x86 CPU build has no SIMD type for
-// float (simd::max_size == 1), so its exp is the scalar Cephes polynomial with a libm fma per term.
-// These kernels evaluate the *same* polynomial, in the same order, with the same rounding, as
-// MLX 0.32's simd::exp / Sigmoid / softmax, written as plain loops the compiler vectorizes for the
-// instruction set it finds at run time (target_clones: AVX-512, AVX2+FMA, baseline). fma() is exact
-// in every variant and -ffp-contract=off forbids any other fusing, so results are bit for bit MLX's.
+// mlx-med's vectorized CPU kernels for the exp-heavy steps of a transformer on MLX's CPU backend:
+// SwiGLU (silu(gate) * up) and its gradient, the row softmax of attention, and the row logsumexp of
+// the cross-entropy. MLX's x86 CPU build has no SIMD type for float (simd::max_size == 1), so its exp
+// is a scalar Cephes polynomial with a libm fma per term. These kernels evaluate the *same*
+// polynomial, in the same order, with the same rounding, as MLX 0.32's simd::exp / Sigmoid / softmax /
+// logsumexp and the vjps of its Sigmoid and Multiply: eight lanes at a time with AVX2 + FMA when the
+// CPU has them (checked at run time), else the scalar reference loop. fma is exact in both, and
+// -ffp-contract=off forbids any other fusing, so the results are bit for bit MLX's; sums are added in
+// MLX's (index) order.
 
 #include <algorithm>
 #include <cmath>
