@@ -54,11 +54,9 @@ def main() -> None:
     from mlx_med.models import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            from mlx_med.convert.gguf import convert_demo
+        from mlx_med.convert.gguf import convert_demo
 
-            model_dir = convert_demo(Path(tmp) / "smollm2")
+        model_dir = args.model or convert_demo(Path(tmp) / "demo")
         loaded = load_model(model_dir)
     model, tokenizer = loaded.model, loaded.tokenizer
     rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines()[:args.n]]

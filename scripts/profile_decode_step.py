@@ -58,11 +58,9 @@ def main() -> None:
     from mlx_med.models import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model
-        if model_dir is None:
-            from mlx_med.convert.gguf import convert_demo
+        from mlx_med.convert.gguf import convert_demo
 
-            model_dir = convert_demo(Path(tmp) / "smollm2")
+        model_dir = args.model or convert_demo(Path(tmp) / "demo")
         loaded = load_model(model_dir)
     model, config = loaded.model, loaded.config
     rows, context = args.batch, args.context

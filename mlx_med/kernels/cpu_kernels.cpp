@@ -294,93 +294,65 @@ static mx::array contiguous(const mx::array& a, mx::Stream s) {
   return mx::contiguous(a, false, s);
 }
 
-class SwiGLU : public mx::Primitive {
+// An MLX primitive running one of the loops above on the CPU: its outputs are allocated here and the
+// loop gets the float32 buffers (inputs row-contiguous, see contiguous()). No GPU version: the Python
+// side sends only CPU float32 work here.
+class CpuKernel : public mx::Primitive {
  public:
-  explicit SwiGLU(mx::Stream stream) : mx::Primitive(stream) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& gate = inputs[0];
-    auto& up = inputs[1];
-    auto& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(gate);
-    encoder.set_input_array(up);
-    encoder.set_output_array(out);
-    encoder.dispatch([g = gate.data<float>(), u = up.data<float>(), o = out.data<float>(),
-                      n = out.size()]() { swiglu_f32(g, u, o, n); });
-  }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("[mlx_med.SwiGLU] CPU only.");
-  }
-  const char* name() const override { return "MlxMedSwiGLU"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
-};
+  using Loop = void (*)(const std::vector<const float*>& in, const std::vector<float*>& out,
+                        size_t rows, size_t cols);
+  CpuKernel(mx::Stream stream, const char* name, Loop loop)
+      : mx::Primitive(stream), name_(name), loop_(loop) {}
 
-class SwiGLUVJP : public mx::Primitive {
- public:
-  explicit SwiGLUVJP(mx::Stream stream) : mx::Primitive(stream) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& in : inputs) encoder.set_input_array(in);
-    for (auto& out : outputs) {
-      out.set_data(mx::allocator::malloc(out.nbytes()));
-      encoder.set_output_array(out);
+    std::vector<const float*> in;
+    std::vector<float*> out;
+    for (auto& a : inputs) {
+      encoder.set_input_array(a);
+      in.push_back(a.data<float>());
     }
-    encoder.dispatch([g = inputs[0].data<float>(), u = inputs[1].data<float>(),
-                      c = inputs[2].data<float>(), dg = outputs[0].data<float>(),
-                      du = outputs[1].data<float>(),
-                      n = outputs[0].size()]() { swiglu_vjp_f32(g, u, c, dg, du, n); });
+    for (auto& a : outputs) {
+      a.set_data(mx::allocator::malloc(a.nbytes()));
+      encoder.set_output_array(a);
+      out.push_back(a.data<float>());
+    }
+    size_t cols = inputs[0].ndim() ? inputs[0].shape().back() : 1;
+    encoder.dispatch([in, out, rows = inputs[0].size() / std::max<size_t>(cols, 1), cols,
+                      loop = loop_]() { loop(in, out, rows, cols); });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("[mlx_med.SwiGLUVJP] CPU only.");
+    throw std::runtime_error(std::string("[mlx_med.") + name_ + "] runs on the CPU only.");
   }
-  const char* name() const override { return "MlxMedSwiGLUVJP"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  const char* name() const override { return name_; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return std::string(name_) == other.name();
+  }
+
+ private:
+  const char* name_;
+  Loop loop_;
 };
 
-class Softmax : public mx::Primitive {
- public:
-  explicit Softmax(mx::Stream stream) : mx::Primitive(stream) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& in = inputs[0];
-    auto& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(in);
-    encoder.set_output_array(out);
-    size_t cols = in.shape().back();
-    encoder.dispatch([i = in.data<float>(), o = out.data<float>(), rows = in.size() / cols, cols]() {
-      softmax_rows_f32(i, o, rows, cols);
-    });
-  }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("[mlx_med.Softmax] CPU only.");
-  }
-  const char* name() const override { return "MlxMedSoftmax"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
-};
+static void swiglu_loop(const std::vector<const float*>& in, const std::vector<float*>& out, size_t rows,
+                        size_t cols) {
+  swiglu_f32(in[0], in[1], out[0], rows * cols);
+}
 
-class LogSumExp : public mx::Primitive {
- public:
-  explicit LogSumExp(mx::Stream stream) : mx::Primitive(stream) {}
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& in = inputs[0];
-    auto& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(in);
-    encoder.set_output_array(out);
-    size_t cols = in.shape().back();
-    encoder.dispatch([i = in.data<float>(), o = out.data<float>(), rows = out.size(), cols]() {
-      logsumexp_rows_f32(i, o, rows, cols);
-    });
-  }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("[mlx_med.LogSumExp] CPU only.");
-  }
-  const char* name() const override { return "MlxMedLogSumExp"; }
-  bool is_equivalent(const mx::Primitive&) const override { return true; }
-};
+static void swiglu_vjp_loop(const std::vector<const float*>& in, const std::vector<float*>& out,
+                            size_t rows, size_t cols) {
+  swiglu_vjp_f32(in[0], in[1], in[2], out[0], out[1], rows * cols);
+}
+
+static void softmax_loop(const std::vector<const float*>& in, const std::vector<float*>& out,
+                         size_t rows, size_t cols) {
+  softmax_rows_f32(in[0], out[0], rows, cols);
+}
+
+static void logsumexp_loop(const std::vector<const float*>& in, const std::vector<float*>& out,
+                           size_t rows, size_t cols) {
+  logsumexp_rows_f32(in[0], out[0], rows, cols);
+}
 
 static void require_f32_cpu(const mx::array& a, mx::Stream s, const char* op) {
   if (a.dtype() != mx::float32 || s.device != mx::Device::cpu) {
@@ -397,7 +369,8 @@ mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice 
   }
   auto g = contiguous(gate, s);
   auto u = contiguous(up, s);
-  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(s), {g, u});
+  return mx::array(gate.shape(), mx::float32, std::make_shared<CpuKernel>(s, "MlxMedSwiGLU", swiglu_loop),
+                   {g, u});
 }
 
 std::vector<mx::array> swiglu_vjp(const mx::array& gate, const mx::array& up,
@@ -408,7 +381,7 @@ std::vector<mx::array> swiglu_vjp(const mx::array& gate, const mx::array& up,
     throw std::invalid_argument("[mlx_med.swiglu_vjp] gate, up and cotangent must have the same shape.");
   }
   return mx::array::make_arrays({gate.shape(), gate.shape()}, {mx::float32, mx::float32},
-                                std::make_shared<SwiGLUVJP>(s),
+                                std::make_shared<CpuKernel>(s, "MlxMedSwiGLUVJP", swiglu_vjp_loop),
                                 {contiguous(gate, s), contiguous(up, s), contiguous(cotan, s)});
 }
 
@@ -416,7 +389,7 @@ mx::array softmax(const mx::array& x, mx::StreamOrDevice s_ = {}) {
   auto s = mx::to_stream(s_);
   require_f32_cpu(x, s, "softmax");
   auto c = contiguous(x, s);
-  return mx::array(x.shape(), mx::float32, std::make_shared<Softmax>(s), {c});
+  return mx::array(x.shape(), mx::float32, std::make_shared<CpuKernel>(s, "MlxMedSoftmax", softmax_loop), {c});
 }
 
 mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s_ = {}) {
@@ -427,7 +400,8 @@ mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s_ = {}) {
   }
   auto shape = x.shape();
   shape.back() = 1;
-  return mx::array(shape, mx::float32, std::make_shared<LogSumExp>(s), {contiguous(x, s)});
+  return mx::array(shape, mx::float32, std::make_shared<CpuKernel>(s, "MlxMedLogSumExp", logsumexp_loop),
+                   {contiguous(x, s)});
 }
 
 }  // namespace mlx_med
