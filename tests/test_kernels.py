@@ -87,6 +87,19 @@ def test_logsumexp_and_cross_entropy_equal_mlx_values_and_gradients(kernels):
                 mx.grad(lambda x: (mx.logsumexp(x, axis=-1) * weights).sum())(logits))
 
 
+def test_other_dtypes_and_devices_use_mlx_without_loading_the_kernels(monkeypatch):
+    import mlx_med.kernels as kernels_module
+
+    def must_not_load():
+        raise AssertionError("the kernels were loaded for work they do not take")
+
+    monkeypatch.setattr(kernels_module, "cpu_kernels", must_not_load)
+    logits = mx.random.normal((3, 50), key=mx.random.key(12)).astype(mx.bfloat16)
+    targets = mx.array([1, 7, 49])
+    assert same(kernels_module.cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets))
+    assert same(kernels_module.logsumexp(logits), mx.logsumexp(logits, axis=-1))
+
+
 @pytest.mark.parametrize("n_kv_heads", [2, 4])
 @pytest.mark.parametrize("q_len", [1, 5])
 @pytest.mark.parametrize("mask_kind", [None, "causal", "bool", "additive"])

@@ -48,13 +48,11 @@ def use_cpu_kernels(model: nn.Module) -> str:
 
 
 def usable_kernels(*arrays: mx.array):
-    """The kernels when they are loaded and every array is fp32 on the CPU, else None."""
-    kernels, _ = cpu_kernels()
-    if kernels is None:
-        return None
+    """The kernels when every array is fp32 on the CPU and they load, else None (checked in that order:
+    a GPU run never builds them)."""
     from mlx_med.kernels.ops import on_cpu_f32
 
-    return kernels if on_cpu_f32(*arrays) else None
+    return cpu_kernels()[0] if on_cpu_f32(*arrays) else None
 
 
 def cross_entropy(logits: mx.array, targets: mx.array, reduction: str = "none") -> mx.array:
