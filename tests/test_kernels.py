@@ -188,6 +188,26 @@ def test_batched_greedy_generation_identical(kernels, tiny_llama):
         load_model(tiny_llama)
 
 
+def test_a_module_with_its_own_swiglu_keeps_it(kernels, monkeypatch):
+    import types
+
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    from mlx_med.kernels.ops import install
+
+    def clipped_swiglu(gate, x):  # a model's own variant under the shared name
+        return nn.silu(mx.minimum(gate, 7.0)) * x
+
+    module = types.ModuleType("fake_arch")
+    module.swiglu, module.scaled_dot_product_attention = clipped_swiglu, scaled_dot_product_attention
+    monkeypatch.setitem(sys.modules, "fake_arch", module)
+    model = type("Model", (nn.Module,), {"__module__": "fake_arch"})()
+    assert install(model, kernels) == ["scaled_dot_product_attention"]
+    assert module.swiglu is clipped_swiglu and module.scaled_dot_product_attention is not scaled_dot_product_attention
+    uninstall(model)
+    assert module.scaled_dot_product_attention is scaled_dot_product_attention
+
+
 def kernels_report(env: dict) -> str:
     done = subprocess.run([sys.executable, "-m", "mlx_med.kernels"], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=300)

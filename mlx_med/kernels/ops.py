@@ -101,9 +101,17 @@ def cross_entropy(kernels: Kernels, logits: mx.array, targets: mx.array) -> mx.a
 
 
 def model_functions(kernels: Kernels, module) -> dict:
-    """Drop-in replacements for a model module's ``swiglu`` and ``scaled_dot_product_attention``."""
+    """Drop-in replacements for a model module's ``swiglu`` and ``scaled_dot_product_attention``, for
+    each name that *is* mlx-lm's shared function (a module defining its own, e.g. a clipped SwiGLU,
+    keeps it)."""
+    from mlx_lm.models import activations, base
+
     original_swiglu = getattr(module, "swiglu", None)
     original_sdpa = getattr(module, "scaled_dot_product_attention", None)
+    if original_swiglu is not activations.swiglu:
+        original_swiglu = None
+    if original_sdpa is not base.scaled_dot_product_attention:
+        original_sdpa = None
     replaced = {}
     if original_swiglu is not None:
         def swiglu(gate, x):
