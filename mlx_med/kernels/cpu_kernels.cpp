@@ -58,20 +58,22 @@ static inline float mlx_exp(float x_init) {
   return result;
 }
 
-// MLX's Sigmoid then two multiplies, as nn.silu(gate) * up evaluates: 1 / (1 + exp(|g|)), mirrored
-// for g >= 0.
-static inline float mlx_swiglu(float g, float u) {
+// MLX's Sigmoid: 1 / (1 + exp(|g|)), mirrored for g >= 0.
+static inline float mlx_sigmoid(float g) {
   float y = 1.0f / (1.0f + mlx_exp(std::fabs(g)));
-  float s = g < 0.0f ? y : 1.0f - y;
-  return (g * s) * u;
+  return g < 0.0f ? y : 1.0f - y;
+}
+
+// MLX's Sigmoid then two multiplies, as nn.silu(gate) * up evaluates.
+static inline float mlx_swiglu(float g, float u) {
+  return (g * mlx_sigmoid(g)) * u;
 }
 
 // The gradients MLX's autodiff gives for nn.silu(gate) * up (Multiply, Multiply, Sigmoid vjps), one
 // product at a time in its order: s = sigmoid(g), d_up = (g * s) * c, da = u * c,
 // d_gate = s * da + (g * da) * (s * (1 - s)).
 static inline void mlx_swiglu_vjp(float g, float u, float c, float* d_gate, float* d_up) {
-  float y = 1.0f / (1.0f + mlx_exp(std::fabs(g)));
-  float s = g < 0.0f ? y : 1.0f - y;
+  float s = mlx_sigmoid(g);
   float da = u * c;
   *d_up = (g * s) * c;
   *d_gate = s * da + (g * da) * (s * (1.0f - s));
@@ -108,16 +110,20 @@ AVX2_FMA static inline __m256 mlx_exp8(__m256 x_init) {
   return _mm256_blendv_ps(result, _mm256_setzero_ps(), _mm256_cmp_ps(x_init, lo, _CMP_LT_OQ));
 }
 
-AVX2_FMA static void swiglu_avx2(const float* gate, const float* up, float* out, size_t n) {
+// The same steps as mlx_sigmoid, eight lanes at a time.
+AVX2_FMA static inline __m256 mlx_sigmoid8(__m256 g) {
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 y = _mm256_div_ps(one, _mm256_add_ps(one, mlx_exp8(_mm256_and_ps(g, abs_mask))));
+  __m256 negative = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
+  return _mm256_blendv_ps(_mm256_sub_ps(one, y), y, negative);
+}
+
+AVX2_FMA static void swiglu_avx2(const float* gate, const float* up, float* out, size_t n) {
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 g = _mm256_loadu_ps(gate + i);
-    __m256 y = _mm256_div_ps(one, _mm256_add_ps(one, mlx_exp8(_mm256_and_ps(g, abs_mask))));
-    __m256 negative = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
-    __m256 s = _mm256_blendv_ps(_mm256_sub_ps(one, y), y, negative);
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, s), _mm256_loadu_ps(up + i)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, mlx_sigmoid8(g)), _mm256_loadu_ps(up + i)));
   }
   for (; i < n; i++) out[i] = mlx_swiglu(gate[i], up[i]);
 }
@@ -125,15 +131,12 @@ AVX2_FMA static void swiglu_avx2(const float* gate, const float* up, float* out,
 AVX2_FMA static void swiglu_vjp_avx2(const float* gate, const float* up, const float* cotan,
                                       float* d_gate, float* d_up, size_t n) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     __m256 g = _mm256_loadu_ps(gate + i);
     __m256 u = _mm256_loadu_ps(up + i);
     __m256 c = _mm256_loadu_ps(cotan + i);
-    __m256 y = _mm256_div_ps(one, _mm256_add_ps(one, mlx_exp8(_mm256_and_ps(g, abs_mask))));
-    __m256 negative = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
-    __m256 s = _mm256_blendv_ps(_mm256_sub_ps(one, y), y, negative);
+    __m256 s = mlx_sigmoid8(g);
     __m256 da = _mm256_mul_ps(u, c);
     _mm256_storeu_ps(d_up + i, _mm256_mul_ps(_mm256_mul_ps(g, s), c));
     __m256 sprime = _mm256_mul_ps(s, _mm256_sub_ps(one, s));
