@@ -225,6 +225,9 @@ def test_off_switch_and_failed_build_keep_mlx_kernels(tmp_path):
     report = kernels_report({"CXX": "/bin/false", "MLX_MED_CACHE": str(tmp_path)})
     assert report.startswith("kernels: MLX (could not build the kernels: false exited with 1")
     assert not list(tmp_path.rglob("*.so")), "a failed build leaves no module behind"
+    # a $CXX that is not there: said in one line, no traceback (every CPU model load goes through this)
+    assert kernels_report({"CXX": str(tmp_path / "no-such-g++"), "MLX_MED_CACHE": str(tmp_path)}) == \
+        f"kernels: MLX ($CXX={tmp_path / 'no-such-g++'} is not an executable)"
 
 
 def test_concurrent_first_builds_make_one_module(tmp_path):

@@ -64,7 +64,13 @@ def cross_entropy(logits: mx.array, targets: mx.array, reduction: str = "none") 
     from mlx_med.kernels.ops import cross_entropy as kernel_cross_entropy
 
     loss = kernel_cross_entropy(kernels, logits, targets)
-    return {"none": loss, "sum": mx.sum(loss), "mean": mx.mean(loss)}[reduction]
+    if reduction == "sum":
+        return mx.sum(loss)
+    if reduction == "mean":
+        return mx.mean(loss)
+    if reduction != "none":
+        raise ValueError(f"Invalid reduction {reduction!r}: one of 'none', 'mean', 'sum'.")  # as MLX's
+    return loss
 
 
 def logsumexp(x: mx.array, keepdims: bool = False) -> mx.array:

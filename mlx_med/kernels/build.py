@@ -52,8 +52,10 @@ class BuildError(RuntimeError):
 
 
 def compiler() -> str | None:
-    """``$CXX``, else ``g++`` (what MLX's own CPU JIT uses), else ``c++``."""
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    """``$CXX`` (when it names an executable), else ``g++`` (what MLX's own CPU JIT uses), else ``c++``."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    return shutil.which("g++") or shutil.which("c++")
 
 
 def stable_abi() -> bool:
@@ -69,7 +71,10 @@ def build_inputs() -> dict[str, str]:
     import nanobind
 
     cxx = compiler() or ""
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0] if cxx else ""
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    except OSError:  # not runnable: the build then fails and says so
+        version = ""
     return {"source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(), "mlx": mx.__version__,
             "nanobind": nanobind.__version__, "python": sysconfig.get_config_var("EXT_SUFFIX") or "",
             "stable_abi": str(stable_abi()), "compiler": f"{cxx} {version}", "flags": " ".join(CXXFLAGS)}
@@ -86,7 +91,8 @@ def unsupported_reason() -> str | None:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"the vectorized kernels are for Linux x86-64 (this is {platform.system()} {platform.machine()})"
     if compiler() is None:
-        return "no C++ compiler (g++) found"
+        return (f"$CXX={os.environ['CXX']} is not an executable" if os.environ.get("CXX")
+                else "no C++ compiler (g++) found")
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
         return "Python's C headers are missing (install python3-dev)"
     try:
@@ -137,16 +143,14 @@ def import_module(path: Path) -> ModuleType:
     return module
 
 
-def load(build: bool = True) -> Built:
-    """The compiled kernels module, building it first if needed (and ``build``)."""
+def load() -> Built:
+    """The compiled kernels module, building it first if needed."""
     reason = unsupported_reason()
     if reason:
         return Built(None, reason)
     path = module_path()
     made = "cached"
     if not path.exists():
-        if not build:
-            return Built(None, f"not built yet ({path})")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with locked(path.parent / ".build.lock"):
