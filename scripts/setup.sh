@@ -26,7 +26,10 @@ if [ "$(uname -s)" = Linux ]; then
   if ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 /usr/lib64/libopenblasp.so.0 >/dev/null 2>&1; then
     install_system libopenblas0-pthread openblas-pthreads "for fast CPU matmuls"
   fi
-  # mlx_med/kernels compiles against Python's C headers on first use.
+  # mlx_med/kernels compiles with g++ (as MLX's own CPU JIT does) against Python's C headers on first use.
+  if ! command -v g++ >/dev/null && ! command -v c++ >/dev/null; then
+    install_system g++ gcc-c++ "to build mlx-med's vectorized CPU kernels"
+  fi
   if ! .venv/bin/python -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"; then
     install_system python3-dev python3-devel "to build mlx-med's vectorized CPU kernels"
   fi
