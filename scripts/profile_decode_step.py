@@ -9,10 +9,11 @@ alone at their real shapes:
 - attention: the model's scaled dot-product attention of one query per row over the cached keys, every block;
 - norms and activations: RMSNorm (two per block and the final one) and SwiGLU;
 
-Attention and SwiGLU are the functions the model itself calls: mlx-med's vectorized kernels on the CPU
-fp32 path (``mlx_med.kernels``), MLX's with ``MLX_MED_KERNELS=off``.
 - log-softmax: the ``logsumexp`` over the vocabulary that mlx-lm's batch generator takes every step;
 - the rest (RoPE, residual adds, embedding, cache update, argmax): what the step takes beyond those.
+
+Attention, SwiGLU and the logsumexp are the functions the step itself calls: mlx-med's vectorized
+kernels on the CPU fp32 path (``mlx_med.kernels``), MLX's with ``MLX_MED_KERNELS=off``.
 
     python scripts/profile_decode_step.py [--model DIR] [--batch 64] [--context 200] [--repeats 5]
 
@@ -55,6 +56,7 @@ def main() -> None:
 
     from mlx_med.backend import detect_backend, gemm_gflops
     from mlx_med.kernels import use_cpu_kernels
+    from mlx_med.kernels.ops import generate_module
     from mlx_med.models import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +67,7 @@ def main() -> None:
     model, config = loaded.model, loaded.config
     rows, context = args.batch, args.context
     print(f"model: {model_dir} | {detect_backend().describe()}")
-    print(f"SwiGLU and attention kernels: {use_cpu_kernels(model)}")
+    print(f"kernels: {use_cpu_kernels(model)}")
     gemm = gemm_gflops()
     print(f"fp32 GEMM (doctor): {gemm:.1f} GFLOP/s; decode step: {rows} rows, {context} cached tokens per row")
 
@@ -76,9 +78,12 @@ def main() -> None:
         mx.eval([c.state for c in cache])
     token = mx.random.randint(0, config["vocab_size"], (rows, 1))
 
+    # mlx-lm's batch generator normalizes with its module's ``mx.logsumexp`` (the kernels' on this path)
+    logsumexp = generate_module().mx.logsumexp
+
     def step():
         logits = model(token, cache=cache)[:, -1, :]
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = logits - logsumexp(logits, axis=-1, keepdims=True)
         mx.eval(mx.argmax(logprobs, axis=-1))
         for c in cache:  # the same context length every repeat
             c.offset -= 1
@@ -115,7 +120,7 @@ def main() -> None:
                                       + [swiglu(gate, up) for _ in range(blocks)]), args.repeats)
     logits = mx.random.normal((rows, vocab))
     mx.eval(logits)
-    softmax_s = best_of(lambda: mx.eval(logits - mx.logsumexp(logits, axis=-1, keepdims=True)), args.repeats)
+    softmax_s = best_of(lambda: mx.eval(logits - logsumexp(logits, axis=-1, keepdims=True)), args.repeats)
 
     pieces = [("GEMM: projections + output head", gemm_s), ("attention (SDPA over the cache)", attention_s),
               ("RMSNorm + SwiGLU", norms_s), ("log-softmax over the vocabulary", softmax_s)]

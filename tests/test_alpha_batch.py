@@ -96,7 +96,13 @@ def test_one_batch_sweep_predictions_equal_separate_evals(tiny_llama, pair, qa_f
         for key in ("bleu-4", "rouge-1", "rouge-l"):
             assert metrics[key] == expected[key]
         assert not (point / "predictions.partial.jsonl").exists()
+        # the answers came from the mixed batch: counted as such, not as resumed work
+        assert metrics["throughput"]["mixed_batch"] == len(QUESTIONS)
+        assert metrics["throughput"]["resumed"] == metrics["throughput"]["sequences"] == 0
     assert answers[0.0] != answers[1.0]
+    [batch] = [json.loads(line) for line in (tmp_path / "sweep" / "mixed_batches.jsonl").read_text().splitlines()]
+    assert batch["sequences"] == len(QUESTIONS) * len(ALPHAS) and batch["generated_tokens"] > 0
+    assert batch["points"] == [f"alpha_{alpha:g}" for alpha in ALPHAS] and batch["seconds"] > 0
 
     # a re-run reuses every point: nothing is generated again
     stamp = (tmp_path / "sweep" / "alpha_0.4" / "metrics.json").stat().st_mtime_ns

@@ -17,7 +17,7 @@ import pytest
 
 from mlx_med.kernels import cpu_kernels
 from mlx_med.kernels.build import unsupported_reason
-from mlx_med.kernels.ops import ORIGINALS, attention, uninstall
+from mlx_med.kernels.ops import ORIGINALS, CoreWithKernels, attention, generate_module, uninstall
 
 UNSUPPORTED = unsupported_reason()
 pytestmark = pytest.mark.skipif(UNSUPPORTED is not None, reason=f"kernels not built here: {UNSUPPORTED}")
@@ -87,6 +87,38 @@ def test_logsumexp_and_cross_entropy_equal_mlx_values_and_gradients(kernels):
                 mx.grad(lambda x: (mx.logsumexp(x, axis=-1) * weights).sum())(logits))
 
 
+def test_fused_cross_entropy_equals_mlx_on_every_target_form(kernels):
+    from mlx_med.kernels import cross_entropy
+
+    # the SFT loss's 2-D (positions, vocab) logits, large enough to be split over threads
+    logits = mx.random.normal((300, 2003), key=mx.random.key(20)) * 7
+    weights = mx.random.uniform(shape=(300,), key=mx.random.key(21))
+    for targets in (mx.random.randint(0, 2003, (300,), key=mx.random.key(22)),
+                    mx.random.randint(-2003, 0, (300,), key=mx.random.key(23)),  # counted from the end, as MLX
+                    mx.random.randint(0, 2003, (300,), key=mx.random.key(24)).astype(mx.uint32)):
+        assert same(cross_entropy(logits, targets), nn.losses.cross_entropy(logits, targets))
+        ours = mx.grad(lambda x, t=targets: (cross_entropy(x, t) * weights).sum())(logits)
+        theirs = mx.grad(lambda x, t=targets: (nn.losses.cross_entropy(x, t) * weights).sum())(logits)
+        assert same(ours, theirs)
+    # a target outside the vocabulary: NaN for that row (MLX would read outside the row), the rest exact
+    targets = mx.array([1, 5000, 3])
+    loss = cross_entropy(logits[:3], targets)
+    assert mx.isnan(loss[1]).item() and same(loss[::2], nn.losses.cross_entropy(logits[:3:2], targets[::2]))
+    # probabilities as targets are MLX's work
+    probabilities = mx.softmax(mx.random.normal((4, 9), key=mx.random.key(25)), axis=-1)
+    small = logits[:4, :9]
+    assert same(cross_entropy(small, probabilities), nn.losses.cross_entropy(small, probabilities))
+
+
+def test_kernel_threads_follow_the_cpu_affinity_or_the_environment(kernels):
+    assert kernels.module.threads() == max(1, min(len(os.sched_getaffinity(0)), 8))
+    code = "from mlx_med.kernels import cpu_kernels; k, why = cpu_kernels(); print(k.module.threads() if k else why)"
+    for wanted in ("1", "3"):  # the self-check (large inputs included) passes with any split
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "MLX_MED_KERNEL_THREADS": wanted})
+        assert done.returncode == 0 and done.stdout.strip() == wanted, done.stdout + done.stderr
+
+
 def test_other_dtypes_and_devices_use_mlx_without_loading_the_kernels(monkeypatch):
     import mlx_med.kernels as kernels_module
 
@@ -101,7 +133,7 @@ def test_other_dtypes_and_devices_use_mlx_without_loading_the_kernels(monkeypatc
 
 
 @pytest.mark.parametrize("n_kv_heads", [2, 4])
-@pytest.mark.parametrize("q_len", [1, 5])
+@pytest.mark.parametrize("q_len", [1, 5, 9])  # 9: as many queries as keys (prefill, training)
 @pytest.mark.parametrize("mask_kind", [None, "causal", "bool", "additive"])
 def test_attention_equals_mlx_fast_sdpa_values_and_gradients(kernels, n_kv_heads, q_len, mask_kind):
     batch, heads, keys_len, dim = 3, 4, 9, 16
@@ -180,12 +212,27 @@ def test_batched_greedy_generation_identical(kernels, tiny_llama):
         return [r.text for r in generate_batch(loaded.model, loaded.tokenizer, conversations,
                                                DecodingConfig(max_new_tokens=12), batch_size=3, progress=False)]
 
+    assert isinstance(generate_module().mx, CoreWithKernels), "the CPU fp32 path puts the logsumexp in mlx-lm's decoding"
     ours = texts()
     uninstall(loaded.model)
+    assert generate_module().mx is mx
     try:
         assert texts() == ours
     finally:
         load_model(tiny_llama)
+
+
+def test_decoding_logsumexp_is_mlx_s_and_only_takes_cpu_fp32_last_axis_work(kernels):
+    core = CoreWithKernels(kernels)
+    assert core.array is mx.array and core.async_eval is mx.async_eval  # every other name is mlx.core's
+    logits = mx.random.normal((7, 3001), key=mx.random.key(30)) * 10
+    logits[2, 5] = mx.inf
+    for x in (logits, logits.T, logits.astype(mx.bfloat16), logits[0]):
+        for axis in (-1, x.ndim - 1, 0):
+            for keepdims in (True, False):
+                assert same(core.logsumexp(x, axis=axis, keepdims=keepdims),
+                            mx.logsumexp(x, axis=axis, keepdims=keepdims))
+    assert same(core.logsumexp(logits), mx.logsumexp(logits))  # all axes: MLX's
 
 
 def test_a_module_with_its_own_swiglu_keeps_it(kernels, monkeypatch):

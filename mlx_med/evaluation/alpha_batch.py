@@ -18,6 +18,8 @@ shares), and a schedule's per-module α is not a per-row weight.
 
 from __future__ import annotations
 
+import json
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ from mlx_med.evaluation.runner import (
     system_text,
 )
 from mlx_med.evaluation.sweep import finished_metrics
+
+MIXED_LOG = "mixed_batches.jsonl"  # in the sweep folder: one line per mixed batch (rows, tokens, seconds)
 
 # Rows decoded together in the mixed batch: the eval's batch size times the number of points, up to
 # this (more rows make the decode GEMMs more efficient on a CPU; the KV caches grow with every row).
@@ -109,19 +113,36 @@ def generate_grid(cfg: EvalConfig, points: list[GridPoint], loaded, live, probes
         files = {out: stack.enter_context(open_partial(out / PARTIAL))
                  for out in dict.fromkeys(out for out, kind, _ in jobs if kind == "qa")}
 
+        tokens = 0
+
         def keep(i: int, result) -> None:
+            nonlocal tokens
+            tokens += result.generation_tokens
             out, kind, item = jobs[i]
             if kind == "qa":
-                append_prediction(files[out], item, result)
+                append_prediction(files[out], item, result, mixed_batch=True)
             else:
                 replies.setdefault(out, [None] * len(probes))[item] = result.text
 
-        rows = max(MAX_MIXED_ROWS, cfg.batch_size)
-        generate_batch(loaded.model, loaded.tokenizer, conversations, decoding,
-                       batch_size=min(cfg.batch_size * len(folders), rows), progress=not quiet,
-                       on_result=keep, live=live, row_weights=weights)
+        batch_size = min(cfg.batch_size * len(folders), max(MAX_MIXED_ROWS, cfg.batch_size))
+        start = time.perf_counter()
+        generate_batch(loaded.model, loaded.tokenizer, conversations, decoding, batch_size=batch_size,
+                       progress=not quiet, on_result=keep, live=live, row_weights=weights)
+        seconds = time.perf_counter() - start
+    log_mixed_batch(Path(cfg.out), {
+        "points": [str(f.name) for f in folders], "sequences": len(jobs), "generated_tokens": tokens,
+        "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 3) if seconds > 0 else 0.0,
+        "batch_size": batch_size})
     for point in points:
         out = Path(point.setting.out)
         if out in replies:
             safety_or_reuse(point.setting, probes, loaded, quiet, replies=replies[out])
     return folders
+
+
+def log_mixed_batch(folder: Path, record: dict) -> None:
+    """Append one mixed batch's throughput to ``<sweep folder>/mixed_batches.jsonl`` (the points'
+    ``metrics.json`` count these answers under ``throughput.mixed_batch``, not as their own work)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / MIXED_LOG, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")

@@ -37,14 +37,15 @@ def cpu_kernels():
 
 
 def use_cpu_kernels(model: nn.Module) -> str:
-    """Route ``model``'s SwiGLU and attention through the kernels when they are usable; says what ran."""
+    """Route ``model``'s SwiGLU and attention, and the logsumexp of mlx-lm's batched decoding, through
+    the kernels when they are usable; says what ran."""
     kernels, reason = cpu_kernels()
     if kernels is None:
         return f"MLX's ({reason})"
-    from mlx_med.kernels.ops import install
+    from mlx_med.kernels.ops import install, install_generation
 
-    names = install(model, kernels)
-    return f"mlx-med's for {', '.join(names) or 'nothing in this model'} ({reason})"
+    names = install(model, kernels) + (["mlx-lm's decoding logsumexp"] if install_generation(kernels) else [])
+    return f"mlx-med's for {', '.join(names)} ({reason})"
 
 
 def usable_kernels(*arrays: mx.array):
@@ -57,9 +58,9 @@ def usable_kernels(*arrays: mx.array):
 
 def cross_entropy(logits: mx.array, targets: mx.array, reduction: str = "none") -> mx.array:
     """``nn.losses.cross_entropy(logits, targets, reduction=)`` for class-index targets: the same values
-    and gradients, with the vectorized logsumexp on the CPU."""
+    and gradients, one fused pass per row on the CPU (other targets go to MLX's)."""
     kernels = usable_kernels(logits)
-    if kernels is None:
+    if kernels is None or targets.ndim != logits.ndim - 1 or not mx.issubdtype(targets.dtype, mx.integer):
         return nn.losses.cross_entropy(logits, targets, reduction=reduction)
     from mlx_med.kernels.ops import cross_entropy as kernel_cross_entropy
 

@@ -6,7 +6,8 @@
 // logsumexp and the vjps of its Sigmoid and Multiply: eight lanes at a time with AVX2 + FMA when the
 // CPU has them (checked at run time), else the scalar reference loop. fma is exact in both, and
 // -ffp-contract=off forbids any other fusing, so the results are bit for bit MLX's; sums are added in
-// MLX's (index) order.
+// MLX's (index) order. MLX runs these ops on one thread; large inputs are split by rows over the
+// process's CPUs here (every row is still computed whole by one thread, so the bits do not change).
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +19,10 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include <thread>
+
+#include <sched.h>
 
 #include <nanobind/nanobind.h>
 
@@ -292,6 +297,111 @@ static void softmax_rows_f32(const float* in, float* out, size_t rows, size_t co
   }
 }
 
+// MLX's Softmax::vjp for fp32, row by row: sv = y * c, the row sum of sv in index order, then
+// sv - y * sum (separate rounding for each product and difference, as MLX's Multiply/Sum/Subtract).
+static void softmax_vjp_rows_f32(const float* y, const float* c, float* d, size_t rows, size_t cols) {
+  for (size_t r = 0; r < rows; r++, y += cols, c += cols, d += cols) {
+    float total = 0.0f;
+    for (size_t i = 0; i < cols; i++) {
+      d[i] = y[i] * c[i];
+      total += d[i];
+    }
+    total = 0.0f + total;  // MLX adds the accumulated row to the reduction's initial 0
+    for (size_t i = 0; i < cols; i++) d[i] = d[i] - y[i] * total;
+  }
+}
+
+// The cross-entropy of MLX's nn.losses.cross_entropy for class-index targets (its CPU path), one row
+// at a time through a row-sized scratch: shifted = x - max(x); loss = logsumexp(shifted) - shifted[t].
+// `target` is normalized as MLX's take_along_axis does (a negative index counts from the end); an
+// index still out of range gives NaN (MLX would read outside the row).
+static bool target_in_row(int64_t* target, size_t cols) {
+  if (*target < 0) *target += static_cast<int64_t>(cols);
+  return *target >= 0 && *target < static_cast<int64_t>(cols);
+}
+
+static void shift_by_max(const float* x, float* shifted, size_t cols) {
+  float maximum = row_max_f32(x, cols);
+  for (size_t i = 0; i < cols; i++) shifted[i] = x[i] - maximum;
+}
+
+static void cross_entropy_rows_f32(const float* x, const int32_t* targets, float* loss, size_t rows,
+                                   size_t cols) {
+  std::vector<float> shifted(cols);
+  for (size_t r = 0; r < rows; r++, x += cols) {
+    int64_t t = targets[r];
+    if (!target_in_row(&t, cols)) {
+      loss[r] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    shift_by_max(x, shifted.data(), cols);
+    float maximum = row_max_f32(shifted.data(), cols);
+    float normalizer = shifted_exp_sum_f32(shifted.data(), maximum, cols);
+    float lse = std::isinf(maximum) ? maximum : std::log(normalizer) + maximum;
+    loss[r] = lse - shifted[t];
+  }
+}
+
+// Its gradient as MLX's autodiff builds it: the logsumexp's g * softmax(shifted) plus the gather's
+// scatter-add of -g into zeros at the target (so 0 + the product elsewhere), g the row's cotangent.
+static void cross_entropy_vjp_rows_f32(const float* x, const int32_t* targets, const float* cotan, float* d,
+                                       size_t rows, size_t cols) {
+  for (size_t r = 0; r < rows; r++, x += cols, d += cols) {
+    int64_t t = targets[r];
+    if (!target_in_row(&t, cols)) {
+      std::fill(d, d + cols, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    shift_by_max(x, d, cols);
+    softmax_rows_f32(d, d, 1, cols);
+    float g = cotan[r];
+    float at_target = g * d[t];
+    for (size_t i = 0; i < cols; i++) d[i] = g * d[i] + 0.0f;
+    d[t] = at_target + (0.0f + -g);
+  }
+}
+
+// ---- splitting one kernel call over the CPUs -------------------------------------------------------
+// The threads a call may use: MLX_MED_KERNEL_THREADS, else the CPUs this process may run on (at most 8).
+static size_t kernel_threads() {
+  static const size_t threads = [] {
+    if (const char* choice = std::getenv("MLX_MED_KERNEL_THREADS")) {
+      long n = std::strtol(choice, nullptr, 10);
+      if (n >= 1) return static_cast<size_t>(std::min<long>(n, 64));
+    }
+    cpu_set_t set;
+    size_t n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+    return std::clamp<size_t>(n, 1, 8);
+  }();
+  return threads;
+}
+
+// Below this many elements per thread, starting a thread costs more than it saves.
+constexpr size_t kMinElementsPerThread = 1 << 15;
+
+// Run body(first_row, end_row) over [0, rows) in contiguous row ranges, one per thread (the calling
+// thread takes the first). Each row is handled whole by one thread.
+template <typename Body>
+static void for_row_ranges(size_t rows, size_t cols, Body body) {
+  size_t by_size = rows * std::max<size_t>(cols, 1) / kMinElementsPerThread;
+  size_t parts = std::min({kernel_threads(), rows, std::max<size_t>(by_size, 1)});
+  if (parts <= 1) return body(size_t(0), rows);
+  std::vector<std::thread> helpers;
+  helpers.reserve(parts - 1);
+  size_t per_part = (rows + parts - 1) / parts;
+  for (size_t first = per_part; first < rows; first += per_part) {
+    helpers.emplace_back(body, first, std::min(rows, first + per_part));
+  }
+  body(size_t(0), std::min(rows, per_part));
+  for (auto& t : helpers) t.join();
+}
+
+// What a loop is told of its first input: rows x cols (the last axis), and the size of the axis
+// before the last (the attention scores' query axis).
+struct Extent {
+  size_t rows, cols, queries;
+};
+
 static mx::array contiguous(const mx::array& a, mx::Stream s) {
   // A row-contiguous copy MLX makes only when the input is not already one.
   return mx::contiguous(a, false, s);
@@ -302,8 +412,7 @@ static mx::array contiguous(const mx::array& a, mx::Stream s) {
 // side sends only CPU float32 work here.
 class CpuKernel : public mx::Primitive {
  public:
-  using Loop = void (*)(const std::vector<const float*>& in, const std::vector<float*>& out,
-                        size_t rows, size_t cols);
+  using Loop = void (*)(const std::vector<const float*>& in, const std::vector<float*>& out, Extent extent);
   CpuKernel(mx::Stream stream, const char* name, Loop loop)
       : mx::Primitive(stream), name_(name), loop_(loop) {}
 
@@ -313,16 +422,19 @@ class CpuKernel : public mx::Primitive {
     std::vector<float*> out;
     for (auto& a : inputs) {
       encoder.set_input_array(a);
-      in.push_back(a.data<float>());
+      in.push_back(static_cast<const float*>(a.data<void>()));
     }
     for (auto& a : outputs) {
       a.set_data(mx::allocator::malloc(a.nbytes()));
       encoder.set_output_array(a);
       out.push_back(a.data<float>());
     }
-    size_t cols = inputs[0].ndim() ? inputs[0].shape().back() : 1;
-    encoder.dispatch([in, out, rows = inputs[0].size() / std::max<size_t>(cols, 1), cols,
-                      loop = loop_]() { loop(in, out, rows, cols); });
+    const auto& shape = inputs[0].shape();
+    Extent extent;
+    extent.cols = shape.empty() ? 1 : shape.back();
+    extent.rows = inputs[0].size() / std::max<size_t>(extent.cols, 1);
+    extent.queries = shape.size() < 2 ? 1 : shape[shape.size() - 2];
+    encoder.dispatch([in, out, extent, loop = loop_]() { loop(in, out, extent); });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error(std::string("[mlx_med.") + name_ + "] runs on the CPU only.");
@@ -337,24 +449,90 @@ class CpuKernel : public mx::Primitive {
   Loop loop_;
 };
 
-static void swiglu_loop(const std::vector<const float*>& in, const std::vector<float*>& out, size_t rows,
-                        size_t cols) {
-  swiglu_f32(in[0], in[1], out[0], rows * cols);
+// The loops each primitive runs: its rows split over threads (see for_row_ranges).
+using Inputs = std::vector<const float*>;
+using Outputs = std::vector<float*>;
+
+static void swiglu_loop(const Inputs& in, const Outputs& out, Extent e) {
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    size_t at = first * e.cols;
+    swiglu_f32(in[0] + at, in[1] + at, out[0] + at, (end - first) * e.cols);
+  });
 }
 
-static void swiglu_vjp_loop(const std::vector<const float*>& in, const std::vector<float*>& out,
-                            size_t rows, size_t cols) {
-  swiglu_vjp_f32(in[0], in[1], in[2], out[0], out[1], rows * cols);
+static void swiglu_vjp_loop(const Inputs& in, const Outputs& out, Extent e) {
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    size_t at = first * e.cols;
+    swiglu_vjp_f32(in[0] + at, in[1] + at, in[2] + at, out[0] + at, out[1] + at, (end - first) * e.cols);
+  });
 }
 
-static void softmax_loop(const std::vector<const float*>& in, const std::vector<float*>& out,
-                         size_t rows, size_t cols) {
-  softmax_rows_f32(in[0], out[0], rows, cols);
+static void softmax_loop(const Inputs& in, const Outputs& out, Extent e) {
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    softmax_rows_f32(in[0] + first * e.cols, out[0] + first * e.cols, end - first, e.cols);
+  });
 }
 
-static void logsumexp_loop(const std::vector<const float*>& in, const std::vector<float*>& out,
-                           size_t rows, size_t cols) {
-  logsumexp_rows_f32(in[0], out[0], rows, cols);
+static void softmax_vjp_loop(const Inputs& in, const Outputs& out, Extent e) {
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    size_t at = first * e.cols;
+    softmax_vjp_rows_f32(in[0] + at, in[1] + at, out[0] + at, end - first, e.cols);
+  });
+}
+
+// The causal attention softmax: scores (..., queries, keys) with the queries aligned to the last keys
+// (query q sees keys k <= q + keys - queries), as MLX's fallback builds it: where(mask, scores,
+// finfo.min), then the softmax of the whole row.
+static size_t causal_limit(size_t row, Extent e) {  // keys [0, limit) are visible from this row
+  int64_t limit = static_cast<int64_t>(row % e.queries + e.cols) - static_cast<int64_t>(e.queries) + 1;
+  return static_cast<size_t>(std::clamp<int64_t>(limit, 0, static_cast<int64_t>(e.cols)));
+}
+
+static void causal_softmax_loop(const Inputs& in, const Outputs& out, Extent e) {
+  const float lowest = std::numeric_limits<float>::lowest();
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    for (size_t r = first; r < end; r++) {
+      const float* x = in[0] + r * e.cols;
+      float* y = out[0] + r * e.cols;
+      size_t limit = causal_limit(r, e);
+      std::copy(x, x + limit, y);
+      std::fill(y + limit, y + e.cols, lowest);
+      softmax_rows_f32(y, y, 1, e.cols);
+    }
+  });
+}
+
+// Its gradient: the softmax's, then Select's vjp (the float mask times the cotangent: 0 * d hidden).
+static void causal_softmax_vjp_loop(const Inputs& in, const Outputs& out, Extent e) {
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    for (size_t r = first; r < end; r++) {
+      size_t at = r * e.cols;
+      softmax_vjp_rows_f32(in[0] + at, in[1] + at, out[0] + at, 1, e.cols);
+      for (size_t i = causal_limit(r, e); i < e.cols; i++) out[0][at + i] = 0.0f * out[0][at + i];
+    }
+  });
+}
+
+// in[1] holds the int32 targets (cross_entropy() makes them so); the primitive passes every buffer as float*.
+static void cross_entropy_loop(const Inputs& in, const Outputs& out, Extent e) {
+  auto targets = reinterpret_cast<const int32_t*>(in[1]);
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    cross_entropy_rows_f32(in[0] + first * e.cols, targets + first, out[0] + first, end - first, e.cols);
+  });
+}
+
+static void cross_entropy_vjp_loop(const Inputs& in, const Outputs& out, Extent e) {
+  auto targets = reinterpret_cast<const int32_t*>(in[1]);
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    cross_entropy_vjp_rows_f32(in[0] + first * e.cols, targets + first, in[2] + first,
+                               out[0] + first * e.cols, end - first, e.cols);
+  });
+}
+
+static void logsumexp_loop(const Inputs& in, const Outputs& out, Extent e) {
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    logsumexp_rows_f32(in[0] + first * e.cols, out[0] + first, end - first, e.cols);
+  });
 }
 
 static void require_f32_cpu(const mx::array& a, mx::Stream s, const char* op) {
@@ -395,6 +573,74 @@ mx::array softmax(const mx::array& x, mx::StreamOrDevice s_ = {}) {
   return mx::array(x.shape(), mx::float32, std::make_shared<CpuKernel>(s, "MlxMedSoftmax", softmax_loop), {c});
 }
 
+mx::array causal_softmax(const mx::array& x, mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  require_f32_cpu(x, s, "causal_softmax");
+  if (x.ndim() < 2) throw std::invalid_argument("[mlx_med.causal_softmax] needs (..., queries, keys).");
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<CpuKernel>(s, "MlxMedCausalSoftmax", causal_softmax_loop),
+                   {contiguous(x, s)});
+}
+
+mx::array causal_softmax_vjp(const mx::array& y, const mx::array& cotan, mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  require_f32_cpu(y, s, "causal_softmax_vjp");
+  require_f32_cpu(cotan, s, "causal_softmax_vjp");
+  if (y.ndim() < 2 || y.shape() != cotan.shape()) {
+    throw std::invalid_argument("[mlx_med.causal_softmax_vjp] output and cotangent: the same (..., queries, keys).");
+  }
+  return mx::array(y.shape(), mx::float32,
+                   std::make_shared<CpuKernel>(s, "MlxMedCausalSoftmaxVJP", causal_softmax_vjp_loop),
+                   {contiguous(y, s), contiguous(cotan, s)});
+}
+
+mx::array softmax_vjp(const mx::array& y, const mx::array& cotan, mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  require_f32_cpu(y, s, "softmax_vjp");
+  require_f32_cpu(cotan, s, "softmax_vjp");
+  if (y.shape() != cotan.shape()) {
+    throw std::invalid_argument("[mlx_med.softmax_vjp] output and cotangent must have the same shape.");
+  }
+  return mx::array(y.shape(), mx::float32,
+                   std::make_shared<CpuKernel>(s, "MlxMedSoftmaxVJP", softmax_vjp_loop),
+                   {contiguous(y, s), contiguous(cotan, s)});
+}
+
+// Checks shared by the cross-entropy and its gradient: float32 logits (..., V), int32 targets (...).
+static void require_logits_targets(const mx::array& logits, const mx::array& targets, mx::Stream s,
+                                   const char* op) {
+  require_f32_cpu(logits, s, op);
+  if (targets.dtype() != mx::int32) {
+    throw std::invalid_argument(std::string("[mlx_med.") + op + "] targets must be int32.");
+  }
+  if (logits.ndim() == 0 || logits.shape().back() == 0 ||
+      mx::Shape(logits.shape().begin(), logits.shape().end() - 1) != targets.shape()) {
+    throw std::invalid_argument(std::string("[mlx_med.") + op +
+                                "] logits must be (..., V) with V > 0 and targets (...).");
+  }
+}
+
+mx::array cross_entropy(const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  require_logits_targets(logits, targets, s, "cross_entropy");
+  return mx::array(targets.shape(), mx::float32,
+                   std::make_shared<CpuKernel>(s, "MlxMedCrossEntropy", cross_entropy_loop),
+                   {contiguous(logits, s), contiguous(targets, s)});
+}
+
+mx::array cross_entropy_vjp(const mx::array& logits, const mx::array& targets, const mx::array& cotan,
+                            mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  require_logits_targets(logits, targets, s, "cross_entropy_vjp");
+  require_f32_cpu(cotan, s, "cross_entropy_vjp");
+  if (cotan.shape() != targets.shape()) {
+    throw std::invalid_argument("[mlx_med.cross_entropy_vjp] the cotangent must have the targets' shape.");
+  }
+  return mx::array(logits.shape(), mx::float32,
+                   std::make_shared<CpuKernel>(s, "MlxMedCrossEntropyVJP", cross_entropy_vjp_loop),
+                   {contiguous(logits, s), contiguous(targets, s), contiguous(cotan, s)});
+}
+
 mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s_ = {}) {
   auto s = mx::to_stream(s_);
   require_f32_cpu(x, s, "logsumexp");
@@ -420,6 +666,19 @@ NB_MODULE(_mlx_med_kernels, m) {
         }, "gate"_a, "up"_a, "cotangent"_a, "(d_gate, d_up): MLX's gradients of silu(gate) * up.");
   m.def("logsumexp", [](const mx::array& x) { return mlx_med::logsumexp(x); }, "x"_a,
         "log(sum(exp(x))) over the last axis, kept as a size-1 axis.");
+  m.def("softmax_vjp", [](const mx::array& y, const mx::array& c) { return mlx_med::softmax_vjp(y, c); },
+        "output"_a, "cotangent"_a, "MLX's gradient of the softmax over the last axis, from its output.");
+  m.def("causal_softmax", [](const mx::array& x) { return mlx_med::causal_softmax(x); }, "scores"_a,
+        "Softmax over the last axis under a causal mask aligned to the last keys.");
+  m.def("causal_softmax_vjp", [](const mx::array& y, const mx::array& c) {
+          return mlx_med::causal_softmax_vjp(y, c);
+        }, "output"_a, "cotangent"_a, "The gradient of causal_softmax, from its output.");
+  m.def("cross_entropy", [](const mx::array& x, const mx::array& t) { return mlx_med::cross_entropy(x, t); },
+        "logits"_a, "targets"_a, "MLX's cross-entropy of class-index targets over the last axis, per row.");
+  m.def("cross_entropy_vjp", [](const mx::array& x, const mx::array& t, const mx::array& c) {
+          return mlx_med::cross_entropy_vjp(x, t, c);
+        }, "logits"_a, "targets"_a, "cotangent"_a, "MLX's gradient of the cross-entropy w.r.t. the logits.");
+  m.def("threads", &mlx_med::kernel_threads, "The most threads one kernel call splits its rows over.");
   m.def("isa", &mlx_med::isa, "The instruction set the kernels run with on this CPU.");
   m.def("softmax", [](const mx::array& x) { return mlx_med::softmax(x); }, "x"_a, "Softmax over the last axis.");
 }

@@ -9,7 +9,9 @@ changes what it computes.
 
 from __future__ import annotations
 
+import importlib
 import sys
+import types
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,8 +43,15 @@ class Kernels:
 
         @softmax.vjp
         def softmax_vjp(x, cotangent, output):
-            sv = output * cotangent  # MLX's Softmax::vjp, op for op
-            return sv - output * mx.sum(sv, axis=-1, keepdims=True)
+            return module.softmax_vjp(output, cotangent)  # MLX's Softmax::vjp, op for op
+
+        @mx.custom_function
+        def causal_softmax(x):
+            return module.causal_softmax(x)
+
+        @causal_softmax.vjp
+        def causal_softmax_vjp(x, cotangent, output):
+            return module.causal_softmax_vjp(output, cotangent)
 
         @mx.custom_function
         def logsumexp(x):
@@ -52,9 +61,21 @@ class Kernels:
         def logsumexp_vjp(x, cotangent, output):  # one input: the primal itself, not a tuple
             return cotangent * softmax(x)  # MLX's LogSumExp::vjp
 
+        @mx.custom_function
+        def cross_entropy(logits, targets):
+            return module.cross_entropy(logits, targets)
+
+        @cross_entropy.vjp
+        def cross_entropy_vjp(primals, cotangent, output):
+            logits, targets = primals
+            # no gradient for the class indices (MLX raises if asked; nothing here asks)
+            return module.cross_entropy_vjp(logits, targets, cotangent), mx.zeros_like(targets)
+
         self.swiglu = swiglu
         self.softmax = softmax
+        self.causal_softmax = causal_softmax
         self.logsumexp = logsumexp
+        self.cross_entropy = cross_entropy
 
 
 def on_cpu_f32(*arrays: mx.array) -> bool:
@@ -74,30 +95,29 @@ def attention(kernels: Kernels, queries, keys, values, scale: float, mask):
         q = mx.unflatten(q, 1, (n_kv_heads, n_repeats))
         k, v = mx.expand_dims(k, 2), mx.expand_dims(v, 2)
     scores = q @ mx.swapaxes(k, -1, -2)
-    if isinstance(mask, str):  # "causal" (the caller passes no other string)
-        offset = k.shape[-2] - q.shape[-2]
-        mask = mx.arange(offset, q.shape[-2] + offset)[:, None] >= mx.arange(0, k.shape[-2])[None]
-    elif mask is not None:
-        if mask.dtype != mx.bool_:
-            mask = mask.astype(queries.dtype)
-        mask = mx.broadcast_to(mask, (*queries.shape[:-1], keys.shape[-2]))
-        if n_repeats > 1:
-            mask = mx.unflatten(mask, -3, (n_kv_heads, n_repeats))
-    if mask is not None:
-        if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
-        else:
-            scores = scores + mask
-    out = kernels.softmax(scores) @ v
+    if isinstance(mask, str):  # "causal" (the caller passes no other string): mask and softmax in one pass
+        weights = kernels.causal_softmax(scores)
+    else:
+        if mask is not None:
+            if mask.dtype != mx.bool_:
+                mask = mask.astype(queries.dtype)
+            mask = mx.broadcast_to(mask, (*queries.shape[:-1], keys.shape[-2]))
+            if n_repeats > 1:
+                mask = mx.unflatten(mask, -3, (n_kv_heads, n_repeats))
+            if mask.dtype == mx.bool_:
+                scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+            else:
+                scores = scores + mask
+        weights = kernels.softmax(scores)
+    out = weights @ v
     return mx.flatten(out, 1, 2) if n_repeats > 1 else out
 
 
 def cross_entropy(kernels: Kernels, logits: mx.array, targets: mx.array) -> mx.array:
-    """``nn.losses.cross_entropy(logits, targets)`` for class-index targets as MLX computes it on the CPU,
-    op for op, with the kernels' logsumexp."""
-    shifted = logits - mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
-    score = mx.take_along_axis(shifted, mx.expand_dims(targets, -1), -1).squeeze(-1)
-    return kernels.logsumexp(shifted).squeeze(-1) - score
+    """``nn.losses.cross_entropy(logits, targets)`` for class-index targets as MLX computes it on the CPU
+    (shift by the row maximum, logsumexp, minus the target's score; its autodiff gradient), in one pass
+    per row without the shifted copy of the logits."""
+    return kernels.cross_entropy(logits, targets.astype(mx.int32))
 
 
 def model_functions(kernels: Kernels, module) -> dict:
@@ -146,42 +166,101 @@ def install(model: nn.Module, kernels: Kernels) -> list[str]:
     return sorted(getattr(module, ORIGINALS))
 
 
+class CoreWithKernels(types.ModuleType):
+    """``mlx.core`` as mlx-lm's generate module sees it once the kernels are in: every name is MLX's
+    except ``logsumexp``, which takes the kernels for a last-axis fp32 reduction on the CPU. mlx-lm's
+    ``BatchGenerator`` normalizes every decode step's vocabulary-wide logits with it (there is no hook
+    to pass another), and MLX's CPU logsumexp costs as much as a seventh of a batched step."""
+
+    def __init__(self, kernels: Kernels):
+        super().__init__(mx.__name__, mx.__doc__)
+        self._kernels = kernels
+
+    def __getattr__(self, name: str):
+        return getattr(mx, name)
+
+    def logsumexp(self, a, axis=None, keepdims: bool = False, *, stream=None):
+        if (stream is None and isinstance(axis, int) and a.ndim >= 1 and axis in (-1, a.ndim - 1)
+                and a.shape[-1] > 0 and on_cpu_f32(a)):
+            out = self._kernels.logsumexp(a)
+            return out if keepdims else out.squeeze(-1)
+        return mx.logsumexp(a, axis=axis, keepdims=keepdims, stream=stream)
+
+
+def generate_module() -> types.ModuleType:
+    """The module ``mlx_lm.generate`` (the package's attribute of that name is its function)."""
+    return importlib.import_module("mlx_lm.generate")
+
+
+def install_generation(kernels: Kernels) -> bool:
+    """Give mlx-lm's generate module the kernels' logsumexp (``CoreWithKernels``), once per process and
+    only while its ``mx`` is ``mlx.core`` itself. Returns whether it is in."""
+    generate = generate_module()
+    if generate.mx is mx:
+        setattr(generate, ORIGINALS, {"mx": mx})
+        generate.mx = CoreWithKernels(kernels)
+    return isinstance(generate.mx, CoreWithKernels)
+
+
 def uninstall(model: nn.Module) -> None:
-    """Give the model's module back mlx-lm's own functions (benchmarks compare the two in one run)."""
-    module = sys.modules[type(model).__module__]
-    for name, function in getattr(module, ORIGINALS, {}).items():
-        setattr(module, name, function)
-    if hasattr(module, ORIGINALS):
-        delattr(module, ORIGINALS)
+    """Give the model's module, and mlx-lm's generate module, back mlx-lm's own functions (benchmarks
+    compare the two in one run)."""
+    for module in (sys.modules[type(model).__module__], generate_module()):
+        for name, function in getattr(module, ORIGINALS, {}).items():
+            setattr(module, name, function)
+        if hasattr(module, ORIGINALS):
+            delattr(module, ORIGINALS)
+
+
+def mlx_causal_softmax(scores: mx.array) -> mx.array:
+    """MLX's CPU attention fallback for ``mask="causal"``: where(mask, scores, finfo.min), then softmax."""
+    queries, keys = scores.shape[-2:]
+    visible = mx.arange(keys - queries, keys)[:, None] >= mx.arange(0, keys)[None]
+    return mx.softmax(mx.where(visible, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype)),
+                      axis=-1, precise=True)
 
 
 def self_check(kernels: Kernels) -> str | None:
-    """Compare with MLX on special values and random data (values and gradients); None when identical."""
+    """Compare with MLX on special values and random data (values and gradients); None when identical.
+
+    Every kernel is checked on a small input and on one large enough to be split over threads
+    (``cpu_kernels.cpp``: ``for_row_ranges``)."""
     from mlx_lm.models.activations import swiglu as mlx_swiglu
+
+    def random(seed: int, shape, scale: float = 1.0) -> mx.array:
+        return mx.random.normal(shape, key=mx.random.key(seed)) * scale
+
+    def gradients(fn, inputs: tuple, seed: int):
+        """d/d(inputs) of sum(fn(*inputs) * w), w random: every output weighs differently."""
+        weights = random(seed, fn(*inputs).shape)
+        return mx.grad(lambda *xs: (fn(*xs) * weights).sum(), argnums=tuple(range(len(inputs))))(*inputs)
 
     special = [0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 0.49999997, 88.0, -88.0, 88.1, -88.1, 200.0, -200.0,
                float("inf"), -float("inf"), float("nan")]
-    key = mx.random.key(0)
-    gate = mx.concatenate([mx.array(special), mx.random.uniform(-100, 100, (4093,), key=key)])
-    up = mx.random.normal(gate.shape, key=mx.random.key(1))
-    checks = {"swiglu": (kernels.swiglu(gate, up), mlx_swiglu(gate, up))}
-
-    def loss(fn):
-        return lambda g, u: (fn(g, u) * mx.arange(gate.size) / gate.size).sum()
-
-    checks["swiglu gradient"] = (mx.grad(loss(kernels.swiglu), argnums=(0, 1))(gate, up),
-                                 mx.grad(loss(mlx_swiglu), argnums=(0, 1))(gate, up))
-    scores = mx.random.normal((4, 3, 5, 37), key=mx.random.key(2)) * 8
-    weights = mx.random.normal(scores.shape, key=mx.random.key(3))
-    for name, ours, theirs in (("softmax", kernels.softmax, lambda x: mx.softmax(x, axis=-1, precise=True)),
-                               ("logsumexp", kernels.logsumexp, lambda x: mx.logsumexp(x, axis=-1, keepdims=True))):
-        checks[name] = (ours(scores), theirs(scores))
-        checks[f"{name} gradient"] = (mx.grad(lambda x, f=ours: (f(x) * weights).sum())(scores),
-                                      mx.grad(lambda x, f=theirs: (f(x) * weights).sum())(scores))
-    for name, (ours, theirs) in checks.items():
-        ours, theirs = (list(x) if isinstance(x, tuple) else [x] for x in (ours, theirs))
-        if not all(mx.array_equal(a, b, equal_nan=True).item() for a, b in zip(ours, theirs)):
-            return f"{name} differs from MLX {mx.__version__}'s"
+    gate = mx.concatenate([mx.array(special), mx.random.uniform(-100, 100, (4093,), key=mx.random.key(0))])
+    big_gate = mx.random.uniform(-30, 30, (257, 600), key=mx.random.key(4))
+    # name -> (ours, MLX's, inputs)
+    cases = {}
+    for label, g in {"": gate, " (threaded)": big_gate}.items():
+        cases[f"swiglu{label}"] = (kernels.swiglu, mlx_swiglu, (g, random(1, g.shape)))
+    for label, shape in {"": (4, 3, 5, 37), " (threaded)": (3, 97, 701)}.items():
+        scores = random(2, shape, 8)
+        cases[f"softmax{label}"] = (kernels.softmax, lambda x: mx.softmax(x, axis=-1, precise=True), (scores,))
+        cases[f"logsumexp{label}"] = (kernels.logsumexp, lambda x: mx.logsumexp(x, axis=-1, keepdims=True), (scores,))
+    for label, shape in {" (prefill)": (2, 3, 7, 7), " (cached keys)": (2, 3, 5, 9), " (more queries)": (1, 2, 9, 4),
+                         " (threaded)": (2, 3, 3, 160, 160)}.items():
+        cases[f"causal softmax{label}"] = (kernels.causal_softmax, mlx_causal_softmax, (random(9, shape, 8),))
+    for label, shape in {"": (3, 5, 37), " (threaded)": (70, 1001)}.items():
+        targets = mx.random.randint(-shape[-1], shape[-1], shape[:-1], key=mx.random.key(7))  # < 0: from the end
+        cases[f"cross-entropy{label}"] = (
+            lambda x, t=targets.astype(mx.int32): kernels.cross_entropy(x, t),
+            lambda x, t=targets: nn.losses.cross_entropy(x, t), (random(6, shape, 6),))
+    for seed, (name, (ours, theirs, inputs)) in enumerate(cases.items()):
+        for what, a, b in ((name, ours(*inputs), theirs(*inputs)),
+                           (f"{name} gradient", gradients(ours, inputs, seed), gradients(theirs, inputs, seed))):
+            a, b = (list(x) if isinstance(x, tuple) else [x] for x in (a, b))
+            if not all(mx.array_equal(x, y, equal_nan=True).item() for x, y in zip(a, b)):
+                return f"{what} differs from MLX {mx.__version__}'s"
     return None
 
 
