@@ -50,7 +50,7 @@ def main() -> None:
     from mlx_med.evaluation.decoding import DecodingConfig
     from mlx_med.evaluation.generate import encode_chat, generate_batch
     from mlx_med.kernels import cross_entropy, use_cpu_kernels
-    from mlx_med.kernels.ops import uninstall
+    from mlx_med.kernels.install import uninstall
     from mlx_med.models import load_model
 
     with tempfile.TemporaryDirectory() as tmp:

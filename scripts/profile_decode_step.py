@@ -56,7 +56,7 @@ def main() -> None:
 
     from mlx_med.backend import detect_backend, gemm_gflops
     from mlx_med.kernels import use_cpu_kernels
-    from mlx_med.kernels.ops import generate_module
+    from mlx_med.kernels.install import generate_module
     from mlx_med.models import load_model
 
     with tempfile.TemporaryDirectory() as tmp:

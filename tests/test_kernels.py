@@ -17,7 +17,8 @@ import pytest
 
 from mlx_med.kernels import cpu_kernels
 from mlx_med.kernels.build import unsupported_reason
-from mlx_med.kernels.ops import ORIGINALS, CoreWithKernels, attention, generate_module, uninstall
+from mlx_med.kernels.install import ORIGINALS, CoreWithKernels, generate_module, uninstall
+from mlx_med.kernels.ops import attention
 
 UNSUPPORTED = unsupported_reason()
 pytestmark = pytest.mark.skipif(UNSUPPORTED is not None, reason=f"kernels not built here: {UNSUPPORTED}")
@@ -110,6 +111,67 @@ def test_fused_cross_entropy_equals_mlx_on_every_target_form(kernels):
     assert same(cross_entropy(small, probabilities), nn.losses.cross_entropy(small, probabilities))
 
 
+def test_rms_norm_equals_mlx_values_and_gradients(kernels):
+    x = mx.random.normal((3, 40, 96), key=mx.random.key(40)) * 4
+    x[0, 0] = 0.0  # r = 1 / sqrt(eps)
+    x[1, 1] = 1e19  # the squares overflow: inf, 0 * inf
+    weight = mx.random.normal((96,), key=mx.random.key(41))
+    cotangent = mx.random.normal(x.shape, key=mx.random.key(42))
+    for eps in (1e-5, 1e-6):
+        def theirs(x, w, eps=eps):
+            return mx.fast.rms_norm(x, w, eps)
+
+        ours = kernels.rms_norm(eps)
+        for xs in (x, x[:, ::2], x.transpose(1, 0, 2)):  # strided and transposed views are copied first
+            assert same(ours(xs, weight), theirs(xs, weight))
+        _, grads_ours = mx.vjp(ours, [x, weight], [cotangent])
+        _, grads_theirs = mx.vjp(theirs, [x, weight], [cotangent])
+        for a, b in zip(grads_ours, grads_theirs, strict=True):
+            assert same(a, b)
+
+
+@pytest.mark.parametrize("offset", [0, 513, "per-row"])
+@pytest.mark.parametrize("dims, base, scale", [(32, 10000.0, 1.0), (24, 1e5, 0.25)])
+def test_rope_equals_mlx_values_and_gradients(kernels, offset, dims, base, scale):
+    x = mx.random.normal((3, 4, 6, 32), key=mx.random.key(43)) * 3
+    offsets = mx.array([0, 5, 900]) if offset == "per-row" else offset
+
+    def theirs(x):
+        return mx.fast.rope(x, dims, traditional=False, base=base, scale=scale, offset=offsets)
+
+    rope = kernels.rope(dims, base, scale)
+
+    def ours(x):
+        return rope(x, offsets if isinstance(offsets, mx.array) else mx.array(offsets, dtype=mx.int32))
+
+    for xs in (x, x.transpose(0, 2, 1, 3)):  # mlx-lm passes the (B, L, H, D) projection transposed
+        assert same(ours(xs), theirs(xs))
+    cotangent = mx.random.normal(x.shape, key=mx.random.key(44))
+    assert same(mx.vjp(ours, [x], [cotangent])[1][0], mx.vjp(theirs, [x], [cotangent])[1][0])
+
+
+def test_norm_and_rope_layers_take_the_kernels_and_give_them_back(kernels):
+    from mlx_lm.models.rope_utils import Llama3RoPE
+
+    from mlx_med.kernels.install import KernelRMSNorm, KernelRoPE, install_layers
+
+    model = nn.Module()
+    model.norm, model.rope = nn.RMSNorm(16), nn.RoPE(8, base=10000.0)
+    model.llama3 = Llama3RoPE(8, base=10000.0, scaling_config={
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    before = dict(nn.utils.tree_flatten(model.parameters()))
+    assert install_layers(model, kernels) == ["RMSNorm", "RoPE"]
+    assert isinstance(model.norm, KernelRMSNorm) and isinstance(model.rope, KernelRoPE)
+    assert type(model.llama3) is Llama3RoPE  # its own frequencies: MLX's
+    assert dict(nn.utils.tree_flatten(model.parameters())).keys() == before.keys()
+    x = mx.random.normal((2, 3, 5, 16), key=mx.random.key(45))
+    assert same(model.norm(x), mx.fast.rms_norm(x, model.norm.weight, model.norm.eps))
+    assert same(model.norm(x.astype(mx.bfloat16)), mx.fast.rms_norm(x.astype(mx.bfloat16), model.norm.weight,
+                                                                     model.norm.eps))
+    uninstall(model)
+    assert type(model.norm) is nn.RMSNorm and type(model.rope) is nn.RoPE
+
+
 def test_kernel_threads_follow_the_cpu_affinity_or_the_environment(kernels):
     assert kernels.module.threads() == max(1, min(len(os.sched_getaffinity(0)), 8))
     code = "from mlx_med.kernels import cpu_kernels; k, why = cpu_kernels(); print(k.module.threads() if k else why)"
@@ -195,8 +257,8 @@ def test_model_with_kernels_equals_mlx_lm(kernels, tiny_model):
     finally:
         load_model(tiny_model)  # reinstalled for the tests after this one
     assert len(ours) == len(theirs) > 3
-    for a, b in zip(ours, theirs):
-        assert same(a, b)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert same(a, b), f"output {i} (3 logits, then the gradients by parameter name) differs"
 
 
 def test_batched_greedy_generation_identical(kernels, tiny_llama):
@@ -240,7 +302,7 @@ def test_a_module_with_its_own_swiglu_keeps_it(kernels, monkeypatch):
 
     from mlx_lm.models.base import scaled_dot_product_attention
 
-    from mlx_med.kernels.ops import install
+    from mlx_med.kernels.install import install
 
     def clipped_swiglu(gate, x):  # a model's own variant under the shared name
         return nn.silu(mx.minimum(gate, 7.0)) * x

@@ -1,17 +1,19 @@
-"""mlx-med's vectorized CPU kernels: SwiGLU, the attention softmax and the cross-entropy's logsumexp,
-bit for bit MLX's.
+"""mlx-med's CPU kernels: SwiGLU, the attention softmax, RMSNorm, RoPE, the cross-entropy and
+logsumexp, with their gradients, bit for bit MLX's.
 
 MLX's x86 CPU build evaluates ``exp`` one float at a time (a Cephes polynomial calling libm's
-``fma`` per term), so SwiGLU and the attention softmax, the two exp-heavy steps of a forward, cost
-more than their matmuls in a batched decode step. ``cpu_kernels.cpp`` evaluates the same polynomial,
-in the same order, with AVX2 + FMA (picked at run time; a scalar loop elsewhere): the same bits,
-10-17x faster. Values and gradients are checked against MLX's on every load (``ops.self_check``);
-on any difference, or when the module cannot be built here, mlx-med keeps MLX's kernels.
+``fma`` per term), and runs RMSNorm, RoPE and the masked attention softmax as graphs of small ops on
+one thread, so these cost more than their matmuls in a batched decode step. ``cpu_kernels.cpp``
+computes the same arithmetic in one pass each, the exp with AVX2 + FMA (picked at run time; a scalar
+loop elsewhere), large inputs split by rows over the CPUs: the same bits, 2-20x faster per op.
+Values and gradients are checked against MLX's on every load (``ops.self_check``); on any
+difference, or when the module cannot be built here, mlx-med keeps MLX's kernels.
 
-``MLX_MED_KERNELS=off`` keeps MLX's kernels (``scalar``: the reference loop, no AVX2). The CPU fp32
-compute path turns the kernels on for every model it prepares (``backend.prepare_for_compute``);
-``cross_entropy`` and ``logsumexp`` here take them wherever their input is fp32 on the CPU. Metal and
-CUDA never use them.
+``MLX_MED_KERNELS=off`` keeps MLX's kernels (``scalar``: the reference loop, no AVX2);
+``MLX_MED_KERNEL_THREADS=N`` caps the threads one call uses (default: this process's CPUs, at most 8).
+The CPU fp32 compute path turns the kernels on for every model it prepares
+(``backend.prepare_for_compute``: ``use_cpu_kernels``); ``cross_entropy`` and ``logsumexp`` here take
+them wherever their input is fp32 on the CPU. Metal and CUDA never use them.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ def use_cpu_kernels(model: nn.Module) -> str:
     kernels, reason = cpu_kernels()
     if kernels is None:
         return f"MLX's ({reason})"
-    from mlx_med.kernels.ops import install, install_generation
+    from mlx_med.kernels.install import install, install_generation, install_layers
 
-    names = install(model, kernels) + (["mlx-lm's decoding logsumexp"] if install_generation(kernels) else [])
+    names = install(model, kernels) + install_layers(model, kernels)
+    names += ["mlx-lm's decoding logsumexp"] if install_generation(kernels) else []
     return f"mlx-med's for {', '.join(names)} ({reason})"
 
 

@@ -1,15 +1,17 @@
-// mlx-med's vectorized CPU kernels for the exp-heavy steps of a transformer on MLX's CPU backend:
-// SwiGLU (silu(gate) * up) and its gradient, the row softmax of attention, and the row logsumexp of
-// the cross-entropy. MLX's x86 CPU build has no SIMD type for float (simd::max_size == 1), so its exp
-// is a scalar Cephes polynomial with a libm fma per term. These kernels evaluate the *same*
-// polynomial, in the same order, with the same rounding, as MLX 0.32's simd::exp / Sigmoid / softmax /
-// logsumexp and the vjps of its Sigmoid and Multiply: eight lanes at a time with AVX2 + FMA when the
-// CPU has them (checked at run time), else the scalar reference loop. fma is exact in both, and
+// mlx-med's CPU kernels for a transformer on MLX's CPU backend: SwiGLU (silu(gate) * up), the
+// attention softmax (plain and causal-masked), the row logsumexp, the cross-entropy of class targets,
+// RMSNorm and RoPE, each with its gradient. MLX's x86 CPU build has no SIMD type for float
+// (simd::max_size == 1), so its exp is a scalar Cephes polynomial with a libm fma per term, and its CPU
+// RMSNorm, RoPE and masked attention are graphs of many small ops. These kernels compute the *same*
+// arithmetic, op for op and in the same order, as MLX 0.32's ops and the vjps its autodiff builds
+// from them: the exp eight lanes at a time with AVX2 + FMA when the CPU has them (checked at run
+// time), else the scalar reference loop; cos/sin are MLX's own (simd.h). fma is exact in both, and
 // -ffp-contract=off forbids any other fusing, so the results are bit for bit MLX's; sums are added in
-// MLX's (index) order. MLX runs these ops on one thread; large inputs are split by rows over the
+// MLX's (index) order. MLX runs its ops on one thread; large inputs are split by rows over the
 // process's CPUs here (every row is still computed whole by one thread, so the bits do not change).
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -27,6 +29,7 @@
 #include <nanobind/nanobind.h>
 
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/backend/cpu/simd/simd.h"  // MLX's own cos and sin for RoPE's angles
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
@@ -361,6 +364,65 @@ static void cross_entropy_vjp_rows_f32(const float* x, const int32_t* targets, c
   }
 }
 
+// What a loop is told of its first input: rows x cols (the last axis), the sizes of the two axes
+// before the last (the attention scores' query axis; RoPE's positions and heads), the size of its
+// second input, and the primitive's parameters (RoPE: dims, base, scale; RMSNorm: eps).
+struct Extent {
+  size_t rows, cols, queries, planes, second_size;
+  std::array<float, 3> params;
+};
+
+// ---- RoPE (non-traditional, base frequencies) as MLX's CPU fallback graph computes it ------------
+// positions = (arange(T) + offset) * scale; inv_freq[j] = exp(-j * (log(base) / (dims / 2)));
+// theta = position * inv_freq; the first half x1 and the second half x2 of the first `dims` features:
+// (x1 cos - x2 sin, x1 sin + x2 cos), the rest copied. cos and sin are MLX's own (simd.h).
+// cos and sin of every position a call needs (one offset: T positions; one per batch row: B x T),
+// computed once per call as MLX does (it broadcasts them over the heads).
+struct RopeAngles {
+  size_t half, positions_per_batch;
+  bool per_batch;
+  std::vector<float> cosines, sines;
+
+  RopeAngles(Extent e, const int32_t* offsets)
+      : half(static_cast<size_t>(e.params[0]) / 2), positions_per_batch(e.queries), per_batch(e.second_size != 1) {
+    size_t batches = per_batch ? e.rows / (e.queries * e.planes) : 1;
+    std::vector<float> inv_freq(half);
+    float step = std::log(e.params[1]) / static_cast<float>(half);  // MLX: std::log(base) / half_dims, in float
+    // arange(0, -half, -1) starts at +0 (0 - 0, not -0)
+    for (size_t j = 0; j < half; j++) inv_freq[j] = mlx_exp((0.0f - static_cast<float>(j)) * step);
+    cosines.resize(batches * e.queries * half);
+    sines.resize(cosines.size());
+    namespace simd = mx::simd;
+    for (size_t b = 0; b < batches; b++) {
+      float offset = static_cast<float>(offsets[b]);
+      for (size_t t = 0; t < e.queries; t++) {
+        float position = (static_cast<float>(t) + offset) * e.params[2];  // (arange(T) + offset) * scale
+        size_t at = (b * e.queries + t) * half;
+        for (size_t j = 0; j < half; j++) {
+          float theta = position * inv_freq[j];
+          cosines[at + j] = simd::cos(simd::Simd<float, 1>(theta)).value;
+          sines[at + j] = simd::sin(simd::Simd<float, 1>(theta)).value;
+        }
+      }
+    }
+  }
+
+  // Where the angles of row r of a (B, N, T, D) input start.
+  size_t row(size_t r, Extent e) const {
+    size_t b = per_batch ? r / (e.queries * e.planes) : 0;
+    return (b * positions_per_batch + r % e.queries) * half;
+  }
+};
+
+// ---- RMSNorm as MLX's CPU fallback graph computes it ------------------------------------------------
+// r = 1 / sqrt(sum(x * x) * (1 / D) + eps) with the sum in index order; y = (x * r) * w.
+static float rms_factor(const float* x, size_t cols, float inv_n, float eps, float* variance) {
+  float total = 0.0f;
+  for (size_t i = 0; i < cols; i++) total += x[i] * x[i];
+  *variance = (0.0f + total) * inv_n + eps;
+  return 1.0f / std::sqrt(*variance);
+}
+
 // ---- splitting one kernel call over the CPUs -------------------------------------------------------
 // The threads a call may use: MLX_MED_KERNEL_THREADS, else the CPUs this process may run on (at most 8).
 static size_t kernel_threads() {
@@ -377,7 +439,7 @@ static size_t kernel_threads() {
 }
 
 // Below this many elements per thread, starting a thread costs more than it saves.
-constexpr size_t kMinElementsPerThread = 1 << 15;
+constexpr size_t kMinElementsPerThread = 1 << 16;
 
 // Run body(first_row, end_row) over [0, rows) in contiguous row ranges, one per thread (the calling
 // thread takes the first). Each row is handled whole by one thread.
@@ -396,12 +458,6 @@ static void for_row_ranges(size_t rows, size_t cols, Body body) {
   for (auto& t : helpers) t.join();
 }
 
-// What a loop is told of its first input: rows x cols (the last axis), and the size of the axis
-// before the last (the attention scores' query axis).
-struct Extent {
-  size_t rows, cols, queries;
-};
-
 static mx::array contiguous(const mx::array& a, mx::Stream s) {
   // A row-contiguous copy MLX makes only when the input is not already one.
   return mx::contiguous(a, false, s);
@@ -413,8 +469,8 @@ static mx::array contiguous(const mx::array& a, mx::Stream s) {
 class CpuKernel : public mx::Primitive {
  public:
   using Loop = void (*)(const std::vector<const float*>& in, const std::vector<float*>& out, Extent extent);
-  CpuKernel(mx::Stream stream, const char* name, Loop loop)
-      : mx::Primitive(stream), name_(name), loop_(loop) {}
+  CpuKernel(mx::Stream stream, const char* name, Loop loop, std::array<float, 3> params = {})
+      : mx::Primitive(stream), name_(name), loop_(loop), params_(params) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& encoder = mx::cpu::get_command_encoder(stream());
@@ -434,6 +490,9 @@ class CpuKernel : public mx::Primitive {
     extent.cols = shape.empty() ? 1 : shape.back();
     extent.rows = inputs[0].size() / std::max<size_t>(extent.cols, 1);
     extent.queries = shape.size() < 2 ? 1 : shape[shape.size() - 2];
+    extent.planes = shape.size() < 3 ? 1 : shape[shape.size() - 3];
+    extent.second_size = inputs.size() < 2 ? 0 : inputs[1].size();
+    extent.params = params_;
     encoder.dispatch([in, out, extent, loop = loop_]() { loop(in, out, extent); });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -441,12 +500,13 @@ class CpuKernel : public mx::Primitive {
   }
   const char* name() const override { return name_; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return std::string(name_) == other.name();
+    return std::string(name_) == other.name() && params_ == static_cast<const CpuKernel&>(other).params_;
   }
 
  private:
   const char* name_;
   Loop loop_;
+  std::array<float, 3> params_;
 };
 
 // The loops each primitive runs: its rows split over threads (see for_row_ranges).
@@ -526,6 +586,91 @@ static void cross_entropy_vjp_loop(const Inputs& in, const Outputs& out, Extent 
   for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
     cross_entropy_vjp_rows_f32(in[0] + first * e.cols, targets + first, in[2] + first,
                                out[0] + first * e.cols, end - first, e.cols);
+  });
+}
+
+// in[1]: the int32 offsets; params: dims, base, scale.
+static void rope_loop(const Inputs& in, const Outputs& out, Extent e) {
+  const RopeAngles angles(e, reinterpret_cast<const int32_t*>(in[1]));
+  size_t half = angles.half;
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    for (size_t r = first; r < end; r++) {
+      const float* cosines = angles.cosines.data() + angles.row(r, e);
+      const float* sines = angles.sines.data() + angles.row(r, e);
+      const float* x = in[0] + r * e.cols;
+      float* y = out[0] + r * e.cols;
+      for (size_t j = 0; j < half; j++) {
+        float x1 = x[j], x2 = x[j + half], c = cosines[j], s = sines[j];
+        y[j] = x1 * c - x2 * s;
+        y[j + half] = x1 * s + x2 * c;
+      }
+      std::copy(x + 2 * half, x + e.cols, y + 2 * half);
+    }
+  });
+}
+
+// Its gradient as MLX's autodiff of that graph builds it: the products' and the difference's vjps,
+// each half's cotangent scattered into zeros (slice vjp) and the scattered parts added (so + 0).
+static void rope_vjp_loop(const Inputs& in, const Outputs& out, Extent e) {
+  const RopeAngles angles(e, reinterpret_cast<const int32_t*>(in[1]));
+  size_t half = angles.half;
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    for (size_t r = first; r < end; r++) {
+      const float* cosines = angles.cosines.data() + angles.row(r, e);
+      const float* sines = angles.sines.data() + angles.row(r, e);
+      const float* g = in[0] + r * e.cols;
+      float* d = out[0] + r * e.cols;
+      for (size_t j = 0; j < half; j++) {
+        float g1 = g[j], g2 = g[j + half], c = cosines[j], s = sines[j];
+        d[j] = (c * g1 + s * g2) + 0.0f;
+        d[j + half] = (s * -g1 + c * g2) + 0.0f;
+      }
+      for (size_t i = 2 * half; i < e.cols; i++) d[i] = g[i] + 0.0f;
+    }
+  });
+}
+
+// in[1]: the weight (D,); params: eps.
+static void rms_norm_loop(const Inputs& in, const Outputs& out, Extent e) {
+  const float inv_n = static_cast<float>(1.0 / static_cast<double>(e.cols));
+  const float* w = in[1];
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    for (size_t r = first; r < end; r++) {
+      const float* x = in[0] + r * e.cols;
+      float* y = out[0] + r * e.cols;
+      float variance;
+      float factor = rms_factor(x, e.cols, inv_n, e.params[0], &variance);
+      for (size_t i = 0; i < e.cols; i++) y[i] = (x[i] * factor) * w[i];
+    }
+  });
+}
+
+// The input's gradient as MLX's autodiff of that graph builds it (Multiply, Sqrt(recip), Add, the mean's
+// Multiply and Sum, Square vjps), as its two parts: with dy0 = w * c and the row sum s = sum(x * dy0)
+// in index order, through the normalizing product r * dy0 (out[0]) and through the square
+// x * (2 * ((1 / D) * ((-0.5 * s) * (r / v)))) (out[1]). MLX adds them to the input's other
+// cotangents one at a time, so they are returned apart (see ops.Kernels.rms_norm).
+static void rms_norm_vjp_loop(const Inputs& in, const Outputs& out, Extent e) {
+  const float inv_n = static_cast<float>(1.0 / static_cast<double>(e.cols));
+  const float* w = in[1];
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    for (size_t r = first; r < end; r++) {
+      const float* x = in[0] + r * e.cols;
+      const float* c = in[2] + r * e.cols;
+      float* through_product = out[0] + r * e.cols;
+      float* through_square = out[1] + r * e.cols;
+      float variance;
+      float factor = rms_factor(x, e.cols, inv_n, e.params[0], &variance);
+      float total = 0.0f;
+      for (size_t i = 0; i < e.cols; i++) {
+        float dy0 = w[i] * c[i];
+        through_product[i] = factor * dy0;
+        total += x[i] * dy0;
+      }
+      float d_variance = (-0.5f * (0.0f + total)) * (factor / variance);
+      float twice = 2.0f * (inv_n * d_variance);
+      for (size_t i = 0; i < e.cols; i++) through_square[i] = x[i] * twice;
+    }
   });
 }
 
@@ -641,6 +786,66 @@ mx::array cross_entropy_vjp(const mx::array& logits, const mx::array& targets, c
                    {contiguous(logits, s), contiguous(targets, s), contiguous(cotan, s)});
 }
 
+static void require_rope(const mx::array& x, const mx::array& offsets, int dims, mx::Stream s, const char* op) {
+  require_f32_cpu(x, s, op);
+  if (x.ndim() != 4 || dims <= 0 || dims % 2 || dims > x.shape(-1)) {
+    throw std::invalid_argument(std::string("[mlx_med.") + op + "] needs (B, N, T, D) and an even dims <= D.");
+  }
+  if (offsets.dtype() != mx::int32 || offsets.ndim() > 1 || (offsets.size() != 1 && offsets.size() != x.shape(0))) {
+    throw std::invalid_argument(std::string("[mlx_med.") + op + "] offset: int32, one or one per batch row.");
+  }
+}
+
+mx::array rope(const mx::array& x, const mx::array& offsets, int dims, float base, float scale,
+               mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  require_rope(x, offsets, dims, s, "rope");
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<CpuKernel>(s, "MlxMedRoPE", rope_loop,
+                                               std::array<float, 3>{static_cast<float>(dims), base, scale}),
+                   {contiguous(x, s), contiguous(offsets, s)});
+}
+
+mx::array rope_vjp(const mx::array& cotan, const mx::array& offsets, int dims, float base, float scale,
+                   mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  require_rope(cotan, offsets, dims, s, "rope_vjp");
+  return mx::array(cotan.shape(), mx::float32,
+                   std::make_shared<CpuKernel>(s, "MlxMedRoPEVJP", rope_vjp_loop,
+                                               std::array<float, 3>{static_cast<float>(dims), base, scale}),
+                   {contiguous(cotan, s), contiguous(offsets, s)});
+}
+
+static void require_rms_norm(const mx::array& x, const mx::array& weight, mx::Stream s, const char* op) {
+  require_f32_cpu(x, s, op);
+  require_f32_cpu(weight, s, op);
+  if (x.ndim() == 0 || weight.ndim() != 1 || weight.size() != x.shape(-1)) {
+    throw std::invalid_argument(std::string("[mlx_med.") + op + "] needs x (..., D) and a weight (D,).");
+  }
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  require_rms_norm(x, weight, s, "rms_norm");
+  return mx::array(x.shape(), mx::float32,
+                   std::make_shared<CpuKernel>(s, "MlxMedRMSNorm", rms_norm_loop, std::array<float, 3>{eps, 0, 0}),
+                   {contiguous(x, s), contiguous(weight, s)});
+}
+
+std::vector<mx::array> rms_norm_vjp(const mx::array& x, const mx::array& weight, const mx::array& cotan,
+                                    float eps, mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  require_rms_norm(x, weight, s, "rms_norm_vjp");
+  require_f32_cpu(cotan, s, "rms_norm_vjp");
+  if (cotan.shape() != x.shape()) {
+    throw std::invalid_argument("[mlx_med.rms_norm_vjp] the cotangent must have the input's shape.");
+  }
+  return mx::array::make_arrays({x.shape(), x.shape()}, {mx::float32, mx::float32},
+                                std::make_shared<CpuKernel>(s, "MlxMedRMSNormVJP", rms_norm_vjp_loop,
+                                                            std::array<float, 3>{eps, 0, 0}),
+                                {contiguous(x, s), contiguous(weight, s), contiguous(cotan, s)});
+}
+
 mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s_ = {}) {
   auto s = mx::to_stream(s_);
   require_f32_cpu(x, s, "logsumexp");
@@ -678,6 +883,20 @@ NB_MODULE(_mlx_med_kernels, m) {
   m.def("cross_entropy_vjp", [](const mx::array& x, const mx::array& t, const mx::array& c) {
           return mlx_med::cross_entropy_vjp(x, t, c);
         }, "logits"_a, "targets"_a, "cotangent"_a, "MLX's gradient of the cross-entropy w.r.t. the logits.");
+  m.def("rope", [](const mx::array& x, const mx::array& o, int dims, float base, float scale) {
+          return mlx_med::rope(x, o, dims, base, scale);
+        }, "x"_a, "offset"_a, "dims"_a, "base"_a, "scale"_a,
+        "mx.fast.rope(x, dims, traditional=False, base=, scale=, offset=) as MLX computes it on the CPU.");
+  m.def("rope_vjp", [](const mx::array& c, const mx::array& o, int dims, float base, float scale) {
+          return mlx_med::rope_vjp(c, o, dims, base, scale);
+        }, "cotangent"_a, "offset"_a, "dims"_a, "base"_a, "scale"_a, "MLX's gradient of that RoPE w.r.t. x.");
+  m.def("rms_norm", [](const mx::array& x, const mx::array& w, float eps) { return mlx_med::rms_norm(x, w, eps); },
+        "x"_a, "weight"_a, "eps"_a, "mx.fast.rms_norm(x, weight, eps) as MLX computes it on the CPU.");
+  m.def("rms_norm_vjp", [](const mx::array& x, const mx::array& w, const mx::array& c, float eps) {
+          auto parts = mlx_med::rms_norm_vjp(x, w, c, eps);
+          return nb::make_tuple(parts[0], parts[1]);
+        }, "x"_a, "weight"_a, "cotangent"_a, "eps"_a,
+        "MLX's gradient of that RMSNorm w.r.t. x, in its two parts (through x * r, through x * x).");
   m.def("threads", &mlx_med::kernel_threads, "The most threads one kernel call splits its rows over.");
   m.def("isa", &mlx_med::isa, "The instruction set the kernels run with on this CPU.");
   m.def("softmax", [](const mx::array& x) { return mlx_med::softmax(x); }, "x"_a, "Softmax over the last axis.");

@@ -1,24 +1,12 @@
-"""The kernels as MLX functions with gradients, and their place in mlx-lm's models.
-
-``swiglu`` and ``scaled_dot_product_attention`` have the signatures of mlx-lm's own (the names its
-llama/qwen2/qwen3 modules call) and give bit for bit the same values and gradients. They take the
-vectorized path for fp32 on the CPU and call mlx-lm's originals for anything else (GPU streams, other
-dtypes, quantized KV caches, attention sinks), so putting them in a model module's namespace never
-changes what it computes.
-"""
+"""The compiled kernels as differentiable MLX functions (``Kernels``), MLX's CPU attention graph
+around their softmax, the cross-entropy, and loading them (built, then checked against MLX by
+``check.self_check``). Where they go in a model: ``install``."""
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-
 import mlx.core as mx
-import mlx.nn as nn
 
 from mlx_med.kernels.build import Built, load
-
-ORIGINALS = "__mlx_med_kernels_originals__"  # set on a model module while the kernels are in it
 
 
 class Kernels:
@@ -76,6 +64,56 @@ class Kernels:
         self.causal_softmax = causal_softmax
         self.logsumexp = logsumexp
         self.cross_entropy = cross_entropy
+        self._ropes: dict = {}
+        self._norms: dict = {}
+
+    def rope(self, dims: int, base: float, scale: float):
+        """``mx.fast.rope(x, dims, traditional=False, base=, scale=, offset=)`` as ``f(x, offset)``
+        (x ``(B, N, T, D)``, offset int32 of shape () or (B,)), with its gradient; one per setting."""
+        key = (dims, base, scale)
+        if key not in self._ropes:
+            module = self.module
+
+            @mx.custom_function
+            def rope(x, offset):
+                return module.rope(x, offset, dims, base, scale)
+
+            @rope.vjp
+            def rope_vjp(primals, cotangent, output):
+                offset = primals[1]  # positions: no gradient
+                return module.rope_vjp(cotangent, offset, dims, base, scale), mx.zeros_like(offset)
+
+            self._ropes[key] = rope
+        return self._ropes[key]
+
+    def rms_norm(self, eps: float):
+        """``mx.fast.rms_norm(x, weight, eps)`` as ``f(x, weight)``, with its gradients; one per eps."""
+        if eps not in self._norms:
+            module = self.module
+
+            # x goes in twice: MLX's autodiff adds the input's two gradient parts (through x * r and
+            # through x * x) to its other cotangents (the residual stream's) one at a time, and a
+            # float sum depends on that order; two inputs get them added the same way.
+            @mx.custom_function
+            def rms_norm_parts(x, x_squared, weight):
+                return module.rms_norm(x, weight, eps)
+
+            @rms_norm_parts.vjp
+            def rms_norm_vjp(primals, cotangent, output):
+                x, _, weight = primals
+                through_product, through_square = module.rms_norm_vjp(x, weight, cotangent, eps)
+                # the weight's, as MLX's Multiply and Broadcast vjps give it: (x * r) * c summed over rows
+                # (x * r exactly: the kernel with a weight of ones); lazy, so frozen weights cost nothing
+                normed = module.rms_norm(x, mx.ones_like(weight), eps)
+                rows = tuple(range(x.ndim - 1))
+                d_weight = mx.sum(normed * cotangent, axis=rows, keepdims=True).squeeze(rows)
+                return through_product, through_square, d_weight
+
+            def rms_norm(x, weight):
+                return rms_norm_parts(x, x, weight)
+
+            self._norms[eps] = rms_norm
+        return self._norms[eps]
 
 
 def on_cpu_f32(*arrays: mx.array) -> bool:
@@ -120,152 +158,10 @@ def cross_entropy(kernels: Kernels, logits: mx.array, targets: mx.array) -> mx.a
     return kernels.cross_entropy(logits, targets.astype(mx.int32))
 
 
-def model_functions(kernels: Kernels, module) -> dict:
-    """Drop-in replacements for a model module's ``swiglu`` and ``scaled_dot_product_attention``, for
-    each name that *is* mlx-lm's shared function (a module defining its own, e.g. a clipped SwiGLU,
-    keeps it)."""
-    from mlx_lm.models import activations, base
-
-    original_swiglu = getattr(module, "swiglu", None)
-    original_sdpa = getattr(module, "scaled_dot_product_attention", None)
-    if original_swiglu is not activations.swiglu:
-        original_swiglu = None
-    if original_sdpa is not base.scaled_dot_product_attention:
-        original_sdpa = None
-    replaced = {}
-    if original_swiglu is not None:
-        def swiglu(gate, x):
-            if on_cpu_f32(gate, x) and gate.shape == x.shape:
-                return kernels.swiglu(gate, x)
-            return original_swiglu(gate, x)
-
-        replaced["swiglu"] = swiglu
-    if original_sdpa is not None:
-        def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-            if sinks is None and not hasattr(cache, "bits") and on_cpu_f32(queries, keys, values) and (
-                    mask is None or (isinstance(mask, str) and mask == "causal")
-                    or (isinstance(mask, mx.array) and mask.dtype in (mx.bool_, mx.float32) and mask.ndim <= 4)):
-                return attention(kernels, queries, keys, values, scale, mask)
-            return original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
-
-        replaced["scaled_dot_product_attention"] = scaled_dot_product_attention
-    return replaced
-
-
-def install(model: nn.Module, kernels: Kernels) -> list[str]:
-    """Route a model's SwiGLU and attention through the kernels. mlx-lm's model modules call these two
-    by module-level name, so the names are rebound in the module that defines the model's class, once
-    (every model of that architecture in this process shares it; the originals are kept for
-    ``uninstall``). Returns the names rebound."""
-    module = sys.modules[type(model).__module__]
-    if not hasattr(module, ORIGINALS):
-        replaced = model_functions(kernels, module)
-        setattr(module, ORIGINALS, {name: getattr(module, name) for name in replaced})
-        for name, function in replaced.items():
-            setattr(module, name, function)
-    return sorted(getattr(module, ORIGINALS))
-
-
-class CoreWithKernels(types.ModuleType):
-    """``mlx.core`` as mlx-lm's generate module sees it once the kernels are in: every name is MLX's
-    except ``logsumexp``, which takes the kernels for a last-axis fp32 reduction on the CPU. mlx-lm's
-    ``BatchGenerator`` normalizes every decode step's vocabulary-wide logits with it (there is no hook
-    to pass another), and MLX's CPU logsumexp costs as much as a seventh of a batched step."""
-
-    def __init__(self, kernels: Kernels):
-        super().__init__(mx.__name__, mx.__doc__)
-        self._kernels = kernels
-
-    def __getattr__(self, name: str):
-        return getattr(mx, name)
-
-    def logsumexp(self, a, axis=None, keepdims: bool = False, *, stream=None):
-        if (stream is None and isinstance(axis, int) and a.ndim >= 1 and axis in (-1, a.ndim - 1)
-                and a.shape[-1] > 0 and on_cpu_f32(a)):
-            out = self._kernels.logsumexp(a)
-            return out if keepdims else out.squeeze(-1)
-        return mx.logsumexp(a, axis=axis, keepdims=keepdims, stream=stream)
-
-
-def generate_module() -> types.ModuleType:
-    """The module ``mlx_lm.generate`` (the package's attribute of that name is its function)."""
-    return importlib.import_module("mlx_lm.generate")
-
-
-def install_generation(kernels: Kernels) -> bool:
-    """Give mlx-lm's generate module the kernels' logsumexp (``CoreWithKernels``), once per process and
-    only while its ``mx`` is ``mlx.core`` itself. Returns whether it is in."""
-    generate = generate_module()
-    if generate.mx is mx:
-        setattr(generate, ORIGINALS, {"mx": mx})
-        generate.mx = CoreWithKernels(kernels)
-    return isinstance(generate.mx, CoreWithKernels)
-
-
-def uninstall(model: nn.Module) -> None:
-    """Give the model's module, and mlx-lm's generate module, back mlx-lm's own functions (benchmarks
-    compare the two in one run)."""
-    for module in (sys.modules[type(model).__module__], generate_module()):
-        for name, function in getattr(module, ORIGINALS, {}).items():
-            setattr(module, name, function)
-        if hasattr(module, ORIGINALS):
-            delattr(module, ORIGINALS)
-
-
-def mlx_causal_softmax(scores: mx.array) -> mx.array:
-    """MLX's CPU attention fallback for ``mask="causal"``: where(mask, scores, finfo.min), then softmax."""
-    queries, keys = scores.shape[-2:]
-    visible = mx.arange(keys - queries, keys)[:, None] >= mx.arange(0, keys)[None]
-    return mx.softmax(mx.where(visible, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype)),
-                      axis=-1, precise=True)
-
-
-def self_check(kernels: Kernels) -> str | None:
-    """Compare with MLX on special values and random data (values and gradients); None when identical.
-
-    Every kernel is checked on a small input and on one large enough to be split over threads
-    (``cpu_kernels.cpp``: ``for_row_ranges``)."""
-    from mlx_lm.models.activations import swiglu as mlx_swiglu
-
-    def random(seed: int, shape, scale: float = 1.0) -> mx.array:
-        return mx.random.normal(shape, key=mx.random.key(seed)) * scale
-
-    def gradients(fn, inputs: tuple, seed: int):
-        """d/d(inputs) of sum(fn(*inputs) * w), w random: every output weighs differently."""
-        weights = random(seed, fn(*inputs).shape)
-        return mx.grad(lambda *xs: (fn(*xs) * weights).sum(), argnums=tuple(range(len(inputs))))(*inputs)
-
-    special = [0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 0.49999997, 88.0, -88.0, 88.1, -88.1, 200.0, -200.0,
-               float("inf"), -float("inf"), float("nan")]
-    gate = mx.concatenate([mx.array(special), mx.random.uniform(-100, 100, (4093,), key=mx.random.key(0))])
-    big_gate = mx.random.uniform(-30, 30, (257, 600), key=mx.random.key(4))
-    # name -> (ours, MLX's, inputs)
-    cases = {}
-    for label, g in {"": gate, " (threaded)": big_gate}.items():
-        cases[f"swiglu{label}"] = (kernels.swiglu, mlx_swiglu, (g, random(1, g.shape)))
-    for label, shape in {"": (4, 3, 5, 37), " (threaded)": (3, 97, 701)}.items():
-        scores = random(2, shape, 8)
-        cases[f"softmax{label}"] = (kernels.softmax, lambda x: mx.softmax(x, axis=-1, precise=True), (scores,))
-        cases[f"logsumexp{label}"] = (kernels.logsumexp, lambda x: mx.logsumexp(x, axis=-1, keepdims=True), (scores,))
-    for label, shape in {" (prefill)": (2, 3, 7, 7), " (cached keys)": (2, 3, 5, 9), " (more queries)": (1, 2, 9, 4),
-                         " (threaded)": (2, 3, 3, 160, 160)}.items():
-        cases[f"causal softmax{label}"] = (kernels.causal_softmax, mlx_causal_softmax, (random(9, shape, 8),))
-    for label, shape in {"": (3, 5, 37), " (threaded)": (70, 1001)}.items():
-        targets = mx.random.randint(-shape[-1], shape[-1], shape[:-1], key=mx.random.key(7))  # < 0: from the end
-        cases[f"cross-entropy{label}"] = (
-            lambda x, t=targets.astype(mx.int32): kernels.cross_entropy(x, t),
-            lambda x, t=targets: nn.losses.cross_entropy(x, t), (random(6, shape, 6),))
-    for seed, (name, (ours, theirs, inputs)) in enumerate(cases.items()):
-        for what, a, b in ((name, ours(*inputs), theirs(*inputs)),
-                           (f"{name} gradient", gradients(ours, inputs, seed), gradients(theirs, inputs, seed))):
-            a, b = (list(x) if isinstance(x, tuple) else [x] for x in (a, b))
-            if not all(mx.array_equal(x, y, equal_nan=True).item() for x, y in zip(a, b)):
-                return f"{what} differs from MLX {mx.__version__}'s"
-    return None
-
-
 def load_kernels() -> tuple[Kernels | None, str]:
     """The kernels if they build, load and match MLX here; else None and why."""
+    from mlx_med.kernels.check import self_check
+
     built: Built = load()
     if built.module is None:
         return None, built.reason
