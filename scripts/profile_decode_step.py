@@ -7,13 +7,14 @@ alone at their real shapes:
 
 - GEMM: every projection of every block at M = batch rows, and the (tied) output head;
 - attention: the model's scaled dot-product attention of one query per row over the cached keys, every block;
-- norms and activations: RMSNorm (two per block and the final one) and SwiGLU;
+- norms and activations: RMSNorm (two per block and the final one), SwiGLU and RoPE (queries and keys
+  of every block);
 
 - log-softmax: the ``logsumexp`` over the vocabulary that mlx-lm's batch generator takes every step;
-- the rest (RoPE, residual adds, embedding, cache update, argmax): what the step takes beyond those.
+- the rest (residual adds, embedding, reshapes, cache update, argmax): what the step takes beyond those.
 
-Attention, SwiGLU and the logsumexp are the functions the step itself calls: mlx-med's vectorized
-kernels on the CPU fp32 path (``mlx_med.kernels``), MLX's with ``MLX_MED_KERNELS=off``.
+Attention, SwiGLU, RMSNorm, RoPE and the logsumexp are the functions and layers the step itself calls:
+mlx-med's kernels on the CPU fp32 path (``mlx_med.kernels``), MLX's with ``MLX_MED_KERNELS=off``.
 
     python scripts/profile_decode_step.py [--model DIR] [--batch 64] [--context 200] [--repeats 5]
 
@@ -113,20 +114,22 @@ def main() -> None:
 
     intermediate = config["intermediate_size"]
     x, gate, up = mx.random.normal((rows, 1, hidden)), *(mx.random.normal((rows, 1, intermediate)) for _ in range(2))
-    norm_weight = mx.ones((hidden,))
-    mx.eval(x, gate, up)
-    eps = config.get("rms_norm_eps", 1e-5)
-    norms_s = best_of(lambda: mx.eval([mx.fast.rms_norm(x, norm_weight, eps) for _ in range(2 * blocks + 1)]
-                                      + [swiglu(gate, up) for _ in range(blocks)]), args.repeats)
+    norm, rope = model.model.norm, model.layers[0].self_attn.rope  # the model's own layers (kernels or MLX's)
+    queries, keys = (mx.random.normal((rows, n, 1, head_dim)) for n in (heads, kv_heads))
+    mx.eval(x, gate, up, queries, keys)
+    norms_s = best_of(lambda: mx.eval([norm(x) for _ in range(2 * blocks + 1)]
+                                      + [swiglu(gate, up) for _ in range(blocks)]
+                                      + [rope(t, offset=context) for t in (queries, keys) for _ in range(blocks)]),
+                      args.repeats)
     logits = mx.random.normal((rows, vocab))
     mx.eval(logits)
     softmax_s = best_of(lambda: mx.eval(logits - logsumexp(logits, axis=-1, keepdims=True)), args.repeats)
 
     pieces = [("GEMM: projections + output head", gemm_s), ("attention (SDPA over the cache)", attention_s),
-              ("RMSNorm + SwiGLU", norms_s), ("log-softmax over the vocabulary", softmax_s)]
+              ("RMSNorm + SwiGLU + RoPE", norms_s), ("log-softmax over the vocabulary", softmax_s)]
     rest = total - sum(s for _, s in pieces)
     print(f"\n{'piece of one decode step':<36} {'ms':>8} {'share':>7}")
-    for name, seconds in pieces + [("rest (RoPE, adds, cache, argmax)", rest)]:
+    for name, seconds in pieces + [("rest (adds, reshapes, cache, argmax)", rest)]:
         print(f"{name:<36} {seconds * 1e3:>8.1f} {seconds / total:>7.0%}")
     print(f"{'whole step':<36} {total * 1e3:>8.1f}   ({total / rows * 1e3:.2f} ms per row and token)")
     print(f"GEMM piece alone: {flops / gemm_s / 1e9:.1f} GFLOP/s ({flops / gemm_s / 1e9 / gemm:.0%} of the 1024³ GEMM)")
