@@ -20,9 +20,9 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
-#include <vector>
-
+#include <system_error>
 #include <thread>
+#include <vector>
 
 #include <sched.h>
 
@@ -452,7 +452,12 @@ static void for_row_ranges(size_t rows, size_t cols, Body body) {
   helpers.reserve(parts - 1);
   size_t per_part = (rows + parts - 1) / parts;
   for (size_t first = per_part; first < rows; first += per_part) {
-    helpers.emplace_back(body, first, std::min(rows, first + per_part));
+    size_t end = std::min(rows, first + per_part);
+    try {
+      helpers.emplace_back(body, first, end);
+    } catch (const std::system_error&) {  // no thread to be had (a process limit): this thread does it
+      body(first, end);
+    }
   }
   body(size_t(0), std::min(rows, per_part));
   for (auto& t : helpers) t.join();
