@@ -115,6 +115,7 @@ def test_chooser_refuses_skylakex_on_avx2_without_running_it(tmp_path):
 
 
 def test_cache_follows_xdg_cache_home_and_a_new_cpu_is_checked_again(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLX_MED_CACHE", raising=False)  # it would take precedence over XDG
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     lib = _fake_library(tmp_path, "lib.so")
     VerdictCache(cpuinfo=CPUINFO).put(lib, Verdict(OK, "fine"))
@@ -187,7 +188,8 @@ def test_real_candidates_on_this_machine_get_a_verdict_and_the_chosen_one_runs(t
 def test_preload_in_a_fresh_process_uses_the_cache_dir_and_survives(tmp_path):
     code = ("import mlx_med, mlx_med.blas as b; s = b.preload_blas(); import mlx.core as mx; "
             "mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64))); print(s.library, '|', s.verdict)")
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)},
+    env = {k: v for k, v in os.environ.items() if k != "MLX_MED_CACHE"}  # it would take precedence over XDG
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "XDG_CACHE_HOME": str(tmp_path)},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.returncode != -signal.SIGILL, done.stderr
     if blas.candidate_libraries():
