@@ -6,7 +6,7 @@ MLX's x86 CPU build evaluates ``exp`` one float at a time (a Cephes polynomial c
 one thread, so these cost more than their matmuls in a batched decode step. ``cpu_kernels.cpp``
 computes the same arithmetic in one pass each, the exp with AVX2 + FMA (picked at run time; a scalar
 loop elsewhere), large inputs split by rows over the CPUs: the same bits, 2-20x faster per op.
-Values and gradients are checked against MLX's on every load (``ops.self_check``); on any
+Values and gradients are checked against MLX's on every load (``check.self_check``); on any
 difference, or when the module cannot be built here, mlx-med keeps MLX's kernels.
 
 ``MLX_MED_KERNELS=off`` keeps MLX's kernels (``scalar``: the reference loop, no AVX2);

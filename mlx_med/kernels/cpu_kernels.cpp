@@ -407,7 +407,11 @@ struct RopeAngles {
     }
   }
 
-  // Where the angles of row r of a (B, N, T, D) input start.
+  // The angles of row r of a (B, N, T, D) input.
+  const float* cosines_of(size_t r, Extent e) const { return cosines.data() + row(r, e); }
+  const float* sines_of(size_t r, Extent e) const { return sines.data() + row(r, e); }
+
+ private:
   size_t row(size_t r, Extent e) const {
     size_t b = per_batch ? r / (e.queries * e.planes) : 0;
     return (b * positions_per_batch + r % e.queries) * half;
@@ -416,10 +420,14 @@ struct RopeAngles {
 
 // ---- RMSNorm as MLX's CPU fallback graph computes it ------------------------------------------------
 // r = 1 / sqrt(sum(x * x) * (1 / D) + eps) with the sum in index order; y = (x * r) * w.
-static float rms_factor(const float* x, size_t cols, float inv_n, float eps, float* variance) {
+static float mean_factor(size_t cols) {  // MLX's mean: the sum times float(1.0 / D), D counted in double
+  return static_cast<float>(1.0 / static_cast<double>(cols));
+}
+
+static float rms_factor(const float* x, size_t cols, float eps, float* variance) {
   float total = 0.0f;
   for (size_t i = 0; i < cols; i++) total += x[i] * x[i];
-  *variance = (0.0f + total) * inv_n + eps;
+  *variance = (0.0f + total) * mean_factor(cols) + eps;
   return 1.0f / std::sqrt(*variance);
 }
 
@@ -461,6 +469,14 @@ static void for_row_ranges(size_t rows, size_t cols, Body body) {
   }
   body(size_t(0), std::min(rows, per_part));
   for (auto& t : helpers) t.join();
+}
+
+// Run body(row) for every row of a call, the rows split over threads as for_row_ranges does.
+template <typename Body>
+static void for_each_row(Extent e, Body body) {
+  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
+    for (size_t r = first; r < end; r++) body(r);
+  });
 }
 
 static mx::array contiguous(const mx::array& a, mx::Stream s) {
@@ -555,26 +571,22 @@ static size_t causal_limit(size_t row, Extent e) {  // keys [0, limit) are visib
 
 static void causal_softmax_loop(const Inputs& in, const Outputs& out, Extent e) {
   const float lowest = std::numeric_limits<float>::lowest();
-  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
-    for (size_t r = first; r < end; r++) {
-      const float* x = in[0] + r * e.cols;
-      float* y = out[0] + r * e.cols;
-      size_t limit = causal_limit(r, e);
-      std::copy(x, x + limit, y);
-      std::fill(y + limit, y + e.cols, lowest);
-      softmax_rows_f32(y, y, 1, e.cols);
-    }
+  for_each_row(e, [&](size_t r) {
+    const float* x = in[0] + r * e.cols;
+    float* y = out[0] + r * e.cols;
+    size_t limit = causal_limit(r, e);
+    std::copy(x, x + limit, y);
+    std::fill(y + limit, y + e.cols, lowest);
+    softmax_rows_f32(y, y, 1, e.cols);
   });
 }
 
 // Its gradient: the softmax's, then Select's vjp (the float mask times the cotangent: 0 * d hidden).
 static void causal_softmax_vjp_loop(const Inputs& in, const Outputs& out, Extent e) {
-  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
-    for (size_t r = first; r < end; r++) {
-      size_t at = r * e.cols;
-      softmax_vjp_rows_f32(in[0] + at, in[1] + at, out[0] + at, 1, e.cols);
-      for (size_t i = causal_limit(r, e); i < e.cols; i++) out[0][at + i] = 0.0f * out[0][at + i];
-    }
+  for_each_row(e, [&](size_t r) {
+    size_t at = r * e.cols;
+    softmax_vjp_rows_f32(in[0] + at, in[1] + at, out[0] + at, 1, e.cols);
+    for (size_t i = causal_limit(r, e); i < e.cols; i++) out[0][at + i] = 0.0f * out[0][at + i];
   });
 }
 
@@ -598,19 +610,17 @@ static void cross_entropy_vjp_loop(const Inputs& in, const Outputs& out, Extent 
 static void rope_loop(const Inputs& in, const Outputs& out, Extent e) {
   const RopeAngles angles(e, reinterpret_cast<const int32_t*>(in[1]));
   size_t half = angles.half;
-  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
-    for (size_t r = first; r < end; r++) {
-      const float* cosines = angles.cosines.data() + angles.row(r, e);
-      const float* sines = angles.sines.data() + angles.row(r, e);
-      const float* x = in[0] + r * e.cols;
-      float* y = out[0] + r * e.cols;
-      for (size_t j = 0; j < half; j++) {
-        float x1 = x[j], x2 = x[j + half], c = cosines[j], s = sines[j];
-        y[j] = x1 * c - x2 * s;
-        y[j + half] = x1 * s + x2 * c;
-      }
-      std::copy(x + 2 * half, x + e.cols, y + 2 * half);
+  for_each_row(e, [&](size_t r) {
+    const float* cosines = angles.cosines_of(r, e);
+    const float* sines = angles.sines_of(r, e);
+    const float* x = in[0] + r * e.cols;
+    float* y = out[0] + r * e.cols;
+    for (size_t j = 0; j < half; j++) {
+      float x1 = x[j], x2 = x[j + half], c = cosines[j], s = sines[j];
+      y[j] = x1 * c - x2 * s;
+      y[j + half] = x1 * s + x2 * c;
     }
+    std::copy(x + 2 * half, x + e.cols, y + 2 * half);
   });
 }
 
@@ -619,34 +629,29 @@ static void rope_loop(const Inputs& in, const Outputs& out, Extent e) {
 static void rope_vjp_loop(const Inputs& in, const Outputs& out, Extent e) {
   const RopeAngles angles(e, reinterpret_cast<const int32_t*>(in[1]));
   size_t half = angles.half;
-  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
-    for (size_t r = first; r < end; r++) {
-      const float* cosines = angles.cosines.data() + angles.row(r, e);
-      const float* sines = angles.sines.data() + angles.row(r, e);
-      const float* g = in[0] + r * e.cols;
-      float* d = out[0] + r * e.cols;
-      for (size_t j = 0; j < half; j++) {
-        float g1 = g[j], g2 = g[j + half], c = cosines[j], s = sines[j];
-        d[j] = (c * g1 + s * g2) + 0.0f;
-        d[j + half] = (s * -g1 + c * g2) + 0.0f;
-      }
-      for (size_t i = 2 * half; i < e.cols; i++) d[i] = g[i] + 0.0f;
+  for_each_row(e, [&](size_t r) {
+    const float* cosines = angles.cosines_of(r, e);
+    const float* sines = angles.sines_of(r, e);
+    const float* g = in[0] + r * e.cols;
+    float* d = out[0] + r * e.cols;
+    for (size_t j = 0; j < half; j++) {
+      float g1 = g[j], g2 = g[j + half], c = cosines[j], s = sines[j];
+      d[j] = (c * g1 + s * g2) + 0.0f;
+      d[j + half] = (s * -g1 + c * g2) + 0.0f;
     }
+    for (size_t i = 2 * half; i < e.cols; i++) d[i] = g[i] + 0.0f;
   });
 }
 
 // in[1]: the weight (D,); params: eps.
 static void rms_norm_loop(const Inputs& in, const Outputs& out, Extent e) {
-  const float inv_n = static_cast<float>(1.0 / static_cast<double>(e.cols));
   const float* w = in[1];
-  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
-    for (size_t r = first; r < end; r++) {
-      const float* x = in[0] + r * e.cols;
-      float* y = out[0] + r * e.cols;
-      float variance;
-      float factor = rms_factor(x, e.cols, inv_n, e.params[0], &variance);
-      for (size_t i = 0; i < e.cols; i++) y[i] = (x[i] * factor) * w[i];
-    }
+  for_each_row(e, [&](size_t r) {
+    const float* x = in[0] + r * e.cols;
+    float* y = out[0] + r * e.cols;
+    float variance;
+    float factor = rms_factor(x, e.cols, e.params[0], &variance);
+    for (size_t i = 0; i < e.cols; i++) y[i] = (x[i] * factor) * w[i];
   });
 }
 
@@ -656,26 +661,23 @@ static void rms_norm_loop(const Inputs& in, const Outputs& out, Extent e) {
 // x * (2 * ((1 / D) * ((-0.5 * s) * (r / v)))) (out[1]). MLX adds them to the input's other
 // cotangents one at a time, so they are returned apart (see ops.Kernels.rms_norm).
 static void rms_norm_vjp_loop(const Inputs& in, const Outputs& out, Extent e) {
-  const float inv_n = static_cast<float>(1.0 / static_cast<double>(e.cols));
   const float* w = in[1];
-  for_row_ranges(e.rows, e.cols, [&](size_t first, size_t end) {
-    for (size_t r = first; r < end; r++) {
-      const float* x = in[0] + r * e.cols;
-      const float* c = in[2] + r * e.cols;
-      float* through_product = out[0] + r * e.cols;
-      float* through_square = out[1] + r * e.cols;
-      float variance;
-      float factor = rms_factor(x, e.cols, inv_n, e.params[0], &variance);
-      float total = 0.0f;
-      for (size_t i = 0; i < e.cols; i++) {
-        float dy0 = w[i] * c[i];
-        through_product[i] = factor * dy0;
-        total += x[i] * dy0;
-      }
-      float d_variance = (-0.5f * (0.0f + total)) * (factor / variance);
-      float twice = 2.0f * (inv_n * d_variance);
-      for (size_t i = 0; i < e.cols; i++) through_square[i] = x[i] * twice;
+  for_each_row(e, [&](size_t r) {
+    const float* x = in[0] + r * e.cols;
+    const float* c = in[2] + r * e.cols;
+    float* through_product = out[0] + r * e.cols;
+    float* through_square = out[1] + r * e.cols;
+    float variance;
+    float factor = rms_factor(x, e.cols, e.params[0], &variance);
+    float total = 0.0f;
+    for (size_t i = 0; i < e.cols; i++) {
+      float dy0 = w[i] * c[i];
+      through_product[i] = factor * dy0;
+      total += x[i] * dy0;
     }
+    float d_variance = (-0.5f * (0.0f + total)) * (factor / variance);
+    float twice = 2.0f * (mean_factor(e.cols) * d_variance);
+    for (size_t i = 0; i < e.cols; i++) through_square[i] = x[i] * twice;
   });
 }
 

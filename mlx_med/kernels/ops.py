@@ -25,21 +25,14 @@ class Kernels:
             gate, up = primals
             return module.swiglu_vjp(gate, up, cotangent)
 
-        @mx.custom_function
-        def softmax(x):
-            return module.softmax(x)
+        def from_output(forward, backward):
+            """A one-input function whose gradient the module computes from its output and cotangent."""
+            function = mx.custom_function(lambda x: forward(x))
+            function.vjp(lambda x, cotangent, output: backward(output, cotangent))
+            return function
 
-        @softmax.vjp
-        def softmax_vjp(x, cotangent, output):
-            return module.softmax_vjp(output, cotangent)  # MLX's Softmax::vjp, op for op
-
-        @mx.custom_function
-        def causal_softmax(x):
-            return module.causal_softmax(x)
-
-        @causal_softmax.vjp
-        def causal_softmax_vjp(x, cotangent, output):
-            return module.causal_softmax_vjp(output, cotangent)
+        softmax = from_output(module.softmax, module.softmax_vjp)  # MLX's Softmax::vjp, op for op
+        causal_softmax = from_output(module.causal_softmax, module.causal_softmax_vjp)
 
         @mx.custom_function
         def logsumexp(x):
