@@ -108,6 +108,26 @@ def test_pipeline_config_errors(tmp_path):
     assert f"{bad}:3: unknown key 'fuse.alpah'" in result.output
 
 
+def test_sweep_batch_size_defaults_to_the_evals_and_is_checked(tmp_path):
+    from pathlib import Path
+
+    from mlx_med.pipeline.eval_jobs import alpha_config, sweep_batch_size
+    from mlx_med.pipeline.runner import Layout, PipelineConfig
+
+    cfg = PipelineConfig()
+    cfg.eval.batch_size = 12
+    assert sweep_batch_size(cfg) == 12  # unset: the eval's
+    cfg.sweep.batch_size = 32
+    assert alpha_config(cfg, tmp_path / "base", Path("qa.jsonl"), Layout(tmp_path)).batch_size == 32
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pt:\n  data: {train: a.jsonl}\nsft:\n  data: {train: b.jsonl}\n"
+                   "eval:\n  data: [c.jsonl]\nsweep:\n  batch_size: 0\n")
+    result = CliRunner().invoke(cli, ["pipeline", "-c", str(bad), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "sweep.batch_size must be >= 1, got 0" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_pipeline_mcq_suite_and_alpha_search(pipeline_config, tmp_path):
     path, out = pipeline_config
     mcq = write_jsonl(tmp_path / "data" / "mcq.jsonl", [

@@ -91,13 +91,18 @@ def run_safety_jobs(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
         run_safety_eval(replace(scfg, progress=not quiet), echo=None if not quiet else (lambda s: None))
 
 
+def sweep_batch_size(cfg) -> int:
+    """Rows the sweeps decode together: ``sweep.batch_size``, else the eval's."""
+    return cfg.sweep.batch_size or cfg.eval.batch_size
+
+
 def decoding_sweep(cfg, data: Path, out, quiet: bool) -> None:
     """``mlx-med sweep decoding`` on the fused model."""
     from mlx_med.evaluation.sweep import DecodingSweepConfig, normalise_grid, run_decoding_sweep
 
     run_decoding_sweep(DecodingSweepConfig(
         model=out.fused, data=Path(data), out=out.sweep_decoding, limit=cfg.sweep.limit,
-        max_new_tokens=cfg.sweep.max_new_tokens, batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.sweep.max_new_tokens, batch_size=sweep_batch_size(cfg),
         grid=normalise_grid(cfg.sweep.decoding_grid), seed=cfg.seed, force=True), quiet=quiet)
 
 
@@ -134,7 +139,7 @@ def alpha_config(cfg, base_dir: Path, data: Path, out):
     return AlphaSweepConfig(
         model=Path(base_dir), sft=out.sft, pt=out.pt, data=Path(data), out=out.sweep_alpha,
         alphas=list(cfg.sweep.alphas), limit=cfg.sweep.limit, max_new_tokens=cfg.sweep.max_new_tokens,
-        batch_size=cfg.eval.batch_size, ppl_data=cfg.eval.ppl_data, ppl_limit=cfg.eval.ppl_limit,
+        batch_size=sweep_batch_size(cfg), ppl_data=cfg.eval.ppl_data, ppl_limit=cfg.eval.ppl_limit,
         ppl_block_size=cfg.eval.ppl_block_size, mcq_data=cfg.sweep.mcq_data, mcq_limit=cfg.sweep.mcq_limit,
         safety_probes=probe_path(cfg.sweep.safety_probes), seed=cfg.seed, force=True,
         alpha_schedule=cfg.fuse.alpha_schedule)  # α moves the fused schedule's default; its rules stay

@@ -84,6 +84,9 @@ class SweepStageConfig:
     data: Path | None = None  # defaults to the first eval set
     limit: int | None = 16
     max_new_tokens: int = 96
+    # Rows decoded together in the α sweep, its search and the decoding sweep (None: eval.batch_size).
+    # The sweep's mixed batch takes this many rows per point, up to 64 in all (alpha_batch).
+    batch_size: int | None = None
     safety_probes: str | None = "starter"
     decoding_grid: dict[str, Any] = field(default_factory=dict)  # e.g. {temperature: [0, 0.7]}; {} = skip
     mcq_data: Path | None = None  # MCQ accuracy at each α (and in the search)
@@ -133,6 +136,9 @@ class PipelineConfig:
             raise ConfigError(str(err)) from None
         if not 0.0 < self.inspect.top_fraction <= 1.0:
             raise ConfigError(f"inspect.top_fraction must be in (0, 1], got {self.inspect.top_fraction}")
+        for name, size in (("eval.batch_size", self.eval.batch_size), ("sweep.batch_size", self.sweep.batch_size)):
+            if size is not None and size < 1:
+                raise ConfigError(f"{name} must be >= 1, got {size}")
 
 
 @dataclass
