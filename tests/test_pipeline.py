@@ -2,6 +2,8 @@
 
 import json
 import re
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
@@ -109,8 +111,6 @@ def test_pipeline_config_errors(tmp_path):
 
 
 def test_sweep_batch_size_defaults_to_the_evals_and_is_checked(tmp_path):
-    from pathlib import Path
-
     from mlx_med.pipeline.eval_jobs import alpha_config, sweep_batch_size
     from mlx_med.pipeline.runner import Layout, PipelineConfig
 
@@ -156,7 +156,8 @@ def test_pipeline_mcq_suite_and_alpha_search(pipeline_config, tmp_path):
     assert "### α search" in report and "α search: α sweep" not in report
 
 
-def test_pipeline_eval_measures_perplexity_once_per_model(pipeline_config, tmp_path, monkeypatch):
+def test_pipeline_eval_measures_perplexity_once_per_model_and_answers_its_qa_sets_in_one_batch(
+        pipeline_config, tmp_path, monkeypatch):
     from mlx_med.evaluation import perplexity as perplexity_module
 
     path, out = pipeline_config
@@ -185,6 +186,22 @@ def test_pipeline_eval_measures_perplexity_once_per_model(pipeline_config, tmp_p
                         for name in ("eval", "eval2"))
         assert first["perplexity"] == other["perplexity"] and first["perplexity"]["perplexity"] > 1
         assert first["bleu-4"] is not None and other["n"] == len(CHATS)
+        assert first["throughput"]["mixed_batch"] == other["throughput"]["mixed_batch"] == len(CHATS)
+    # each model's greedy answers to both QA sets came from one batch of twice the eval's rows ...
+    batches = [json.loads(line) for line in (out / "evals" / "mixed_batches.jsonl").read_text().splitlines()]
+    assert [b["points"] for b in batches] == [["eval-base-greedy", "eval2-base-greedy"],
+                                              ["eval-fused-greedy", "eval2-fused-greedy"]]
+    assert all(b["sequences"] == 2 * len(CHATS) and b["batch_size"] == 2 * cfg["eval"]["batch_size"] for b in batches)
+    # ... and are the answers each QA set gets from an eval of its own
+    from mlx_med.evaluation.runner import PREDICTIONS, EvalConfig, run_eval
+    for name, data in (("eval", cfg["eval"]["data"][0]), ("eval2", second)):
+        alone = tmp_path / f"alone-{name}"
+        run_eval(replace(EvalConfig(model=out / "base", data=Path(data), out=alone), limit=cfg["eval"]["limit"],
+                         batch_size=cfg["eval"]["batch_size"], max_new_tokens=cfg["eval"]["max_new_tokens"]),
+                 quiet=True)
+        together = out / "evals" / f"{name}-base-greedy" / PREDICTIONS
+        assert (alone / PREDICTIONS).read_text() == together.read_text()
+    assert "eval-base-greedy" in (out / "report.md").read_text()
 
 
 def test_pipeline_stage_keys_follow_the_compute_path(pipeline_config):

@@ -1,15 +1,18 @@
-"""Everything an α sweep generates, as one batch: each row decodes at its own point's adapter weights.
+"""Answers of several evals as one batch: an α sweep's points, or a model's QA sets.
 
-Instead of one generation pass per α and per suite, every answer still missing (each QA question and
-each safety probe, at each α of the grid and, when asked, at the base model with both weights 0)
-goes into one ``generate_batch`` call with per-row adapter weights (``{"sft": α, "pt": 1 − α}``, see
-``row_weights``). Short safety replies and long QA answers share every decode step, and a finished
-row's slot is refilled from the queue. The QA answers land in each point's
-``predictions.partial.jsonl`` exactly as an interrupted per-α eval leaves them, so the runner then
-only scores them (``run_eval`` resumes); the safety replies are scored into the point's
-``safety.json`` as the per-point screen would. Predictions files, metrics and caches are the per-point
-path's, and greedy answers are the per-point ones (``tests/test_alpha_batch.py``; up to the rare
-near-tie a neighbour's padding can flip in any batched generation, see ``generate``).
+Instead of one generation pass per eval, every answer still missing (each QA question and each safety
+probe, at each point) goes into one ``generate_batch`` call. In an α sweep the points are α values
+(and, when asked, the base model with both weights 0), and each row decodes at its own point's adapter
+weights (``{"sft": α, "pt": 1 − α}``, see ``row_weights``); in the pipeline's eval stage the points are
+one model's QA sets, so rows differ only in their questions. Short safety replies and long QA answers
+share every decode step, and a finished row's slot is refilled from the queue: on a CPU a decode step
+of 24 or 64 rows takes little longer than one of 12 (the weights are read once per step). The QA
+answers land in each point's ``predictions.partial.jsonl`` exactly as an interrupted eval leaves them,
+so the runner then only scores them (``run_eval`` resumes); the safety replies are scored into the
+point's ``safety.json`` as the per-point screen would. Predictions files, metrics and caches are the
+per-point path's, and greedy answers are the per-point ones (``tests/test_alpha_batch.py``,
+``tests/test_pipeline.py``; up to the rare near-tie a neighbour's padding can flip in any batched
+generation, see ``generate``).
 
 Only greedy decoding without an α schedule goes this way: a sampled run draws its tokens for the
 batch it is in (a mixed batch would give other draws than the per-point runs whose caches it
@@ -37,7 +40,7 @@ from mlx_med.evaluation.runner import (
 )
 from mlx_med.evaluation.sweep import finished_metrics
 
-MIXED_LOG = "mixed_batches.jsonl"  # in the sweep folder: one line per mixed batch (rows, tokens, seconds)
+MIXED_LOG = "mixed_batches.jsonl"  # in the sweep (or evals) folder: one line per mixed batch (rows, tokens, seconds)
 
 # Rows decoded together in the mixed batch: the eval's batch size times the number of points, up to
 # this (more rows make the decode GEMMs more efficient on a CPU; the KV caches grow with every row).
@@ -46,15 +49,16 @@ MAX_MIXED_ROWS = 64
 
 @dataclass
 class GridPoint:
-    """One point of the grid: the adapter weights its rows decode at and its eval settings (folder)."""
+    """One point of the grid: its eval settings (folder, QA set, limit) and the adapter weights its rows
+    decode at (None: the model as loaded)."""
 
-    weights: dict[str, float]
+    weights: dict[str, float] | None
     setting: EvalConfig
 
 
-def mixed_batch_applies(cfg: EvalConfig, live) -> bool:
-    """Whether a sweep's answers can be generated as one batch (greedy, no α schedule)."""
-    return cfg.decoding().greedy and cfg.alpha_schedule is None and live.schedule is None
+def mixed_batch_applies(cfg: EvalConfig, live=None) -> bool:
+    """Whether answers can be generated as one batch (greedy, no α schedule)."""
+    return cfg.decoding().greedy and cfg.alpha_schedule is None and (live is None or live.schedule is None)
 
 
 def generate_grid(cfg: EvalConfig, points: list[GridPoint], loaded, live, probes=None,
@@ -66,9 +70,10 @@ def generate_grid(cfg: EvalConfig, points: list[GridPoint], loaded, live, probes
     safety screen written to ``<point>/safety.json``.
 
     Args:
-        cfg: the sweep's settings (QA set, limit, decoding, batch size).
-        points: the grid.
-        loaded, live: the model with the SFT/PT pair attached live.
+        cfg: the batch's settings: decoding and batch size (shared by every point), and the folder
+            (``cfg.out``) whose ``mixed_batches.jsonl`` logs the batch.
+        points: the grid; each point's QA set and limit are its own setting's.
+        loaded, live: the model, with the SFT/PT pair attached live when points carry weights.
         probes: safety probes screened at every point (None: no screen).
         quiet: no progress bar.
 
@@ -84,12 +89,16 @@ def generate_grid(cfg: EvalConfig, points: list[GridPoint], loaded, live, probes
     decoding = cap_to_window(cfg.decoding(), getattr(loaded, "config", None) or {}, quiet)
     # the safety screen generates with the uncapped settings: it joins only when the cap changes nothing
     screen = probes is not None and decoding == cfg.decoding()
-    evalset = load_eval_rows(cfg.data, cfg.limit) if cfg.data is not None else None
+    evalsets: dict[tuple, object] = {}  # (QA set, limit) -> its rows, read once
     jobs: list[tuple[Path, str, object]] = []  # (point folder, "qa" | "safety", eval row | probe index)
     conversations, weights = [], []
     for point in points:
         setting, out = point.setting, Path(point.setting.out)
-        if evalset is not None and finished_metrics(setting) is None:
+        if setting.data is not None and finished_metrics(setting) is None:
+            key = (str(setting.data), setting.limit)
+            if key not in evalsets:
+                evalsets[key] = load_eval_rows(setting.data, setting.limit)
+            evalset = evalsets[key]
             force = setting.force or (out / METRICS).exists()  # as ``eval_or_reuse``: a stale eval is redone
             done = prepare_out_dir(out, run_state(setting, setting.decoding()), force)
             todo = [row for row in evalset.rows if row.index not in done]
@@ -126,8 +135,10 @@ def generate_grid(cfg: EvalConfig, points: list[GridPoint], loaded, live, probes
 
         batch_size = min(cfg.batch_size * len(folders), max(MAX_MIXED_ROWS, cfg.batch_size))
         start = time.perf_counter()
+        weighted = any(w is not None for w in weights)
         generate_batch(loaded.model, loaded.tokenizer, conversations, decoding, batch_size=batch_size,
-                       progress=not quiet, on_result=keep, live=live, row_weights=weights)
+                       progress=not quiet, on_result=keep, live=live if weighted else None,
+                       row_weights=weights if weighted else None)
         seconds = time.perf_counter() - start
     log_mixed_batch(Path(cfg.out), {
         "points": [str(f.name) for f in folders], "sequences": len(jobs), "generated_tokens": tokens,
@@ -141,7 +152,7 @@ def generate_grid(cfg: EvalConfig, points: list[GridPoint], loaded, live, probes
 
 
 def log_mixed_batch(folder: Path, record: dict) -> None:
-    """Append one mixed batch's throughput to ``<sweep folder>/mixed_batches.jsonl`` (the points'
+    """Append one mixed batch's throughput to ``<folder>/mixed_batches.jsonl`` (the points'
     ``metrics.json`` count these answers under ``throughput.mixed_batch``, not as their own work)."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / MIXED_LOG, "a", encoding="utf-8") as f:

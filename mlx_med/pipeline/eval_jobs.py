@@ -39,11 +39,13 @@ def qa_jobs(cfg, base_dir: Path, out) -> list[tuple[Path, Any]]:
     return jobs
 
 
-def run_qa_jobs(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
+def run_qa_jobs(jobs: list[tuple[Path, Any]], log_dir: Path, quiet: bool) -> None:
     """Run the QA evals, skipping those an interrupted stage already finished with the same settings.
 
-    Jobs run model by model: each model is loaded once, and its held-out perplexity (the same text
-    for every QA set) is measured once and given to its other evals.
+    Jobs run model by model: each model is loaded once, its held-out perplexity (the same text for
+    every QA set) is measured once and given to its other evals, and the greedy answers of all its QA
+    sets are generated as one batch (``alpha_batch.generate_grid``; logged in ``log_dir``), which
+    the evals then only score.
     """
     import json
 
@@ -54,21 +56,45 @@ def run_qa_jobs(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
     def model_key(ecfg) -> tuple:
         return tuple(str(v) for v in (ecfg.model, ecfg.adapter, ecfg.sft, ecfg.pt, ecfg.alpha, ecfg.alpha_schedule))
 
-    loaded, loaded_key, perplexities = None, None, {}
-    for job_out, ecfg in sorted(jobs, key=lambda job: model_key(job[1])):  # stable: QA-set order kept
-        settings = json.dumps(config_to_dict(ecfg), sort_keys=True)
+    def settings(ecfg) -> str:
+        return json.dumps(config_to_dict(ecfg), sort_keys=True)
+
+    def finished(job_out: Path, ecfg) -> bool:
         marker = job_out / "pipeline_eval.json"  # lets an interrupted eval stage keep its finished evals
-        if (job_out / "metrics.json").exists() and marker.exists() and marker.read_text() == settings:
-            continue
+        return (job_out / "metrics.json").exists() and marker.exists() and marker.read_text() == settings(ecfg)
+
+    loaded, loaded_key, perplexities, answered = None, None, {}, set()
+    todo = sorted([job for job in jobs if not finished(*job)], key=lambda job: model_key(job[1]))  # stable
+    for job_out, ecfg in todo:
         key = model_key(ecfg)
         if loaded_key != key:
             loaded = None  # the previous model is freed before the next loads
             (loaded, _), loaded_key = ecfg.load(), key
+            answered = answer_together([c for _, c in todo if model_key(c) == key], loaded, log_dir, quiet)
+        resume = replace(ecfg, force=False) if Path(ecfg.out) in answered else ecfg
         ppl_key = (*key, str(ecfg.ppl_data), ecfg.ppl_limit, ecfg.ppl_block_size)
-        metrics = run_eval(ecfg, quiet=quiet, loaded=loaded, perplexity=perplexities.get(ppl_key))
+        metrics = run_eval(resume, quiet=quiet, loaded=loaded, perplexity=perplexities.get(ppl_key))
         if ecfg.ppl_data is not None:
             perplexities[ppl_key] = metrics["perplexity"]
-        atomic_write_text(marker, settings)
+        atomic_write_text(job_out / "pipeline_eval.json", settings(ecfg))
+
+
+def answer_together(configs: list, loaded, log_dir: Path, quiet: bool) -> set[Path]:
+    """Generate the answers of one model's greedy evals with the same decoding in one batch; returns
+    the folders answered (their evals resume from the answers). Fewer than two such evals: nothing."""
+    from mlx_med.evaluation.alpha_batch import GridPoint, generate_grid, mixed_batch_applies
+
+    groups: dict[tuple, list] = {}  # evals that can share a batch: same decoding and batch size
+    for c in configs:
+        if mixed_batch_applies(c):
+            groups.setdefault((repr(c.decoding()), c.batch_size), []).append(c)
+    answered: set[Path] = set()
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        batch_cfg = replace(group[0], out=log_dir)
+        answered.update(generate_grid(batch_cfg, [GridPoint(None, c) for c in group], loaded, None, quiet=quiet))
+    return answered
 
 
 def safety_jobs(cfg, base_dir: Path, out) -> list[tuple[Path, Any]]:
@@ -189,12 +215,17 @@ def safety_by_category(out) -> str:
             "only differences between versions of one model on the same probes are informative.\n")
 
 
+def folders_in(path: Path) -> list[Path]:
+    """The result folders directly in ``path`` (none when it does not exist), in name order."""
+    return sorted(p for p in path.iterdir() if p.is_dir()) if path.exists() else []
+
+
 def write_pipeline_report(out) -> None:
     """``report.md`` over every result folder of the pipeline, plus the safety-by-category section."""
     runs: list[tuple[str, Path]] = [("PT run", out.pt), ("SFT run", out.sft)]
-    runs += [(p.name, p) for p in sorted(out.evals.iterdir())] if out.evals.exists() else []
-    runs += [(f"safety: {p.name}", p) for p in sorted(out.safety.iterdir())] if out.safety.exists() else []
-    runs += [(f"mcq: {p.name}", p) for p in sorted(out.mcq.iterdir())] if out.mcq.exists() else []
+    runs += [(p.name, p) for p in folders_in(out.evals)]  # (evals/ also holds mixed_batches.jsonl)
+    runs += [(f"safety: {p.name}", p) for p in folders_in(out.safety)]
+    runs += [(f"mcq: {p.name}", p) for p in folders_in(out.mcq)]
     runs += [(name, path) for name, path in (("α sweep", out.sweep_alpha), ("decoding sweep", out.sweep_decoding))
              if path.exists()]
     runs += [("SFT vs PT", out.inspect)] if (out.inspect / "summary.md").is_file() else []

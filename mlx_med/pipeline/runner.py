@@ -216,7 +216,7 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
 
     # 5. evaluation: base vs fused, each eval set, each preset (+ safety screen)
     evals = qa_jobs(cfg, base_dir, out)
-    stages.append(Stage("eval", lambda: run_qa_jobs(evals, quiet),
+    stages.append(Stage("eval", lambda: run_qa_jobs(evals, out.evals, quiet),
                         {"eval": config_to_dict(cfg.eval), "data": [path_fingerprint(p) for p in cfg.eval.data],
                          "model": base_input, "seed": cfg.seed},
                         [job_out / "metrics.json" for job_out, _ in evals], after=["fuse"]))
