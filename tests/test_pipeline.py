@@ -128,19 +128,33 @@ def test_sweep_batch_size_defaults_to_the_evals_and_is_checked(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_pipeline_mcq_suite_and_alpha_search(pipeline_config, tmp_path):
+def test_pipeline_mcq_suite_and_alpha_search(pipeline_config, tmp_path, monkeypatch):
+    from mlx_med.evaluation.run_config import RunConfig
+
     path, out = pipeline_config
-    mcq = write_jsonl(tmp_path / "data" / "mcq.jsonl", [
+    items = [
         {"question": "Which organ pumps blood?", "options": {"A": "heart", "B": "kidney"}, "answer": "A", "lang": "en"},
         {"question": "胰岛素由哪个器官分泌？", "options": {"A": "胰腺", "B": "脾", "C": "皮肤"}, "answer": "A", "lang": "zh"},
-    ])
+    ]
+    mcq = write_jsonl(tmp_path / "data" / "mcq.jsonl", items)
+    other = write_jsonl(tmp_path / "data" / "other.jsonl", items[::-1])
     cfg = yaml.safe_load(path.read_text())
-    cfg["eval"].update(mcq_data=[str(mcq)], mcq_limit=2)
+    cfg["eval"].update(mcq_data=[str(mcq), str(other)], mcq_limit=2)
     cfg["sweep"].update(mcq_data=str(mcq), search_budget=3, search_objective="accuracy_norm",
                         search_constraints=["safety>=base", "ppl<=100*pt"])
     path.write_text(yaml.safe_dump(cfg))
+    loads = []  # the stage folder of every model load
+    original = RunConfig.load
+
+    def spy(self):
+        loads.append(Path(self.out).parent.name)
+        return original(self)
+
+    monkeypatch.setattr(RunConfig, "load", spy)
     result = CliRunner().invoke(cli, ["pipeline", "-c", str(path), "-q"])
     assert result.exit_code == 0, result.output
+    assert loads.count("mcq") == 2  # base and fused once each, not once per MCQ set
+    assert (out / "mcq" / "other-fused" / "metrics.json").exists()
     for name in ("mcq-base", "mcq-fused"):
         metrics = json.loads((out / "mcq" / name / "metrics.json").read_text())
         assert metrics["suite"] == "mcq" and metrics["n"] == 2 and set(metrics["by_language"]) == {"en", "zh"}

@@ -39,6 +39,11 @@ def qa_jobs(cfg, base_dir: Path, out) -> list[tuple[Path, Any]]:
     return jobs
 
 
+def model_key(rcfg) -> tuple:
+    """What an eval loads: the model and its adapters (evals with equal keys share one loaded model)."""
+    return tuple(str(v) for v in (rcfg.model, rcfg.adapter, rcfg.sft, rcfg.pt, rcfg.alpha, rcfg.alpha_schedule))
+
+
 def run_qa_jobs(jobs: list[tuple[Path, Any]], log_dir: Path, quiet: bool) -> None:
     """Run the QA evals, skipping those an interrupted stage already finished with the same settings.
 
@@ -52,9 +57,6 @@ def run_qa_jobs(jobs: list[tuple[Path, Any]], log_dir: Path, quiet: bool) -> Non
     from mlx_med.config import config_to_dict
     from mlx_med.evaluation.runner import run_eval
     from mlx_med.io import atomic_write_text
-
-    def model_key(ecfg) -> tuple:
-        return tuple(str(v) for v in (ecfg.model, ecfg.adapter, ecfg.sft, ecfg.pt, ecfg.alpha, ecfg.alpha_schedule))
 
     def settings(ecfg) -> str:
         return json.dumps(config_to_dict(ecfg), sort_keys=True)
@@ -151,11 +153,15 @@ def mcq_jobs(cfg, base_dir: Path, out) -> list[tuple[Path, Any]]:
 
 
 def run_mcq_jobs(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
-    """Run each MCQ job with the eval runner (``mlx-med eval --suite mcq``)."""
+    """Run each MCQ job with the eval runner (``mlx-med eval --suite mcq``), loading each model once."""
     from mlx_med.evaluation.suites import run_suite
 
-    for _, mcfg in jobs:
-        run_suite("mcq", mcfg, quiet=quiet)
+    loaded, loaded_key = None, None
+    for _, mcfg in sorted(jobs, key=lambda job: model_key(job[1])):  # stable: MCQ-set order kept per model
+        if loaded_key != model_key(mcfg):
+            loaded = None  # the previous model is freed before the next loads
+            (loaded, _), loaded_key = mcfg.load(), model_key(mcfg)
+        run_suite("mcq", mcfg, quiet=quiet, loaded=loaded)
 
 
 def alpha_config(cfg, base_dir: Path, data: Path, out):
