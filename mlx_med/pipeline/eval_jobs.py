@@ -44,6 +44,21 @@ def model_key(rcfg) -> tuple:
     return tuple(str(v) for v in (rcfg.model, rcfg.adapter, rcfg.sft, rcfg.pt, rcfg.alpha, rcfg.alpha_schedule))
 
 
+def run_per_model(jobs: list[tuple[Path, Any]], run) -> None:
+    """Call ``run(folder, config, loaded, first)`` for each job, grouped by ``model_key`` (stable: the
+    jobs' order is kept within a model), each model loaded once; ``first`` marks a model's first job.
+
+    A callback rather than a generator: between jobs only this frame holds the model, so the previous
+    one is freed before the next loads (a caller's loop variable would keep two alive)."""
+    loaded, loaded_key = None, None
+    for job_out, rcfg in sorted(jobs, key=lambda job: model_key(job[1])):
+        first = model_key(rcfg) != loaded_key
+        if first:
+            loaded = None
+            (loaded, _), loaded_key = rcfg.load(), model_key(rcfg)
+        run(job_out, rcfg, loaded, first)
+
+
 def run_qa_jobs(jobs: list[tuple[Path, Any]], log_dir: Path, quiet: bool) -> None:
     """Run the QA evals, skipping those an interrupted stage already finished with the same settings.
 
@@ -65,13 +80,13 @@ def run_qa_jobs(jobs: list[tuple[Path, Any]], log_dir: Path, quiet: bool) -> Non
         marker = job_out / "pipeline_eval.json"  # lets an interrupted eval stage keep its finished evals
         return (job_out / "metrics.json").exists() and marker.exists() and marker.read_text() == settings(ecfg)
 
-    loaded, loaded_key, perplexities, answered = None, None, {}, set()
-    todo = sorted([job for job in jobs if not finished(*job)], key=lambda job: model_key(job[1]))  # stable
-    for job_out, ecfg in todo:
+    perplexities, answered = {}, set()
+    todo = [job for job in jobs if not finished(*job)]
+
+    def run(job_out: Path, ecfg, loaded, first: bool) -> None:
+        nonlocal answered
         key = model_key(ecfg)
-        if loaded_key != key:
-            loaded = None  # the previous model is freed before the next loads
-            (loaded, _), loaded_key = ecfg.load(), key
+        if first:
             answered = answer_together([c for _, c in todo if model_key(c) == key], loaded, log_dir, quiet)
         resume = replace(ecfg, force=False) if Path(ecfg.out) in answered else ecfg
         ppl_key = (*key, str(ecfg.ppl_data), ecfg.ppl_limit, ecfg.ppl_block_size)
@@ -79,6 +94,8 @@ def run_qa_jobs(jobs: list[tuple[Path, Any]], log_dir: Path, quiet: bool) -> Non
         if ecfg.ppl_data is not None:
             perplexities[ppl_key] = metrics["perplexity"]
         atomic_write_text(job_out / "pipeline_eval.json", settings(ecfg))
+
+    run_per_model(todo, run)
 
 
 def answer_together(configs: list, loaded, log_dir: Path, quiet: bool) -> set[Path]:
@@ -156,12 +173,7 @@ def run_mcq_jobs(jobs: list[tuple[Path, Any]], quiet: bool) -> None:
     """Run each MCQ job with the eval runner (``mlx-med eval --suite mcq``), loading each model once."""
     from mlx_med.evaluation.suites import run_suite
 
-    loaded, loaded_key = None, None
-    for _, mcfg in sorted(jobs, key=lambda job: model_key(job[1])):  # stable: MCQ-set order kept per model
-        if loaded_key != model_key(mcfg):
-            loaded = None  # the previous model is freed before the next loads
-            (loaded, _), loaded_key = mcfg.load(), model_key(mcfg)
-        run_suite("mcq", mcfg, quiet=quiet, loaded=loaded)
+    run_per_model(jobs, lambda _, mcfg, loaded, first: run_suite("mcq", mcfg, quiet=quiet, loaded=loaded))
 
 
 def alpha_config(cfg, base_dir: Path, data: Path, out):
