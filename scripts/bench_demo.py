@@ -29,7 +29,7 @@ BUDGET_S = 15 * 60
 
 
 def run_demo(out: Path) -> tuple[float, dict[str, float]]:
-    """One demo run into ``out`` (replaced): its wall time and each stage's seconds."""
+    """One demo run into ``out`` (replaced; checked by ``main``): its wall time and each stage's seconds."""
     if out.exists():
         shutil.rmtree(out)
     start = time.perf_counter()
@@ -52,6 +52,11 @@ def main() -> None:
         parser.error("--repeats must be >= 1")
     base = args.out or Path(tempfile.mkdtemp(prefix="mlx-med-demo-")) / "demo"
     outs = [base] if args.repeats == 1 else [base.with_name(f"{base.name}-{i + 1}") for i in range(args.repeats)]
+    from mlx_med.io import is_mlx_med_dir
+
+    for out in outs:  # each run starts from an empty folder: replace only what mlx-med wrote
+        if out.exists() and not is_mlx_med_dir(out):
+            sys.exit(f"{out} exists and is not an mlx-med output folder; choose another --out")
 
     runs = [run_demo(out) for out in outs]
     walls = [wall for wall, _ in runs]
