@@ -18,6 +18,7 @@ def test_pipeline_configs_load(name):
     cfg = load_config(PipelineConfig, CONFIGS / name)
     assert cfg.pt.data.train is not None and cfg.sft.data.train is not None and cfg.eval.data
     assert 0.0 <= cfg.fuse.alpha <= 1.0
+    assert (cfg.pt.phase, cfg.sft.phase) == ("pt", "sft")  # the section names the phase (pipeline.json too)
 
 
 @pytest.mark.parametrize("name", RECIPES)

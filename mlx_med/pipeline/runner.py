@@ -117,6 +117,12 @@ class PipelineConfig:
     inspect: InspectStageConfig = field(default_factory=InspectStageConfig)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # The section decides the phase (a YAML section built from TrainConfig's defaults would say "pt"
+        # for both), so pipeline.json records what each stage trains.
+        self.pt = replace(self.pt, phase="pt")
+        self.sft = replace(self.sft, phase="sft")
+
     def check(self) -> None:
         sources = [s for s in (self.base.model, self.base.hf_path) if s is not None]
         if len(sources) > 1:
@@ -195,8 +201,8 @@ def build_stages(cfg: PipelineConfig, quiet: bool = False) -> list[Stage]:
     base_input = {"model": model_fingerprint(base_dir) if cfg.base.model is not None else str(base_dir)}
 
     # 2-3. the two LoRA phases, both on the base (the merge assumes deltas on the same base)
-    pt_cfg = replace(cfg.pt, phase="pt", model=Path(base_dir), output=out.pt)
-    sft_cfg = replace(cfg.sft, phase="sft", model=Path(base_dir), output=out.sft)
+    pt_cfg = replace(cfg.pt, model=Path(base_dir), output=out.pt)
+    sft_cfg = replace(cfg.sft, model=Path(base_dir), output=out.sft)
     for name, tcfg in (("train-pt", pt_cfg), ("train-sft", sft_cfg)):
         stages.append(Stage(name, _trainer(tcfg, quiet), {**base_input, "config": config_to_dict(tcfg),
                             "data": _data_fingerprints(tcfg)}, [tcfg.output / "done.json"], after=upstream))
