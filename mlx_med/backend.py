@@ -1,4 +1,5 @@
-"""Device, compute dtype, memory, seeds and a GEMM probe: the one place that knows the backend.
+"""Device, compute dtype, memory, seeds and GEMM probes (speed, batch invariance): the one place that knows
+the backend.
 
 Compute policy (``--compute-policy`` or ``MLX_MED_COMPUTE_POLICY``):
 
@@ -132,6 +133,50 @@ def gemm_gflops(n: int = 1024, repeats: int = 5, dtype: mx.Dtype = mx.float32) -
         mx.eval(a @ b)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+@dataclass(frozen=True)
+class BatchInvariance:
+    """Whether a row's matmul result depends on the rows multiplied beside it (see ``gemm_batch_invariance``)."""
+
+    invariant: bool
+    max_diff: float  # the largest |difference| between a row computed in a smaller batch and in the full one
+    differing: tuple[int, ...]  # the smaller batches' row counts whose rows differed
+
+    def describe(self) -> str:
+        if self.invariant:
+            return "yes (a row's GEMM result does not depend on how many rows are multiplied with it)"
+        counts = ", ".join(str(n) for n in self.differing)
+        return (f"no (a row's GEMM result changes with the batch's row count, by up to {self.max_diff:.1e} "
+                f"at {counts} rows: batched and one-at-a-time greedy answers can differ where two tokens "
+                "nearly tie)")
+
+
+# Row counts of the smaller batches: below, at and past the row blocks BLAS kernels work in (4, 8, 12, 16).
+INVARIANCE_ROWS = (1, 5, 12, 13, 24, 33)
+
+
+def gemm_batch_invariance(rows: int = 64, inner: int = 576, outer: int = 1536, dtype: mx.Dtype = mx.float32,
+                          matmul=None) -> BatchInvariance:
+    """Multiply the first n rows of a ``rows``-row batch by a weight (a decode step's ``x @ W.T``) for each
+    n in ``INVARIANCE_ROWS``, and compare bit for bit with the same rows of the full product.
+
+    Batch generation relies on this when it promises the answers of one-at-a-time generation: some BLAS
+    kernels (OpenBLAS's AVX2 ones, e.g. Haswell and Zen) give a row different roundings depending on
+    where the batch's row blocks and thread split put it; the AVX-512 ones (SkylakeX, Cooperlake) do not.
+    ``matmul`` replaces ``x @ w.T`` (tests).
+    """
+    matmul = matmul or (lambda x, w: x @ w.T)
+    key_x, key_w = mx.random.split(mx.random.key(0))
+    x = mx.random.normal((rows, inner), key=key_x).astype(dtype)
+    w = (mx.random.normal((outer, inner), key=key_w) * inner ** -0.5).astype(dtype)
+    full = matmul(x, w)
+    max_diff, differing = 0.0, []
+    for n in (n for n in INVARIANCE_ROWS if n < rows):
+        diff = mx.abs(matmul(x[:n], w).astype(mx.float32) - full[:n].astype(mx.float32)).max().item()
+        if diff > 0:
+            max_diff, differing = max(max_diff, diff), [*differing, n]
+    return BatchInvariance(not differing, max_diff, tuple(differing))
 
 
 def numpy_gemm_gflops(n: int = 1024, repeats: int = 5) -> float:

@@ -28,6 +28,8 @@ def test_doctor_reports_gemm_and_fast_blas():
         if candidate_libraries():  # an OpenBLAS is installed: one of them is chosen, or each is explained
             assert "blas: OpenBLAS (" in out or "blas not used: " in out, out
     assert "(policy auto)" in out and "numpy's own: " in out
+    assert any(ln.startswith("batch invariance: yes (") or ln.startswith("batch invariance: no (")
+               for ln in out.splitlines()), out
     from mlx_med.kernels.build import unsupported_reason
 
     if "compute float32" in out and unsupported_reason() is None:  # the CPU fp32 path, where they build

@@ -18,7 +18,9 @@ def command(size: int) -> None:
     """Check the MLX install: device, BLAS (library, core, threads, safety verdict), GEMM speed, compute path,
     and on the CPU fp32 path whether mlx-med's vectorized SwiGLU/attention kernels are built and in use.
 
-    The GEMM line also gives numpy's own fp32 GEMM at the same size, a yardstick for this CPU.
+    The GEMM line also gives numpy's own fp32 GEMM at the same size, a yardstick for this CPU. The batch
+    invariance line says whether a row's matmul result depends on the rows beside it: where it does,
+    batched generation (eval, sweeps, the server) can answer differently from one row at a time in near-ties.
     """
     import mlx_med
     from mlx_med.blas import blas_in_use, preload_blas
@@ -55,6 +57,7 @@ def command(size: int) -> None:
             click.echo(f"blas not used: {library}: {verdict}")
     click.echo(f"gemm: {gflops:.1f} GFLOP/s (fp32, {size}x{size}x{size}; numpy's own: "
                f"{backend.numpy_gemm_gflops(size):.1f} GFLOP/s)")
+    click.echo(f"batch invariance: {backend.gemm_batch_invariance().describe()}")
     click.echo(f"memory: {mem:.1f} GB" if mem else "memory: unknown")
     click.echo(f"compute: {info.describe()}")
     if info.device == "cpu" and not info.quantized_compute:
