@@ -46,5 +46,6 @@ def test_doctor_reports_openblas_avx2_kernels_as_not_batch_invariant():
                            check=True).stdout
     if "DYNAMIC_ARCH" not in probe or " avx2" not in flags or " fma" not in flags:
         pytest.skip("needs a DYNAMIC_ARCH OpenBLAS under MLX on an AVX2 CPU")
+    assert "blas core: HASWELL (" in probe, probe  # the core running now, not the start-up verdict's copy
     line = next(ln for ln in probe.splitlines() if ln.startswith("batch invariance: "))
     assert line.startswith("batch invariance: no (") and "rows" in line, probe

@@ -11,6 +11,17 @@ from mlx_med.commands.options import compute_policy_option
 MIN_GOOD_GFLOPS = 50.0
 
 
+def running_library_info(library):
+    """The library's build facts and core as it runs now (the start-up verdict's copy may predate an
+    ``OPENBLAS_CORETYPE`` override), or None when it cannot be asked."""
+    from mlx_med.blas_check import query_library
+
+    try:
+        return query_library(library)
+    except OSError:
+        return None
+
+
 @click.command("doctor")
 @click.option("--size", default=1024, show_default=True, help="GEMM size n for the n×n×n probe.")
 @compute_policy_option(warn_slow_blas=False)
@@ -48,8 +59,9 @@ def command(size: int) -> None:
     click.echo(f"blas: {blas_in_use()} ({status.note})")
     if status.library:
         click.echo(f"blas library: {status.library}")
-        if status.info:
-            click.echo(f"blas core: {status.info.core} ({status.info.config})")
+        info_now = running_library_info(status.library) or status.info
+        if info_now:
+            click.echo(f"blas core: {info_now.core} ({info_now.config})")
         click.echo(f"blas threads: {status.threads}")
         click.echo(f"blas verdict: {status.verdict}")
     for library, verdict in status.considered:
