@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_med.blas_check import (
+    CORETYPE_ENV,
     FAILED,
     LibraryInfo,
     Verdict,
@@ -92,7 +93,7 @@ def judge(library: Path, flags: frozenset[str], cache: VerdictCache,
     if cached is not None:
         return cached
     info = query(library)
-    verdict = rule_verdict(info, flags)
+    verdict = rule_verdict(info, flags, os.environ.get(CORETYPE_ENV) or None)
     if verdict is None:
         checked = check(library)
         verdict = Verdict(checked.status, checked.reason, info)

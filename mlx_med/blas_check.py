@@ -133,14 +133,28 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset()
 
 
-def rule_verdict(info: LibraryInfo, flags: frozenset[str]) -> Verdict | None:
-    """REFUSED when the build core needs instructions this CPU lacks; None when the rule allows it."""
-    if info.dynamic_arch:
+# OpenBLAS's own override of a DYNAMIC_ARCH build's core choice (e.g. "Haswell"): it picks those kernels
+# whatever the CPU has, so they are vetted like a single-core build's.
+CORETYPE_ENV = "OPENBLAS_CORETYPE"
+
+
+def rule_verdict(info: LibraryInfo, flags: frozenset[str], forced_core: str | None = None) -> Verdict | None:
+    """REFUSED when the core the library runs needs instructions this CPU lacks; None when the rule allows it.
+
+    A ``DYNAMIC_ARCH`` build picks a core this CPU has, unless ``forced_core`` (``$OPENBLAS_CORETYPE``)
+    chose one: then ``info.core`` is that choice and must fit the CPU.
+    """
+    if info.dynamic_arch and not forced_core:
         return None
     needs = CORE_NEEDS.get(info.core)
     if needs is None:
+        if info.dynamic_arch:  # a name OpenBLAS does not know leaves it to its own detection
+            return None
         return Verdict(REFUSED, f"single-core build for {info.core}, a core mlx-med cannot vet", info)
     missing = sorted(needs - flags)
+    if missing and info.dynamic_arch:
+        return Verdict(REFUSED, f"{CORETYPE_ENV}={forced_core} selects {info.core} kernels; this CPU lacks "
+                                f"{', '.join(missing)}", info)
     if missing:
         return Verdict(REFUSED, f"built for {info.core} only; this CPU lacks {', '.join(missing)}", info)
     return None
@@ -203,7 +217,8 @@ class VerdictCache:
     def key(self, library: str | Path) -> str:
         real = os.path.realpath(library)
         st = os.stat(real)
-        return f"{real}|{st.st_size}|{st.st_mtime_ns}|cpu={self.cpu}"
+        forced = os.environ.get(CORETYPE_ENV, "")  # other kernels of the same file: judged on their own
+        return f"{real}|{st.st_size}|{st.st_mtime_ns}|cpu={self.cpu}" + (f"|coretype={forced}" if forced else "")
 
     def _read(self) -> dict:
         try:

@@ -55,6 +55,29 @@ def test_dynamic_arch_is_allowed_and_unknown_single_core_is_not():
     assert unknown is not None and unknown.status == REFUSED
 
 
+def test_a_forced_coretype_must_fit_the_cpu():
+    # OPENBLAS_CORETYPE makes a DYNAMIC_ARCH build run the named kernels whatever the CPU has
+    skylakex = parse_config(DEBIAN_CONFIG.replace("Zen", "SkylakeX"), "SkylakeX")
+    assert rule_verdict(skylakex, ZEN3) is None  # its own choice: not forced, trusted
+    refused = rule_verdict(skylakex, ZEN3, forced_core="SkylakeX")
+    assert refused is not None and refused.status == REFUSED
+    assert "OPENBLAS_CORETYPE=SkylakeX" in refused.reason and "avx512f" in refused.reason
+    assert rule_verdict(skylakex, SKYLAKE_SP, forced_core="SkylakeX") is None
+    assert rule_verdict(parse_config(DEBIAN_CONFIG, "Haswell"), ZEN3, forced_core="Haswell") is None
+
+
+def test_the_verdict_cache_keeps_forced_coretypes_apart(tmp_path, monkeypatch):
+    lib = tmp_path / "libopenblas.so.0"
+    lib.write_bytes(b"x")
+    cache = VerdictCache(tmp_path, cpuinfo=CPUINFO)
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    cache.put(lib, Verdict(OK, "fine"))
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "SkylakeX")
+    assert cache.get(lib) is None  # other kernels: judged again
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert cache.get(lib).status == OK
+
+
 def test_haswell_build_needs_avx2_and_fma():
     info = parse_config("OpenBLAS 0.3.26 HASWELL MAX_THREADS=128", "Haswell")
     assert rule_verdict(info, ZEN3) is None
