@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_med.blas_check import (
-    CORETYPE_ENV,
     FAILED,
     LibraryInfo,
     Verdict,
     VerdictCache,
     child_check,
     cpu_flags,
+    forced_coretype,
     query_library,
     rule_verdict,
 )
@@ -93,7 +93,7 @@ def judge(library: Path, flags: frozenset[str], cache: VerdictCache,
     if cached is not None:
         return cached
     info = query(library)
-    verdict = rule_verdict(info, flags, os.environ.get(CORETYPE_ENV) or None)
+    verdict = rule_verdict(info, flags, forced_coretype())
     if verdict is None:
         checked = check(library)
         verdict = Verdict(checked.status, checked.reason, info)

@@ -138,6 +138,11 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
 CORETYPE_ENV = "OPENBLAS_CORETYPE"
 
 
+def forced_coretype() -> str | None:
+    """The core ``$OPENBLAS_CORETYPE`` forces on a DYNAMIC_ARCH OpenBLAS, or None (its own choice)."""
+    return os.environ.get(CORETYPE_ENV) or None
+
+
 def rule_verdict(info: LibraryInfo, flags: frozenset[str], forced_core: str | None = None) -> Verdict | None:
     """REFUSED when the core the library runs needs instructions this CPU lacks; None when the rule allows it.
 
@@ -217,7 +222,7 @@ class VerdictCache:
     def key(self, library: str | Path) -> str:
         real = os.path.realpath(library)
         st = os.stat(real)
-        forced = os.environ.get(CORETYPE_ENV, "")  # other kernels of the same file: judged on their own
+        forced = forced_coretype()  # other kernels of the same file: judged on their own
         return f"{real}|{st.st_size}|{st.st_mtime_ns}|cpu={self.cpu}" + (f"|coretype={forced}" if forced else "")
 
     def _read(self) -> dict:

@@ -85,8 +85,8 @@ class InspectStageConfig:
 class PipelineConfig:
     output: Path = Path("runs/demo")
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
-    pt: TrainConfig = field(default_factory=lambda: TrainConfig(phase="pt"))
-    sft: TrainConfig = field(default_factory=lambda: TrainConfig(phase="sft"))
+    pt: TrainConfig = field(default_factory=TrainConfig)  # phases: set by __post_init__
+    sft: TrainConfig = field(default_factory=TrainConfig)
     fuse: FuseStageConfig = field(default_factory=FuseStageConfig)
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
     sweep: SweepStageConfig = field(default_factory=SweepStageConfig)
