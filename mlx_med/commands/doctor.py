@@ -32,9 +32,11 @@ def command(size: int) -> None:
     The GEMM line also gives numpy's own fp32 GEMM at the same size, a yardstick for this CPU. The batch
     invariance line says whether a row's matmul result depends on the rows beside it: where it does,
     batched generation (eval, sweeps, the server) can answer differently from one row at a time in near-ties.
+    The malloc line says whether freed memory stays in the process for reuse (Linux, glibc).
     """
     import mlx_med
     from mlx_med.blas import blas_in_use, preload_blas
+    from mlx_med.malloc import tune_malloc
 
     try:
         import mlx.core as mx
@@ -71,6 +73,7 @@ def command(size: int) -> None:
                f"{backend.numpy_gemm_gflops(size):.1f} GFLOP/s)")
     click.echo(f"batch invariance: {backend.gemm_batch_invariance().describe()}")
     click.echo(f"memory: {mem:.1f} GB" if mem else "memory: unknown")
+    click.echo(f"malloc: {tune_malloc().note}")
     click.echo(f"compute: {info.describe()}")
     if info.device == "cpu" and not info.quantized_compute:
         from mlx_med.kernels import cpu_kernels
