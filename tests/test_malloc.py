@@ -41,7 +41,9 @@ def _glibc() -> bool:
 
 
 def _faults(**env: str) -> tuple[int, bool]:
-    clean = {k: v for k, v in os.environ.items() if k != SWITCH_ENV and not k.startswith("MALLOC_")}
+    # the caller's own allocator settings would decide the outcome: each run sets only what it tests
+    clean = {k: v for k, v in os.environ.items()
+             if k not in (SWITCH_ENV, "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", WORKLOAD], env={**clean, **env}, capture_output=True, text=True,
                          check=True).stdout.split()
     return int(out[0]), out[1] == "True"
