@@ -25,9 +25,10 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mlx_med import switches
 from mlx_med.blas_check import (
     FAILED,
     LibraryInfo,
@@ -40,7 +41,7 @@ from mlx_med.blas_check import (
     rule_verdict,
 )
 
-SWITCH_ENV = "MLX_MED_BLAS"
+SWITCH_ENV = switches.BLAS.name
 THREADS_ENV = "OPENBLAS_NUM_THREADS"
 OPENBLAS_RELPATH = Path("cmeel.prefix") / "lib" / "libopenblas.so.0"
 SYSTEM = "system OpenBLAS"
@@ -167,9 +168,15 @@ def _affinity() -> int:
 @functools.lru_cache(maxsize=1)
 def preload_blas() -> BlasStatus:
     """Load the chosen OpenBLAS globally, once per process, when it can help (Linux, before mlx)."""
+    status = _preload()
+    ignored = switches.BLAS.ignored(os.environ)
+    return replace(status, note=f"{status.note}; {ignored}") if ignored else status
+
+
+def _preload() -> BlasStatus:
     if not sys.platform.startswith("linux"):
         return BlasStatus(None, "not needed on this platform (MLX uses Accelerate/Metal)")
-    if os.environ.get(SWITCH_ENV, "").lower() in {"stock", "off", "0", "none"}:
+    if switches.BLAS.is_off(os.environ):
         return BlasStatus(None, f"switched off by {SWITCH_ENV}={os.environ[SWITCH_ENV]}")
     if "mlx.core" in sys.modules:
         return BlasStatus(None, "mlx was imported before mlx_med; import mlx_med first")

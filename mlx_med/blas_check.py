@@ -133,6 +133,20 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset()
 
 
+def cpu_identity(cpuinfo: str | None = None) -> str:
+    """A hash of the CPU's model name and instruction-set flags: the key of every verdict cached per CPU
+    (this BLAS's, the CPU kernels' self-check), so a cache carried to another machine is not trusted."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    model = next((line.partition(":")[2].strip() for line in cpuinfo.splitlines()
+                  if line.startswith("model name")), "")
+    flags = " ".join(sorted(cpu_flags(cpuinfo)))
+    return hashlib.sha256(f"{model}|{flags}".encode()).hexdigest()[:16]
+
+
 # OpenBLAS's own override of a DYNAMIC_ARCH build's core choice (e.g. "Haswell"): it picks those kernels
 # whatever the CPU has, so they are vetted like a single-core build's.
 CORETYPE_ENV = "OPENBLAS_CORETYPE"
@@ -209,15 +223,7 @@ class VerdictCache:
 
     def __init__(self, directory: Path | None = None, cpuinfo: str | None = None):
         self.path = (directory or cache_dir()) / "blas-verdicts.json"
-        if cpuinfo is None:
-            try:
-                cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-            except OSError:
-                cpuinfo = ""
-        model = next((line.partition(":")[2].strip() for line in cpuinfo.splitlines()
-                      if line.startswith("model name")), "")
-        flags = " ".join(sorted(cpu_flags(cpuinfo)))
-        self.cpu = hashlib.sha256(f"{model}|{flags}".encode()).hexdigest()[:16]
+        self.cpu = cpu_identity(cpuinfo)
 
     def key(self, library: str | Path) -> str:
         real = os.path.realpath(library)

@@ -26,7 +26,9 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-SWITCH_ENV = "MLX_MED_MALLOC"  # "system": keep glibc's own settings
+from mlx_med import switches
+
+SWITCH_ENV = switches.MALLOC.name  # "system": keep glibc's own settings
 KEEP_BYTES = 1 << 30  # blocks up to 1 GB from the heap; up to 1 GB of free heap kept mapped
 # mallopt parameter numbers from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
@@ -45,7 +47,7 @@ class MallocStatus:
 
 def user_choice(env: Mapping[str, str]) -> str | None:
     """Why glibc's allocator is left as the user set it, or None when mlx-med may tune it."""
-    if env.get(SWITCH_ENV, "").lower() in {"system", "off", "0", "none"}:
+    if switches.MALLOC.is_off(env):
         return f"{SWITCH_ENV}={env[SWITCH_ENV]}"
     for name in USER_VARIABLES:
         if name in env:
@@ -60,6 +62,12 @@ def user_choice(env: Mapping[str, str]) -> str | None:
 @functools.lru_cache(maxsize=1)
 def tune_malloc() -> MallocStatus:
     """Apply the thresholds once per process (Linux with glibc only); say what was done."""
+    status = _tune()
+    ignored = switches.MALLOC.ignored(os.environ)
+    return MallocStatus(status.tuned, f"{status.note}; {ignored}") if ignored else status
+
+
+def _tune() -> MallocStatus:
     if not sys.platform.startswith("linux"):
         return MallocStatus(False, "system allocator (not Linux)")
     why = user_choice(os.environ)

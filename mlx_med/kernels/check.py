@@ -1,11 +1,25 @@
-"""``self_check``: every kernel against the MLX op it replaces, values and gradients, exactly."""
+"""``self_check``: every kernel against the MLX op it replaces, values and gradients, exactly.
+
+The check takes about 3 s on a 2-core CPU, so its outcome is recorded beside the module
+(``self-check.json``) under a key of everything it depends on: the module file, MLX's library, the
+CPU, the instruction set the kernels picked and the threads a call may use. A later process with
+the same key reads the outcome instead of checking again (``recorded_self_check``); ``mlx-med doctor``
+and ``python -m mlx_med.kernels`` check afresh (``forget_self_checks`` first).
+"""
 
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_med.kernels.ops import Kernels
+
+VERDICTS = "self-check.json"
 
 
 def mlx_causal_softmax(scores: mx.array) -> mx.array:
@@ -74,3 +88,52 @@ def self_check(kernels: Kernels) -> str | None:
             if not all(mx.array_equal(x, y, equal_nan=True).item() for x, y in zip(a, b)):
                 return f"{what} differs from MLX {mx.__version__}'s"
     return None
+
+
+def check_key(kernels: Kernels, module_file: Path) -> str:
+    """A hash of what ``self_check``'s outcome depends on besides the source (the module's build
+    folder is keyed by that): the module file, MLX's library, the CPU, the ISA and the thread setting."""
+    from mlx_med.blas_check import cpu_identity
+
+    def identity(path: Path) -> str:
+        try:
+            st = path.stat()
+        except OSError:
+            return f"{path}|missing"
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    libmlx = Path(mx.__file__).resolve().parent / "lib" / "libmlx.so"
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parts = [identity(module_file), identity(libmlx), mx.__version__, cpu_identity(), kernels.isa,
+             f"threads={os.environ.get('MLX_MED_KERNEL_THREADS', '')}/{affinity}"]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def recorded_self_check(kernels: Kernels, module_file: Path) -> tuple[str | None, bool]:
+    """``self_check``'s outcome and whether it was read back from an earlier check with the same key.
+
+    An unreadable record is checked again; an unwritable one only costs a check next time."""
+    from mlx_med.io import atomic_write_json
+
+    path = module_file.parent / VERDICTS
+    key = check_key(kernels, module_file)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        records = {}
+    records = records if isinstance(records, dict) else {}
+    entry = records.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("mismatch"), (str, type(None))):
+        return entry["mismatch"], True
+    mismatch = self_check(kernels)
+    records[key] = {"mismatch": mismatch}
+    try:
+        atomic_write_json(path, records)
+    except OSError:
+        pass
+    return mismatch, False
+
+
+def forget_self_checks(module_file: Path) -> None:
+    """Drop the recorded outcomes, so the next load checks against MLX afresh."""
+    (module_file.parent / VERDICTS).unlink(missing_ok=True)

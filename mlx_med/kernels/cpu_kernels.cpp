@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -433,11 +434,16 @@ static float rms_factor(const float* x, size_t cols, float eps, float* variance)
 
 // ---- splitting one kernel call over the CPUs -------------------------------------------------------
 // The threads a call may use: MLX_MED_KERNEL_THREADS, else the CPUs this process may run on (at most 8).
+// Only a whole number >= 1 (spaces around it allowed) counts, as mlx_med.switches reads it for doctor.
 static size_t kernel_threads() {
   static const size_t threads = [] {
     if (const char* choice = std::getenv("MLX_MED_KERNEL_THREADS")) {
-      long n = std::strtol(choice, nullptr, 10);
-      if (n >= 1) return static_cast<size_t>(std::min<long>(n, 64));
+      const char* digits = choice;
+      while (std::isspace(static_cast<unsigned char>(*digits))) digits++;
+      char* end = nullptr;
+      long n = std::isdigit(static_cast<unsigned char>(*digits)) ? std::strtol(digits, &end, 10) : 0;
+      while (end && std::isspace(static_cast<unsigned char>(*end))) end++;
+      if (n >= 1 && end && *end == '\0') return static_cast<size_t>(std::min<long>(n, 64));
     }
     cpu_set_t set;
     size_t n = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;

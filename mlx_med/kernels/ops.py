@@ -152,8 +152,11 @@ def cross_entropy(kernels: Kernels, logits: mx.array, targets: mx.array) -> mx.a
 
 
 def load_kernels() -> tuple[Kernels | None, str]:
-    """The kernels if they build, load and match MLX here; else None and why."""
-    from mlx_med.kernels.check import self_check
+    """The kernels if they build, load and match MLX here; else None and why.
+
+    Whether they match is read from an earlier check on this machine when one was recorded
+    (``check.recorded_self_check``)."""
+    from mlx_med.kernels.check import recorded_self_check
 
     built: Built = load()
     if built.module is None:
@@ -161,9 +164,10 @@ def load_kernels() -> tuple[Kernels | None, str]:
     try:
         kernels = Kernels(built.module)
         with mx.stream(mx.cpu):
-            mismatch = self_check(kernels)
+            mismatch, recorded = recorded_self_check(kernels, built.path)
     except (TypeError, RuntimeError, ValueError) as err:  # e.g. a nanobind that cannot pass mx.array
         return None, f"{built.path}: unusable with this MLX: {err}"
     if mismatch:
         return None, f"{built.path}: {mismatch}; kept MLX's kernels"
-    return kernels, f"{kernels.isa}, {built.reason}"
+    return kernels, f"{kernels.isa}, {built.reason}, " + (
+        "matched MLX in an earlier check here" if recorded else "checked against MLX now")
