@@ -129,6 +129,7 @@ def test_sweep_batch_size_defaults_to_the_evals_and_is_checked(tmp_path):
 
 
 def test_pipeline_mcq_suite_and_alpha_search(pipeline_config, tmp_path, monkeypatch):
+    from mlx_med.evaluation.alpha_points import SweepPoints
     from mlx_med.evaluation.run_config import RunConfig
 
     path, out = pipeline_config
@@ -140,7 +141,7 @@ def test_pipeline_mcq_suite_and_alpha_search(pipeline_config, tmp_path, monkeypa
     other = write_jsonl(tmp_path / "data" / "other.jsonl", items[::-1])
     cfg = yaml.safe_load(path.read_text())
     cfg["eval"].update(mcq_data=[str(mcq), str(other)], mcq_limit=2)
-    cfg["sweep"].update(mcq_data=str(mcq), search_budget=3, search_objective="accuracy_norm",
+    cfg["sweep"].update(mcq_data=str(mcq), mcq_limit=2, search_budget=3, search_objective="accuracy_norm",
                         search_constraints=["safety>=base", "ppl<=100*pt"])
     path.write_text(yaml.safe_dump(cfg))
     loads = []  # the stage folder of every model load
@@ -151,9 +152,40 @@ def test_pipeline_mcq_suite_and_alpha_search(pipeline_config, tmp_path, monkeypa
         return original(self)
 
     monkeypatch.setattr(RunConfig, "load", spy)
+    measured = []  # (measurement, sweep point) of every perplexity and MCQ the α sweep and search ran
+    for name in ("_perplexity", "_mcq"):
+        def measuring(self, setting, name=name, original=getattr(SweepPoints, name)):
+            measured.append((name, Path(setting.out).name))
+            return original(self, setting)
+        monkeypatch.setattr(SweepPoints, name, measuring)
     result = CliRunner().invoke(cli, ["pipeline", "-c", str(path), "-q"])
     assert result.exit_code == 0, result.output
     assert loads.count("mcq") == 2  # base and fused once each, not once per MCQ set
+    # the sweep's base row took the base model's perplexity and MCQ accuracy from the eval and MCQ stages
+    assert sorted(measured) == sorted((m, f"alpha_{a}") for m in ("_perplexity", "_mcq") for a in ("0", "0.5", "1"))
+    base_row = out / "sweep-alpha" / "base"
+    stage_mcq = json.loads((out / "mcq" / "mcq-base" / "metrics.json").read_text())
+    assert json.loads((base_row / "mcq.json").read_text())["metrics"] == {
+        k: v for k, v in stage_mcq.items() if k != "config"}
+    assert (base_row / "mcq_predictions.jsonl").read_text() == (out / "mcq" / "mcq-base" / "mcq_predictions.jsonl").read_text()
+    stage_ppl = json.loads((out / "evals" / "eval-base-greedy" / "metrics.json").read_text())["perplexity"]
+    assert json.loads((base_row / "metrics.json").read_text())["perplexity"] == stage_ppl
+    # which is what the sweep measures itself: the same numbers, bit for bit
+    monkeypatch.undo()
+    from mlx_med.config import load_config
+    from mlx_med.evaluation.alpha_sweep import run_alpha_sweep
+    from mlx_med.pipeline.eval_jobs import alpha_config
+    from mlx_med.pipeline.runner import Layout, PipelineConfig
+
+    pcfg = load_config(PipelineConfig, path)
+    alone = replace(alpha_config(pcfg, out / "base", Path(pcfg.sweep.data or pcfg.eval.data[0]), Layout(out)),
+                    out=tmp_path / "sweep-alone", alphas=[0.0], with_base=True)
+    run_alpha_sweep(alone, quiet=True)
+    assert json.loads((tmp_path / "sweep-alone" / "base" / "mcq.json").read_text())["metrics"]["accuracy"] == \
+        stage_mcq["accuracy"]
+    assert (tmp_path / "sweep-alone" / "base" / "mcq_predictions.jsonl").read_text() == \
+        (base_row / "mcq_predictions.jsonl").read_text()
+    assert json.loads((tmp_path / "sweep-alone" / "base" / "metrics.json").read_text())["perplexity"] == stage_ppl
     assert (out / "mcq" / "other-fused" / "metrics.json").exists()
     for name in ("mcq-base", "mcq-fused"):
         metrics = json.loads((out / "mcq" / name / "metrics.json").read_text())

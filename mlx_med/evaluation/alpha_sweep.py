@@ -109,10 +109,13 @@ def parse_alphas(spec: Any) -> list[float]:
     return sorted(set(values))
 
 
-def run_alpha_sweep(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, live=None) -> dict[str, Any]:
+def run_alpha_sweep(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, live=None,
+                    known: dict | None = None) -> dict[str, Any]:
     """QA metrics, held-out perplexity, safety and MCQ accuracy at each α (switched live); pick α by ``cfg.rule``.
 
     Writes ``alpha_sweep.{csv,md,png}`` and ``alpha_choice.json`` to ``cfg.out``, one eval folder per α.
+    ``known``: measurements made elsewhere (``alpha_points.Known`` by ``measurement_key``), taken
+    instead of measuring a point again (the pipeline gives the base model's perplexity and MCQ accuracy).
 
     Returns:
         ``{"rows": [...], "choice": {"alpha", "reason", "rule"}}``.
@@ -122,7 +125,7 @@ def run_alpha_sweep(cfg: AlphaSweepConfig, quiet: bool = False, loaded=None, liv
     require_pair(cfg)
     if cfg.ppl_data is None and not quiet:
         print("note: no --ppl-data: the α rule will use QA (and safety) only")
-    points = SweepPoints.open(cfg, quiet, loaded, live, first_alpha=alphas[0])
+    points = SweepPoints.open(cfg, quiet, loaded, live, first_alpha=alphas[0], known=known)
     points.answer_together(alphas, base=cfg.with_base)  # every α's answers as one batch (greedy decoding)
     rows = []
     for n, alpha in enumerate(alphas, 1):

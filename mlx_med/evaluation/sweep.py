@@ -115,15 +115,18 @@ def run_decoding_sweep(cfg: DecodingSweepConfig, quiet: bool = False, loaded=Non
     return rows
 
 
-def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool) -> dict[str, Any]:
-    """``run_eval`` for one sweep setting, or its ``metrics.json`` when it already ran with these inputs."""
+def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool, perplexity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``run_eval`` for one sweep setting, or its ``metrics.json`` when it already ran with these inputs.
+
+    ``perplexity``: this setting's perplexity, already measured (``run_eval`` then does not measure it)."""
     from mlx_med.evaluation.runner import run_eval
 
     metrics = finished_metrics(cfg)
     if metrics is not None:
         return metrics
     out = Path(cfg.out)
-    return run_eval(replace(cfg, force=True) if (out / METRICS).exists() else cfg, quiet=quiet, loaded=loaded)
+    return run_eval(replace(cfg, force=True) if (out / METRICS).exists() else cfg, quiet=quiet, loaded=loaded,
+                    perplexity=perplexity)
 
 
 def finished_metrics(cfg: EvalConfig) -> dict[str, Any] | None:

@@ -67,21 +67,11 @@ def run_qa_jobs(jobs: list[tuple[Path, Any]], log_dir: Path, quiet: bool) -> Non
     sets are generated as one batch (``alpha_batch.generate_grid``; logged in ``log_dir``), which
     the evals then only score.
     """
-    import json
-
-    from mlx_med.config import config_to_dict
     from mlx_med.evaluation.runner import run_eval
     from mlx_med.io import atomic_write_text
 
-    def settings(ecfg) -> str:
-        return json.dumps(config_to_dict(ecfg), sort_keys=True)
-
-    def finished(job_out: Path, ecfg) -> bool:
-        marker = job_out / "pipeline_eval.json"  # lets an interrupted eval stage keep its finished evals
-        return (job_out / "metrics.json").exists() and marker.exists() and marker.read_text() == settings(ecfg)
-
     perplexities, answered = {}, set()
-    todo = [job for job in jobs if not finished(*job)]
+    todo = [job for job in jobs if not qa_finished(*job)]
 
     def run(job_out: Path, ecfg, loaded, first: bool) -> None:
         nonlocal answered
@@ -93,9 +83,26 @@ def run_qa_jobs(jobs: list[tuple[Path, Any]], log_dir: Path, quiet: bool) -> Non
         metrics = run_eval(resume, quiet=quiet, loaded=loaded, perplexity=perplexities.get(ppl_key))
         if ecfg.ppl_data is not None:
             perplexities[ppl_key] = metrics["perplexity"]
-        atomic_write_text(job_out / "pipeline_eval.json", settings(ecfg))
+        atomic_write_text(job_out / QA_MARKER, qa_settings(ecfg))
 
     run_per_model(todo, run)
+
+
+QA_MARKER = "pipeline_eval.json"  # lets an interrupted eval stage keep its finished evals
+
+
+def qa_settings(ecfg) -> str:
+    import json
+
+    from mlx_med.config import config_to_dict
+
+    return json.dumps(config_to_dict(ecfg), sort_keys=True)
+
+
+def qa_finished(job_out: Path, ecfg) -> bool:
+    """Whether the eval stage finished this job with exactly these settings."""
+    marker = job_out / QA_MARKER
+    return (job_out / "metrics.json").exists() and marker.exists() and marker.read_text() == qa_settings(ecfg)
 
 
 def answer_together(configs: list, loaded, log_dir: Path, quiet: bool) -> set[Path]:
@@ -191,13 +198,46 @@ def alpha_config(cfg, base_dir: Path, data: Path, out):
 
 def alpha_sweep(cfg, base_dir: Path, data: Path, out, quiet: bool) -> None:
     """``mlx-med sweep alpha`` on the pipeline's runs; with the base model's row when the α search after
-    it constrains by ``base`` (its answers then ride in the sweep's one generation batch)."""
+    it constrains by ``base`` (its answers then ride in the sweep's one generation batch, and its
+    perplexity and MCQ accuracy come from the eval and MCQ stages when those measured the same)."""
     from mlx_med.evaluation.alpha_search import names_base, parse_constraint
     from mlx_med.evaluation.alpha_sweep import run_alpha_sweep
 
     with_base = bool(cfg.sweep.search_budget) and names_base(
         [parse_constraint(text) for text in cfg.sweep.search_constraints])
-    run_alpha_sweep(replace(alpha_config(cfg, base_dir, data, out), with_base=with_base), quiet=quiet)
+    run_alpha_sweep(replace(alpha_config(cfg, base_dir, data, out), with_base=with_base), quiet=quiet,
+                    known=base_measurements(cfg, base_dir, out) if with_base else None)
+
+
+def base_measurements(cfg, base_dir: Path, out) -> dict:
+    """The base model's perplexity and MCQ accuracy as the eval and MCQ stages measured them (finished
+    jobs only), by ``alpha_points.measurement_key``.
+
+    The α sweep's base row is the same model (a live layer whose adapters weigh 0 computes the base
+    layer alone), so where its inputs are the same the keys are equal and the numbers would be too.
+    """
+    import json
+
+    from mlx_med.config import config_to_dict
+    from mlx_med.evaluation.alpha_points import Known, measurement_key
+    from mlx_med.evaluation.mcq import PREDICTIONS
+
+    known = {}
+    for job_out, ecfg in qa_jobs(cfg, base_dir, out):
+        if ecfg.model == Path(base_dir) and ecfg.ppl_data is not None and qa_finished(job_out, ecfg):
+            perplexity = json.loads((job_out / "metrics.json").read_text(encoding="utf-8")).get("perplexity")
+            if perplexity is not None:
+                known[measurement_key(ecfg, [ecfg.ppl_data, ecfg.ppl_limit, ecfg.ppl_block_size])] = Known(perplexity)
+    for job_out, mcfg in mcq_jobs(cfg, base_dir, out):
+        try:
+            metrics = json.loads((job_out / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        finished = metrics.get("config") == json.loads(json.dumps(config_to_dict(mcfg)))
+        if mcfg.model == Path(base_dir) and finished and (job_out / PREDICTIONS).is_file():
+            key = measurement_key(mcfg, [mcfg.data, mcfg.limit, mcfg.shots, mcfg.shots_data, mcfg.system])
+            known[key] = Known({k: v for k, v in metrics.items() if k != "config"}, (job_out / PREDICTIONS,))
+    return known
 
 
 def alpha_search(cfg, base_dir: Path, data: Path, out, quiet: bool) -> None:
