@@ -37,7 +37,7 @@ class Switch:
 
 
 BLAS = Switch("MLX_MED_BLAS", off=("stock", "off", "0", "none"))
-KERNELS = Switch("MLX_MED_KERNELS", off=("off", "0", "mlx", "false"), other=("scalar",))
+KERNELS = Switch("MLX_MED_KERNELS", off=("off", "0", "none", "mlx", "false"), other=("scalar",))
 MALLOC = Switch("MLX_MED_MALLOC", off=("system", "off", "0", "none"))
 
 

@@ -9,6 +9,8 @@ import sys
 
 from mlx_med import switches
 
+ON_WORDS = ("", "on", "1", "true", "yes", "auto")
+
 
 def test_switch_values():
     malloc = switches.MALLOC
@@ -21,6 +23,9 @@ def test_switch_values():
     assert switches.KERNELS.ignored({"MLX_MED_KERNELS": "scalar"}) is None  # read by the kernels themselves
     assert not switches.KERNELS.is_off({"MLX_MED_KERNELS": "scalar"})
     assert switches.BLAS.is_off({"MLX_MED_BLAS": "stock"})
+    for switch in (switches.BLAS, switches.KERNELS, switches.MALLOC):  # the words every switch takes
+        assert all(switch.is_off({switch.name: word}) for word in ("off", "0", "none", "OFF"))
+        assert not any(switch.is_off({switch.name: word}) for word in ON_WORDS)
     assert switches.kernel_threads_ignored({}) is None
     assert switches.kernel_threads_ignored({"MLX_MED_KERNEL_THREADS": "4"}) is None
     for bad in ("four", "0", "-1", "4x", "", "٣"):
