@@ -34,6 +34,7 @@ from mlx_med.blas_check import (
     LibraryInfo,
     Verdict,
     VerdictCache,
+    allowed_cpus,
     child_check,
     cpu_flags,
     forced_coretype,
@@ -158,13 +159,6 @@ def thread_count(env: dict[str, str], affinity: int, quota: float | None,
     return usable, why
 
 
-def _affinity() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 @functools.lru_cache(maxsize=1)
 def preload_blas() -> BlasStatus:
     """Load the chosen OpenBLAS globally, once per process, when it can help (Linux, before mlx)."""
@@ -192,7 +186,7 @@ def _preload() -> BlasStatus:
     except OSError as err:
         return BlasStatus(None, f"could not load {path}: {err}", considered=tuple(considered))
     info = verdict.info
-    threads, why = thread_count(dict(os.environ), _affinity(), cpu_quota(), info.max_threads if info else None)
+    threads, why = thread_count(dict(os.environ), allowed_cpus(), cpu_quota(), info.max_threads if info else None)
     if threads is not None and hasattr(lib, "openblas_set_num_threads"):
         lib.openblas_set_num_threads(threads)
     shown = threads if threads is not None else os.environ[THREADS_ENV]

@@ -24,6 +24,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mlx_med.fingerprint import file_stamp
 from mlx_med.io import atomic_write_json, cache_dir
 
 # Instruction sets (as /proc/cpuinfo spells them) an OpenBLAS kernel set needs. A single-core build whose
@@ -133,6 +134,14 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset()
 
 
+def allowed_cpus() -> int:
+    """How many CPUs this process may run on (its affinity; the CPU count where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def cpu_identity(cpuinfo: str | None = None) -> str:
     """A hash of the CPU's model name and instruction-set flags: the key of every verdict cached per CPU
     (this BLAS's, the CPU kernels' self-check), so a cache carried to another machine is not trusted."""
@@ -226,10 +235,8 @@ class VerdictCache:
         self.cpu = cpu_identity(cpuinfo)
 
     def key(self, library: str | Path) -> str:
-        real = os.path.realpath(library)
-        st = os.stat(real)
         forced = forced_coretype()  # other kernels of the same file: judged on their own
-        return f"{real}|{st.st_size}|{st.st_mtime_ns}|cpu={self.cpu}" + (f"|coretype={forced}" if forced else "")
+        return f"{file_stamp(library)}|cpu={self.cpu}" + (f"|coretype={forced}" if forced else "")
 
     def _read(self) -> dict:
         try:

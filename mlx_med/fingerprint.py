@@ -26,6 +26,14 @@ MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "specia
 _memory: dict[str, str] = {}
 
 
+def file_stamp(path: str | Path) -> str:
+    """``real path|size|mtime_ns`` of a file: what says it is unchanged without reading it (raises
+    ``OSError`` when it cannot be stat'ed)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return f"{real}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def file_fingerprint(path: str | Path, full: bool = True) -> str:
     """sha256 (16 hex digits) of a file's bytes, cached by path, size and mtime.
 
@@ -34,8 +42,7 @@ def file_fingerprint(path: str | Path, full: bool = True) -> str:
         full: kept for callers of the old sampled hash; every byte is hashed either way.
     """
     path = Path(path)
-    st = path.stat()
-    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    stamp = file_stamp(path)
     cached = _memory.get(stamp) or _disk_cache().get(stamp)
     if cached:
         _memory[stamp] = cached
@@ -46,7 +53,7 @@ def file_fingerprint(path: str | Path, full: bool = True) -> str:
             digest.update(chunk)
     value = digest.hexdigest()[:16]
     _memory[stamp] = value
-    if st.st_size >= CHUNK:  # small files are cheaper to re-read than to cache on disk
+    if path.stat().st_size >= CHUNK:  # small files are cheaper to re-read than to cache on disk
         _store(stamp, value)
     return value
 

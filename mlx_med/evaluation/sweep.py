@@ -11,6 +11,7 @@ import csv
 import io
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -115,10 +116,12 @@ def run_decoding_sweep(cfg: DecodingSweepConfig, quiet: bool = False, loaded=Non
     return rows
 
 
-def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool, perplexity: dict[str, Any] | None = None) -> dict[str, Any]:
+def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool,
+                  perplexity: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """``run_eval`` for one sweep setting, or its ``metrics.json`` when it already ran with these inputs.
 
-    ``perplexity``: this setting's perplexity, already measured (``run_eval`` then does not measure it)."""
+    ``perplexity``: gives this setting's perplexity when the eval runs (``run_eval`` then does not
+    measure it); not called when the metrics are reused."""
     from mlx_med.evaluation.runner import run_eval
 
     metrics = finished_metrics(cfg)
@@ -126,7 +129,7 @@ def eval_or_reuse(cfg: EvalConfig, loaded, quiet: bool, perplexity: dict[str, An
         return metrics
     out = Path(cfg.out)
     return run_eval(replace(cfg, force=True) if (out / METRICS).exists() else cfg, quiet=quiet, loaded=loaded,
-                    perplexity=perplexity)
+                    perplexity=perplexity() if perplexity is not None else None)
 
 
 def finished_metrics(cfg: EvalConfig) -> dict[str, Any] | None:

@@ -93,19 +93,19 @@ def self_check(kernels: Kernels) -> str | None:
 def check_key(kernels: Kernels, module_file: Path) -> str:
     """A hash of what ``self_check``'s outcome depends on besides the source (the module's build
     folder is keyed by that): the module file, MLX's library, the CPU, the ISA and the thread setting."""
-    from mlx_med.blas_check import cpu_identity
+    from mlx_med.blas_check import allowed_cpus, cpu_identity
+    from mlx_med.fingerprint import file_stamp
+    from mlx_med.switches import KERNEL_THREADS_ENV
 
     def identity(path: Path) -> str:
         try:
-            st = path.stat()
+            return file_stamp(path)
         except OSError:
             return f"{path}|missing"
-        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
     libmlx = Path(mx.__file__).resolve().parent / "lib" / "libmlx.so"
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     parts = [identity(module_file), identity(libmlx), mx.__version__, cpu_identity(), kernels.isa,
-             f"threads={os.environ.get('MLX_MED_KERNEL_THREADS', '')}/{affinity}"]
+             f"threads={os.environ.get(KERNEL_THREADS_ENV, '')}/{allowed_cpus()}"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
