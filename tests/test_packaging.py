@@ -118,10 +118,11 @@ def test_wheel_carries_package_data_and_runs_outside_the_checkout(tmp_path):
     assert "qwen2.5-14b.json" in plan.stdout and "peak:" in plan.stdout
 
 
-FAKE_PYTHON = """#!/bin/bash
-# Stands in for .venv/bin/python: logs what setup.sh asks of it and succeeds.
+FAKE_PYTHON = f"""#!/bin/bash
+# Stands in for .venv/bin/python: logs what setup.sh asks of it and succeeds; hashing goes to this Python.
 echo "$*" >> "$SETUP_LOG"
 [ "$1" = -V ] && echo "Python 3.11.7"
+case "$2" in *hashlib*) exec {sys.executable} "$@";; esac
 exit 0
 """
 
@@ -142,7 +143,7 @@ def test_setup_skips_pip_while_its_inputs_are_unchanged(tmp_path):
     # no apt-get or dnf on this PATH: a missing system package only draws a warning
     tools = tmp_path / "bin"
     tools.mkdir()
-    for tool in ("cat", "sha256sum", "cut", "uname", "rm", "id", "grep", "ldconfig", "g++", "dirname"):
+    for tool in ("cat", "uname", "rm", "id", "grep", "ldconfig", "g++", "dirname"):  # no sha256sum (macOS)
         found = shutil.which(tool) or (f"/sbin/{tool}" if Path(f"/sbin/{tool}").exists() else None)
         if found:
             (tools / tool).symlink_to(found)
