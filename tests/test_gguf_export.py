@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -61,7 +62,7 @@ def assert_same_gguf(ours: Path, peer: Path, skip_meta: tuple[str, ...] = ("gene
 
 
 @pytest.fixture(scope="module")
-def qwen_vocab_models(tmp_path_factory) -> dict[str, Path]:
+def qwen_vocab_models(tmp_path_factory) -> Iterator[dict[str, Path]]:
     """Tiny random llama and qwen2 MLX folders with the real Qwen vocabulary (which llama.cpp recognises)."""
     root = tmp_path_factory.mktemp("qwen-vocab")
     vocab = qwen_tokenizer(root / "tokenizer")
@@ -69,7 +70,8 @@ def qwen_vocab_models(tmp_path_factory) -> dict[str, Path]:
     for arch, seed in (("llama", 0), ("qwen2", 1)):
         hf = build_model(root / f"{arch}-hf", arch, vocab, seed=seed)
         out[arch] = convert_hf(hf, root / f"{arch}-mlx")
-    return out
+    yield out
+    shutil.rmtree(root)  # ~280 MB (the Qwen vocabulary's embeddings) no later module needs
 
 
 @pytest.mark.parametrize("arch,outtype", [("llama", "q8_0"), ("qwen2", "f16")])
@@ -193,6 +195,7 @@ def test_demo_model_gguf_equals_llama_cpp_converter(tmp_path):
     assert CliRunner().invoke(cli, ["export", str(mlx_dir), "-o", str(tmp_path / "hf"), "--dtype", "float32"]).exit_code == 0
     run_converter("convert_hf_to_gguf.py", str(tmp_path / "hf"), "--outfile", str(tmp_path / "peer.gguf"),
                   "--outtype", "f16")
+    shutil.rmtree(tmp_path / "hf")  # 540 MB of fp32 the rest of the test does not read
     export_gguf(mlx_dir, tmp_path / "ours.gguf", outtype="f16")
     assert_same_gguf(tmp_path / "ours.gguf", tmp_path / "peer.gguf")
     assert read(tmp_path / "ours.gguf")[0]["tokenizer.ggml.pre"] == "smollm"
