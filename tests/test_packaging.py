@@ -166,3 +166,10 @@ def test_setup_skips_pip_while_its_inputs_are_unchanged(tmp_path):
     assert pip_calls() >= 2
     (repo / ".venv" / ".mlx-med-setup").unlink()  # the documented way to force a reinstall
     assert pip_calls() >= 2
+    # the demo after the tests: a current dev install holds the plain one, whose own stamp is gone
+    assert pip_calls("dev") >= 2
+    (repo / ".venv" / ".mlx-med-setup").unlink()
+    assert pip_calls() == 0 and not (repo / ".venv" / ".mlx-med-setup").exists()
+    with open(repo / "pyproject.toml", "a") as f:
+        f.write("\n# changed again\n")
+    assert pip_calls() >= 2  # a stale dev stamp holds nothing

@@ -198,3 +198,29 @@ def test_a_retrained_adapter_is_not_served_old_safety_results(tiny_llama, eval_f
     make_adapter(tiny_llama, tmp_path / "sft", rank=4, keys=ALL, seed=3, phase="sft")  # retrained in place
     run_alpha_sweep(cfg, quiet=True)
     assert json.loads(cache.read_text())["key"] != first  # screened again, not served from the cache
+
+
+def test_measurement_inputs_name_the_same_input_in_a_point_and_in_its_stage():
+    # a stage's measurement is reused by a sweep point only when both give the same inputs in the same
+    # order: every field named must exist on both configs, and equal settings must read equal
+    from dataclasses import fields
+
+    from mlx_med.evaluation.alpha_points import MEASUREMENT_INPUTS, measurement_inputs
+    from mlx_med.evaluation.alpha_sweep import AlphaSweepConfig
+    from mlx_med.evaluation.mcq import McqEvalConfig
+    from mlx_med.evaluation.runner import EvalConfig
+
+    stage_types = {"ppl": EvalConfig, "mcq": McqEvalConfig}
+    assert set(MEASUREMENT_INPUTS) == set(stage_types)
+    for name, mapping in MEASUREMENT_INPUTS.items():
+        assert set(mapping) <= {f.name for f in fields(AlphaSweepConfig)}, name
+        assert set(mapping.values()) <= {f.name for f in fields(stage_types[name])}, name
+    point = AlphaSweepConfig(model=Path("m"), ppl_data=Path("p.jsonl"), ppl_limit=5, ppl_block_size=128,
+                       mcq_data=Path("q.jsonl"), mcq_limit=2, mcq_shots=1, mcq_shots_data=Path("s.jsonl"),
+                       system="be brief")
+    mcq = McqEvalConfig(model=Path("m"), data=Path("q.jsonl"), limit=2, shots=1, shots_data=Path("s.jsonl"),
+                        system="be brief")
+    assert measurement_inputs("mcq", point) == measurement_inputs("mcq", mcq, stage=True)
+    assert measurement_inputs("mcq", point) == [Path("q.jsonl"), 2, 1, Path("s.jsonl"), "be brief"]
+    assert measurement_inputs("ppl", point) == measurement_inputs("ppl", point, stage=True) == [
+        Path("p.jsonl"), 5, 128]

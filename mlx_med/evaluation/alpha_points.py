@@ -30,10 +30,22 @@ class Known:
     files: tuple[Path, ...] = ()
 
 
-MEASUREMENT_INPUTS = {  # what each cached measurement of a point depends on besides model and adapters
-    "ppl": ("ppl_data", "ppl_limit", "ppl_block_size"),
-    "mcq": ("mcq_data", "mcq_limit", "mcq_shots", "mcq_shots_data", "system"),
+# What each cached measurement of a point depends on besides model and adapters: each input's field in a
+# sweep point's config (AlphaSweepConfig), and the same input's field in the config of the stage that
+# measures it on its own (EvalConfig for perplexity, McqEvalConfig for MCQ, which the sweep also builds
+# from this map), so that a stage's measurement and a point's get one key.
+MEASUREMENT_INPUTS = {
+    "ppl": {"ppl_data": "ppl_data", "ppl_limit": "ppl_limit", "ppl_block_size": "ppl_block_size"},
+    "mcq": {"mcq_data": "data", "mcq_limit": "limit", "mcq_shots": "shots", "mcq_shots_data": "shots_data",
+            "system": "system"},
 }
+
+
+def measurement_inputs(name: str, cfg, *, stage: bool = False) -> list[Any]:
+    """The inputs of measurement ``name`` read off a sweep point's config, or with ``stage`` off the
+    config of the stage that measures it alone, in the same order."""
+    fields = MEASUREMENT_INPUTS[name]
+    return [getattr(cfg, fields[field] if stage else field) for field in fields]
 
 
 def measurement_key(run_cfg, inputs) -> str:
@@ -83,8 +95,8 @@ class SweepPoints:
         if cfg.mcq_data is not None:
             from mlx_med.evaluation.mcq import McqEvalConfig, load_items
 
-            mcq_cfg = McqEvalConfig(data=cfg.mcq_data, limit=cfg.mcq_limit, shots=cfg.mcq_shots,
-                                    shots_data=cfg.mcq_shots_data, system=cfg.system)
+            mcq_cfg = McqEvalConfig(**dict(zip(MEASUREMENT_INPUTS["mcq"].values(),
+                                               measurement_inputs("mcq", cfg), strict=True)))
             mcq = (mcq_cfg, *load_items(mcq_cfg))
         out = open_sweep_dir(Path(cfg.out), "alpha", cfg.force)
         if loaded is None:
@@ -175,7 +187,7 @@ class SweepPoints:
         from mlx_med.io import atomic_write_json, atomic_write_text
 
         path = Path(setting.out) / f"{name}.json"
-        key_text = measurement_key(setting, [getattr(setting, field) for field in MEASUREMENT_INPUTS[name]])
+        key_text = measurement_key(setting, measurement_inputs(name, setting))
         key = json.loads(key_text)
         if path.exists() and not setting.force:
             try:

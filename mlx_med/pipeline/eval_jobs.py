@@ -219,7 +219,7 @@ def base_measurements(cfg, base_dir: Path, out) -> dict:
     import json
 
     from mlx_med.config import config_to_dict
-    from mlx_med.evaluation.alpha_points import MEASUREMENT_INPUTS, Known, measurement_key
+    from mlx_med.evaluation.alpha_points import Known, measurement_inputs, measurement_key
     from mlx_med.evaluation.mcq import PREDICTIONS
 
     known = {}
@@ -227,8 +227,7 @@ def base_measurements(cfg, base_dir: Path, out) -> dict:
         if ecfg.model == Path(base_dir) and ecfg.ppl_data is not None and qa_finished(job_out, ecfg):
             perplexity = json.loads((job_out / "metrics.json").read_text(encoding="utf-8")).get("perplexity")
             if perplexity is not None:
-                inputs = [getattr(ecfg, name) for name in MEASUREMENT_INPUTS["ppl"]]  # the same fields in EvalConfig
-                known[measurement_key(ecfg, inputs)] = Known(perplexity)
+                known[measurement_key(ecfg, measurement_inputs("ppl", ecfg, stage=True))] = Known(perplexity)
     for job_out, mcfg in mcq_jobs(cfg, base_dir, out):
         try:
             metrics = json.loads((job_out / "metrics.json").read_text(encoding="utf-8"))
@@ -236,8 +235,7 @@ def base_measurements(cfg, base_dir: Path, out) -> dict:
             continue
         finished = metrics.get("config") == json.loads(json.dumps(config_to_dict(mcfg)))
         if mcfg.model == Path(base_dir) and finished and (job_out / PREDICTIONS).is_file():
-            # MEASUREMENT_INPUTS["mcq"] under McqEvalConfig's names, in that order
-            key = measurement_key(mcfg, [mcfg.data, mcfg.limit, mcfg.shots, mcfg.shots_data, mcfg.system])
+            key = measurement_key(mcfg, measurement_inputs("mcq", mcfg, stage=True))
             known[key] = Known({k: v for k, v in metrics.items() if k != "config"}, (job_out / PREDICTIONS,))
     return known
 
