@@ -135,6 +135,14 @@ def gemm_gflops(n: int = 1024, repeats: int = 5, dtype: mx.Dtype = mx.float32) -
     return 2 * n**3 / best / 1e9
 
 
+def gemm_reference(earlier: float = 0.0, n: int = 1024) -> float:
+    """The fp32 GEMM figure a benchmark divides by: the higher of a fresh ``gemm_gflops(n)`` and
+    ``earlier`` (the reading taken before the timed work). On a shared box a busy moment lowers one
+    reading (seen: 78 and 140 GFLOP/s minutes apart on the same 2 cores), and a low peak flatters every
+    share of it."""
+    return max(earlier, gemm_gflops(n))
+
+
 @dataclass(frozen=True)
 class BatchInvariance:
     """Whether a row's matmul result depends on the rows multiplied beside it (see ``gemm_batch_invariance``)."""

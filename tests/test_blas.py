@@ -226,3 +226,12 @@ def test_a_library_that_is_not_openblas_is_skipped_with_a_reason(tmp_path):
         pytest.skip("no libm at a known path")
     chosen, considered = blas.choose_library([(blas.SYSTEM, Path(libc))], ZEN3, VerdictCache(tmp_path, cpuinfo=CPUINFO))
     assert chosen is None and "not an OpenBLAS" in considered[0][1]
+
+
+def test_gemm_reference_keeps_the_higher_of_two_readings(monkeypatch):
+    # benchmarks divide by the peak: a low reading in a busy moment must not become the reference
+    from mlx_med import backend
+
+    monkeypatch.setattr(backend, "gemm_gflops", lambda n=1024: 90.0)
+    assert backend.gemm_reference(140.0) == 140.0
+    assert backend.gemm_reference(60.0) == 90.0 and backend.gemm_reference() == 90.0
