@@ -48,17 +48,19 @@ stamp_for() {  # stamp_for EXTRAS: the hash of what an install with these extras
     .venv/bin/python scripts/mlx_backend.py --explain 2>/dev/null || true; } \
     | .venv/bin/python -c "import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())"
 }
-stamp_matches() {  # stamp_matches FILE EXTRAS: FILE holds the stamp of an install with EXTRAS
-  [ -f "$1" ] && [ "$(cat "$1")" = "$(stamp_for "$2")" ]
+stamp_matches() {  # stamp_matches FILE STAMP: FILE holds STAMP
+  [ "$(cat "$1" 2>/dev/null)" = "$2" ]
 }
 stamp_file=".venv/.mlx-med-setup${extras:+-$extras}"
 stamp=$(stamp_for "$extras")
 installed=no
-if [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ]; then
+if stamp_matches "$stamp_file" "$stamp"; then
   installed=yes
 elif [ -z "$extras" ]; then  # an install with any extras (the tests' dev) holds the plain one too
   for other in .venv/.mlx-med-setup-*; do
-    if stamp_matches "$other" "${other#.venv/.mlx-med-setup-}"; then installed=yes; break; fi
+    if [ -f "$other" ] && stamp_matches "$other" "$(stamp_for "${other#.venv/.mlx-med-setup-}")"; then
+      installed=yes; break
+    fi
   done
 fi
 if [ "$installed" = yes ] && .venv/bin/python -c \

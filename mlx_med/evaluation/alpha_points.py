@@ -44,8 +44,8 @@ MEASUREMENT_INPUTS = {
 def measurement_inputs(name: str, cfg, *, stage: bool = False) -> list[Any]:
     """The inputs of measurement ``name`` read off a sweep point's config, or with ``stage`` off the
     config of the stage that measures it alone, in the same order."""
-    fields = MEASUREMENT_INPUTS[name]
-    return [getattr(cfg, fields[field] if stage else field) for field in fields]
+    return [getattr(cfg, stage_field if stage else point_field)
+            for point_field, stage_field in MEASUREMENT_INPUTS[name].items()]
 
 
 def measurement_key(run_cfg, inputs) -> str:
@@ -95,8 +95,8 @@ class SweepPoints:
         if cfg.mcq_data is not None:
             from mlx_med.evaluation.mcq import McqEvalConfig, load_items
 
-            mcq_cfg = McqEvalConfig(**dict(zip(MEASUREMENT_INPUTS["mcq"].values(),
-                                               measurement_inputs("mcq", cfg), strict=True)))
+            mcq_cfg = McqEvalConfig(**{stage_field: getattr(cfg, point_field)
+                                       for point_field, stage_field in MEASUREMENT_INPUTS["mcq"].items()})
             mcq = (mcq_cfg, *load_items(mcq_cfg))
         out = open_sweep_dir(Path(cfg.out), "alpha", cfg.force)
         if loaded is None:
