@@ -233,6 +233,131 @@ def test_attention_equals_mlx_fast_sdpa_values_and_gradients(kernels, n_kv_heads
         assert same(a, b)
 
 
+@pytest.fixture
+def fused_only(monkeypatch):
+    """Fail any attention that falls back to MLX's graph: the fused decode kernel must take it."""
+    import mlx_med.kernels.ops as ops
+
+    def graph_attention(*args, **kwargs):
+        raise AssertionError("took MLX's attention graph, not the fused decode kernel")
+
+    monkeypatch.setattr(ops, "graph_attention", graph_attention)
+
+
+def decode_mask(kind, batch: int, length: int, key):
+    if kind == "bool":  # left padding, as mlx-lm's batch KV cache makes it (one row sees a single key)
+        padding = mx.array([0, length // 3, length - 1][:batch])
+        return mx.arange(length)[None, None, None, :] >= padding[:, None, None, None]
+    if kind == "additive":
+        return mx.random.normal((1, 1, 1, length), key=key) * 3
+    return kind
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)])
+@pytest.mark.parametrize("mask_kind", [None, "causal", "bool", "additive"])
+def test_decode_attention_equals_mlx_over_cache_views(kernels, fused_only, dim, heads, kv_heads, mask_kind):
+    from mlx_med.kernels.attention_blocks import DECODE_LIMIT
+
+    assert kernels.attention_blocks is not None, "this machine's BLAS must be matched (python -m mlx_med.kernels)"
+    batch, longest = 3, DECODE_LIMIT // dim
+    key = mx.random.split(mx.random.key(dim + heads), 4)
+    q = mx.random.normal((batch, heads, 1, dim), key=key[0]) * 2
+    # a KV cache with room to spare: the attention gets views of its first `length` positions
+    cache_k, cache_v = (mx.random.normal((batch, kv_heads, longest + 9, dim), key=k) for k in key[1:3])
+    scale = dim ** -0.5
+    for length in (1, 40, 321, 700, longest):  # 321, 700: longer than OpenBLAS's GEMM_Q on x86 (sums cut)
+        k, v = cache_k[:, :, :length], cache_v[:, :, :length]
+        mask = decode_mask(mask_kind, batch, length, key[3])
+        assert same(attention(kernels, q, k, v, scale, mask),
+                    mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)), length
+
+
+def test_decode_attention_gradients_are_mlx_s(kernels):
+    batch, heads, kv_heads, length, dim = 2, 6, 2, 500, 64
+    key = mx.random.split(mx.random.key(21), 4)
+    q = mx.random.normal((batch, heads, 1, dim), key=key[0])
+    k, v = (mx.random.normal((batch, kv_heads, length, dim), key=x) for x in key[1:3])
+    mask = decode_mask("bool", batch, length, None)
+    scale = dim ** -0.5
+    cotangent = mx.random.normal(q.shape, key=key[3])
+    _, ours = mx.vjp(lambda *x: attention(kernels, *x, scale, mask), [q, k, v], [cotangent])
+    _, theirs = mx.vjp(lambda *x: mx.fast.scaled_dot_product_attention(*x, scale=scale, mask=mask), [q, k, v],
+                       [cotangent])
+    for a, b in zip(ours, theirs):
+        assert same(a, b)
+
+
+def test_fused_attention_takes_only_the_checked_shapes():
+    from mlx_med.kernels.attention_blocks import DECODE_LIMIT, fits
+
+    query = mx.zeros((2, 4, 1, 64))
+    assert fits(query, mx.zeros((2, 2, DECODE_LIMIT // 64, 64)))
+    assert not fits(query, mx.zeros((2, 2, DECODE_LIMIT // 64 + 1, 64)))  # beyond the checked lengths
+    assert not fits(mx.zeros((2, 4, 2, 64)), mx.zeros((2, 2, 9, 64)))  # more than one query: MLX's graph
+    assert not fits(mx.zeros((2, 4, 1, 16)), mx.zeros((2, 2, 9, 16)))  # a head size the calibration skips
+
+
+def test_calibration_finds_this_blas_rule_and_would_catch_another(kernels):
+    from mlx_med.kernels import attention_blocks
+
+    found = attention_blocks.calibrate(kernels.module)
+    assert found == kernels.attention_blocks
+    inputs = attention_blocks.probe_inputs(64, seed=5)
+    assert attention_blocks.agrees(kernels.module, found, *inputs, attention_blocks.PROBE_KEYS)
+    # the other rule (uncut sums where this BLAS cuts them, or the reverse) differs on the probes
+    other = (320, 8) if found == (0, 1) else (0, 1)
+    assert not attention_blocks.agrees(kernels.module, other, *inputs, attention_blocks.PROBE_KEYS)
+
+
+@pytest.fixture(scope="module")
+def head64_llama(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny llama with a real model's attention shape: heads of 64 features, three per KV head."""
+    from tiny_models import build_model
+
+    return build_model(tmp_path_factory.mktemp("head64-llama"), "llama", tiny_tokenizer_dir, seed=3,
+                       overrides={"hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1,
+                                  "head_dim": 64})
+
+
+def test_decoding_through_the_fused_attention_is_mlx_lm_s(kernels, head64_llama, monkeypatch):
+    import mlx_med.kernels.ops as ops
+    from mlx_med.evaluation.decoding import DecodingConfig
+    from mlx_med.evaluation.generate import generate_batch
+    from mlx_med.models import load_model
+
+    fused_calls = []
+    original = ops.decode_attention
+
+    def counted(*args):
+        fused_calls.append(args[2].shape[2])
+        return original(*args)
+
+    monkeypatch.setattr(ops, "decode_attention", counted)
+    loaded = load_model(head64_llama)
+    tokens = mx.array(np.random.default_rng(1).integers(3, 400, size=(2, 12)))
+    conversations = [[{"role": "user", "content": text}] for text in
+                     ("fever and cough", "高血压患者应低盐饮食", "Is aspirin indicated after a stroke? " * 3)]
+
+    def outputs():
+        texts = [r.text for r in generate_batch(loaded.model, loaded.tokenizer, conversations,
+                                                DecodingConfig(max_new_tokens=12), batch_size=3, progress=False)]
+        return texts, model_outputs(loaded.model, tokens)
+
+    texts, ours = outputs()
+    assert fused_calls, "the decode steps must go through the fused attention"
+    uninstall(loaded.model)
+    fused_calls.clear()
+    try:
+        their_texts, theirs = outputs()
+    finally:
+        load_model(head64_llama)
+    assert not fused_calls
+    assert texts == their_texts
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert same(a, b), f"output {i} (3 logits, then the gradients by parameter name) differs"
+
+
 def model_outputs(model, tokens):
     """Prefill logits (causal mask), two cached decode steps, and the gradients of a loss."""
     from mlx_lm.models.cache import make_prompt_cache
@@ -334,7 +459,11 @@ def kernels_report(env: dict) -> str:
 
 def test_scalar_reference_loop_also_equals_mlx(kernels):
     # The loop non-AVX2 CPUs run, checked by the same self-check every load runs.
-    assert kernels_report({"MLX_MED_KERNELS": "scalar"}).startswith("kernels: mlx-med (scalar,")
+    report = kernels_report({"MLX_MED_KERNELS": "scalar"})
+    assert report.startswith("kernels: mlx-med (scalar,")
+    # its fused decode attention (one fma chain per output, no vectors) matches the same BLAS rule
+    blocks = kernels.attention_blocks
+    assert blocks is None or f"decode attention fused (BLAS sums {'cut at ' if blocks[0] else 'uncut'}" in report
 
 
 def test_off_switch_and_failed_build_keep_mlx_kernels(tmp_path):
@@ -390,20 +519,25 @@ def test_self_check_outcome_is_recorded_and_read_back(kernels, tmp_path):
     # The record decides: a mismatch recorded under this machine's key keeps MLX's kernels, unchecked.
     records_path = copy.parent / VERDICTS
     records = json.loads(records_path.read_text())
-    assert len(records) == 1 and list(records.values()) == [{"mismatch": None}]
-    key = next(iter(records))
+    key, entry = next(iter(records.items()))
+    assert len(records) == 1 and entry["mismatch"] is None and entry == {"mismatch": None,
+                                                                         "attention_blocks": entry["attention_blocks"]}
+    assert entry["attention_blocks"] == list(kernels.attention_blocks), "the calibration is recorded with the check"
     records_path.write_text(json.dumps({key: {"mismatch": "swiglu differs (planted)"}}))
     assert "swiglu differs (planted); kept MLX's kernels" in child_kernels_reason(env)
     # python -m mlx_med.kernels (and doctor) check afresh and replace the record
     assert child_kernels_reason(env, module=True).endswith("checked against MLX now)")
-    assert json.loads(records_path.read_text()) == {key: {"mismatch": None}}
+    assert json.loads(records_path.read_text()) == {key: entry}
+    records_path.write_text(json.dumps({key: {"mismatch": None}}))  # an older record, without the calibration
+    assert child_kernels_reason(env).endswith("checked against MLX now")
     records_path.write_text("{ not json")  # a broken record is checked again, not trusted
     assert child_kernels_reason(env).endswith("checked against MLX now")
 
 
-def test_self_check_key_follows_cpu_threads_and_module(kernels, tmp_path, monkeypatch):
+def test_self_check_key_follows_cpu_blas_threads_and_module(kernels, tmp_path, monkeypatch):
     import shutil
 
+    import mlx_med.blas as blas
     import mlx_med.blas_check as blas_check
     from mlx_med.kernels.build import module_path
     from mlx_med.kernels.check import check_key
@@ -417,6 +551,13 @@ def test_self_check_key_follows_cpu_threads_and_module(kernels, tmp_path, monkey
     assert check_key(kernels, module) != key
     monkeypatch.delenv("MLX_MED_KERNEL_THREADS")
     monkeypatch.setattr(blas_check, "cpu_identity", lambda cpuinfo=None: "another-cpu")
+    assert check_key(kernels, module) != key
+    monkeypatch.undo()
+    # the BLAS under MLX decides how the attention's sums are cut: another library, or a forced core
+    monkeypatch.setattr(blas, "preload_blas", lambda: blas.BlasStatus(str(module), "another BLAS", threads="2"))
+    assert check_key(kernels, module) != key
+    monkeypatch.undo()
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     assert check_key(kernels, module) != key
     monkeypatch.undo()
     module.write_bytes(module.read_bytes() + b"\0")  # a rebuilt module

@@ -127,8 +127,9 @@ def random_weights(config: dict, seed: int, std: float = 0.08) -> dict[str, np.n
     return weights
 
 
-def build_model(out_dir: Path, arch: str, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Write a tiny HF checkpoint folder (weights, config, tokenizer, generation_config)."""
+def build_model(out_dir: Path, arch: str, tokenizer_dir: Path, seed: int = 0, overrides: dict | None = None) -> Path:
+    """Write a tiny HF checkpoint folder (weights, config, tokenizer, generation_config); ``overrides``
+    replace entries of ``model_config``'s config (e.g. a real model's head size)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in tokenizer_dir.iterdir():
         shutil.copy(item, out_dir / item.name)
@@ -139,7 +140,7 @@ def build_model(out_dir: Path, arch: str, tokenizer_dir: Path, seed: int = 0) ->
     eos, pad = vocab.get("<|im_end|>"), vocab.get("<|endoftext|>")
     eos = eos if eos is not None else next(t["id"] for t in tok["added_tokens"] if t["content"] == "<|im_end|>")
     pad = pad if pad is not None else next(t["id"] for t in tok["added_tokens"] if t["content"] == "<|endoftext|>")
-    config = model_config(arch, size, eos, pad)
+    config = {**model_config(arch, size, eos, pad), **(overrides or {})}
     save_file(random_weights(config, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "generation_config.json").write_text(

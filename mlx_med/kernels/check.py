@@ -1,10 +1,11 @@
-"""``self_check``: every kernel against the MLX op it replaces, values and gradients, exactly.
+"""``self_check``: every kernel against the MLX op it replaces, values and gradients, exactly; and
+the fused decode attention's calibration against the BLAS (``attention_blocks.calibrate``).
 
-The check takes about 3 s on a 2-core CPU, so its outcome is recorded beside the module
+Both take about 4 s on a 2-core CPU, so their outcome is recorded beside the module
 (``self-check.json``) under a key of everything it depends on: the module file, MLX's library, the
-CPU, the instruction set the kernels picked and the threads a call may use. A later process with
-the same key reads the outcome instead of checking again (``recorded_self_check``); ``mlx-med doctor``
-and ``python -m mlx_med.kernels`` check afresh (``forget_self_checks`` first).
+BLAS under it, the CPU, the instruction set the kernels picked and the threads a call may use. A
+later process with the same key reads the outcome instead of checking again (``recorded_self_check``);
+``mlx-med doctor`` and ``python -m mlx_med.kernels`` check afresh (``forget_self_checks`` first).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,6 +22,43 @@ import mlx.nn as nn
 from mlx_med.kernels.ops import Kernels
 
 VERDICTS = "self-check.json"
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """What the checks found: the first kernel that differs from MLX (None: none), and the inner-sum
+    blocking with which the fused decode attention equals MLX's here (None: it is not used)."""
+
+    mismatch: str | None
+    attention_blocks: tuple[int, int] | None
+
+    def record(self) -> dict:
+        blocks = list(self.attention_blocks) if self.attention_blocks else None
+        return {"mismatch": self.mismatch, "attention_blocks": blocks}
+
+    @classmethod
+    def from_record(cls, entry) -> CheckOutcome | None:
+        """The outcome a record holds, or None when it is not one (a match recorded before the
+        calibration existed lacks the blocks; a mismatch needs none)."""
+        if not isinstance(entry, dict) or not isinstance(entry.get("mismatch"), (str, type(None))):
+            return None
+        if entry["mismatch"] is not None:
+            return cls(entry["mismatch"], None)
+        blocks = entry.get("attention_blocks", "missing")
+        if blocks is None:
+            return cls(entry["mismatch"], None)
+        if isinstance(blocks, list) and len(blocks) == 2 and all(type(n) is int and n >= 0 for n in blocks) \
+                and blocks[1] >= 1:
+            return cls(entry["mismatch"], (blocks[0], blocks[1]))
+        return None
+
+
+def run_checks(kernels: Kernels) -> CheckOutcome:
+    """``self_check``, then (when every kernel matched) the attention's calibration."""
+    from mlx_med.kernels.attention_blocks import calibrate
+
+    mismatch = self_check(kernels)
+    return CheckOutcome(mismatch, None if mismatch else calibrate(kernels.module))
 
 
 def mlx_causal_softmax(scores: mx.array) -> mx.array:
@@ -91,9 +130,11 @@ def self_check(kernels: Kernels) -> str | None:
 
 
 def check_key(kernels: Kernels, module_file: Path) -> str:
-    """A hash of what ``self_check``'s outcome depends on besides the source (the module's build
-    folder is keyed by that): the module file, MLX's library, the CPU, the ISA and the thread setting."""
-    from mlx_med.blas_check import allowed_cpus, cpu_identity
+    """A hash of what the checks' outcome depends on besides the source (the module's build folder is
+    keyed by that): the module file, MLX's library, the BLAS loaded under it (file, threads, a forced
+    core), the CPU, the ISA and the thread setting."""
+    from mlx_med.blas import preload_blas
+    from mlx_med.blas_check import allowed_cpus, cpu_identity, forced_coretype
     from mlx_med.fingerprint import file_stamp
     from mlx_med.switches import KERNEL_THREADS_ENV
 
@@ -104,13 +145,16 @@ def check_key(kernels: Kernels, module_file: Path) -> str:
             return f"{path}|missing"
 
     libmlx = Path(mx.__file__).resolve().parent / "lib" / "libmlx.so"
-    parts = [identity(module_file), identity(libmlx), mx.__version__, cpu_identity(), kernels.isa,
+    blas = preload_blas()
+    blas_parts = f"blas={identity(Path(blas.library)) if blas.library else 'MLX-linked'}|{blas.threads}|" \
+                 f"{forced_coretype() or ''}"
+    parts = [identity(module_file), identity(libmlx), mx.__version__, blas_parts, cpu_identity(), kernels.isa,
              f"threads={os.environ.get(KERNEL_THREADS_ENV, '')}/{allowed_cpus()}"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def recorded_self_check(kernels: Kernels, module_file: Path) -> tuple[str | None, bool]:
-    """``self_check``'s outcome and whether it was read back from an earlier check with the same key.
+def recorded_self_check(kernels: Kernels, module_file: Path) -> tuple[CheckOutcome, bool]:
+    """``run_checks``' outcome and whether it was read back from an earlier check with the same key.
 
     An unreadable record is checked again; an unwritable one only costs a check next time."""
     from mlx_med.io import atomic_write_json
@@ -122,16 +166,16 @@ def recorded_self_check(kernels: Kernels, module_file: Path) -> tuple[str | None
     except (OSError, ValueError):
         records = {}
     records = records if isinstance(records, dict) else {}
-    entry = records.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("mismatch"), (str, type(None))):
-        return entry["mismatch"], True
-    mismatch = self_check(kernels)
-    records[key] = {"mismatch": mismatch}
+    recorded = CheckOutcome.from_record(records.get(key))
+    if recorded is not None:
+        return recorded, True
+    outcome = run_checks(kernels)
+    records[key] = outcome.record()
     try:
         atomic_write_json(path, records)
     except OSError:
         pass
-    return mismatch, False
+    return outcome, False
 
 
 def forget_self_checks(module_file: Path) -> None:

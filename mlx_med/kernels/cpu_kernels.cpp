@@ -19,6 +19,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -28,6 +29,7 @@
 #include <sched.h>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/backend/cpu/simd/simd.h"  // MLX's own cos and sin for RoPE's angles
@@ -871,6 +873,300 @@ mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s_ = {}) {
                    {contiguous(x, s)});
 }
 
+// ---- attention of one query per head over cached keys (a decode step), whole ----------------------
+// MLX's CPU scaled_dot_product_attention is a graph: q * scale, scores = q @ k^T, the mask, the
+// softmax, weights @ v, each matmul one sgemm call per (batch row, head) into the BLAS. At a decode
+// step that is thousands of calls of a few microseconds' overhead for about one of arithmetic. This
+// kernel computes the same graph in one pass per (batch row, KV head), with the same bits: every
+// output of an sgemm that OpenBLAS runs on one thread is one fma chain over the inner dimension in
+// index order, started from zero; an inner dimension longer than its GEMM_Q is cut into blocks (the
+// rule of its level-3 driver, next_block below) whose chains are added to the output one after the
+// other. Which Q (and unroll) this machine's BLAS uses is found by trying candidates against MLX
+// (check.calibrate_attention); Python only sends the shapes those trials covered.
+struct InnerBlocks {
+  size_t q, unroll;  // q == 0: one chain over the whole inner dimension
+};
+
+static size_t next_block(size_t remaining, InnerBlocks b) {
+  if (b.q == 0 || remaining <= b.q) return remaining;
+  if (remaining >= 2 * b.q) return b.q;
+  return (remaining / 2 + b.unroll - 1) / b.unroll * b.unroll;
+}
+
+struct AttentionArgs {
+  const float* q;  // (B, Hq, L, D), row-contiguous
+  const float* k;  // (B, Hkv, S, D), the last axis contiguous, the others strided (a cache's view)
+  const float* v;
+  const void* mask;  // (B, Hq, L, S), row-contiguous: bool (mask_kind 1) or float (2); or none (0)
+  float* out;        // (B, Hq, L, D)
+  size_t B, Hq, Hkv, L, S, D;
+  int64_t k_strides[3], v_strides[3];
+  int mask_kind;  // 0 none, 1 bool (where(mask, scores, lowest)), 2 additive, 3 causal (aligned to the last keys)
+  float scale;
+  InnerBlocks blocks;
+};
+
+// scores[r][s] for `rows` scaled query rows against keys [0, S): one chain per score over d, cut in blocks.
+static void attention_scores_f32(const float* qs, size_t rows, const float* k, int64_t k_row, size_t S, size_t D,
+                                 InnerBlocks blocks, float* scores) {
+  for (size_t r = 0; r < rows; r++) {
+    for (size_t s = 0; s < S; s++) {
+      const float* key = k + static_cast<int64_t>(s) * k_row;
+      float total = 0.0f;
+      for (size_t d0 = 0; d0 < D;) {
+        size_t d1 = d0 + next_block(D - d0, blocks);
+        float chain = 0.0f;
+        for (size_t d = d0; d < d1; d++) chain = std::fma(qs[r * D + d], key[d], chain);
+        total = total + chain;
+        d0 = d1;
+      }
+      scores[r * S + s] = total;
+    }
+  }
+}
+
+// out[d] = sum over s of w[s] * v[s][d]: one chain per output over s, cut in blocks.
+static void weighted_values_f32(const float* w, const float* v, int64_t v_row, size_t S, size_t D,
+                                InnerBlocks blocks, float* out) {
+  std::fill(out, out + D, 0.0f);
+  std::vector<float> chain(D);
+  for (size_t s0 = 0; s0 < S;) {
+    size_t s1 = s0 + next_block(S - s0, blocks);
+    std::fill(chain.begin(), chain.end(), 0.0f);
+    for (size_t s = s0; s < s1; s++) {
+      const float* value = v + static_cast<int64_t>(s) * v_row;
+      for (size_t d = 0; d < D; d++) chain[d] = std::fma(w[s], value[d], chain[d]);
+    }
+    for (size_t d = 0; d < D; d++) out[d] = out[d] + chain[d];
+    s0 = s1;
+  }
+}
+
+#ifdef MLX_MED_AVX2
+// Rows m[0..7] (eight floats each) to columns: t[j] = (m[0][j], ..., m[7][j]).
+AVX2_FMA static inline void transpose8(__m256 m[8]) {
+  __m256 a0 = _mm256_unpacklo_ps(m[0], m[1]), a1 = _mm256_unpackhi_ps(m[0], m[1]);
+  __m256 a2 = _mm256_unpacklo_ps(m[2], m[3]), a3 = _mm256_unpackhi_ps(m[2], m[3]);
+  __m256 a4 = _mm256_unpacklo_ps(m[4], m[5]), a5 = _mm256_unpackhi_ps(m[4], m[5]);
+  __m256 a6 = _mm256_unpacklo_ps(m[6], m[7]), a7 = _mm256_unpackhi_ps(m[6], m[7]);
+  __m256 b0 = _mm256_shuffle_ps(a0, a2, _MM_SHUFFLE(1, 0, 1, 0)), b1 = _mm256_shuffle_ps(a0, a2, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 b2 = _mm256_shuffle_ps(a1, a3, _MM_SHUFFLE(1, 0, 1, 0)), b3 = _mm256_shuffle_ps(a1, a3, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 b4 = _mm256_shuffle_ps(a4, a6, _MM_SHUFFLE(1, 0, 1, 0)), b5 = _mm256_shuffle_ps(a4, a6, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 b6 = _mm256_shuffle_ps(a5, a7, _MM_SHUFFLE(1, 0, 1, 0)), b7 = _mm256_shuffle_ps(a5, a7, _MM_SHUFFLE(3, 2, 3, 2));
+  m[0] = _mm256_permute2f128_ps(b0, b4, 0x20);
+  m[1] = _mm256_permute2f128_ps(b1, b5, 0x20);
+  m[2] = _mm256_permute2f128_ps(b2, b6, 0x20);
+  m[3] = _mm256_permute2f128_ps(b3, b7, 0x20);
+  m[4] = _mm256_permute2f128_ps(b0, b4, 0x31);
+  m[5] = _mm256_permute2f128_ps(b1, b5, 0x31);
+  m[6] = _mm256_permute2f128_ps(b2, b6, 0x31);
+  m[7] = _mm256_permute2f128_ps(b3, b7, 0x31);
+}
+
+// attention_scores_f32, eight keys per vector: each lane is one key's chain, the key tile transposed
+// so that lane l takes key l's next feature (the chains' order is unchanged). Up to kRows query rows
+// share one transposed tile (the query heads of one KV head).
+constexpr size_t kRows = 4;
+
+AVX2_FMA static void attention_scores_avx2(const float* qs, size_t rows, const float* k, int64_t k_row, size_t S,
+                                           size_t D, InnerBlocks blocks, float* scores) {
+  size_t s = 0;
+  for (; s + 8 <= S; s += 8) {
+    for (size_t r0 = 0; r0 < rows; r0 += kRows) {
+      size_t n = std::min(kRows, rows - r0);
+      __m256 total[kRows], chain[kRows];
+      for (size_t r = 0; r < n; r++) total[r] = _mm256_setzero_ps();
+      for (size_t d0 = 0; d0 < D;) {
+        size_t d1 = d0 + next_block(D - d0, blocks);
+        for (size_t r = 0; r < n; r++) chain[r] = _mm256_setzero_ps();
+        size_t d = d0;
+        for (; d + 8 <= d1; d += 8) {
+          __m256 tile[8];
+          for (int l = 0; l < 8; l++) tile[l] = _mm256_loadu_ps(k + static_cast<int64_t>(s + l) * k_row + d);
+          transpose8(tile);
+          for (size_t r = 0; r < n; r++) {
+            const float* q = qs + (r0 + r) * D + d;
+            for (int j = 0; j < 8; j++) chain[r] = _mm256_fmadd_ps(_mm256_set1_ps(q[j]), tile[j], chain[r]);
+          }
+        }
+        for (; d < d1; d++) {
+          const float* base = k + static_cast<int64_t>(s) * k_row + d;
+          __m256 column = _mm256_setr_ps(base[0], base[k_row], base[2 * k_row], base[3 * k_row], base[4 * k_row],
+                                         base[5 * k_row], base[6 * k_row], base[7 * k_row]);
+          for (size_t r = 0; r < n; r++) {
+            chain[r] = _mm256_fmadd_ps(_mm256_set1_ps(qs[(r0 + r) * D + d]), column, chain[r]);
+          }
+        }
+        for (size_t r = 0; r < n; r++) total[r] = _mm256_add_ps(total[r], chain[r]);
+        d0 = d1;
+      }
+      for (size_t r = 0; r < n; r++) _mm256_storeu_ps(scores + (r0 + r) * S + s, total[r]);
+    }
+  }
+  if (s < S) {
+    std::vector<float> rest(rows * (S - s));
+    attention_scores_f32(qs, rows, k + static_cast<int64_t>(s) * k_row, k_row, S - s, D, blocks, rest.data());
+    for (size_t r = 0; r < rows; r++) std::copy_n(rest.data() + r * (S - s), S - s, scores + r * S + s);
+  }
+}
+
+// weighted_values_f32, eight outputs per vector, up to eight vectors (64 outputs) per pass over the values.
+AVX2_FMA static void weighted_values_avx2(const float* w, const float* v, int64_t v_row, size_t S, size_t D,
+                                          InnerBlocks blocks, float* out) {
+  size_t d0 = 0;
+  for (; d0 + 8 <= D; d0 += 64) {
+    size_t vectors = std::min<size_t>(8, (D - d0) / 8);
+    __m256 total[8], chain[8];
+    for (size_t j = 0; j < vectors; j++) total[j] = _mm256_setzero_ps();
+    for (size_t s0 = 0; s0 < S;) {
+      size_t s1 = s0 + next_block(S - s0, blocks);
+      for (size_t j = 0; j < vectors; j++) chain[j] = _mm256_setzero_ps();
+      for (size_t s = s0; s < s1; s++) {
+        __m256 weight = _mm256_set1_ps(w[s]);
+        const float* value = v + static_cast<int64_t>(s) * v_row + d0;
+        for (size_t j = 0; j < vectors; j++) {
+          chain[j] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * j), chain[j]);
+        }
+      }
+      for (size_t j = 0; j < vectors; j++) total[j] = _mm256_add_ps(total[j], chain[j]);
+      s0 = s1;
+    }
+    for (size_t j = 0; j < vectors; j++) _mm256_storeu_ps(out + d0 + 8 * j, total[j]);
+    if (vectors < 8) {
+      d0 += 8 * vectors;
+      break;
+    }
+  }
+  if (d0 < D) weighted_values_f32(w, v + d0, v_row, S, D - d0, blocks, out + d0);
+}
+#endif
+
+static void attention_scores(const float* qs, size_t rows, const float* k, int64_t k_row, size_t S, size_t D,
+                             InnerBlocks blocks, float* scores) {
+#ifdef MLX_MED_AVX2
+  if (has_avx2_fma()) return attention_scores_avx2(qs, rows, k, k_row, S, D, blocks, scores);
+#endif
+  attention_scores_f32(qs, rows, k, k_row, S, D, blocks, scores);
+}
+
+static void weighted_values(const float* w, const float* v, int64_t v_row, size_t S, size_t D, InnerBlocks blocks,
+                            float* out) {
+#ifdef MLX_MED_AVX2
+  if (has_avx2_fma()) return weighted_values_avx2(w, v, v_row, S, D, blocks, out);
+#endif
+  weighted_values_f32(w, v, v_row, S, D, blocks, out);
+}
+
+// The query heads of KV head h of batch row b (GQA: Hq / Hkv of them, each with L queries), whole.
+static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::vector<float>& qs,
+                               std::vector<float>& scores) {
+  const float lowest = std::numeric_limits<float>::lowest();
+  size_t repeats = a.Hq / a.Hkv, rows = repeats * a.L;
+  size_t first = (b * a.Hq + h * repeats) * a.L;  // the first of these rows in (B, Hq, L) order
+  qs.resize(rows * a.D);
+  scores.resize(rows * a.S);
+  const float* q = a.q + first * a.D;
+  for (size_t i = 0; i < rows * a.D; i++) qs[i] = a.scale * q[i];  // MLX: array(scale) * queries
+  const float* k = a.k + static_cast<int64_t>(b) * a.k_strides[0] + static_cast<int64_t>(h) * a.k_strides[1];
+  const float* v = a.v + static_cast<int64_t>(b) * a.v_strides[0] + static_cast<int64_t>(h) * a.v_strides[1];
+  attention_scores(qs.data(), rows, k, a.k_strides[2], a.S, a.D, a.blocks, scores.data());
+  for (size_t r = 0; r < rows; r++) {
+    float* row = scores.data() + r * a.S;
+    size_t at = (first + r) * a.S;
+    if (a.mask_kind == 1) {
+      const bool* keep = static_cast<const bool*>(a.mask) + at;
+      for (size_t s = 0; s < a.S; s++) row[s] = keep[s] ? row[s] : lowest;
+    } else if (a.mask_kind == 2) {
+      const float* add = static_cast<const float*>(a.mask) + at;
+      for (size_t s = 0; s < a.S; s++) row[s] = row[s] + add[s];
+    } else if (a.mask_kind == 3) {
+      size_t l = r % a.L, visible = std::min(a.S, l + a.S - a.L + 1);  // key s is visible when s <= l + S - L
+      std::fill(row + visible, row + a.S, lowest);
+    }
+    softmax_rows_f32(row, row, 1, a.S);
+    weighted_values(row, v, a.v_strides[2], a.S, a.D, a.blocks, a.out + (first + r) * a.D);
+  }
+}
+
+static void attention_loop(const AttentionArgs& a) {
+  size_t tasks = a.B * a.Hkv;
+  size_t work = (a.Hq / a.Hkv) * a.L * a.S * a.D / 8;  // per task, in the units for_row_ranges splits by
+  for_row_ranges(tasks, work, [&](size_t first, size_t end) {
+    std::vector<float> qs, scores;
+    for (size_t t = first; t < end; t++) attend_one_kv_head(a, t / a.Hkv, t % a.Hkv, qs, scores);
+  });
+}
+
+class DecodeAttention : public mx::Primitive {
+ public:
+  DecodeAttention(mx::Stream stream, float scale, int mask_kind, InnerBlocks blocks)
+      : mx::Primitive(stream), scale_(scale), mask_kind_(mask_kind), blocks_(blocks) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) encoder.set_input_array(a);
+    auto& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    encoder.set_output_array(out);
+    const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
+    AttentionArgs a{q.data<float>(), k.data<float>(), v.data<float>(),
+                    inputs.size() > 3 ? inputs[3].data<void>() : nullptr, out.data<float>(),
+                    static_cast<size_t>(q.shape(0)), static_cast<size_t>(q.shape(1)),
+                    static_cast<size_t>(k.shape(1)), static_cast<size_t>(q.shape(2)),
+                    static_cast<size_t>(k.shape(2)), static_cast<size_t>(q.shape(3)),
+                    {k.strides()[0], k.strides()[1], k.strides()[2]},
+                    {v.strides()[0], v.strides()[1], v.strides()[2]}, mask_kind_, scale_, blocks_};
+    encoder.dispatch([a]() { attention_loop(a); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[mlx_med.decode_attention] runs on the CPU only.");
+  }
+  const char* name() const override { return "MlxMedDecodeAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const DecodeAttention&>(other);
+    return std::string(name()) == other.name() && scale_ == o.scale_ && mask_kind_ == o.mask_kind_ &&
+           blocks_.q == o.blocks_.q && blocks_.unroll == o.blocks_.unroll;
+  }
+
+ private:
+  float scale_;
+  int mask_kind_;
+  InnerBlocks blocks_;
+};
+
+// K or V as the kernel reads it: the last axis contiguous (a cache's slice already is; else a copy).
+static mx::array rows_contiguous(const mx::array& a, mx::Stream s) {
+  return a.strides().back() == 1 ? a : mx::contiguous(a, false, s);
+}
+
+mx::array decode_attention(const mx::array& queries, const mx::array& keys, const mx::array& values,
+                           std::optional<mx::array> mask, int mask_kind, float scale, int block, int unroll,
+                           mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  for (auto* a : {&queries, &keys, &values}) require_f32_cpu(*a, s, "decode_attention");
+  if (queries.ndim() != 4 || keys.ndim() != 4 || keys.shape() != values.shape() ||
+      queries.shape(0) != keys.shape(0) || queries.shape(3) != keys.shape(3) || keys.shape(1) == 0 ||
+      queries.shape(1) % keys.shape(1) != 0 || keys.shape(2) == 0 || block < 0 || unroll < 1) {
+    throw std::invalid_argument(
+        "[mlx_med.decode_attention] needs queries (B, Hq, L, D), keys and values (B, Hkv, S, D) with "
+        "Hkv dividing Hq, S > 0, a block >= 0 and an unroll >= 1.");
+  }
+  std::vector<mx::array> inputs = {contiguous(queries, s), rows_contiguous(keys, s), rows_contiguous(values, s)};
+  if (mask_kind == 1 || mask_kind == 2) {
+    if (!mask) throw std::invalid_argument("[mlx_med.decode_attention] this mask kind needs a mask.");
+    mx::Shape shape = {queries.shape(0), queries.shape(1), queries.shape(2), keys.shape(2)};
+    auto dtype = mask_kind == 1 ? mx::bool_ : mx::float32;
+    if (mask->dtype() != dtype) throw std::invalid_argument("[mlx_med.decode_attention] mask of the wrong dtype.");
+    inputs.push_back(contiguous(mx::broadcast_to(*mask, shape, s), s));
+  } else if (mask_kind != 0 && mask_kind != 3) {
+    throw std::invalid_argument("[mlx_med.decode_attention] mask kind: 0 none, 1 bool, 2 additive, 3 causal.");
+  }
+  return mx::array(queries.shape(), mx::float32,
+                   std::make_shared<DecodeAttention>(
+                       s, scale, mask_kind, InnerBlocks{static_cast<size_t>(block), static_cast<size_t>(unroll)}),
+                   std::move(inputs));
+}
+
 }  // namespace mlx_med
 
 NB_MODULE(_mlx_med_kernels, m) {
@@ -910,6 +1206,13 @@ NB_MODULE(_mlx_med_kernels, m) {
           return nb::make_tuple(parts[0], parts[1]);
         }, "x"_a, "weight"_a, "cotangent"_a, "eps"_a,
         "MLX's gradient of that RMSNorm w.r.t. x, in its two parts (through x * r, through x * x).");
+  m.def("decode_attention",
+        [](const mx::array& q, const mx::array& k, const mx::array& v, std::optional<mx::array> mask,
+           int mask_kind, float scale, int block, int unroll) {
+          return mlx_med::decode_attention(q, k, v, mask, mask_kind, scale, block, unroll);
+        }, "queries"_a, "keys"_a, "values"_a, "mask"_a.none(), "mask_kind"_a, "scale"_a, "block"_a, "unroll"_a,
+        "MLX's CPU scaled_dot_product_attention in one pass; the matmuls' inner sums cut in blocks of `block` "
+        "(0: none) the way OpenBLAS's level-3 driver cuts them (unroll: its GEMM_UNROLL_M).");
   m.def("threads", &mlx_med::kernel_threads, "The most threads one kernel call splits its rows over.");
   m.def("isa", &mlx_med::isa, "The instruction set the kernels run with on this CPU.");
   m.def("softmax", [](const mx::array& x) { return mlx_med::softmax(x); }, "x"_a, "Softmax over the last axis.");

@@ -5,6 +5,7 @@ around their softmax, the cross-entropy, and loading them (built, then checked a
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_med.kernels.build import Built, load
 
@@ -15,6 +16,8 @@ class Kernels:
     def __init__(self, module):
         self.module = module
         self.isa = module.isa()
+        # how the BLAS cuts the attention matmuls' sums here (``attention_blocks``); None: keep MLX's graph
+        self.attention_blocks: tuple[int, int] | None = None
 
         @mx.custom_function
         def swiglu(gate, up):
@@ -114,10 +117,44 @@ def on_cpu_f32(*arrays: mx.array) -> bool:
 
 
 def attention(kernels: Kernels, queries, keys, values, scale: float, mask):
-    """MLX's CPU ``scaled_dot_product_attention`` (its fallback graph, op for op) with our softmax.
+    """MLX's CPU ``scaled_dot_product_attention``: one fused pass for a decode step where the BLAS's
+    sums were matched here (``decode_attention``), else its fallback graph, op for op, with our softmax.
 
     Shapes ``[B, heads, L, D]``; ``mask`` None, ``"causal"`` or an array broadcastable to the scores.
     """
+    from mlx_med.kernels.attention_blocks import fits
+
+    if kernels.attention_blocks is not None and fits(queries, keys):
+        return decode_attention(kernels, queries, keys, values, scale, mask)
+    return graph_attention(kernels, queries, keys, values, scale, mask)
+
+
+def decode_attention(kernels: Kernels, queries, keys, values, scale: float, mask):
+    """The fused kernel (``cpu_kernels.cpp``: ``decode_attention``), the same bits as the graph; its
+    gradient, should one be asked for, is the graph's."""
+    if mask is None:
+        mask_array, kind = None, 0
+    elif isinstance(mask, str):
+        mask_array, kind = None, 3  # "causal"
+    elif mask.dtype == mx.bool_:
+        mask_array, kind = mask, 1
+    else:
+        mask_array, kind = mask.astype(queries.dtype), 2
+    scale = float(np.float32(scale))  # the graph multiplies by the scale as an fp32 array
+
+    @mx.custom_function
+    def fused(q, k, v):
+        return kernels.module.decode_attention(q, k, v, mask_array, kind, scale, *kernels.attention_blocks)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangent, output):
+        return mx.vjp(lambda q, k, v: graph_attention(kernels, q, k, v, scale, mask), list(primals), [cotangent])[1]
+
+    return fused(queries, keys, values)
+
+
+def graph_attention(kernels: Kernels, queries, keys, values, scale: float, mask):
+    """MLX's CPU attention fallback graph, op for op, with our softmax."""
     n_q_heads, n_kv_heads = queries.shape[1], keys.shape[1]
     q = mx.array(scale, dtype=queries.dtype) * queries
     n_repeats = n_q_heads // n_kv_heads
@@ -164,10 +201,15 @@ def load_kernels() -> tuple[Kernels | None, str]:
     try:
         kernels = Kernels(built.module)
         with mx.stream(mx.cpu):
-            mismatch, recorded = recorded_self_check(kernels, built.path)
+            outcome, recorded = recorded_self_check(kernels, built.path)
     except (TypeError, RuntimeError, ValueError) as err:  # e.g. a nanobind that cannot pass mx.array
         return None, f"{built.path}: unusable with this MLX: {err}"
-    if mismatch:
-        return None, f"{built.path}: {mismatch}; kept MLX's kernels"
-    return kernels, f"{kernels.isa}, {built.reason}, " + (
+    if outcome.mismatch:
+        return None, f"{built.path}: {outcome.mismatch}; kept MLX's kernels"
+    kernels.attention_blocks = outcome.attention_blocks
+    blocks = outcome.attention_blocks
+    decode = (f"decode attention fused (BLAS sums cut at {blocks[0]}, unroll {blocks[1]})" if blocks and blocks[0]
+              else "decode attention fused (BLAS sums uncut)" if blocks
+              else "decode attention: MLX's graph (no blocking rule gave this BLAS's sums)")
+    return kernels, f"{kernels.isa}, {built.reason}, {decode}, " + (
         "matched MLX in an earlier check here" if recorded else "checked against MLX now")
