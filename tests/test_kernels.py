@@ -304,10 +304,10 @@ def test_calibration_finds_this_blas_rule_and_would_catch_another(kernels):
     found = attention_blocks.calibrate(kernels.module)
     assert found == kernels.attention_blocks
     inputs = attention_blocks.probe_inputs(64, seed=5)
-    assert attention_blocks.agrees(kernels.module, found, *inputs, attention_blocks.PROBE_KEYS)
+    assert attention_blocks.agrees(kernels.module, found, *inputs, attention_blocks.probe_lengths(64))
     # the other rule (uncut sums where this BLAS cuts them, or the reverse) differs on the probes
     other = (320, 8) if found == (0, 1) else (0, 1)
-    assert not attention_blocks.agrees(kernels.module, other, *inputs, attention_blocks.PROBE_KEYS)
+    assert not attention_blocks.agrees(kernels.module, other, *inputs, attention_blocks.probe_lengths(64))
 
 
 @pytest.fixture(scope="module")

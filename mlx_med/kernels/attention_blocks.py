@@ -3,8 +3,8 @@
 The fused decode attention (``cpu_kernels.cpp``: ``decode_attention``) reproduces MLX's CPU attention
 bit for bit only if it adds each matmul output's products the way the BLAS under MLX does: one fma
 chain from zero over the inner dimension, which OpenBLAS's level-3 driver cuts into blocks once it
-is longer than the library's GEMM_Q (e.g. 320 with its Zen kernels; its SkylakeX small-matrix
-kernels do not cut). That constant is not exported, so ``calibrate`` tries candidate
+is longer than the library's GEMM_Q (320 with its Zen kernels, as measured; other builds may not cut
+at all, hence the uncut candidate). That constant is not exported, so ``calibrate`` tries candidate
 ``(block, unroll)`` pairs on inner lengths that tell them apart, then checks the one that matched on
 every key count up to ``EVERY_LENGTH_UNTIL`` and on every 61st beyond, up to the longest the fused
 kernel is given (``DECODE_LIMIT``): about 1 s, once per machine (the outcome is recorded with the
@@ -34,6 +34,11 @@ def fits(queries: mx.array, keys: mx.array) -> bool:
     """Whether the fused kernel was checked for these shapes ((B, H, L, D) queries, (B, Hkv, S, D) keys)."""
     dim = queries.shape[-1]
     return queries.shape[2] == 1 and dim in HEAD_DIMS and keys.shape[2] * dim <= DECODE_LIMIT
+
+
+def probe_lengths(dim: int) -> list[int]:
+    """The key counts that tell the candidates apart, for one head size."""
+    return [n for n in PROBE_KEYS if n * dim <= DECODE_LIMIT]
 
 
 def checked_lengths(dim: int) -> list[int]:
@@ -75,8 +80,7 @@ def calibrate(module) -> tuple[int, int] | None:
     with mx.stream(mx.cpu):
         inputs = {dim: probe_inputs(dim, seed) for seed, dim in enumerate(HEAD_DIMS)}
         for blocks in CANDIDATES:
-            if all(agrees(module, blocks, *inputs[dim], [n for n in PROBE_KEYS if n * dim <= DECODE_LIMIT])
-                   for dim in HEAD_DIMS):
+            if all(agrees(module, blocks, *inputs[dim], probe_lengths(dim)) for dim in HEAD_DIMS):
                 if all(agrees(module, blocks, *inputs[dim], checked_lengths(dim)) for dim in HEAD_DIMS):
                     return blocks
                 return None  # it fits the probes but not everywhere: no rule of ours is this BLAS's

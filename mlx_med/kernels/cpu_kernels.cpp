@@ -572,9 +572,13 @@ static void softmax_vjp_loop(const Inputs& in, const Outputs& out, Extent e) {
 // The causal attention softmax: scores (..., queries, keys) with the queries aligned to the last keys
 // (query q sees keys k <= q + keys - queries), as MLX's fallback builds it: where(mask, scores,
 // finfo.min), then the softmax of the whole row.
+static size_t visible_keys(size_t query, size_t queries, size_t keys) {  // keys [0, limit) for this query
+  int64_t limit = static_cast<int64_t>(query + keys) - static_cast<int64_t>(queries) + 1;
+  return static_cast<size_t>(std::clamp<int64_t>(limit, 0, static_cast<int64_t>(keys)));
+}
+
 static size_t causal_limit(size_t row, Extent e) {  // keys [0, limit) are visible from this row
-  int64_t limit = static_cast<int64_t>(row % e.queries + e.cols) - static_cast<int64_t>(e.queries) + 1;
-  return static_cast<size_t>(std::clamp<int64_t>(limit, 0, static_cast<int64_t>(e.cols)));
+  return visible_keys(row % e.queries, e.queries, e.cols);
 }
 
 static void causal_softmax_loop(const Inputs& in, const Outputs& out, Extent e) {
@@ -882,7 +886,7 @@ mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s_ = {}) {
 // index order, started from zero; an inner dimension longer than its GEMM_Q is cut into blocks (the
 // rule of its level-3 driver, next_block below) whose chains are added to the output one after the
 // other. Which Q (and unroll) this machine's BLAS uses is found by trying candidates against MLX
-// (check.calibrate_attention); Python only sends the shapes those trials covered.
+// (attention_blocks.calibrate); Python only sends the shapes those trials covered.
 struct InnerBlocks {
   size_t q, unroll;  // q == 0: one chain over the whole inner dimension
 };
@@ -906,11 +910,12 @@ struct AttentionArgs {
   InnerBlocks blocks;
 };
 
-// scores[r][s] for `rows` scaled query rows against keys [0, S): one chain per score over d, cut in blocks.
-static void attention_scores_f32(const float* qs, size_t rows, const float* k, int64_t k_row, size_t S, size_t D,
-                                 InnerBlocks blocks, float* scores) {
+// scores[r][s] (rows of S) for `rows` scaled query rows against keys [first, S): one chain per score
+// over d, cut in blocks.
+static void attention_scores_f32(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first,
+                                 size_t S, size_t D, InnerBlocks blocks, float* scores) {
   for (size_t r = 0; r < rows; r++) {
-    for (size_t s = 0; s < S; s++) {
+    for (size_t s = first; s < S; s++) {
       const float* key = k + static_cast<int64_t>(s) * k_row;
       float total = 0.0f;
       for (size_t d0 = 0; d0 < D;) {
@@ -1003,11 +1008,7 @@ AVX2_FMA static void attention_scores_avx2(const float* qs, size_t rows, const f
       for (size_t r = 0; r < n; r++) _mm256_storeu_ps(scores + (r0 + r) * S + s, total[r]);
     }
   }
-  if (s < S) {
-    std::vector<float> rest(rows * (S - s));
-    attention_scores_f32(qs, rows, k + static_cast<int64_t>(s) * k_row, k_row, S - s, D, blocks, rest.data());
-    for (size_t r = 0; r < rows; r++) std::copy_n(rest.data() + r * (S - s), S - s, scores + r * S + s);
-  }
+  attention_scores_f32(qs, rows, k, k_row, s, S, D, blocks, scores);  // the last S % 8 keys
 }
 
 // weighted_values_f32, eight outputs per vector, up to eight vectors (64 outputs) per pass over the values.
@@ -1046,7 +1047,7 @@ static void attention_scores(const float* qs, size_t rows, const float* k, int64
 #ifdef MLX_MED_AVX2
   if (has_avx2_fma()) return attention_scores_avx2(qs, rows, k, k_row, S, D, blocks, scores);
 #endif
-  attention_scores_f32(qs, rows, k, k_row, S, D, blocks, scores);
+  attention_scores_f32(qs, rows, k, k_row, 0, S, D, blocks, scores);
 }
 
 static void weighted_values(const float* w, const float* v, int64_t v_row, size_t S, size_t D, InnerBlocks blocks,
@@ -1080,8 +1081,7 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
       const float* add = static_cast<const float*>(a.mask) + at;
       for (size_t s = 0; s < a.S; s++) row[s] = row[s] + add[s];
     } else if (a.mask_kind == 3) {
-      size_t l = r % a.L, visible = std::min(a.S, l + a.S - a.L + 1);  // key s is visible when s <= l + S - L
-      std::fill(row + visible, row + a.S, lowest);
+      std::fill(row + visible_keys(r % a.L, a.L, a.S), row + a.S, lowest);
     }
     softmax_rows_f32(row, row, 1, a.S);
     weighted_values(row, v, a.v_strides[2], a.S, a.D, a.blocks, a.out + (first + r) * a.D);
