@@ -35,6 +35,15 @@ def tiny_qwen2(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return build_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", tiny_tokenizer_dir, seed=1)
 
 
+@pytest.fixture(scope="session")
+def head64_llama(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A tiny llama with a real model's attention shape: heads of 64 features, three per KV head (the
+    shape mlx-med's fused decode attention takes)."""
+    return build_model(tmp_path_factory.mktemp("head64-llama"), "llama", tiny_tokenizer_dir, seed=3,
+                       overrides={"hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1,
+                                  "head_dim": 64})
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def tiny_model(request, tiny_llama, tiny_qwen2) -> Path:
     """Each tiny architecture in turn."""

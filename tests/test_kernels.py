@@ -310,16 +310,6 @@ def test_calibration_finds_this_blas_rule_and_would_catch_another(kernels):
     assert not attention_blocks.agrees(kernels.module, other, *inputs, attention_blocks.probe_lengths(64))
 
 
-@pytest.fixture(scope="module")
-def head64_llama(tmp_path_factory, tiny_tokenizer_dir):
-    """A tiny llama with a real model's attention shape: heads of 64 features, three per KV head."""
-    from tiny_models import build_model
-
-    return build_model(tmp_path_factory.mktemp("head64-llama"), "llama", tiny_tokenizer_dir, seed=3,
-                       overrides={"hidden_size": 192, "num_attention_heads": 3, "num_key_value_heads": 1,
-                                  "head_dim": 64})
-
-
 def test_decoding_through_the_fused_attention_is_mlx_lm_s(kernels, head64_llama, monkeypatch):
     import mlx_med.kernels.ops as ops
     from mlx_med.evaluation.decoding import DecodingConfig

@@ -191,6 +191,8 @@ def generate_batch(
     import mlx.core as mx
     from mlx_lm.generate import BatchGenerator
 
+    from mlx_med.evaluation.batch_cache import in_place_caches
+
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if row_weights is not None and (live is None or len(row_weights) != len(conversations)):
@@ -224,7 +226,9 @@ def generate_batch(
     results: list[GenerationResult | None] = [None] * len(prompts)
     try:
         with gen.stats() as stats:
-            uids = gen.insert([prompts[i] for i in order], [decoding.max_new_tokens] * len(order))
+            caches = [in_place_caches(model, batch_size) for _ in order]
+            uids = gen.insert([prompts[i] for i in order], [decoding.max_new_tokens] * len(order),
+                              caches=None if None in caches else caches)
             index_of = dict(zip(uids, order))
             if row_weights is not None:  # read at each forward, which starts after the inserts
                 weights_by_uid.update({uid: row_weights[i] for uid, i in index_of.items()})

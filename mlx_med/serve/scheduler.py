@@ -158,6 +158,8 @@ class Scheduler:
 
     def _step(self, gen, jobs: dict[int, Job], new: list[Job], cancelled: list[Job]) -> None:
         """Take cancelled jobs out, put new ones in, and advance the batch by one step."""
+        from mlx_med.evaluation.batch_cache import in_place_caches
+
         gone = sorted({job.uid for job in cancelled if job.uid in jobs})  # a job may be cancelled twice
         if gone:
             gen.remove(gone)
@@ -168,7 +170,9 @@ class Scheduler:
             if job.cancelled:
                 continue
             sampler = make_request_sampler(job.sampling, self._vocab_size)
-            uid = gen.insert([job.prompt], [job.sampling.max_tokens], samplers=[sampler])[0]
+            caches = in_place_caches(self._model, self._batch_size)
+            uid = gen.insert([job.prompt], [job.sampling.max_tokens], samplers=[sampler],
+                             caches=None if caches is None else [caches])[0]
             job.uid, jobs[uid], self._weights[uid] = uid, job, job.weights
         self.active = len(jobs)
         if not jobs:
