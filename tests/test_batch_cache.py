@@ -8,7 +8,7 @@ import pytest
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 import mlx_med  # noqa: F401
-from mlx_med.evaluation.batch_cache import InPlaceBatchKVCache, InPlaceKVCache, in_place_caches
+from mlx_med.evaluation.batch_cache import InPlaceBatchKVCache, InPlaceKVCache, describe, in_place_caches
 
 HEADS, DIM = 2, 4
 
@@ -142,6 +142,13 @@ def test_models_with_other_caches_keep_mlx_lm_s(monkeypatch):
     assert in_place_caches(PlainModel(), rows=4) is None
     monkeypatch.delenv("MLX_MED_BATCH_CACHE")
     assert [type(c) for c in in_place_caches(PlainModel(), rows=4)] == [InPlaceKVCache] * 2
+
+
+def test_doctor_line_says_which_cache_and_names_an_unknown_value():
+    assert describe({}).startswith("in place")
+    assert describe({"MLX_MED_BATCH_CACHE": "mlx-lm"}) == "mlx-lm's BatchKVCache (MLX_MED_BATCH_CACHE=mlx-lm)"
+    note = describe({"MLX_MED_BATCH_CACHE": "mlxlm"})
+    assert note.startswith("in place") and "MLX_MED_BATCH_CACHE=mlxlm ignored" in note
 
 
 @pytest.fixture(params=["tiny_llama", "head64_llama"])

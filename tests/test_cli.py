@@ -31,6 +31,7 @@ def test_doctor_reports_gemm_and_fast_blas():
     assert any(ln.startswith("batch invariance: yes (") or ln.startswith("batch invariance: no (")
                for ln in out.splitlines()), out
     assert any(ln.startswith("malloc: ") for ln in out.splitlines()), out
+    assert "batch cache: in place" in out, out
     from mlx_med.kernels.build import unsupported_reason
 
     if "compute float32" in out and unsupported_reason() is None:  # the CPU fp32 path, where they build

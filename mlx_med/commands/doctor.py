@@ -32,7 +32,8 @@ def command(size: int) -> None:
     The GEMM line also gives numpy's own fp32 GEMM at the same size, a yardstick for this CPU. The batch
     invariance line says whether a row's matmul result depends on the rows beside it: where it does,
     batched generation (eval, sweeps, the server) can answer differently from one row at a time in near-ties.
-    The malloc line says whether freed memory stays in the process for reuse (Linux, glibc).
+    The malloc line says whether freed memory stays in the process for reuse (Linux, glibc); the batch
+    cache line, which KV cache batched generation refills (``MLX_MED_BATCH_CACHE``).
     """
     import mlx_med
     from mlx_med.blas import blas_in_use, preload_blas
@@ -80,6 +81,9 @@ def command(size: int) -> None:
 
         kernels, reason = recheck_cpu_kernels()
         click.echo(f"kernels: {'mlx-med' if kernels else 'MLX'} ({reason})")
+    from mlx_med.evaluation.batch_cache import describe as describe_batch_cache
+
+    click.echo(f"batch cache: {describe_batch_cache()}")
     if info.device == "cpu" and gflops < MIN_GOOD_GFLOPS:
         click.echo(
             f"warning: fp32 GEMM is slow ({gflops:.1f} GFLOP/s); training will crawl. {status.note}",
