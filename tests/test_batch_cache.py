@@ -109,7 +109,7 @@ def test_refills_removals_and_growth_keep_mlx_lm_s_visible_entries(monkeypatch):
         assert mx.array_equal(a, b).item()
 
     ours.filter([])  # (mlx-lm's batches drop an emptied cache instead)
-    assert ours.size() == 0 and ours.keys is None
+    assert ours.size() == 0 and ours.keys is None and ours.offset.dtype == theirs.offset.dtype
 
 
 def test_refills_in_place_write_only_the_new_rows():

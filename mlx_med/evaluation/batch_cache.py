@@ -159,7 +159,7 @@ class InPlaceBatchKVCache(BatchKVCache):
         keep = [int(i) for i in batch_indices]
         if not keep:
             self.keys = self.values = None
-            self.offset, self.left_padding, self.start, self._idx = mx.array([]), mx.array([]), 0, 0
+            self.offset, self.left_padding, self.start, self._idx = self.offset[:0], self.left_padding[:0], 0, 0
             return
         if self.keys is not None and keep != list(range(len(keep))):
             # One gather of whole rows into a buffer of the same capacity (the kept rows first, then
