@@ -133,15 +133,17 @@ def test_models_with_other_caches_keep_mlx_lm_s(monkeypatch):
 
             return [RotatingKVCache(max_size=16)]
 
-    assert in_place_caches(SlidingWindowModel(), rows=4) is None
+    assert in_place_caches(SlidingWindowModel(), rows=4, prompts=2) is None
     monkeypatch.setenv("MLX_MED_BATCH_CACHE", "mlx-lm")
 
     class PlainModel:
         layers = [object(), object()]
 
-    assert in_place_caches(PlainModel(), rows=4) is None
+    assert in_place_caches(PlainModel(), rows=4, prompts=2) is None
     monkeypatch.delenv("MLX_MED_BATCH_CACHE")
-    assert [type(c) for c in in_place_caches(PlainModel(), rows=4)] == [InPlaceKVCache] * 2
+    caches = in_place_caches(PlainModel(), rows=4, prompts=2)
+    assert [[type(c) for c in prompt] for prompt in caches] == [[InPlaceKVCache] * 2] * 2
+    assert caches[0][0] is not caches[1][0]
 
 
 def test_doctor_line_says_which_cache_and_names_an_unknown_value():
@@ -203,7 +205,7 @@ def test_continuous_batching_gives_mlx_lm_s_logits_bit_for_bit(model, monkeypatc
         gen.close()
         return [steps[uid] for uid in uids]
 
-    ours = run([in_place_caches(model, 4) for _ in prompts])
+    ours = run(in_place_caches(model, 4, len(prompts)))
     theirs = run(None)
     assert calls["filter"] and calls["extend_longer"], "the removals and the longer refills were exercised"
     if name == "head64_llama":

@@ -45,16 +45,20 @@ def describe(env=os.environ) -> str:
     return "in place (rows refilled without copying the cache)" + (f"; {ignored}" if ignored else "")
 
 
-def in_place_caches(model, rows: int) -> list[KVCache] | None:
-    """Per-layer caches for one prompt, whose batch caches refill in place; None (mlx-lm's own) for a
-    model whose layers do not all take mlx-lm's plain ``KVCache`` (sliding windows, linear attention,
-    ...) or with ``MLX_MED_BATCH_CACHE=mlx-lm``."""
-    if switches.BATCH_CACHE.is_off(os.environ):
+def uses_plain_kv_cache(model) -> bool:
+    """Whether every layer of ``model`` takes mlx-lm's plain ``KVCache`` (not a sliding window, an SSM
+    state, ...): the caches that can be batched in place here, or copied row by row (MCQ scoring)."""
+    return all(type(c) is KVCache for c in make_prompt_cache(model))
+
+
+def in_place_caches(model, rows: int, prompts: int) -> list[list[KVCache]] | None:
+    """Per-layer caches for each of ``prompts`` prompts, whose batch caches refill in place; None
+    (mlx-lm's own) for a model whose layers do not all take mlx-lm's plain ``KVCache`` or with
+    ``MLX_MED_BATCH_CACHE=mlx-lm``."""
+    if switches.BATCH_CACHE.is_off(os.environ) or not uses_plain_kv_cache(model):
         return None
-    caches = make_prompt_cache(model)
-    if not caches or any(type(c) is not KVCache for c in caches):
-        return None
-    return [InPlaceKVCache(rows) for _ in caches]
+    layers = len(make_prompt_cache(model))
+    return [[InPlaceKVCache(rows) for _ in range(layers)] for _ in range(prompts)]
 
 
 class InPlaceKVCache(KVCache):
@@ -91,7 +95,7 @@ class InPlaceBatchKVCache(BatchKVCache):
         """The same cache as mlx-lm's ``batch`` (whose buffers it takes over)."""
         cache = cls.__new__(cls)
         cache.__dict__.update(batch.__dict__)
-        cache.start = getattr(batch, "start", 0)
+        cache.start = 0
         cache.rows = rows
         return cache
 
@@ -215,7 +219,3 @@ class InPlaceBatchKVCache(BatchKVCache):
         cache.offset = cache.keys.shape[2]
         mx.async_eval(cache.keys, cache.values)
         return cache
-
-    @property
-    def nbytes(self):
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes

@@ -226,9 +226,8 @@ def generate_batch(
     results: list[GenerationResult | None] = [None] * len(prompts)
     try:
         with gen.stats() as stats:
-            caches = [in_place_caches(model, batch_size) for _ in order]
             uids = gen.insert([prompts[i] for i in order], [decoding.max_new_tokens] * len(order),
-                              caches=None if None in caches else caches)
+                              caches=in_place_caches(model, batch_size, len(order)))
             index_of = dict(zip(uids, order))
             if row_weights is not None:  # read at each forward, which starts after the inserts
                 weights_by_uid.update({uid: row_weights[i] for uid, i in index_of.items()})

@@ -96,9 +96,11 @@ def score_options(model, encoded: EncodedItem, shared_prefix: bool = True) -> li
     """
     import mlx.core as mx
 
+    from mlx_med.evaluation.batch_cache import uses_plain_kv_cache
     from mlx_med.kernels import logsumexp
 
-    if not shared_prefix or not _cache_is_copyable(model):
+    # the batched path copies plain KV caches; other cache kinds (rotating, SSM) score per option
+    if not shared_prefix or not uses_plain_kv_cache(model):
         return [_score_full(model, encoded.prefix, c) for c in encoded.continuations]
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -133,13 +135,6 @@ def _score_full(model, prefix: list[int], continuation: list[int]) -> float:
     logits = model(tokens[:, :-1])[0, len(prefix) - 1:].astype(mx.float32)
     picked = mx.take_along_axis(logits, mx.array(continuation)[:, None], axis=-1).squeeze(-1)
     return (picked - logsumexp(logits)).sum().item()
-
-
-def _cache_is_copyable(model) -> bool:
-    """The batched path copies plain KV caches; other cache kinds (rotating, SSM) score per option."""
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-    return all(type(c) is KVCache for c in make_prompt_cache(model))
 
 
 def pick(scores: Sequence[float], lengths: Sequence[int] | None = None) -> int:

@@ -170,9 +170,8 @@ class Scheduler:
             if job.cancelled:
                 continue
             sampler = make_request_sampler(job.sampling, self._vocab_size)
-            caches = in_place_caches(self._model, self._batch_size)
             uid = gen.insert([job.prompt], [job.sampling.max_tokens], samplers=[sampler],
-                             caches=None if caches is None else [caches])[0]
+                             caches=in_place_caches(self._model, self._batch_size, 1))[0]
             job.uid, jobs[uid], self._weights[uid] = uid, job, job.weights
         self.active = len(jobs)
         if not jobs:
