@@ -254,7 +254,7 @@ def decode_mask(kind, batch: int, length: int, key):
 
 
 @pytest.mark.parametrize("dim", [64, 128])
-@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)])
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 2), (10, 2)])  # 3, 1, 3 + 1, 3 + 2 rows per KV head
 @pytest.mark.parametrize("mask_kind", [None, "causal", "bool", "additive"])
 def test_decode_attention_equals_mlx_over_cache_views(kernels, fused_only, dim, heads, kv_heads, mask_kind):
     from mlx_med.kernels.attention_blocks import DECODE_LIMIT

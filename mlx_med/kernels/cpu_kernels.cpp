@@ -970,75 +970,127 @@ AVX2_FMA static inline void transpose8(__m256 m[8]) {
 
 // attention_scores_f32, eight keys per vector: each lane is one key's chain, the key tile transposed
 // so that lane l takes key l's next feature (the chains' order is unchanged). Up to kRows query rows
-// share one transposed tile (the query heads of one KV head).
+// share one transposed tile (the query heads of one KV head), and `Tiles` tiles of eight keys go
+// through the features together: a chain waits on its last fma, and the other tiles' independent
+// chains fill that wait (one tile at a time left the step waiting on fma latency).
 constexpr size_t kRows = 4;
+
+// Keys [s, s + 8 * Tiles), or with `keys` < 8 (one tile) only the first `keys` of it: the missing keys'
+// lanes run on zeros and are not stored (each lane's chain is its own, so the others' bits are the same).
+template <size_t Tiles>
+AVX2_FMA static inline void score_tiles(const float* qs, size_t rows, const float* k, int64_t k_row, size_t s,
+                                        size_t S, size_t D, InnerBlocks blocks, float* scores, size_t keys = 8) {
+  for (size_t r0 = 0; r0 < rows; r0 += kRows) {
+    size_t n = std::min(kRows, rows - r0);
+    __m256 total[kRows][Tiles], chain[kRows][Tiles];
+    for (size_t r = 0; r < n; r++)
+      for (size_t t = 0; t < Tiles; t++) total[r][t] = _mm256_setzero_ps();
+    for (size_t d0 = 0; d0 < D;) {
+      size_t d1 = d0 + next_block(D - d0, blocks);
+      for (size_t r = 0; r < n; r++)
+        for (size_t t = 0; t < Tiles; t++) chain[r][t] = _mm256_setzero_ps();
+      size_t d = d0;
+      for (; d + 8 <= d1; d += 8) {
+        __m256 tile[Tiles][8];
+        for (size_t t = 0; t < Tiles; t++) {
+          for (size_t l = 0; l < 8; l++) {
+            tile[t][l] = l < keys ? _mm256_loadu_ps(k + static_cast<int64_t>(s + 8 * t + l) * k_row + d)
+                                  : _mm256_setzero_ps();
+          }
+          transpose8(tile[t]);
+        }
+        for (size_t r = 0; r < n; r++) {
+          const float* q = qs + (r0 + r) * D + d;
+          for (int j = 0; j < 8; j++) {
+            __m256 feature = _mm256_set1_ps(q[j]);
+            for (size_t t = 0; t < Tiles; t++) chain[r][t] = _mm256_fmadd_ps(feature, tile[t][j], chain[r][t]);
+          }
+        }
+      }
+      for (; d < d1; d++) {
+        for (size_t t = 0; t < Tiles; t++) {
+          const float* base = k + static_cast<int64_t>(s + 8 * t) * k_row + d;
+          alignas(32) float lanes[8] = {};
+          for (size_t l = 0; l < keys; l++) lanes[l] = base[static_cast<int64_t>(l) * k_row];
+          __m256 column = _mm256_load_ps(lanes);
+          for (size_t r = 0; r < n; r++) {
+            chain[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(qs[(r0 + r) * D + d]), column, chain[r][t]);
+          }
+        }
+      }
+      for (size_t r = 0; r < n; r++)
+        for (size_t t = 0; t < Tiles; t++) total[r][t] = _mm256_add_ps(total[r][t], chain[r][t]);
+      d0 = d1;
+    }
+    for (size_t r = 0; r < n; r++) {
+      if (keys == 8) {
+        for (size_t t = 0; t < Tiles; t++) _mm256_storeu_ps(scores + (r0 + r) * S + s + 8 * t, total[r][t]);
+      } else {
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, total[r][0]);
+        std::copy(lanes, lanes + keys, scores + (r0 + r) * S + s);
+      }
+    }
+  }
+}
 
 AVX2_FMA static void attention_scores_avx2(const float* qs, size_t rows, const float* k, int64_t k_row, size_t S,
                                            size_t D, InnerBlocks blocks, float* scores) {
   size_t s = 0;
-  for (; s + 8 <= S; s += 8) {
-    for (size_t r0 = 0; r0 < rows; r0 += kRows) {
-      size_t n = std::min(kRows, rows - r0);
-      __m256 total[kRows], chain[kRows];
-      for (size_t r = 0; r < n; r++) total[r] = _mm256_setzero_ps();
-      for (size_t d0 = 0; d0 < D;) {
-        size_t d1 = d0 + next_block(D - d0, blocks);
-        for (size_t r = 0; r < n; r++) chain[r] = _mm256_setzero_ps();
-        size_t d = d0;
-        for (; d + 8 <= d1; d += 8) {
-          __m256 tile[8];
-          for (int l = 0; l < 8; l++) tile[l] = _mm256_loadu_ps(k + static_cast<int64_t>(s + l) * k_row + d);
-          transpose8(tile);
-          for (size_t r = 0; r < n; r++) {
-            const float* q = qs + (r0 + r) * D + d;
-            for (int j = 0; j < 8; j++) chain[r] = _mm256_fmadd_ps(_mm256_set1_ps(q[j]), tile[j], chain[r]);
-          }
-        }
-        for (; d < d1; d++) {
-          const float* base = k + static_cast<int64_t>(s) * k_row + d;
-          __m256 column = _mm256_setr_ps(base[0], base[k_row], base[2 * k_row], base[3 * k_row], base[4 * k_row],
-                                         base[5 * k_row], base[6 * k_row], base[7 * k_row]);
-          for (size_t r = 0; r < n; r++) {
-            chain[r] = _mm256_fmadd_ps(_mm256_set1_ps(qs[(r0 + r) * D + d]), column, chain[r]);
-          }
-        }
-        for (size_t r = 0; r < n; r++) total[r] = _mm256_add_ps(total[r], chain[r]);
-        d0 = d1;
-      }
-      for (size_t r = 0; r < n; r++) _mm256_storeu_ps(scores + (r0 + r) * S + s, total[r]);
-    }
-  }
-  attention_scores_f32(qs, rows, k, k_row, s, S, D, blocks, scores);  // the last S % 8 keys
+  for (; s + 16 <= S; s += 16) score_tiles<2>(qs, rows, k, k_row, s, S, D, blocks, scores);
+  for (; s + 8 <= S; s += 8) score_tiles<1>(qs, rows, k, k_row, s, S, D, blocks, scores);
+  if (s < S) score_tiles<1>(qs, rows, k, k_row, s, S, D, blocks, scores, S - s);  // the last S % 8 keys
 }
 
-// weighted_values_f32, eight outputs per vector, up to eight vectors (64 outputs) per pass over the values.
-AVX2_FMA static void weighted_values_avx2(const float* w, const float* v, int64_t v_row, size_t S, size_t D,
-                                          InnerBlocks blocks, float* out) {
-  size_t d0 = 0;
-  for (; d0 + 8 <= D; d0 += 64) {
-    size_t vectors = std::min<size_t>(8, (D - d0) / 8);
-    __m256 total[8], chain[8];
-    for (size_t j = 0; j < vectors; j++) total[j] = _mm256_setzero_ps();
-    for (size_t s0 = 0; s0 < S;) {
-      size_t s1 = s0 + next_block(S - s0, blocks);
-      for (size_t j = 0; j < vectors; j++) chain[j] = _mm256_setzero_ps();
-      for (size_t s = s0; s < s1; s++) {
-        __m256 weight = _mm256_set1_ps(w[s]);
-        const float* value = v + static_cast<int64_t>(s) * v_row + d0;
-        for (size_t j = 0; j < vectors; j++) {
-          chain[j] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * j), chain[j]);
-        }
+// weighted_values_f32 for several rows of weights over the same values (the query heads of one KV
+// head): eight outputs per vector, `Vectors` vectors of `Rows` rows per pass, so that each value row
+// loaded serves every row. The counts are constants so that the chains stay in registers (a runtime
+// count kept them in memory, and each fma waited on the store of the one before).
+template <size_t Rows, size_t Vectors>
+AVX2_FMA static inline void weighted_values_pass(const float* w, size_t w_row, const float* v, int64_t v_row,
+                                                 size_t S, InnerBlocks blocks, float* out, size_t out_row) {
+  __m256 total[Rows][Vectors], chain[Rows][Vectors];
+  for (size_t r = 0; r < Rows; r++)
+    for (size_t j = 0; j < Vectors; j++) total[r][j] = _mm256_setzero_ps();
+  for (size_t s0 = 0; s0 < S;) {
+    size_t s1 = s0 + next_block(S - s0, blocks);
+    for (size_t r = 0; r < Rows; r++)
+      for (size_t j = 0; j < Vectors; j++) chain[r][j] = _mm256_setzero_ps();
+    for (size_t s = s0; s < s1; s++) {
+      const float* value = v + static_cast<int64_t>(s) * v_row;
+      __m256 values[Vectors];
+      for (size_t j = 0; j < Vectors; j++) values[j] = _mm256_loadu_ps(value + 8 * j);
+      for (size_t r = 0; r < Rows; r++) {
+        __m256 weight = _mm256_set1_ps(w[r * w_row + s]);
+        for (size_t j = 0; j < Vectors; j++) chain[r][j] = _mm256_fmadd_ps(weight, values[j], chain[r][j]);
       }
-      for (size_t j = 0; j < vectors; j++) total[j] = _mm256_add_ps(total[j], chain[j]);
-      s0 = s1;
     }
-    for (size_t j = 0; j < vectors; j++) _mm256_storeu_ps(out + d0 + 8 * j, total[j]);
-    if (vectors < 8) {
-      d0 += 8 * vectors;
-      break;
-    }
+    for (size_t r = 0; r < Rows; r++)
+      for (size_t j = 0; j < Vectors; j++) total[r][j] = _mm256_add_ps(total[r][j], chain[r][j]);
+    s0 = s1;
   }
-  if (d0 < D) weighted_values_f32(w, v + d0, v_row, S, D - d0, blocks, out + d0);
+  for (size_t r = 0; r < Rows; r++)
+    for (size_t j = 0; j < Vectors; j++) _mm256_storeu_ps(out + r * out_row + 8 * j, total[r][j]);
+}
+
+// `Rows` rows of weights (w_row apart) over every output (out_row apart).
+template <size_t Rows>
+AVX2_FMA static void weighted_values_rows(const float* w, size_t w_row, const float* v, int64_t v_row, size_t S,
+                                          size_t D, InnerBlocks blocks, float* out, size_t out_row) {
+  size_t d0 = 0;
+  for (; d0 + 32 <= D; d0 += 32) weighted_values_pass<Rows, 4>(w, w_row, v + d0, v_row, S, blocks, out + d0, out_row);
+  for (; d0 + 8 <= D; d0 += 8) weighted_values_pass<Rows, 1>(w, w_row, v + d0, v_row, S, blocks, out + d0, out_row);
+  if (d0 < D) {
+    for (size_t r = 0; r < Rows; r++) weighted_values_f32(w + r * w_row, v + d0, v_row, S, D - d0, blocks, out + r * out_row + d0);
+  }
+}
+
+AVX2_FMA static void weighted_values_avx2(const float* w, size_t rows, const float* v, int64_t v_row, size_t S,
+                                          size_t D, InnerBlocks blocks, float* out) {
+  size_t r = 0;
+  for (; r + 3 <= rows; r += 3) weighted_values_rows<3>(w + r * S, S, v, v_row, S, D, blocks, out + r * D, D);
+  if (rows - r == 2) weighted_values_rows<2>(w + r * S, S, v, v_row, S, D, blocks, out + r * D, D);
+  if (rows - r == 1) weighted_values_rows<1>(w + r * S, S, v, v_row, S, D, blocks, out + r * D, D);
 }
 #endif
 
@@ -1050,12 +1102,13 @@ static void attention_scores(const float* qs, size_t rows, const float* k, int64
   attention_scores_f32(qs, rows, k, k_row, 0, S, D, blocks, scores);
 }
 
-static void weighted_values(const float* w, const float* v, int64_t v_row, size_t S, size_t D, InnerBlocks blocks,
-                            float* out) {
+// Each of `rows` rows of weights (S apart) over the values, into rows of D outputs.
+static void weighted_values(const float* w, size_t rows, const float* v, int64_t v_row, size_t S, size_t D,
+                            InnerBlocks blocks, float* out) {
 #ifdef MLX_MED_AVX2
-  if (has_avx2_fma()) return weighted_values_avx2(w, v, v_row, S, D, blocks, out);
+  if (has_avx2_fma()) return weighted_values_avx2(w, rows, v, v_row, S, D, blocks, out);
 #endif
-  weighted_values_f32(w, v, v_row, S, D, blocks, out);
+  for (size_t r = 0; r < rows; r++) weighted_values_f32(w + r * S, v, v_row, S, D, blocks, out + r * D);
 }
 
 // The query heads of KV head h of batch row b (GQA: Hq / Hkv of them, each with L queries), whole.
@@ -1084,8 +1137,8 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
       std::fill(row + visible_keys(r % a.L, a.L, a.S), row + a.S, lowest);
     }
     softmax_rows_f32(row, row, 1, a.S);
-    weighted_values(row, v, a.v_strides[2], a.S, a.D, a.blocks, a.out + (first + r) * a.D);
   }
+  weighted_values(scores.data(), rows, v, a.v_strides[2], a.S, a.D, a.blocks, a.out + first * a.D);
 }
 
 static void attention_loop(const AttentionArgs& a) {
