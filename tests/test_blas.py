@@ -156,6 +156,44 @@ def test_thread_count_uses_affinity_quota_and_max_threads():
     assert blas.thread_count({"OPENBLAS_NUM_THREADS": "3"}, 64, None, 64)[0] is None
 
 
+def test_idle_workers_sleep_at_once_unless_the_environment_says_otherwise():
+    assert blas.idle_spin({})[0] == "4"
+    value, why = blas.idle_spin({"OPENBLAS_THREAD_TIMEOUT": "28"})
+    assert value is None and "OPENBLAS_THREAD_TIMEOUT=28" in why
+
+
+IDLE_CPU_CODE = """
+import time
+import mlx_med, mlx_med.blas as b
+status = b.preload_blas()
+import mlx.core as mx
+a = mx.random.normal((768, 768))
+for _ in range(3):
+    mx.eval(a @ a)
+start = time.process_time()
+time.sleep(0.3)  # nothing to do: any CPU time now is OpenBLAS's idle workers spinning
+print(status.library, status.threads.split()[0], time.process_time() - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS preload is Linux-only")
+def test_openblas_workers_stop_spinning_after_a_matmul_unless_told_to_spin():
+    unset = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+
+    def idle_cpu_seconds(**env):
+        done = subprocess.run([sys.executable, "-c", IDLE_CPU_CODE], env={**unset, **env},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        library, threads, seconds = done.stdout.split()
+        if library == "None" or not threads.isdigit() or int(threads) < 2:
+            pytest.skip(f"no multi-threaded OpenBLAS under MLX here ({library}, threads {threads})")
+        return float(seconds)
+
+    assert idle_cpu_seconds() < 0.05
+    # 2**30 cycles (OpenBLAS's maximum) is longer than the 0.3 s sleep: the worker spins through it
+    assert idle_cpu_seconds(OPENBLAS_THREAD_TIMEOUT="30") > 0.1
+
+
 def test_cpu_quota_reads_cgroup_v2_and_v1(tmp_path):
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "cpu.max").write_text("250000 100000\n")

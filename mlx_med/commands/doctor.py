@@ -66,6 +66,7 @@ def command(size: int) -> None:
         if info_now:
             click.echo(f"blas core: {info_now.core} ({info_now.config})")
         click.echo(f"blas threads: {status.threads}")
+        click.echo(f"blas idle threads: {status.idle_spin}")
         click.echo(f"blas verdict: {status.verdict}")
     for library, verdict in status.considered:
         if library != status.library:
