@@ -273,6 +273,22 @@ def test_decode_attention_equals_mlx_over_cache_views(kernels, fused_only, dim, 
                     mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)), length
 
 
+def test_decode_attention_skips_only_what_every_row_masks(kernels, fused_only):
+    """The kernel does not read the keys all query heads of a KV head mask out before their first visible
+    one (left padding); heads with other prefixes, and a row that sees nothing, must still be MLX's."""
+    batch, heads, kv_heads, length, dim = 3, 6, 2, 700, 64
+    key = mx.random.split(mx.random.key(33), 3)
+    q = mx.random.normal((batch, heads, 1, dim), key=key[0]) * 2
+    k, v = (mx.random.normal((batch, kv_heads, length, dim), key=x) for x in key[1:3])
+    # per (row, head) padding: heads of one KV head with different prefixes (the shortest one counts),
+    # on both sides of OpenBLAS's GEMM_Q cut; batch row 2's first head masks every key
+    padding = mx.array([[0, 5, 9, 330, 331, 640], [400, 333, 12, 699, 321, 500], [700, 650, 1, 2, 3, 4]])
+    mask = mx.arange(length)[None, None, None, :] >= padding[:, :, None, None]
+    scale = dim ** -0.5
+    assert same(attention(kernels, q, k, v, scale, mask),
+                mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask))
+
+
 def test_decode_attention_gradients_are_mlx_s(kernels):
     batch, heads, kv_heads, length, dim = 2, 6, 2, 500, 64
     key = mx.random.split(mx.random.key(21), 4)

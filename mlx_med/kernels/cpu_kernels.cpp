@@ -930,15 +930,17 @@ static void attention_scores_f32(const float* qs, size_t rows, const float* k, i
   }
 }
 
-// out[d] = sum over s of w[s] * v[s][d]: one chain per output over s, cut in blocks.
-static void weighted_values_f32(const float* w, const float* v, int64_t v_row, size_t S, size_t D,
+// out[d] = sum over s of w[s] * v[s][d]: one chain per output over s, cut in blocks. Keys before
+// `first` carry weight zero (masked out) and are skipped: fma(+0, v, chain) is chain for a finite v, and
+// the blocks are still cut from key 0, so every chain adds the same products in the same order.
+static void weighted_values_f32(const float* w, const float* v, int64_t v_row, size_t first, size_t S, size_t D,
                                 InnerBlocks blocks, float* out) {
   std::fill(out, out + D, 0.0f);
   std::vector<float> chain(D);
   for (size_t s0 = 0; s0 < S;) {
     size_t s1 = s0 + next_block(S - s0, blocks);
     std::fill(chain.begin(), chain.end(), 0.0f);
-    for (size_t s = s0; s < s1; s++) {
+    for (size_t s = std::max(s0, first); s < s1; s++) {
       const float* value = v + static_cast<int64_t>(s) * v_row;
       for (size_t d = 0; d < D; d++) chain[d] = std::fma(w[s], value[d], chain[d]);
     }
@@ -1034,9 +1036,9 @@ AVX2_FMA static inline void score_tiles(const float* qs, size_t rows, const floa
   }
 }
 
-AVX2_FMA static void attention_scores_avx2(const float* qs, size_t rows, const float* k, int64_t k_row, size_t S,
-                                           size_t D, InnerBlocks blocks, float* scores) {
-  size_t s = 0;
+AVX2_FMA static void attention_scores_avx2(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first,
+                                           size_t S, size_t D, InnerBlocks blocks, float* scores) {
+  size_t s = first;
   for (; s + 16 <= S; s += 16) score_tiles<2>(qs, rows, k, k_row, s, S, D, blocks, scores);
   for (; s + 8 <= S; s += 8) score_tiles<1>(qs, rows, k, k_row, s, S, D, blocks, scores);
   if (s < S) score_tiles<1>(qs, rows, k, k_row, s, S, D, blocks, scores, S - s);  // the last S % 8 keys
@@ -1048,7 +1050,8 @@ AVX2_FMA static void attention_scores_avx2(const float* qs, size_t rows, const f
 // count kept them in memory, and each fma waited on the store of the one before).
 template <size_t Rows, size_t Vectors>
 AVX2_FMA static inline void weighted_values_pass(const float* w, size_t w_row, const float* v, int64_t v_row,
-                                                 size_t S, InnerBlocks blocks, float* out, size_t out_row) {
+                                                 size_t first, size_t S, InnerBlocks blocks, float* out,
+                                                 size_t out_row) {
   __m256 total[Rows][Vectors], chain[Rows][Vectors];
   for (size_t r = 0; r < Rows; r++)
     for (size_t j = 0; j < Vectors; j++) total[r][j] = _mm256_setzero_ps();
@@ -1056,7 +1059,7 @@ AVX2_FMA static inline void weighted_values_pass(const float* w, size_t w_row, c
     size_t s1 = s0 + next_block(S - s0, blocks);
     for (size_t r = 0; r < Rows; r++)
       for (size_t j = 0; j < Vectors; j++) chain[r][j] = _mm256_setzero_ps();
-    for (size_t s = s0; s < s1; s++) {
+    for (size_t s = std::max(s0, first); s < s1; s++) {  // keys before `first`: weight zero (f32 version)
       const float* value = v + static_cast<int64_t>(s) * v_row;
       __m256 values[Vectors];
       for (size_t j = 0; j < Vectors; j++) values[j] = _mm256_loadu_ps(value + 8 * j);
@@ -1075,40 +1078,59 @@ AVX2_FMA static inline void weighted_values_pass(const float* w, size_t w_row, c
 
 // `Rows` rows of weights (w_row apart) over every output (out_row apart).
 template <size_t Rows>
-AVX2_FMA static void weighted_values_rows(const float* w, size_t w_row, const float* v, int64_t v_row, size_t S,
-                                          size_t D, InnerBlocks blocks, float* out, size_t out_row) {
+AVX2_FMA static void weighted_values_rows(const float* w, size_t w_row, const float* v, int64_t v_row, size_t first,
+                                          size_t S, size_t D, InnerBlocks blocks, float* out, size_t out_row) {
   size_t d0 = 0;
-  for (; d0 + 32 <= D; d0 += 32) weighted_values_pass<Rows, 4>(w, w_row, v + d0, v_row, S, blocks, out + d0, out_row);
-  for (; d0 + 8 <= D; d0 += 8) weighted_values_pass<Rows, 1>(w, w_row, v + d0, v_row, S, blocks, out + d0, out_row);
+  for (; d0 + 32 <= D; d0 += 32)
+    weighted_values_pass<Rows, 4>(w, w_row, v + d0, v_row, first, S, blocks, out + d0, out_row);
+  for (; d0 + 8 <= D; d0 += 8)
+    weighted_values_pass<Rows, 1>(w, w_row, v + d0, v_row, first, S, blocks, out + d0, out_row);
   if (d0 < D) {
-    for (size_t r = 0; r < Rows; r++) weighted_values_f32(w + r * w_row, v + d0, v_row, S, D - d0, blocks, out + r * out_row + d0);
+    for (size_t r = 0; r < Rows; r++)
+      weighted_values_f32(w + r * w_row, v + d0, v_row, first, S, D - d0, blocks, out + r * out_row + d0);
   }
 }
 
-AVX2_FMA static void weighted_values_avx2(const float* w, size_t rows, const float* v, int64_t v_row, size_t S,
-                                          size_t D, InnerBlocks blocks, float* out) {
+AVX2_FMA static void weighted_values_avx2(const float* w, size_t rows, const float* v, int64_t v_row, size_t first,
+                                          size_t S, size_t D, InnerBlocks blocks, float* out) {
   size_t r = 0;
-  for (; r + 3 <= rows; r += 3) weighted_values_rows<3>(w + r * S, S, v, v_row, S, D, blocks, out + r * D, D);
-  if (rows - r == 2) weighted_values_rows<2>(w + r * S, S, v, v_row, S, D, blocks, out + r * D, D);
-  if (rows - r == 1) weighted_values_rows<1>(w + r * S, S, v, v_row, S, D, blocks, out + r * D, D);
+  for (; r + 3 <= rows; r += 3) weighted_values_rows<3>(w + r * S, S, v, v_row, first, S, D, blocks, out + r * D, D);
+  if (rows - r == 2) weighted_values_rows<2>(w + r * S, S, v, v_row, first, S, D, blocks, out + r * D, D);
+  if (rows - r == 1) weighted_values_rows<1>(w + r * S, S, v, v_row, first, S, D, blocks, out + r * D, D);
 }
 #endif
 
-static void attention_scores(const float* qs, size_t rows, const float* k, int64_t k_row, size_t S, size_t D,
-                             InnerBlocks blocks, float* scores) {
+// Scores of keys [first, S) (rows S apart); the earlier ones are left unwritten.
+static void attention_scores(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first, size_t S,
+                             size_t D, InnerBlocks blocks, float* scores) {
 #ifdef MLX_MED_AVX2
-  if (has_avx2_fma()) return attention_scores_avx2(qs, rows, k, k_row, S, D, blocks, scores);
+  if (has_avx2_fma()) return attention_scores_avx2(qs, rows, k, k_row, first, S, D, blocks, scores);
 #endif
-  attention_scores_f32(qs, rows, k, k_row, 0, S, D, blocks, scores);
+  attention_scores_f32(qs, rows, k, k_row, first, S, D, blocks, scores);
 }
 
-// Each of `rows` rows of weights (S apart) over the values, into rows of D outputs.
-static void weighted_values(const float* w, size_t rows, const float* v, int64_t v_row, size_t S, size_t D,
-                            InnerBlocks blocks, float* out) {
+// Each of `rows` rows of weights (S apart) over the values, into rows of D outputs; the weights of keys
+// before `first` are zero (masked out) and those keys are not read.
+static void weighted_values(const float* w, size_t rows, const float* v, int64_t v_row, size_t first, size_t S,
+                            size_t D, InnerBlocks blocks, float* out) {
 #ifdef MLX_MED_AVX2
-  if (has_avx2_fma()) return weighted_values_avx2(w, rows, v, v_row, S, D, blocks, out);
+  if (has_avx2_fma()) return weighted_values_avx2(w, rows, v, v_row, first, S, D, blocks, out);
 #endif
-  for (size_t r = 0; r < rows; r++) weighted_values_f32(w + r * S, v, v_row, S, D, blocks, out + r * D);
+  for (size_t r = 0; r < rows; r++) weighted_values_f32(w + r * S, v, v_row, first, S, D, blocks, out + r * D);
+}
+
+// The keys every one of `rows` rows (S apart) masks out before its first visible one: a batch KV cache's
+// left padding. None when a row sees no key at all (its softmax spreads over the masked keys).
+static size_t masked_prefix(const bool* keep, size_t rows, size_t S) {
+  size_t prefix = S;
+  for (size_t r = 0; r < rows; r++) {
+    const bool* row = keep + r * S;
+    size_t s = 0;
+    while (s < S && !row[s]) s++;
+    if (s == S) return 0;
+    prefix = std::min(prefix, s);
+  }
+  return prefix;
 }
 
 // The query heads of KV head h of batch row b (GQA: Hq / Hkv of them, each with L queries), whole.
@@ -1123,13 +1145,18 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
   for (size_t i = 0; i < rows * a.D; i++) qs[i] = a.scale * q[i];  // MLX: array(scale) * queries
   const float* k = a.k + static_cast<int64_t>(b) * a.k_strides[0] + static_cast<int64_t>(h) * a.k_strides[1];
   const float* v = a.v + static_cast<int64_t>(b) * a.v_strides[0] + static_cast<int64_t>(h) * a.v_strides[1];
-  attention_scores(qs.data(), rows, k, a.k_strides[2], a.S, a.D, a.blocks, scores.data());
+  // Keys masked out for all these rows (left padding) are neither scored nor weighed: their weights are
+  // exactly zero, so the visible keys' scores, the softmax and every chain of the output keep MLX's bits
+  // (weighted_values_f32), and the padding's share of the cache is not read.
+  size_t skip = a.mask_kind == 1 ? masked_prefix(static_cast<const bool*>(a.mask) + first * a.S, rows, a.S) : 0;
+  attention_scores(qs.data(), rows, k, a.k_strides[2], skip, a.S, a.D, a.blocks, scores.data());
   for (size_t r = 0; r < rows; r++) {
     float* row = scores.data() + r * a.S;
     size_t at = (first + r) * a.S;
     if (a.mask_kind == 1) {
       const bool* keep = static_cast<const bool*>(a.mask) + at;
-      for (size_t s = 0; s < a.S; s++) row[s] = keep[s] ? row[s] : lowest;
+      std::fill(row, row + skip, lowest);
+      for (size_t s = skip; s < a.S; s++) row[s] = keep[s] ? row[s] : lowest;
     } else if (a.mask_kind == 2) {
       const float* add = static_cast<const float*>(a.mask) + at;
       for (size_t s = 0; s < a.S; s++) row[s] = row[s] + add[s];
@@ -1138,7 +1165,7 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
     }
     softmax_rows_f32(row, row, 1, a.S);
   }
-  weighted_values(scores.data(), rows, v, a.v_strides[2], a.S, a.D, a.blocks, a.out + first * a.D);
+  weighted_values(scores.data(), rows, v, a.v_strides[2], skip, a.S, a.D, a.blocks, a.out + first * a.D);
 }
 
 static void attention_loop(const AttentionArgs& a) {
