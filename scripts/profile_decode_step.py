@@ -115,7 +115,6 @@ def main() -> None:
     sdpa, swiglu = model_module.scaled_dot_product_attention, model_module.swiglu
     attention_s = best_of(lambda: mx.eval([sdpa(q, k, v, cache=None, scale=scale, mask=None) for k, v in kvs]),
                           args.repeats)
-    del kvs
 
     intermediate = config["intermediate_size"]
     x, gate, up = mx.random.normal((rows, 1, hidden)), *(mx.random.normal((rows, 1, intermediate)) for _ in range(2))
