@@ -1059,7 +1059,8 @@ AVX2_FMA static inline void weighted_values_pass(const float* w, size_t w_row, c
     size_t s1 = s0 + next_block(S - s0, blocks);
     for (size_t r = 0; r < Rows; r++)
       for (size_t j = 0; j < Vectors; j++) chain[r][j] = _mm256_setzero_ps();
-    for (size_t s = std::max(s0, first); s < s1; s++) {  // keys before `first`: weight zero (f32 version)
+    // keys before `first` carry weight zero and are skipped (why that is exact: weighted_values_f32)
+    for (size_t s = std::max(s0, first); s < s1; s++) {
       const float* value = v + static_cast<int64_t>(s) * v_row;
       __m256 values[Vectors];
       for (size_t j = 0; j < Vectors; j++) values[j] = _mm256_loadu_ps(value + 8 * j);
