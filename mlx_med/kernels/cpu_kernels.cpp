@@ -970,78 +970,78 @@ AVX2_FMA static inline void transpose8(__m256 m[8]) {
   m[7] = _mm256_permute2f128_ps(b3, b7, 0x31);
 }
 
-// attention_scores_f32, eight keys per vector: each lane is one key's chain, the key tile transposed
-// so that lane l takes key l's next feature (the chains' order is unchanged). Up to kRows query rows
-// share one transposed tile (the query heads of one KV head), and `Tiles` tiles of eight keys go
-// through the features together: a chain waits on its last fma, and the other tiles' independent
-// chains fill that wait (one tile at a time left the step waiting on fma latency).
-constexpr size_t kRows = 4;
+// attention_scores_f32, eight keys per vector: each lane is one key's chain (the chains' order is
+// unchanged). The keys of kTiles tiles of eight are first transposed into a small buffer (feature d of
+// the tiles' keys in kTiles vectors, L1-resident), then up to kGroupRows query rows (the query heads of
+// one KV head) run their chains over it together, each in a register: kGroupRows x kTiles independent
+// chains fill the fma latency, and the register file holds them with the rows' broadcast features and
+// the key vector. (Transposing inside the loop of chains instead kept 16 tile vectors live beside the
+// chains; they spilled to the stack, and the scores took 2.5x the time of the weighted values.)
+constexpr size_t kTiles = 3, kGroupRows = 3;
 
-// Keys [s, s + 8 * Tiles), or with `keys` < 8 (one tile) only the first `keys` of it: the missing keys'
-// lanes run on zeros and are not stored (each lane's chain is its own, so the others' bits are the same).
-template <size_t Tiles>
-AVX2_FMA static inline void score_tiles(const float* qs, size_t rows, const float* k, int64_t k_row, size_t s,
-                                        size_t S, size_t D, InnerBlocks blocks, float* scores, size_t keys = 8) {
-  for (size_t r0 = 0; r0 < rows; r0 += kRows) {
-    size_t n = std::min(kRows, rows - r0);
-    __m256 total[kRows][Tiles], chain[kRows][Tiles];
-    for (size_t r = 0; r < n; r++)
-      for (size_t t = 0; t < Tiles; t++) total[r][t] = _mm256_setzero_ps();
-    for (size_t d0 = 0; d0 < D;) {
-      size_t d1 = d0 + next_block(D - d0, blocks);
-      for (size_t r = 0; r < n; r++)
-        for (size_t t = 0; t < Tiles; t++) chain[r][t] = _mm256_setzero_ps();
-      size_t d = d0;
-      for (; d + 8 <= d1; d += 8) {
-        __m256 tile[Tiles][8];
-        for (size_t t = 0; t < Tiles; t++) {
-          for (size_t l = 0; l < 8; l++) {
-            tile[t][l] = l < keys ? _mm256_loadu_ps(k + static_cast<int64_t>(s + 8 * t + l) * k_row + d)
-                                  : _mm256_setzero_ps();
-          }
-          transpose8(tile[t]);
-        }
-        for (size_t r = 0; r < n; r++) {
-          const float* q = qs + (r0 + r) * D + d;
-          for (int j = 0; j < 8; j++) {
-            __m256 feature = _mm256_set1_ps(q[j]);
-            for (size_t t = 0; t < Tiles; t++) chain[r][t] = _mm256_fmadd_ps(feature, tile[t][j], chain[r][t]);
-          }
-        }
+// Keys [s, s + keys) (keys <= 8 * kTiles) transposed: packed[(d * kTiles + t) * 8 + l] is feature d of key
+// s + 8t + l; the lanes past `keys` hold zeros.
+AVX2_FMA static void pack_key_tiles(const float* k, int64_t k_row, size_t s, size_t keys, size_t D, float* packed) {
+  for (size_t t = 0; t < kTiles; t++) {
+    size_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      __m256 tile[8];
+      for (size_t l = 0; l < 8; l++) {
+        size_t key = 8 * t + l;
+        tile[l] = key < keys ? _mm256_loadu_ps(k + static_cast<int64_t>(s + key) * k_row + d) : _mm256_setzero_ps();
       }
-      for (; d < d1; d++) {
-        for (size_t t = 0; t < Tiles; t++) {
-          const float* base = k + static_cast<int64_t>(s + 8 * t) * k_row + d;
-          alignas(32) float lanes[8] = {};
-          for (size_t l = 0; l < keys; l++) lanes[l] = base[static_cast<int64_t>(l) * k_row];
-          __m256 column = _mm256_load_ps(lanes);
-          for (size_t r = 0; r < n; r++) {
-            chain[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(qs[(r0 + r) * D + d]), column, chain[r][t]);
-          }
-        }
-      }
-      for (size_t r = 0; r < n; r++)
-        for (size_t t = 0; t < Tiles; t++) total[r][t] = _mm256_add_ps(total[r][t], chain[r][t]);
-      d0 = d1;
+      transpose8(tile);
+      for (size_t j = 0; j < 8; j++) _mm256_store_ps(packed + ((d + j) * kTiles + t) * 8, tile[j]);
     }
-    for (size_t r = 0; r < n; r++) {
-      if (keys == 8) {
-        for (size_t t = 0; t < Tiles; t++) _mm256_storeu_ps(scores + (r0 + r) * S + s + 8 * t, total[r][t]);
-      } else {
-        alignas(32) float lanes[8];
-        _mm256_store_ps(lanes, total[r][0]);
-        std::copy(lanes, lanes + keys, scores + (r0 + r) * S + s);
+    for (; d < D; d++) {
+      for (size_t l = 0; l < 8; l++) {
+        size_t key = 8 * t + l;
+        packed[(d * kTiles + t) * 8 + l] = key < keys ? k[static_cast<int64_t>(s + key) * k_row + d] : 0.0f;
       }
     }
   }
 }
 
+// Scores of `Rows` scaled query rows (D apart) against the packed keys [s, s + keys): per block of features
+// one chain per (row, key) in feature order, added to the row's total (which starts at zero).
+template <size_t Rows>
+AVX2_FMA static void score_packed(const float* qs, size_t D, InnerBlocks blocks, const float* packed, size_t s,
+                                  size_t keys, size_t S, float* scores) {
+  alignas(32) float totals[Rows][kTiles][8] = {};
+  for (size_t d0 = 0; d0 < D;) {
+    size_t d1 = d0 + next_block(D - d0, blocks);
+    __m256 chain[Rows][kTiles];
+    for (size_t r = 0; r < Rows; r++)
+      for (size_t t = 0; t < kTiles; t++) chain[r][t] = _mm256_setzero_ps();
+    for (size_t d = d0; d < d1; d++) {
+      __m256 feature[Rows];
+      for (size_t r = 0; r < Rows; r++) feature[r] = _mm256_set1_ps(qs[r * D + d]);
+      for (size_t t = 0; t < kTiles; t++) {
+        __m256 key = _mm256_load_ps(packed + (d * kTiles + t) * 8);
+        for (size_t r = 0; r < Rows; r++) chain[r][t] = _mm256_fmadd_ps(feature[r], key, chain[r][t]);
+      }
+    }
+    for (size_t r = 0; r < Rows; r++)
+      for (size_t t = 0; t < kTiles; t++)
+        _mm256_store_ps(totals[r][t], _mm256_add_ps(_mm256_load_ps(totals[r][t]), chain[r][t]));
+    d0 = d1;
+  }
+  for (size_t r = 0; r < Rows; r++) std::copy(&totals[r][0][0], &totals[r][0][0] + keys, scores + r * S + s);
+}
+
 AVX2_FMA static void attention_scores_avx2(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first,
                                            size_t S, size_t D, InnerBlocks blocks, float* scores) {
-  size_t s = first;
-  for (; s + 16 <= S; s += 16) score_tiles<2>(qs, rows, k, k_row, s, S, D, blocks, scores);
-  for (; s + 8 <= S; s += 8) score_tiles<1>(qs, rows, k, k_row, s, S, D, blocks, scores);
-  if (s < S) score_tiles<1>(qs, rows, k, k_row, s, S, D, blocks, scores, S - s);  // the last S % 8 keys
+  thread_local std::vector<float> buffer;
+  buffer.resize(D * kTiles * 8 + 8);
+  float* packed = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 31) & ~uintptr_t{31});
+  for (size_t s = first; s < S; s += 8 * kTiles) {
+    size_t keys = std::min(8 * kTiles, S - s);
+    pack_key_tiles(k, k_row, s, keys, D, packed);
+    size_t r = 0;
+    for (; r + kGroupRows <= rows; r += kGroupRows) score_packed<kGroupRows>(qs + r * D, D, blocks, packed, s, keys, S, scores + r * S);
+    if (rows - r == 2) score_packed<2>(qs + r * D, D, blocks, packed, s, keys, S, scores + r * S);
+    if (rows - r == 1) score_packed<1>(qs + r * D, D, blocks, packed, s, keys, S, scores + r * S);
+  }
 }
 
 // weighted_values_f32 for several rows of weights over the same values (the query heads of one KV
