@@ -976,7 +976,7 @@ AVX2_FMA static inline void transpose8(__m256 m[8]) {
 // one KV head) run their chains over it together, each in a register: kGroupRows x kTiles independent
 // chains fill the fma latency, and the register file holds them with the rows' broadcast features and
 // the key vector. (Transposing inside the loop of chains instead kept 16 tile vectors live beside the
-// chains; they spilled to the stack, and the scores took 2.5x the time of the weighted values.)
+// chains; they spilled to the stack, and the scores took about twice the time of the weighted values.)
 constexpr size_t kTiles = 3, kGroupRows = 3;
 
 // Keys [s, s + keys) (keys <= 8 * kTiles) transposed: packed[(d * kTiles + t) * 8 + l] is feature d of key
