@@ -978,6 +978,7 @@ AVX2_FMA static inline void transpose8(__m256 m[8]) {
 // the key vector. (Transposing inside the loop of chains instead kept 16 tile vectors live beside the
 // chains; they spilled to the stack, and the scores took about twice the time of the weighted values.)
 constexpr size_t kTiles = 3, kGroupRows = 3;
+static_assert(kGroupRows == 3, "attention_scores_avx2 sends the remaining 1 or 2 rows on their own");
 
 // Keys [s, s + keys) (keys <= 8 * kTiles) transposed: packed[(d * kTiles + t) * 8 + l] is feature d of key
 // s + 8t + l; the lanes past `keys` hold zeros.
@@ -991,7 +992,7 @@ AVX2_FMA static void pack_key_tiles(const float* k, int64_t k_row, size_t s, siz
         tile[l] = key < keys ? _mm256_loadu_ps(k + static_cast<int64_t>(s + key) * k_row + d) : _mm256_setzero_ps();
       }
       transpose8(tile);
-      for (size_t j = 0; j < 8; j++) _mm256_store_ps(packed + ((d + j) * kTiles + t) * 8, tile[j]);
+      for (size_t j = 0; j < 8; j++) _mm256_storeu_ps(packed + ((d + j) * kTiles + t) * 8, tile[j]);
     }
     for (; d < D; d++) {
       for (size_t l = 0; l < 8; l++) {
@@ -1017,7 +1018,7 @@ AVX2_FMA static void score_packed(const float* qs, size_t D, InnerBlocks blocks,
       __m256 feature[Rows];
       for (size_t r = 0; r < Rows; r++) feature[r] = _mm256_set1_ps(qs[r * D + d]);
       for (size_t t = 0; t < kTiles; t++) {
-        __m256 key = _mm256_load_ps(packed + (d * kTiles + t) * 8);
+        __m256 key = _mm256_loadu_ps(packed + (d * kTiles + t) * 8);
         for (size_t r = 0; r < Rows; r++) chain[r][t] = _mm256_fmadd_ps(feature[r], key, chain[r][t]);
       }
     }
@@ -1029,11 +1030,12 @@ AVX2_FMA static void score_packed(const float* qs, size_t D, InnerBlocks blocks,
   for (size_t r = 0; r < Rows; r++) std::copy(&totals[r][0][0], &totals[r][0][0] + keys, scores + r * S + s);
 }
 
+// `scratch` holds the packed keys (resized here to D x kTiles x 8 floats).
 AVX2_FMA static void attention_scores_avx2(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first,
-                                           size_t S, size_t D, InnerBlocks blocks, float* scores) {
-  thread_local std::vector<float> buffer;
-  buffer.resize(D * kTiles * 8 + 8);
-  float* packed = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buffer.data()) + 31) & ~uintptr_t{31});
+                                           size_t S, size_t D, InnerBlocks blocks, float* scores,
+                                           std::vector<float>& scratch) {
+  scratch.resize(D * kTiles * 8);
+  float* packed = scratch.data();
   for (size_t s = first; s < S; s += 8 * kTiles) {
     size_t keys = std::min(8 * kTiles, S - s);
     pack_key_tiles(k, k_row, s, keys, D, packed);
@@ -1101,11 +1103,14 @@ AVX2_FMA static void weighted_values_avx2(const float* w, size_t rows, const flo
 }
 #endif
 
-// Scores of keys [first, S) (rows S apart); the earlier ones are left unwritten.
+// Scores of keys [first, S) (rows S apart); the earlier ones are left unwritten. `scratch`: the vector
+// path's packed keys.
 static void attention_scores(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first, size_t S,
-                             size_t D, InnerBlocks blocks, float* scores) {
+                             size_t D, InnerBlocks blocks, float* scores, std::vector<float>& scratch) {
 #ifdef MLX_MED_AVX2
-  if (has_avx2_fma()) return attention_scores_avx2(qs, rows, k, k_row, first, S, D, blocks, scores);
+  if (has_avx2_fma()) return attention_scores_avx2(qs, rows, k, k_row, first, S, D, blocks, scores, scratch);
+#else
+  (void)scratch;
 #endif
   attention_scores_f32(qs, rows, k, k_row, first, S, D, blocks, scores);
 }
@@ -1136,7 +1141,7 @@ static size_t masked_prefix(const bool* keep, size_t rows, size_t S) {
 
 // The query heads of KV head h of batch row b (GQA: Hq / Hkv of them, each with L queries), whole.
 static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::vector<float>& qs,
-                               std::vector<float>& scores) {
+                               std::vector<float>& packed_keys, std::vector<float>& scores) {
   const float lowest = std::numeric_limits<float>::lowest();
   size_t repeats = a.Hq / a.Hkv, rows = repeats * a.L;
   size_t first = (b * a.Hq + h * repeats) * a.L;  // the first of these rows in (B, Hq, L) order
@@ -1150,7 +1155,7 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
   // exactly zero, so the visible keys' scores, the softmax and every chain of the output keep MLX's bits
   // (weighted_values_f32), and the padding's share of the cache is not read.
   size_t skip = a.mask_kind == 1 ? masked_prefix(static_cast<const bool*>(a.mask) + first * a.S, rows, a.S) : 0;
-  attention_scores(qs.data(), rows, k, a.k_strides[2], skip, a.S, a.D, a.blocks, scores.data());
+  attention_scores(qs.data(), rows, k, a.k_strides[2], skip, a.S, a.D, a.blocks, scores.data(), packed_keys);
   for (size_t r = 0; r < rows; r++) {
     float* row = scores.data() + r * a.S;
     size_t at = (first + r) * a.S;
@@ -1173,8 +1178,8 @@ static void attention_loop(const AttentionArgs& a) {
   size_t tasks = a.B * a.Hkv;
   size_t work = (a.Hq / a.Hkv) * a.L * a.S * a.D / 8;  // per task, in the units for_row_ranges splits by
   for_row_ranges(tasks, work, [&](size_t first, size_t end) {
-    std::vector<float> qs, scores;
-    for (size_t t = first; t < end; t++) attend_one_kv_head(a, t / a.Hkv, t % a.Hkv, qs, scores);
+    std::vector<float> qs, packed_keys, scores;
+    for (size_t t = first; t < end; t++) attend_one_kv_head(a, t / a.Hkv, t % a.Hkv, qs, packed_keys, scores);
   });
 }
 
