@@ -2,7 +2,7 @@
 
 Both sides run the model with all of mlx-med's CPU kernels; only the attention of a decode step
 differs: the fused kernel (``mlx_med/kernels``: one call per block, matched to this machine's BLAS by
-``attention_blocks.calibrate``) or MLX's CPU graph around the kernels' softmax (what runs where the
+``attention_sums.calibrate``) or MLX's CPU graph around the kernels' softmax (what runs where the
 calibration finds no match). Two workloads:
 
 - whole decode steps (mlx-lm's ``BatchKVCache``, one new token per row, greedy argmax) at each
@@ -61,16 +61,16 @@ def main() -> None:
         model_dir = args.model or convert_demo(Path(tmp) / "demo")
         loaded = load_model(model_dir)
     kernels, reason = cpu_kernels()
-    blocks = kernels.attention_blocks if kernels else None
+    sums = kernels.attention_sums if kernels else None
     print(f"model: {model_dir} | {detect_backend().describe()}")
     print(f"kernels: {reason}")
-    if blocks is None:
+    if sums is None:
         raise SystemExit("the fused decode attention is not in use here (see the kernels line); nothing to compare")
     print(f"fp32 GEMM (doctor): {gemm_gflops():.1f} GFLOP/s")
     model = loaded.model
 
     def use(side: str) -> None:
-        kernels.attention_blocks = blocks if side == "fused" else None
+        kernels.attention_sums = sums if side == "fused" else None
 
     for rows, context in args.shapes:
         cache = [BatchKVCache([0] * rows) for _ in model.layers]

@@ -257,16 +257,18 @@ def decode_mask(kind, batch: int, length: int, key):
 @pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (8, 2), (10, 2)])  # 3, 1, 3 + 1, 3 + 2 rows per KV head
 @pytest.mark.parametrize("mask_kind", [None, "causal", "bool", "additive"])
 def test_decode_attention_equals_mlx_over_cache_views(kernels, fused_only, dim, heads, kv_heads, mask_kind):
-    from mlx_med.kernels.attention_blocks import DECODE_LIMIT
+    from mlx_med.kernels.attention_sums import DECODE_LIMIT
 
-    assert kernels.attention_blocks is not None, "this machine's BLAS must be matched (python -m mlx_med.kernels)"
+    assert kernels.attention_sums is not None, "this machine's BLAS must be matched (python -m mlx_med.kernels)"
     batch, longest = 3, DECODE_LIMIT // dim
     key = mx.random.split(mx.random.key(dim + heads), 4)
     q = mx.random.normal((batch, heads, 1, dim), key=key[0]) * 2
     # a KV cache with room to spare: the attention gets views of its first `length` positions
     cache_k, cache_v = (mx.random.normal((batch, kv_heads, longest + 9, dim), key=k) for k in key[1:3])
     scale = dim ** -0.5
-    for length in (1, 40, 321, 700, longest):  # 321, 700: longer than OpenBLAS's GEMM_Q on x86 (sums cut)
+    # 321, 700: longer than OpenBLAS's GEMM_Q on x86 (sums cut); 1199, 1201: either side of its AVX-512
+    # small-matrix scores (1199: a partial group of four keys)
+    for length in (1, 40, 321, 700, 1199, 1201, longest):
         k, v = cache_k[:, :, :length], cache_v[:, :, :length]
         mask = decode_mask(mask_kind, batch, length, key[3])
         assert same(attention(kernels, q, k, v, scale, mask),
@@ -305,7 +307,7 @@ def test_decode_attention_gradients_are_mlx_s(kernels):
 
 
 def test_fused_attention_takes_only_the_checked_shapes():
-    from mlx_med.kernels.attention_blocks import DECODE_LIMIT, fits
+    from mlx_med.kernels.attention_sums import DECODE_LIMIT, fits
 
     query = mx.zeros((2, 4, 1, 64))
     assert fits(query, mx.zeros((2, 2, DECODE_LIMIT // 64, 64)))
@@ -314,16 +316,86 @@ def test_fused_attention_takes_only_the_checked_shapes():
     assert not fits(mx.zeros((2, 4, 1, 16)), mx.zeros((2, 2, 9, 16)))  # a head size the calibration skips
 
 
-def test_calibration_finds_this_blas_rule_and_would_catch_another(kernels):
-    from mlx_med.kernels import attention_blocks
+def fma32(a, b, c):
+    """fp32 fma through float64: the product is exact there, so only a sum's rounding can be doubled
+    (one in about 2^29 sums; the inputs below are fixed)."""
+    return (np.float64(a) * np.float64(b) + np.float64(c)).astype(np.float32)
 
-    found = attention_blocks.calibrate(kernels.module)
-    assert found == kernels.attention_blocks
-    inputs = attention_blocks.probe_inputs(64, seed=5)
-    assert attention_blocks.agrees(kernels.module, found, *inputs, attention_blocks.probe_lengths(64))
-    # the other rule (uncut sums where this BLAS cuts them, or the reverse) differs on the probes
-    other = (320, 8) if found == (0, 1) else (0, 1)
-    assert not attention_blocks.agrees(kernels.module, other, *inputs, attention_blocks.probe_lengths(64))
+
+def openblas_small_tn_scores(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """The scores q @ keys^T as OpenBLAS's AVX-512 sgemm_small_kernel_tn adds them (its source, read
+    op by op): 16 lane chains over the features (a partial last block's missing lanes add +0), reduced
+    pairwise for keys in whole groups of four (REDUCE_4), by folding halves for the others
+    (_mm512_reduce_add_ps)."""
+    length, dim = keys.shape
+    lanes = np.zeros((length, 16), np.float32)
+    for d0 in range(0, dim, 16):
+        for lane in range(16):
+            d = d0 + lane
+            lanes[:, lane] = fma32(q[d], keys[:, d], lanes[:, lane]) if d < dim else lanes[:, lane] + np.float32(0)
+    pairwise, halves = lanes.copy(), lanes.copy()
+    for width in (1, 2, 4, 8):
+        pairwise[:, 0:16:2 * width] = pairwise[:, 0:16:2 * width] + pairwise[:, width:16:2 * width]
+    for half in (8, 4, 2, 1):
+        halves[:, :half] = halves[:, :half] + halves[:, half:2 * half]
+    grouped = length & ~3
+    return np.concatenate([pairwise[:grouped, 0], halves[grouped:, 0]])
+
+
+@pytest.mark.parametrize("isa", ["this CPU's", "scalar"])
+def test_small_matrix_scores_are_openblas_s_on_any_blas(kernels, isa):
+    """The fused kernel's small-matrix scores follow that OpenBLAS kernel's source on every machine
+    (the calibration only reaches them on an AVX-512 OpenBLAS), on both code paths."""
+    if isa == "scalar" and kernels.isa != "scalar":  # the path is picked once per process: ask a child
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               f"{__file__}::test_small_matrix_scores_are_openblas_s_on_any_blas"],
+                              capture_output=True, text=True, env={**os.environ, "MLX_MED_KERNELS": "scalar"},
+                              timeout=300)
+        assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+        return
+    rng = np.random.default_rng(7)
+    for dim, length in ((64, 37), (64, 300), (128, 256), (40, 45)):  # 40: a partial block of 16 lanes
+        q = rng.standard_normal((1, 3, 1, dim)).astype(np.float32)
+        keys = rng.standard_normal((1, 1, length, dim)).astype(np.float32)
+        values = rng.standard_normal((1, 1, length, dim)).astype(np.float32)
+        scale = np.float32(dim ** -0.5)
+        expected = []
+        for head in range(3):
+            scores = openblas_small_tn_scores(scale * q[0, head, 0], keys[0, 0])
+            weights = np.array(mx.softmax(mx.array(scores)))
+            out = np.zeros(dim, np.float32)
+            for s in range(length):  # weights @ values: one chain (no BLAS cuts a sum of at most 300)
+                out = fma32(weights[s], values[0, 0, s], out)
+            expected.append(out)
+        ours = kernels.module.decode_attention(mx.array(q), mx.array(keys), mx.array(values), None, 0, float(scale),
+                                               0, 1, True)
+        assert np.array_equal(np.array(ours)[0, :, 0], np.stack(expected)), (dim, length)
+
+    def fused(dim, length, small):
+        parts = mx.random.split(mx.random.key(dim + length), 3)
+        q, k, v = (mx.random.normal(shape, key=key) for shape, key in
+                   zip([(1, 3, 1, dim), (1, 1, length, dim), (1, 1, length, dim)], parts))
+        return kernels.module.decode_attention(q, k, v, None, 0, dim ** -0.5, 0, 1, small)
+
+    # the permit: up to 1200 keys and from 32 features (outside it, one chain per score)
+    assert not same(fused(64, 1200, True), fused(64, 1200, False))
+    assert same(fused(64, 1201, True), fused(64, 1201, False))
+    assert same(fused(16, 100, True), fused(16, 100, False))
+
+
+def test_calibration_finds_this_blas_rule_and_would_catch_another(kernels):
+    from mlx_med.kernels import attention_sums
+
+    found = attention_sums.calibrate(kernels.module)
+    assert found == kernels.attention_sums
+    inputs = attention_sums.probe_inputs(64, seed=5)
+    assert attention_sums.agrees(kernels.module, found, *inputs, attention_sums.probe_lengths(64))
+    # the other rules (uncut sums where this BLAS cuts them, or the reverse; the small-matrix scores
+    # where it has none, or the reverse) differ on the probes
+    other_cut = found._replace(block=0, unroll=1) if found.block else found._replace(block=320, unroll=8)
+    other_scores = found._replace(small_scores=not found.small_scores)
+    for other in (other_cut, other_scores):
+        assert not attention_sums.agrees(kernels.module, other, *inputs, attention_sums.probe_lengths(64)), other
 
 
 def test_decoding_through_the_fused_attention_is_mlx_lm_s(kernels, head64_llama, monkeypatch):
@@ -468,8 +540,8 @@ def test_scalar_reference_loop_also_equals_mlx(kernels):
     report = kernels_report({"MLX_MED_KERNELS": "scalar"})
     assert report.startswith("kernels: mlx-med (scalar,")
     # its fused decode attention (one fma chain per output, no vectors) matches the same BLAS rule
-    blocks = kernels.attention_blocks
-    assert blocks is None or f"decode attention fused (BLAS sums {'cut at ' if blocks[0] else 'uncut'}" in report
+    sums = kernels.attention_sums
+    assert sums is None or f"decode attention fused ({sums.describe()})" in report
 
 
 def test_off_switch_and_failed_build_keep_mlx_kernels(tmp_path):
@@ -527,8 +599,8 @@ def test_self_check_outcome_is_recorded_and_read_back(kernels, tmp_path):
     records = json.loads(records_path.read_text())
     key, entry = next(iter(records.items()))
     assert len(records) == 1 and entry["mismatch"] is None and entry == {"mismatch": None,
-                                                                         "attention_blocks": entry["attention_blocks"]}
-    assert entry["attention_blocks"] == list(kernels.attention_blocks), "the calibration is recorded with the check"
+                                                                         "attention_sums": entry["attention_sums"]}
+    assert entry["attention_sums"] == list(kernels.attention_sums), "the calibration is recorded with the check"
     records_path.write_text(json.dumps({key: {"mismatch": "swiglu differs (planted)"}}))
     assert "swiglu differs (planted); kept MLX's kernels" in child_kernels_reason(env)
     # python -m mlx_med.kernels (and doctor) check afresh and replace the record

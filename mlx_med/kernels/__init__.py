@@ -8,7 +8,7 @@ computes the same arithmetic in one pass each, the exp with AVX2 + FMA (picked a
 loop elsewhere), large inputs split by rows over the CPUs: the same bits, 2-20x faster per op.
 Values and gradients are checked against MLX's on every load (``check.self_check``); on any
 difference, or when the module cannot be built here, mlx-med keeps MLX's kernels. The decode attention
-replaces MLX's BLAS calls too, so it is used only where ``attention_blocks.calibrate`` found how this
+replaces MLX's BLAS calls too, so it is used only where ``attention_sums.calibrate`` found how this
 machine's BLAS adds their products.
 
 ``MLX_MED_KERNELS=off`` keeps MLX's kernels (``scalar``: the reference loop, no AVX2);

@@ -1,5 +1,5 @@
 """``self_check``: every kernel against the MLX op it replaces, values and gradients, exactly; and
-the fused decode attention's calibration against the BLAS (``attention_blocks.calibrate``).
+the fused decode attention's calibration against the BLAS (``attention_sums.calibrate``).
 
 Both take about 4 s on a 2-core CPU, so their outcome is recorded beside the module
 (``self-check.json``) under a key of everything it depends on: the module file, MLX's library, the
@@ -19,6 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_med.kernels.attention_sums import BlasSums, calibrate
 from mlx_med.kernels.ops import Kernels
 
 VERDICTS = "self-check.json"
@@ -27,36 +28,34 @@ VERDICTS = "self-check.json"
 @dataclass(frozen=True)
 class CheckOutcome:
     """What the checks found: the first kernel that differs from MLX (None: none), and the inner-sum
-    blocking with which the fused decode attention equals MLX's here (None: it is not used)."""
+    rule with which the fused decode attention equals MLX's here (None: it is not used)."""
 
     mismatch: str | None
-    attention_blocks: tuple[int, int] | None
+    attention_sums: BlasSums | None
 
     def record(self) -> dict:
-        blocks = list(self.attention_blocks) if self.attention_blocks else None
-        return {"mismatch": self.mismatch, "attention_blocks": blocks}
+        sums = list(self.attention_sums) if self.attention_sums else None
+        return {"mismatch": self.mismatch, "attention_sums": sums}
 
     @classmethod
     def from_record(cls, entry) -> CheckOutcome | None:
         """The outcome a record holds, or None when it is not one (a match recorded before the
-        calibration existed lacks the blocks; a mismatch needs none)."""
+        calibration existed lacks the rule; a mismatch needs none)."""
         if not isinstance(entry, dict) or not isinstance(entry.get("mismatch"), (str, type(None))):
             return None
         if entry["mismatch"] is not None:
             return cls(entry["mismatch"], None)
-        blocks = entry.get("attention_blocks", "missing")
-        if blocks is None:
+        sums = entry.get("attention_sums", "missing")
+        if sums is None:
             return cls(entry["mismatch"], None)
-        if isinstance(blocks, list) and len(blocks) == 2 and all(type(n) is int and n >= 0 for n in blocks) \
-                and blocks[1] >= 1:
-            return cls(entry["mismatch"], (blocks[0], blocks[1]))
+        if isinstance(sums, list) and len(sums) == 3 and all(type(n) is int and n >= 0 for n in sums[:2]) \
+                and sums[1] >= 1 and type(sums[2]) is bool:
+            return cls(entry["mismatch"], BlasSums(*sums))
         return None
 
 
 def run_checks(kernels: Kernels) -> CheckOutcome:
     """``self_check``, then (when every kernel matched) the attention's calibration."""
-    from mlx_med.kernels.attention_blocks import calibrate
-
     mismatch = self_check(kernels)
     return CheckOutcome(mismatch, None if mismatch else calibrate(kernels.module))
 

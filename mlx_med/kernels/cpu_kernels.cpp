@@ -879,23 +879,56 @@ mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s_ = {}) {
 
 // ---- attention of one query per head over cached keys (a decode step), whole ----------------------
 // MLX's CPU scaled_dot_product_attention is a graph: q * scale, scores = q @ k^T, the mask, the
-// softmax, weights @ v, each matmul one sgemm call per (batch row, head) into the BLAS. At a decode
-// step that is thousands of calls of a few microseconds' overhead for about one of arithmetic. This
-// kernel computes the same graph in one pass per (batch row, KV head), with the same bits: every
-// output of an sgemm that OpenBLAS runs on one thread is one fma chain over the inner dimension in
-// index order, started from zero; an inner dimension longer than its GEMM_Q is cut into blocks (the
-// rule of its level-3 driver, next_block below) whose chains are added to the output one after the
-// other. Which Q (and unroll) this machine's BLAS uses is found by trying candidates against MLX
-// (attention_blocks.calibrate); Python only sends the shapes those trials covered.
-struct InnerBlocks {
-  size_t q, unroll;  // q == 0: one chain over the whole inner dimension
+// softmax, weights @ v, each matmul one sgemm call per (batch row, query head) into the BLAS. At a
+// decode step that is thousands of calls of a few microseconds' overhead for about one of arithmetic.
+// This kernel computes the same graph in one pass per (batch row, KV head), with the same bits, by
+// adding each output's products the way the BLAS does (BlasSums). OpenBLAS's level-3 driver, on one
+// thread, makes every output one fma chain over the inner dimension in index order, started from
+// zero; an inner dimension longer than its GEMM_Q is cut into blocks (next_block below) whose chains
+// are added to the output one after the other. Its AVX-512 builds (SKYLAKEX, COOPERLAKE, ...) send
+// small products to other kernels instead; of those, only the scores' sums differ from one chain
+// (lane_score below). Which rule this machine's BLAS follows is found by trying candidates against MLX
+// (attention_sums.calibrate); Python only sends the shapes those trials covered.
+struct BlasSums {
+  size_t q, unroll;   // the level-3 driver's cut: GEMM_Q (0: one chain over the whole inner dimension)
+                      // and GEMM_UNROLL_M
+  bool small_scores;  // scores within its small-matrix permit take sgemm_small_kernel_tn's sums
 };
 
-static size_t next_block(size_t remaining, InnerBlocks b) {
+static size_t next_block(size_t remaining, BlasSums b) {
   if (b.q == 0 || remaining <= b.q) return remaining;
   if (remaining >= 2 * b.q) return b.q;
   return (remaining / 2 + b.unroll - 1) / b.unroll * b.unroll;
 }
+
+// OpenBLAS's x86-64 small-matrix permit for scores = q @ k^T of one query row (SKYLAKEX's
+// sgemm_small_kernel_permit, its transposed-A case: M = S keys, N = 1 row, K = D): M * N <= 1200,
+// K >= 32, M * N * K <= 100^3. MLX sends one sgemm per query head, so N is 1 even under GQA.
+static bool small_scored(size_t S, size_t D, BlasSums b) {
+  return b.small_scores && S <= 1200 && D >= 32 && S * D <= 1000000;
+}
+
+// One score as sgemm_small_kernel_tn (AVX-512) adds it: 16 chains, chain l over features l, l + 16,
+// ... (in a last partial block of 16, the lanes past D add +0: a masked load), then a fixed tree. Keys in
+// whole groups of four from key 0 are reduced four at a time (REDUCE_4: pairwise in lane order); the
+// last S mod 4 keys one at a time (_mm512_reduce_add_ps: halves folded, 16 -> 8 -> 4 -> 2 -> 1).
+static float lane_score(const float* q, const float* key, size_t D, bool pairwise) {
+  float lanes[16] = {};
+  for (size_t d0 = 0; d0 < D; d0 += 16) {
+    for (size_t l = 0; l < 16; l++) lanes[l] = d0 + l < D ? std::fma(q[d0 + l], key[d0 + l], lanes[l]) : lanes[l] + 0.0f;
+  }
+  if (pairwise) {
+    for (size_t width = 1; width < 16; width *= 2)
+      for (size_t l = 0; l < 16; l += 2 * width) lanes[l] = lanes[l] + lanes[l + width];
+    return lanes[0];
+  }
+  for (size_t half = 8; half >= 1; half /= 2)
+    for (size_t l = 0; l < half; l++) lanes[l] = lanes[l] + lanes[l + half];
+  return lanes[0];
+}
+
+// The keys sgemm_small_kernel_tn reduces four at a time: those in whole groups of four from key 0.
+static size_t pairwise_keys(size_t S) { return S & ~size_t{3}; }
 
 struct AttentionArgs {
   const float* q;  // (B, Hq, L, D), row-contiguous
@@ -907,19 +940,24 @@ struct AttentionArgs {
   int64_t k_strides[3], v_strides[3];
   int mask_kind;  // 0 none, 1 bool (where(mask, scores, lowest)), 2 additive, 3 causal (aligned to the last keys)
   float scale;
-  InnerBlocks blocks;
+  BlasSums sums;
 };
 
 // scores[r][s] (rows of S) for `rows` scaled query rows against keys [first, S): one chain per score
-// over d, cut in blocks.
+// over d, cut in blocks; or lane_score's sums.
 static void attention_scores_f32(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first,
-                                 size_t S, size_t D, InnerBlocks blocks, float* scores) {
+                                 size_t S, size_t D, BlasSums sums, float* scores) {
+  bool small = small_scored(S, D, sums);
   for (size_t r = 0; r < rows; r++) {
     for (size_t s = first; s < S; s++) {
       const float* key = k + static_cast<int64_t>(s) * k_row;
+      if (small) {
+        scores[r * S + s] = lane_score(qs + r * D, key, D, s < pairwise_keys(S));
+        continue;
+      }
       float total = 0.0f;
       for (size_t d0 = 0; d0 < D;) {
-        size_t d1 = d0 + next_block(D - d0, blocks);
+        size_t d1 = d0 + next_block(D - d0, sums);
         float chain = 0.0f;
         for (size_t d = d0; d < d1; d++) chain = std::fma(qs[r * D + d], key[d], chain);
         total = total + chain;
@@ -934,11 +972,11 @@ static void attention_scores_f32(const float* qs, size_t rows, const float* k, i
 // `first` carry weight zero (masked out) and are skipped: fma(+0, v, chain) is chain for a finite v, and
 // the blocks are still cut from key 0, so every chain adds the same products in the same order.
 static void weighted_values_f32(const float* w, const float* v, int64_t v_row, size_t first, size_t S, size_t D,
-                                InnerBlocks blocks, float* out) {
+                                BlasSums sums, float* out) {
   std::fill(out, out + D, 0.0f);
   std::vector<float> chain(D);
   for (size_t s0 = 0; s0 < S;) {
-    size_t s1 = s0 + next_block(S - s0, blocks);
+    size_t s1 = s0 + next_block(S - s0, sums);
     std::fill(chain.begin(), chain.end(), 0.0f);
     for (size_t s = std::max(s0, first); s < s1; s++) {
       const float* value = v + static_cast<int64_t>(s) * v_row;
@@ -1006,11 +1044,11 @@ AVX2_FMA static void pack_key_tiles(const float* k, int64_t k_row, size_t s, siz
 // Scores of `Rows` scaled query rows (D apart) against the packed keys [s, s + keys): per block of features
 // one chain per (row, key) in feature order, added to the row's total (which starts at zero).
 template <size_t Rows>
-AVX2_FMA static void score_packed(const float* qs, size_t D, InnerBlocks blocks, const float* packed, size_t s,
+AVX2_FMA static void score_packed(const float* qs, size_t D, BlasSums sums, const float* packed, size_t s,
                                   size_t keys, size_t S, float* scores) {
   alignas(32) float totals[Rows][kTiles][8] = {};
   for (size_t d0 = 0; d0 < D;) {
-    size_t d1 = d0 + next_block(D - d0, blocks);
+    size_t d1 = d0 + next_block(D - d0, sums);
     __m256 chain[Rows][kTiles];
     for (size_t r = 0; r < Rows; r++)
       for (size_t t = 0; t < kTiles; t++) chain[r][t] = _mm256_setzero_ps();
@@ -1030,20 +1068,56 @@ AVX2_FMA static void score_packed(const float* qs, size_t D, InnerBlocks blocks,
   for (size_t r = 0; r < Rows; r++) std::copy(&totals[r][0][0], &totals[r][0][0] + keys, scores + r * S + s);
 }
 
+// lane_score for one scaled query row against the packed keys [s, s + keys), eight keys per vector,
+// every key reduced pairwise; attention_scores_avx2 redoes the last S mod 4 keys (reduced by halves).
+// The 16 chains are run eight at a time: the pairwise tree is the sum of the two halves' trees.
+AVX2_FMA static void score_packed_lanes(const float* q, size_t D, const float* packed, size_t s, size_t keys,
+                                        float* scores) {
+  alignas(32) float totals[kTiles][8];
+  for (size_t t = 0; t < kTiles; t++) {
+    __m256 halves[2];
+    for (size_t h = 0; h < 2; h++) {
+      __m256 lane[8];
+      for (size_t j = 0; j < 8; j++) lane[j] = _mm256_setzero_ps();
+      for (size_t d0 = 0; d0 < D; d0 += 16) {
+        for (size_t j = 0; j < 8; j++) {
+          size_t d = d0 + 8 * h + j;
+          lane[j] = d < D ? _mm256_fmadd_ps(_mm256_set1_ps(q[d]), _mm256_loadu_ps(packed + (d * kTiles + t) * 8), lane[j])
+                          : _mm256_add_ps(lane[j], _mm256_setzero_ps());
+        }
+      }
+      for (size_t width = 1; width < 8; width *= 2)
+        for (size_t j = 0; j < 8; j += 2 * width) lane[j] = _mm256_add_ps(lane[j], lane[j + width]);
+      halves[h] = lane[0];
+    }
+    _mm256_store_ps(totals[t], _mm256_add_ps(halves[0], halves[1]));
+  }
+  std::copy(&totals[0][0], &totals[0][0] + keys, scores + s);
+}
+
 // `scratch` holds the packed keys (resized here to D x kTiles x 8 floats).
 AVX2_FMA static void attention_scores_avx2(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first,
-                                           size_t S, size_t D, InnerBlocks blocks, float* scores,
+                                           size_t S, size_t D, BlasSums sums, float* scores,
                                            std::vector<float>& scratch) {
   scratch.resize(D * kTiles * 8);
   float* packed = scratch.data();
+  bool small = small_scored(S, D, sums);
   for (size_t s = first; s < S; s += 8 * kTiles) {
     size_t keys = std::min(8 * kTiles, S - s);
     pack_key_tiles(k, k_row, s, keys, D, packed);
     size_t r = 0;
-    for (; r + kGroupRows <= rows; r += kGroupRows) score_packed<kGroupRows>(qs + r * D, D, blocks, packed, s, keys, S, scores + r * S);
-    if (rows - r == 2) score_packed<2>(qs + r * D, D, blocks, packed, s, keys, S, scores + r * S);
-    if (rows - r == 1) score_packed<1>(qs + r * D, D, blocks, packed, s, keys, S, scores + r * S);
+    if (small) {
+      for (; r < rows; r++) score_packed_lanes(qs + r * D, D, packed, s, keys, scores + r * S);
+      continue;
+    }
+    for (; r + kGroupRows <= rows; r += kGroupRows) score_packed<kGroupRows>(qs + r * D, D, sums, packed, s, keys, S, scores + r * S);
+    if (rows - r == 2) score_packed<2>(qs + r * D, D, sums, packed, s, keys, S, scores + r * S);
+    if (rows - r == 1) score_packed<1>(qs + r * D, D, sums, packed, s, keys, S, scores + r * S);
   }
+  if (!small) return;
+  for (size_t r = 0; r < rows; r++)
+    for (size_t s = std::max(first, pairwise_keys(S)); s < S; s++)
+      scores[r * S + s] = lane_score(qs + r * D, k + static_cast<int64_t>(s) * k_row, D, false);
 }
 
 // weighted_values_f32 for several rows of weights over the same values (the query heads of one KV
@@ -1052,13 +1126,13 @@ AVX2_FMA static void attention_scores_avx2(const float* qs, size_t rows, const f
 // count kept them in memory, and each fma waited on the store of the one before).
 template <size_t Rows, size_t Vectors>
 AVX2_FMA static inline void weighted_values_pass(const float* w, size_t w_row, const float* v, int64_t v_row,
-                                                 size_t first, size_t S, InnerBlocks blocks, float* out,
+                                                 size_t first, size_t S, BlasSums sums, float* out,
                                                  size_t out_row) {
   __m256 total[Rows][Vectors], chain[Rows][Vectors];
   for (size_t r = 0; r < Rows; r++)
     for (size_t j = 0; j < Vectors; j++) total[r][j] = _mm256_setzero_ps();
   for (size_t s0 = 0; s0 < S;) {
-    size_t s1 = s0 + next_block(S - s0, blocks);
+    size_t s1 = s0 + next_block(S - s0, sums);
     for (size_t r = 0; r < Rows; r++)
       for (size_t j = 0; j < Vectors; j++) chain[r][j] = _mm256_setzero_ps();
     // keys before `first` carry weight zero and are skipped (why that is exact: weighted_values_f32)
@@ -1082,47 +1156,47 @@ AVX2_FMA static inline void weighted_values_pass(const float* w, size_t w_row, c
 // `Rows` rows of weights (w_row apart) over every output (out_row apart).
 template <size_t Rows>
 AVX2_FMA static void weighted_values_rows(const float* w, size_t w_row, const float* v, int64_t v_row, size_t first,
-                                          size_t S, size_t D, InnerBlocks blocks, float* out, size_t out_row) {
+                                          size_t S, size_t D, BlasSums sums, float* out, size_t out_row) {
   size_t d0 = 0;
   for (; d0 + 32 <= D; d0 += 32)
-    weighted_values_pass<Rows, 4>(w, w_row, v + d0, v_row, first, S, blocks, out + d0, out_row);
+    weighted_values_pass<Rows, 4>(w, w_row, v + d0, v_row, first, S, sums, out + d0, out_row);
   for (; d0 + 8 <= D; d0 += 8)
-    weighted_values_pass<Rows, 1>(w, w_row, v + d0, v_row, first, S, blocks, out + d0, out_row);
+    weighted_values_pass<Rows, 1>(w, w_row, v + d0, v_row, first, S, sums, out + d0, out_row);
   if (d0 < D) {
     for (size_t r = 0; r < Rows; r++)
-      weighted_values_f32(w + r * w_row, v + d0, v_row, first, S, D - d0, blocks, out + r * out_row + d0);
+      weighted_values_f32(w + r * w_row, v + d0, v_row, first, S, D - d0, sums, out + r * out_row + d0);
   }
 }
 
 AVX2_FMA static void weighted_values_avx2(const float* w, size_t rows, const float* v, int64_t v_row, size_t first,
-                                          size_t S, size_t D, InnerBlocks blocks, float* out) {
+                                          size_t S, size_t D, BlasSums sums, float* out) {
   size_t r = 0;
-  for (; r + 3 <= rows; r += 3) weighted_values_rows<3>(w + r * S, S, v, v_row, first, S, D, blocks, out + r * D, D);
-  if (rows - r == 2) weighted_values_rows<2>(w + r * S, S, v, v_row, first, S, D, blocks, out + r * D, D);
-  if (rows - r == 1) weighted_values_rows<1>(w + r * S, S, v, v_row, first, S, D, blocks, out + r * D, D);
+  for (; r + 3 <= rows; r += 3) weighted_values_rows<3>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
+  if (rows - r == 2) weighted_values_rows<2>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
+  if (rows - r == 1) weighted_values_rows<1>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
 }
 #endif
 
 // Scores of keys [first, S) (rows S apart); the earlier ones are left unwritten. `scratch`: the vector
 // path's packed keys.
 static void attention_scores(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first, size_t S,
-                             size_t D, InnerBlocks blocks, float* scores, std::vector<float>& scratch) {
+                             size_t D, BlasSums sums, float* scores, std::vector<float>& scratch) {
 #ifdef MLX_MED_AVX2
-  if (has_avx2_fma()) return attention_scores_avx2(qs, rows, k, k_row, first, S, D, blocks, scores, scratch);
+  if (has_avx2_fma()) return attention_scores_avx2(qs, rows, k, k_row, first, S, D, sums, scores, scratch);
 #else
   (void)scratch;
 #endif
-  attention_scores_f32(qs, rows, k, k_row, first, S, D, blocks, scores);
+  attention_scores_f32(qs, rows, k, k_row, first, S, D, sums, scores);
 }
 
 // Each of `rows` rows of weights (S apart) over the values, into rows of D outputs; the weights of keys
 // before `first` are zero (masked out) and those keys are not read.
 static void weighted_values(const float* w, size_t rows, const float* v, int64_t v_row, size_t first, size_t S,
-                            size_t D, InnerBlocks blocks, float* out) {
+                            size_t D, BlasSums sums, float* out) {
 #ifdef MLX_MED_AVX2
-  if (has_avx2_fma()) return weighted_values_avx2(w, rows, v, v_row, first, S, D, blocks, out);
+  if (has_avx2_fma()) return weighted_values_avx2(w, rows, v, v_row, first, S, D, sums, out);
 #endif
-  for (size_t r = 0; r < rows; r++) weighted_values_f32(w + r * S, v, v_row, first, S, D, blocks, out + r * D);
+  for (size_t r = 0; r < rows; r++) weighted_values_f32(w + r * S, v, v_row, first, S, D, sums, out + r * D);
 }
 
 // The keys every one of `rows` rows (S apart) masks out before its first visible one: a batch KV cache's
@@ -1155,7 +1229,7 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
   // exactly zero, so the visible keys' scores, the softmax and every chain of the output keep MLX's bits
   // (weighted_values_f32), and the padding's share of the cache is not read.
   size_t skip = a.mask_kind == 1 ? masked_prefix(static_cast<const bool*>(a.mask) + first * a.S, rows, a.S) : 0;
-  attention_scores(qs.data(), rows, k, a.k_strides[2], skip, a.S, a.D, a.blocks, scores.data(), packed_keys);
+  attention_scores(qs.data(), rows, k, a.k_strides[2], skip, a.S, a.D, a.sums, scores.data(), packed_keys);
   for (size_t r = 0; r < rows; r++) {
     float* row = scores.data() + r * a.S;
     size_t at = (first + r) * a.S;
@@ -1171,7 +1245,7 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
     }
     softmax_rows_f32(row, row, 1, a.S);
   }
-  weighted_values(scores.data(), rows, v, a.v_strides[2], skip, a.S, a.D, a.blocks, a.out + first * a.D);
+  weighted_values(scores.data(), rows, v, a.v_strides[2], skip, a.S, a.D, a.sums, a.out + first * a.D);
 }
 
 static void attention_loop(const AttentionArgs& a) {
@@ -1185,8 +1259,8 @@ static void attention_loop(const AttentionArgs& a) {
 
 class DecodeAttention : public mx::Primitive {
  public:
-  DecodeAttention(mx::Stream stream, float scale, int mask_kind, InnerBlocks blocks)
-      : mx::Primitive(stream), scale_(scale), mask_kind_(mask_kind), blocks_(blocks) {}
+  DecodeAttention(mx::Stream stream, float scale, int mask_kind, BlasSums sums)
+      : mx::Primitive(stream), scale_(scale), mask_kind_(mask_kind), sums_(sums) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& encoder = mx::cpu::get_command_encoder(stream());
@@ -1201,7 +1275,7 @@ class DecodeAttention : public mx::Primitive {
                     static_cast<size_t>(k.shape(1)), static_cast<size_t>(q.shape(2)),
                     static_cast<size_t>(k.shape(2)), static_cast<size_t>(q.shape(3)),
                     {k.strides()[0], k.strides()[1], k.strides()[2]},
-                    {v.strides()[0], v.strides()[1], v.strides()[2]}, mask_kind_, scale_, blocks_};
+                    {v.strides()[0], v.strides()[1], v.strides()[2]}, mask_kind_, scale_, sums_};
     encoder.dispatch([a]() { attention_loop(a); });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -1211,13 +1285,14 @@ class DecodeAttention : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const DecodeAttention&>(other);
     return std::string(name()) == other.name() && scale_ == o.scale_ && mask_kind_ == o.mask_kind_ &&
-           blocks_.q == o.blocks_.q && blocks_.unroll == o.blocks_.unroll;
+           sums_.q == o.sums_.q && sums_.unroll == o.sums_.unroll &&
+           sums_.small_scores == o.sums_.small_scores;
   }
 
  private:
   float scale_;
   int mask_kind_;
-  InnerBlocks blocks_;
+  BlasSums sums_;
 };
 
 // K or V as the kernel reads it: the last axis contiguous (a cache's slice already is; else a copy).
@@ -1226,7 +1301,7 @@ static mx::array rows_contiguous(const mx::array& a, mx::Stream s) {
 }
 
 mx::array decode_attention(const mx::array& queries, const mx::array& keys, const mx::array& values,
-                           std::optional<mx::array> mask, int mask_kind, float scale, int block, int unroll,
+                           std::optional<mx::array> mask, int mask_kind, float scale, int block, int unroll, bool small_scores,
                            mx::StreamOrDevice s_ = {}) {
   auto s = mx::to_stream(s_);
   for (auto* a : {&queries, &keys, &values}) require_f32_cpu(*a, s, "decode_attention");
@@ -1249,7 +1324,8 @@ mx::array decode_attention(const mx::array& queries, const mx::array& keys, cons
   }
   return mx::array(queries.shape(), mx::float32,
                    std::make_shared<DecodeAttention>(
-                       s, scale, mask_kind, InnerBlocks{static_cast<size_t>(block), static_cast<size_t>(unroll)}),
+                       s, scale, mask_kind,
+                       BlasSums{static_cast<size_t>(block), static_cast<size_t>(unroll), small_scores}),
                    std::move(inputs));
 }
 
@@ -1294,11 +1370,13 @@ NB_MODULE(_mlx_med_kernels, m) {
         "MLX's gradient of that RMSNorm w.r.t. x, in its two parts (through x * r, through x * x).");
   m.def("decode_attention",
         [](const mx::array& q, const mx::array& k, const mx::array& v, std::optional<mx::array> mask,
-           int mask_kind, float scale, int block, int unroll) {
-          return mlx_med::decode_attention(q, k, v, mask, mask_kind, scale, block, unroll);
+           int mask_kind, float scale, int block, int unroll, bool small_scores) {
+          return mlx_med::decode_attention(q, k, v, mask, mask_kind, scale, block, unroll, small_scores);
         }, "queries"_a, "keys"_a, "values"_a, "mask"_a.none(), "mask_kind"_a, "scale"_a, "block"_a, "unroll"_a,
+        "small_scores"_a,
         "MLX's CPU scaled_dot_product_attention in one pass; the matmuls' inner sums cut in blocks of `block` "
-        "(0: none) the way OpenBLAS's level-3 driver cuts them (unroll: its GEMM_UNROLL_M).");
+        "(0: none) the way OpenBLAS's level-3 driver cuts them (unroll: its GEMM_UNROLL_M); with "
+        "`small_scores`, the scores its AVX-512 small-matrix kernel takes are summed as that kernel does.");
   m.def("threads", &mlx_med::kernel_threads, "The most threads one kernel call splits its rows over.");
   m.def("isa", &mlx_med::isa, "The instruction set the kernels run with on this CPU.");
   m.def("softmax", [](const mx::array& x) { return mlx_med::softmax(x); }, "x"_a, "Softmax over the last axis.");

@@ -7,6 +7,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from mlx_med.kernels.attention_sums import BlasSums, fits
 from mlx_med.kernels.build import Built, load
 
 
@@ -16,8 +17,8 @@ class Kernels:
     def __init__(self, module):
         self.module = module
         self.isa = module.isa()
-        # how the BLAS cuts the attention matmuls' sums here (``attention_blocks``); None: keep MLX's graph
-        self.attention_blocks: tuple[int, int] | None = None
+        # how the BLAS adds the attention matmuls' sums here (``attention_sums``); None: keep MLX's graph
+        self.attention_sums: BlasSums | None = None
 
         @mx.custom_function
         def swiglu(gate, up):
@@ -122,9 +123,7 @@ def attention(kernels: Kernels, queries, keys, values, scale: float, mask):
 
     Shapes ``[B, heads, L, D]``; ``mask`` None, ``"causal"`` or an array broadcastable to the scores.
     """
-    from mlx_med.kernels.attention_blocks import fits
-
-    if kernels.attention_blocks is not None and fits(queries, keys):
+    if kernels.attention_sums is not None and fits(queries, keys):
         return decode_attention(kernels, queries, keys, values, scale, mask)
     return graph_attention(kernels, queries, keys, values, scale, mask)
 
@@ -144,7 +143,7 @@ def decode_attention(kernels: Kernels, queries, keys, values, scale: float, mask
 
     @mx.custom_function
     def fused(q, k, v):
-        return kernels.module.decode_attention(q, k, v, mask_array, kind, scale, *kernels.attention_blocks)
+        return kernels.module.decode_attention(q, k, v, mask_array, kind, scale, *kernels.attention_sums)
 
     @fused.vjp
     def fused_vjp(primals, cotangent, output):
@@ -206,10 +205,8 @@ def load_kernels() -> tuple[Kernels | None, str]:
         return None, f"{built.path}: unusable with this MLX: {err}"
     if outcome.mismatch:
         return None, f"{built.path}: {outcome.mismatch}; kept MLX's kernels"
-    kernels.attention_blocks = outcome.attention_blocks
-    blocks = outcome.attention_blocks
-    decode = (f"decode attention fused (BLAS sums cut at {blocks[0]}, unroll {blocks[1]})" if blocks and blocks[0]
-              else "decode attention fused (BLAS sums uncut)" if blocks
-              else "decode attention: MLX's graph (no blocking rule gave this BLAS's sums)")
+    kernels.attention_sums = sums = outcome.attention_sums
+    decode = (f"decode attention fused ({sums.describe()})" if sums
+              else "decode attention: MLX's graph (no rule of ours gave this BLAS's sums)")
     return kernels, f"{kernels.isa}, {built.reason}, {decode}, " + (
         "matched MLX in an earlier check here" if recorded else "checked against MLX now")
