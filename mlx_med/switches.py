@@ -38,7 +38,7 @@ class Switch:
 
 
 BLAS = Switch("MLX_MED_BLAS", off=("stock", "off", "0", "none"))
-KERNELS = Switch("MLX_MED_KERNELS", off=("off", "0", "none", "mlx", "false"), other=("scalar",))
+KERNELS = Switch("MLX_MED_KERNELS", off=("off", "0", "none", "mlx", "false"), other=("scalar", "avx2"))
 MALLOC = Switch("MLX_MED_MALLOC", off=("system", "off", "0", "none"))
 BATCH_CACHE = Switch("MLX_MED_BATCH_CACHE", off=("mlx-lm", "off", "0", "none"))
 

@@ -48,7 +48,7 @@ def test_swiglu_and_softmax_equal_mlx_on_every_kind_of_value(kernels):
     for scores in (wide[:50] / 4, wide[:, :13], mx.where(wide[:8] > 100, -mx.inf, wide[:8]),
                    mx.broadcast_to(special, (3, special.size)), wide.T[:, :200]):  # transposed: not contiguous
         assert same(kernels.softmax(scores), mx.softmax(scores, axis=-1, precise=True))
-    assert kernels.isa in ("avx2+fma", "scalar")
+    assert kernels.isa in ("avx2+fma, avx512f attention", "avx2+fma", "scalar")
 
 
 def test_swiglu_gradients_equal_mlx_autodiff(kernels):
@@ -342,16 +342,19 @@ def openblas_small_tn_scores(q: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return np.concatenate([pairwise[:grouped, 0], halves[grouped:, 0]])
 
 
-@pytest.mark.parametrize("isa", ["this CPU's", "scalar"])
+@pytest.mark.parametrize("isa", ["this CPU's", "avx2", "scalar"])
 def test_small_matrix_scores_are_openblas_s_on_any_blas(kernels, isa):
     """The fused kernel's small-matrix scores follow that OpenBLAS kernel's source on every machine
-    (the calibration only reaches them on an AVX-512 OpenBLAS), on both code paths."""
-    if isa == "scalar" and kernels.isa != "scalar":  # the path is picked once per process: ask a child
+    (the calibration only reaches them on an AVX-512 OpenBLAS), on every code path."""
+    if isa != "this CPU's" and kernels.isa != {"avx2": "avx2+fma", "scalar": "scalar"}[isa]:
+        # the loops are picked once per process: ask a child
+        if isa == "avx2" and kernels.isa == "scalar":
+            pytest.skip("this CPU has no AVX2")
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               f"{__file__}::test_small_matrix_scores_are_openblas_s_on_any_blas"],
-                              capture_output=True, text=True, env={**os.environ, "MLX_MED_KERNELS": "scalar"},
+                               f"{__file__}::test_small_matrix_scores_are_openblas_s_on_any_blas[{isa}]"],
+                              capture_output=True, text=True, env={**os.environ, "MLX_MED_KERNELS": isa},
                               timeout=300)
-        assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+        assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
         return
     rng = np.random.default_rng(7)
     for dim, length in ((64, 37), (64, 300), (128, 256), (40, 45)):  # 40: a partial block of 16 lanes
@@ -535,11 +538,13 @@ def kernels_report(env: dict) -> str:
     return done.stdout.strip()
 
 
-def test_scalar_reference_loop_also_equals_mlx(kernels):
-    # The loop non-AVX2 CPUs run, checked by the same self-check every load runs.
-    report = kernels_report({"MLX_MED_KERNELS": "scalar"})
-    assert report.startswith("kernels: mlx-med (scalar,")
-    # its fused decode attention (one fma chain per output, no vectors) matches the same BLAS rule
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_narrower_loops_also_equal_mlx(kernels, isa):
+    # The loops CPUs without AVX-512 (avx2) or without AVX2 (scalar) run, checked by the same self-check
+    # every load runs.
+    report = kernels_report({"MLX_MED_KERNELS": isa})
+    assert report.startswith(f"kernels: mlx-med ({'scalar' if isa == 'scalar' else 'avx2+fma'}, ")
+    # their fused decode attention matches the same BLAS rule
     sums = kernels.attention_sums
     assert sums is None or f"decode attention fused ({sums.describe()})" in report
 
@@ -562,7 +567,7 @@ def test_concurrent_first_builds_make_one_module(tmp_path):
              for _ in range(2)]
     reports = sorted(p.communicate(timeout=300)[0].strip() for p in procs)
     assert all(p.returncode == 0 for p in procs)
-    assert reports[0].startswith("kernels: mlx-med (avx2+fma, built ") or reports[0].startswith(
+    assert reports[0].startswith(("kernels: mlx-med (avx2+fma, built ", "kernels: mlx-med (avx2+fma, avx512f attention, built ")) or reports[0].startswith(
         "kernels: mlx-med (scalar, built "), reports
     assert " cached " in reports[1], reports
     files = [p for p in (tmp_path / "kernels").rglob("*")

@@ -20,7 +20,8 @@ def test_switch_values():
     assert malloc.ignored({"MLX_MED_MALLOC": "1"}) is None  # asked for explicitly: the default, on
     assert malloc.ignored({"MLX_MED_MALLOC": "sytem"}) == (
         "MLX_MED_MALLOC=sytem ignored (known values: system, off, 0, none; unset for the default)")
-    assert switches.KERNELS.ignored({"MLX_MED_KERNELS": "scalar"}) is None  # read by the kernels themselves
+    for value in ("scalar", "avx2"):  # read by the kernels themselves
+        assert switches.KERNELS.ignored({"MLX_MED_KERNELS": value}) is None
     assert not switches.KERNELS.is_off({"MLX_MED_KERNELS": "scalar"})
     assert switches.BLAS.is_off({"MLX_MED_BLAS": "stock"})
     for switch in (switches.BLAS, switches.KERNELS, switches.MALLOC):  # the words every switch takes

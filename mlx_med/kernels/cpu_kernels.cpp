@@ -94,6 +94,7 @@ static inline void mlx_swiglu_vjp(float g, float u, float c, float* d_gate, floa
 #include <immintrin.h>
 #define MLX_MED_AVX2 1
 #define AVX2_FMA __attribute__((target("avx2,fma")))
+#define AVX512F __attribute__((target("avx512f,avx2,fma")))
 
 // The same steps as mlx_exp, eight lanes at a time.
 AVX2_FMA static inline __m256 mlx_exp8(__m256 x_init) {
@@ -225,6 +226,17 @@ static bool has_avx2_fma() {
   }();
   return yes;
 }
+
+// The decode attention's AVX-512 loops (MLX_MED_KERNELS=avx2 keeps the AVX2 ones, e.g. to test them).
+static bool has_avx512f() {
+  static const bool yes = [] {
+    const char* choice = std::getenv("MLX_MED_KERNELS");
+    if (!has_avx2_fma() || (choice && std::string(choice) == "avx2")) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
 #endif
 
 static void swiglu_f32(const float* gate, const float* up, float* out, size_t n) {
@@ -244,6 +256,7 @@ static void swiglu_vjp_f32(const float* gate, const float* up, const float* cota
 
 static const char* isa() {
 #ifdef MLX_MED_AVX2
+  if (has_avx512f()) return "avx2+fma, avx512f attention";
   if (has_avx2_fma()) return "avx2+fma";
 #endif
   return "scalar";
@@ -1175,13 +1188,117 @@ AVX2_FMA static void weighted_values_avx2(const float* w, size_t rows, const flo
   if (rows - r == 2) weighted_values_rows<2>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
   if (rows - r == 1) weighted_values_rows<1>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
 }
+// The decode attention with 16-float vectors, for CPUs with AVX-512 (whose OpenBLAS builds are the ones
+// with small-matrix scores). Same sums as the loops above: the lanes only change how many outputs a
+// vector carries, except in the scores, which copy sgemm_small_kernel_tn's own layout.
+
+// sgemm_small_kernel_tn's REDUCE_4: the 16 lanes of each of four keys' accumulators, reduced pairwise
+// in lane order (its shuffles and adds, op for op); lane j of the result is key j's score.
+AVX512F static inline __m128 reduce_four_keys(const __m512 acc[4]) {
+  __m512 r0 = _mm512_unpacklo_ps(acc[0], acc[1]), r1 = _mm512_unpackhi_ps(acc[0], acc[1]);
+  __m512 r2 = _mm512_unpacklo_ps(acc[2], acc[3]), r3 = _mm512_unpackhi_ps(acc[2], acc[3]);
+  __m512 t0 = _mm512_shuffle_ps(r0, r2, _MM_SHUFFLE(1, 0, 1, 0)), t1 = _mm512_shuffle_ps(r0, r2, _MM_SHUFFLE(3, 2, 3, 2));
+  __m512 t2 = _mm512_shuffle_ps(r1, r3, _MM_SHUFFLE(1, 0, 1, 0)), t3 = _mm512_shuffle_ps(r1, r3, _MM_SHUFFLE(3, 2, 3, 2));
+  __m512 sum = _mm512_add_ps(_mm512_add_ps(t0, t1), _mm512_add_ps(t2, t3));
+  __m128 low = _mm_add_ps(_mm512_extractf32x4_ps(sum, 0), _mm512_extractf32x4_ps(sum, 1));
+  __m128 high = _mm_add_ps(_mm512_extractf32x4_ps(sum, 2), _mm512_extractf32x4_ps(sum, 3));
+  return _mm_add_ps(low, high);
+}
+
+// Small-matrix scores of `Rows` scaled query rows (D apart) for the keys in whole groups of four from
+// the group holding `first` up to `grouped`: per key one 16-lane accumulator over the features (a partial
+// last block masked to zeros, as the library loads it), each group's keys loaded once for every row.
+template <size_t Rows>
+AVX512F static void small_scores_rows(const float* qs, size_t D, const float* k, int64_t k_row, size_t first,
+                                      size_t grouped, size_t S, float* scores) {
+  for (size_t s = first & ~size_t{3}; s < grouped; s += 4) {
+    __m512 acc[Rows][4];
+    for (size_t r = 0; r < Rows; r++)
+      for (size_t j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+    for (size_t d0 = 0; d0 < D; d0 += 16) {
+      __mmask16 mask = D - d0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d0)) - 1);
+      __m512 key[4];
+      for (size_t j = 0; j < 4; j++) key[j] = _mm512_maskz_loadu_ps(mask, k + static_cast<int64_t>(s + j) * k_row + d0);
+      for (size_t r = 0; r < Rows; r++) {
+        __m512 query = _mm512_maskz_loadu_ps(mask, qs + r * D + d0);
+        for (size_t j = 0; j < 4; j++) acc[r][j] = _mm512_fmadd_ps(key[j], query, acc[r][j]);
+      }
+    }
+    for (size_t r = 0; r < Rows; r++) _mm_storeu_ps(scores + r * S + s, reduce_four_keys(acc[r]));
+  }
+}
+
+// Scores within the small-matrix permit (small_scored): keys in whole groups of four as above (a group
+// reaching before `first` writes scores the caller overwrites), the last S mod 4 by lane_score.
+AVX512F static void small_scores_avx512(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first,
+                                        size_t S, size_t D, float* scores) {
+  size_t grouped = pairwise_keys(S), r = 0;
+  for (; r + 3 <= rows; r += 3) small_scores_rows<3>(qs + r * D, D, k, k_row, first, grouped, S, scores + r * S);
+  if (rows - r == 2) small_scores_rows<2>(qs + r * D, D, k, k_row, first, grouped, S, scores + r * S);
+  if (rows - r == 1) small_scores_rows<1>(qs + r * D, D, k, k_row, first, grouped, S, scores + r * S);
+  for (size_t row = 0; row < rows; row++)
+    for (size_t s = std::max(first, grouped); s < S; s++)
+      scores[row * S + s] = lane_score(qs + row * D, k + static_cast<int64_t>(s) * k_row, D, false);
+}
+
+// weighted_values_pass with 16 outputs per vector.
+template <size_t Rows, size_t Vectors>
+AVX512F static inline void weighted_values_pass16(const float* w, size_t w_row, const float* v, int64_t v_row,
+                                                  size_t first, size_t S, BlasSums sums, float* out, size_t out_row) {
+  __m512 total[Rows][Vectors], chain[Rows][Vectors];
+  for (size_t r = 0; r < Rows; r++)
+    for (size_t j = 0; j < Vectors; j++) total[r][j] = _mm512_setzero_ps();
+  for (size_t s0 = 0; s0 < S;) {
+    size_t s1 = s0 + next_block(S - s0, sums);
+    for (size_t r = 0; r < Rows; r++)
+      for (size_t j = 0; j < Vectors; j++) chain[r][j] = _mm512_setzero_ps();
+    for (size_t s = std::max(s0, first); s < s1; s++) {
+      const float* value = v + static_cast<int64_t>(s) * v_row;
+      __m512 values[Vectors];
+      for (size_t j = 0; j < Vectors; j++) values[j] = _mm512_loadu_ps(value + 16 * j);
+      for (size_t r = 0; r < Rows; r++) {
+        __m512 weight = _mm512_set1_ps(w[r * w_row + s]);
+        for (size_t j = 0; j < Vectors; j++) chain[r][j] = _mm512_fmadd_ps(weight, values[j], chain[r][j]);
+      }
+    }
+    for (size_t r = 0; r < Rows; r++)
+      for (size_t j = 0; j < Vectors; j++) total[r][j] = _mm512_add_ps(total[r][j], chain[r][j]);
+    s0 = s1;
+  }
+  for (size_t r = 0; r < Rows; r++)
+    for (size_t j = 0; j < Vectors; j++) _mm512_storeu_ps(out + r * out_row + 16 * j, total[r][j]);
+}
+
+template <size_t Rows>
+AVX512F static void weighted_values_rows16(const float* w, size_t w_row, const float* v, int64_t v_row, size_t first,
+                                           size_t S, size_t D, BlasSums sums, float* out, size_t out_row) {
+  size_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64)
+    weighted_values_pass16<Rows, 4>(w, w_row, v + d0, v_row, first, S, sums, out + d0, out_row);
+  for (; d0 + 16 <= D; d0 += 16)
+    weighted_values_pass16<Rows, 1>(w, w_row, v + d0, v_row, first, S, sums, out + d0, out_row);
+  if (d0 < D) {
+    for (size_t r = 0; r < Rows; r++)
+      weighted_values_f32(w + r * w_row, v + d0, v_row, first, S, D - d0, sums, out + r * out_row + d0);
+  }
+}
+
+AVX512F static void weighted_values_avx512(const float* w, size_t rows, const float* v, int64_t v_row, size_t first,
+                                           size_t S, size_t D, BlasSums sums, float* out) {
+  size_t r = 0;
+  for (; r + 3 <= rows; r += 3) weighted_values_rows16<3>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
+  if (rows - r == 2) weighted_values_rows16<2>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
+  if (rows - r == 1) weighted_values_rows16<1>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
+}
 #endif
+
 
 // Scores of keys [first, S) (rows S apart); the earlier ones are left unwritten. `scratch`: the vector
 // path's packed keys.
 static void attention_scores(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first, size_t S,
                              size_t D, BlasSums sums, float* scores, std::vector<float>& scratch) {
 #ifdef MLX_MED_AVX2
+  if (has_avx512f() && small_scored(S, D, sums)) return small_scores_avx512(qs, rows, k, k_row, first, S, D, scores);
   if (has_avx2_fma()) return attention_scores_avx2(qs, rows, k, k_row, first, S, D, sums, scores, scratch);
 #else
   (void)scratch;
@@ -1194,6 +1311,7 @@ static void attention_scores(const float* qs, size_t rows, const float* k, int64
 static void weighted_values(const float* w, size_t rows, const float* v, int64_t v_row, size_t first, size_t S,
                             size_t D, BlasSums sums, float* out) {
 #ifdef MLX_MED_AVX2
+  if (has_avx512f()) return weighted_values_avx512(w, rows, v, v_row, first, S, D, sums, out);
   if (has_avx2_fma()) return weighted_values_avx2(w, rows, v, v_row, first, S, D, sums, out);
 #endif
   for (size_t r = 0; r < rows; r++) weighted_values_f32(w + r * S, v, v_row, first, S, D, sums, out + r * D);
