@@ -11,7 +11,7 @@ difference, or when the module cannot be built here, mlx-med keeps MLX's kernels
 replaces MLX's BLAS calls too, so it is used only where ``attention_sums.calibrate`` found how this
 machine's BLAS adds their products.
 
-``MLX_MED_KERNELS=off`` keeps MLX's kernels (``scalar``: the reference loop, no AVX2);
+``MLX_MED_KERNELS=off`` keeps MLX's kernels (``scalar``: the reference loop, no AVX2; ``avx2``: no AVX-512);
 ``MLX_MED_KERNEL_THREADS=N`` caps the threads one call uses (default: this process's CPUs, at most 8).
 The CPU fp32 compute path turns the kernels on for every model it prepares
 (``backend.prepare_for_compute``: ``use_cpu_kernels``); ``cross_entropy`` and ``logsumexp`` here take
