@@ -1292,7 +1292,6 @@ AVX512F static void weighted_values_avx512(const float* w, size_t rows, const fl
 }
 #endif
 
-
 // Scores of keys [first, S) (rows S apart); the earlier ones are left unwritten. `scratch`: the vector
 // path's packed keys.
 static void attention_scores(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first, size_t S,
@@ -1419,8 +1418,8 @@ static mx::array rows_contiguous(const mx::array& a, mx::Stream s) {
 }
 
 mx::array decode_attention(const mx::array& queries, const mx::array& keys, const mx::array& values,
-                           std::optional<mx::array> mask, int mask_kind, float scale, int block, int unroll, bool small_scores,
-                           mx::StreamOrDevice s_ = {}) {
+                           std::optional<mx::array> mask, int mask_kind, float scale, int block, int unroll,
+                           bool small_scores, mx::StreamOrDevice s_ = {}) {
   auto s = mx::to_stream(s_);
   for (auto* a : {&queries, &keys, &values}) require_f32_cpu(*a, s, "decode_attention");
   if (queries.ndim() != 4 || keys.ndim() != 4 || keys.shape() != values.shape() ||
