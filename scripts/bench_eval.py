@@ -8,7 +8,9 @@ Before the comparison it profiles the batched run: prefill, decode forward, samp
 detokenization and Python overhead (mlx-lm's BatchGenerator timers; sampling is timed alone on the
 decode batch's logits and subtracted from the decode step), and the achieved GFLOP/s of prefill and
 decode (2 FLOPs per matmul parameter per token, attention left out: a lower bound) against the
-measured fp32 GEMM (``mlx-med doctor``'s figure). ``--unbucketed`` also profiles one prefill of all
+measured fp32 GEMM (``mlx-med doctor``'s figure): decode over the whole run, and over its steady
+steps of at least 32 rows (``GenerationProfile.steady_steps``: no rows added or removed, no prefill
+beside them). ``--unbucketed`` also profiles one prefill of all
 rows at once (the configuration before length-bucketed prefill).
 
     python scripts/bench_eval.py [--model DIR] [--n 64] [--max-new-tokens 128] [--batch-size 64]
@@ -29,6 +31,7 @@ import mlx_med  # noqa: F401  (BLAS preload before mlx)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data" / "demo" / "eval_toyhom_zh.jsonl"
+STEADY_ROWS = 32  # decode GFLOP/s is also reported over the steady steps of at least this many rows
 
 
 def prompts_from(path: Path, n: int) -> list[list[dict]]:
@@ -126,8 +129,21 @@ def print_profile(label: str, profile, model, gemm: float) -> dict:
           f"({100 * prefill_gflops / gemm:.0f}% of GEMM); decode {profile.generated_tokens} tokens in "
           f"{profile.decode_steps} steps (mean batch {rows}): {decode_gflops:.1f} GFLOP/s "
           f"({100 * decode_gflops / gemm:.0f}% of GEMM)")
-    return {"prefill_gflops": round(prefill_gflops, 2), "decode_gflops": round(decode_gflops, 2),
-            "mean_decode_batch": rows, **{k.split()[0] + "_s": round(v, 2) for k, v in parts.items()}}
+    report = {"prefill_gflops": round(prefill_gflops, 2), "decode_gflops": round(decode_gflops, 2),
+              "mean_decode_batch": rows, **{k.split()[0] + "_s": round(v, 2) for k, v in parts.items()}}
+    # the issue's yardstick: decode at batch >= 32, over the steps whose timer saw their own forward
+    steady = profile.steady_steps(min_rows=STEADY_ROWS)
+    if steady:
+        tokens = sum(step.rows for step in steady)
+        steady_rows = round(tokens / len(steady))
+        seconds = sum(step.seconds for step in steady)
+        seconds -= min(seconds, len(steady) * sampler_seconds(vocab, steady_rows, greedy_sampler))
+        steady_gflops = 2 * (body + head) * tokens / max(seconds, 1e-9) / 1e9
+        print(f"[{label}] decode at batch >= {STEADY_ROWS}: {len(steady)} steady steps (mean batch {steady_rows}), "
+              f"{1e3 * seconds / len(steady):.0f} ms per step without sampling: {steady_gflops:.1f} GFLOP/s "
+              f"({100 * steady_gflops / gemm:.0f}% of GEMM)")
+        report.update(steady_decode_gflops=round(steady_gflops, 2), steady_decode_steps=len(steady))
+    return report
 
 
 def model_hidden(model) -> int:

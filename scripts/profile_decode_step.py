@@ -14,6 +14,9 @@ alone at their real shapes:
 - log-softmax: the ``logsumexp`` over the vocabulary that mlx-lm's batch generator takes every step;
 - the rest (residual adds, embedding, reshapes, cache update, argmax): what the step takes beyond those.
 
+Beside them it prints what the step must read from memory (every weight and every cached key and
+value once) against one thread's measured read bandwidth, and the GB/s the attention piece reaches.
+
 Attention, SwiGLU, RMSNorm, RoPE and the logsumexp are the functions and layers the step itself calls:
 mlx-med's kernels on the CPU fp32 path (``mlx_med.kernels``), MLX's with ``MLX_MED_KERNELS=off``.
 
@@ -44,6 +47,14 @@ def linear_shapes(model) -> list[tuple[int, int]]:
 
     return [module.weight.shape for block in model.layers for _, module in block.named_modules()
             if isinstance(module, nn.Linear)]
+
+
+def read_bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
+    """GB/s one thread reads from memory (best of ``repeats`` numpy sums over ``megabytes``)."""
+    import numpy as np
+
+    data = np.ones(megabytes * 2**20 // 4, dtype=np.float32)
+    return data.nbytes / best_of(data.sum, repeats) / 1e9
 
 
 def main() -> None:
@@ -142,6 +153,15 @@ def main() -> None:
         print(f"{name:<36} {seconds * 1e3:>8.1f} {seconds / total:>7.0%}")
     print(f"{'whole step':<36} {total * 1e3:>8.1f}   ({total / rows * 1e3:.2f} ms per row and token)")
     print(f"GEMM piece alone: {flops / gemm_s / 1e9:.1f} GFLOP/s ({flops / gemm_s / 1e9 / gemm:.0%} of the 1024³ GEMM)")
+    # What the step must read from memory whatever the arithmetic: every weight once, every cached key
+    # and value once. The attention piece is that read for the cache, with little arithmetic per byte.
+    bandwidth = read_bandwidth()
+    weight_bytes = 4 * sum(w.size for w in weights)
+    cache_bytes = 4 * sum(k.size + v.size for k, v in kvs)
+    print(f"memory read (numpy sum over 256 MB, one thread): {bandwidth:.1f} GB/s; the step reads "
+          f"{weight_bytes / 1e6:.0f} MB of weights and {cache_bytes / 1e6:.0f} MB of cached keys and values: "
+          f"{(weight_bytes + cache_bytes) / bandwidth / 1e6:.0f} ms at that rate")
+    print(f"attention piece: {cache_bytes / attention_s / 1e9:.1f} GB/s of keys and values")
     achieved = flops / total / 1e9
     print(f"whole step: {achieved:.1f} GFLOP/s ({achieved / gemm:.0%} of the GEMM)")
     print(f"ratio: {achieved / gemm:.3f}")

@@ -7,6 +7,7 @@ import pytest
 import mlx_med  # noqa: F401
 from mlx_med.evaluation.decoding import DecodingConfig, make_sampler
 from mlx_med.evaluation.generate import (
+    DecodeStep,
     GenerationProfile,
     candidate_sampler,
     encode_chat,
@@ -75,6 +76,23 @@ def test_greedy_equals_sequential_whatever_the_prefill_bucket(loaded, prefill_ba
     assert profile.prompt_tokens == sum(len(encode_chat(loaded.tokenizer, c)) - 1 for c in CONVERSATIONS)
     assert profile.generated_tokens == sum(len(e) for e in expected)
     assert 0 < profile.prompt_s + profile.decode_s <= profile.wall_s
+    # one record per decode step: a row per response (the stop token's included), every prefill in one
+    stops = sum(r.finish_reason == "stop" for r in results)
+    assert len(profile.steps) == profile.decode_steps
+    assert sum(step.rows for step in profile.steps) == profile.generated_tokens + stops
+    assert sum(step.prefilled for step in profile.steps) == profile.prompt_tokens
+    assert abs(sum(step.seconds for step in profile.steps) - profile.decode_s) < 1e-6
+
+
+def test_steady_steps_leave_out_what_their_timer_cannot_see():
+    """Steps after a prefill or after a change of rows are not timed alone (mlx-lm runs a step ahead)."""
+    steps = [DecodeStep(8, 0.1, prefilled=300), DecodeStep(16, 0.2, prefilled=300), DecodeStep(16, 0.01),
+             DecodeStep(16, 0.3), DecodeStep(16, 0.3), DecodeStep(12, 0.25), DecodeStep(12, 0.2),
+             DecodeStep(4, 0.1), DecodeStep(4, 0.1)]
+    profile = GenerationProfile(steps=steps)
+    assert profile.steady_steps() == [steps[3], steps[4], steps[6], steps[8]]
+    assert profile.steady_steps(min_rows=12) == [steps[3], steps[4], steps[6]]
+    assert profile.steady_steps(min_rows=32) == []
 
 
 @pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (40, 0.7), (40, 0.05), (200, 0.95)])

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 from mlx_med.errors import UserError
 from mlx_med.evaluation.decoding import DecodingConfig, make_logits_processors, make_sampler
@@ -48,13 +49,24 @@ class GenerationResult:
     prompt: str = ""
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """One decode step of a batch: ``rows`` new tokens in ``seconds`` (mlx-lm's decode timer);
+    ``prefilled``: prompt tokens the same generator call prefilled after it."""
+
+    rows: int
+    seconds: float
+    prefilled: int = 0
+
+
 @dataclass
 class GenerationProfile:
     """Where the time of one ``generate_batch`` call went (filled in when passed to it).
 
     ``prompt_s`` and ``decode_s`` are mlx-lm's own ``BatchGenerator`` timers (prefill; one decode
     step = forward + sampling, evaluated together); ``detokenize_s`` is ours; the rest of ``wall_s``
-    is Python overhead (scheduling, bookkeeping, the first step of each refill).
+    is Python overhead (scheduling, bookkeeping, the first step of each refill). ``steps`` holds
+    every decode step: its rows and seconds, and the prompt tokens prefilled in the same call.
     """
 
     prompt_tokens: int = 0
@@ -64,10 +76,23 @@ class GenerationProfile:
     decode_s: float = 0.0
     detokenize_s: float = 0.0
     wall_s: float = 0.0
+    steps: list[DecodeStep] = field(default_factory=list)
 
     @property
     def overhead_s(self) -> float:
         return max(0.0, self.wall_s - self.prompt_s - self.decode_s - self.detokenize_s)
+
+    def steady_steps(self, min_rows: int = 1) -> list[DecodeStep]:
+        """The decode steps of at least ``min_rows`` rows whose timer saw one whole forward pass of them.
+
+        mlx-lm's generator starts step t+1 asynchronously before returning step t, so a prefill in
+        the same call waits for step t+1's forward (that time lands in the prefill's timer and step
+        t+1 reads too little); a step after rows were added or removed waits for a forward over
+        other rows than it returns. Kept: steps with as many rows as the step before, which
+        prefilled nothing.
+        """
+        return [step for before, step in zip(self.steps, self.steps[1:])
+                if step.rows >= min_rows and step.rows == before.rows and not before.prefilled]
 
 
 def with_system(messages: Sequence[dict], system: str | None) -> list[dict]:
@@ -233,7 +258,13 @@ def generate_batch(
                 weights_by_uid.update({uid: row_weights[i] for uid, i in index_of.items()})
             tokens: dict[int, list[int]] = {uid: [] for uid in uids}
             generated = 0
-            while responses := gen.next_generated():
+            while True:
+                with gen.stats() if profile is not None else nullcontext() as step:
+                    responses = gen.next_generated()
+                if not responses:
+                    break
+                if profile is not None:
+                    profile.steps.append(DecodeStep(len(responses), step.decode_time, step.prompt_tokens))
                 for r in responses:
                     if r.finish_reason != "stop":  # the stop token itself is not part of the answer
                         tokens[r.uid].append(r.token)
