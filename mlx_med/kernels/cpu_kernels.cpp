@@ -1205,6 +1205,12 @@ AVX512F static inline __m128 reduce_four_keys(const __m512 acc[4]) {
   return _mm_add_ps(low, high);
 }
 
+// The lanes a 16-float block of `left` remaining features loads: all of them, or the first `left`
+// (the rest read as zeros, as the library loads a partial last block).
+static inline __mmask16 first_lanes(size_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
 // Small-matrix scores of `Rows` scaled query rows (D apart) for the keys in whole groups of four from
 // the group holding `first` up to `grouped`: per key one 16-lane accumulator over the features (a partial
 // last block masked to zeros, as the library loads it), each group's keys loaded once for every row.
@@ -1216,7 +1222,7 @@ AVX512F static void small_scores_rows(const float* qs, size_t D, const float* k,
     for (size_t r = 0; r < Rows; r++)
       for (size_t j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     for (size_t d0 = 0; d0 < D; d0 += 16) {
-      __mmask16 mask = D - d0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d0)) - 1);
+      __mmask16 mask = first_lanes(D - d0);
       __m512 key[4];
       for (size_t j = 0; j < 4; j++) key[j] = _mm512_maskz_loadu_ps(mask, k + static_cast<int64_t>(s + j) * k_row + d0);
       for (size_t r = 0; r < Rows; r++) {
@@ -1234,7 +1240,7 @@ AVX512F static void small_scores_rows(const float* qs, size_t D, const float* k,
 AVX512F static float lane_score_avx512(const float* q, const float* key, size_t D) {
   __m512 acc = _mm512_setzero_ps();
   for (size_t d0 = 0; d0 < D; d0 += 16) {
-    __mmask16 mask = D - d0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d0)) - 1);
+    __mmask16 mask = first_lanes(D - d0);
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + d0), _mm512_maskz_loadu_ps(mask, key + d0), acc);
   }
   __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
