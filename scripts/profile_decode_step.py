@@ -5,7 +5,8 @@ rows, a KV cache of ``context`` tokens per row, the vocabulary-wide log-softmax 
 sampler, then greedy argmax) is timed whole on the model, then taken apart by replaying its pieces
 alone at their real shapes:
 
-- GEMM: every projection of every block at M = batch rows, and the (tied) output head;
+- GEMM: every projection of every block at M = batch rows, and the (tied) output head (the model's own
+  layers, over their packed weights where generation packs them: `kernels.pack_projections`);
 - attention: the model's scaled dot-product attention of one query per row over the cached keys, every block
   (each over its own keys and values, as the model reads them);
 - norms and activations: RMSNorm (two per block and the final one), SwiGLU and RoPE (queries and keys
@@ -41,12 +42,14 @@ from profile_train_step import best_of  # this script's folder is on sys.path wh
 import mlx_med  # noqa: F401  (BLAS preload before mlx)
 
 
-def linear_shapes(model) -> list[tuple[int, int]]:
-    """(out, in) of every projection of every block."""
+def projections(model) -> list:
+    """Every projection of every block, and the output head, as functions of the rows: the model's own
+    layers (over their packed weights where generation packs them)."""
     import mlx.nn as nn
 
-    return [module.weight.shape for block in model.layers for _, module in block.named_modules()
-            if isinstance(module, nn.Linear)]
+    layers = [module for block in model.layers for _, module in block.named_modules() if isinstance(module, nn.Linear)]
+    head = getattr(model, "lm_head", None) or model.model.embed_tokens.as_linear
+    return [(layer.weight.shape[1], layer) for layer in layers] + [(model.model.embed_tokens.weight.shape[1], head)]
 
 
 def read_bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
@@ -69,7 +72,7 @@ def main() -> None:
     from mlx_lm.models.cache import make_prompt_cache
 
     from mlx_med.backend import detect_backend, gemm_gflops, gemm_reference
-    from mlx_med.kernels import use_cpu_kernels
+    from mlx_med.kernels import pack_projections, use_cpu_kernels
     from mlx_med.kernels.install import generate_module
     from mlx_med.models import load_model
 
@@ -82,6 +85,7 @@ def main() -> None:
     rows, context = args.batch, args.context
     print(f"model: {model_dir} | {detect_backend().describe()}")
     print(f"kernels: {use_cpu_kernels(model)}")
+    print(pack_projections(model))  # as generate_batch does
     gemm = gemm_gflops()
     print(f"fp32 GEMM (doctor): {gemm:.1f} GFLOP/s; decode step: {rows} rows, {context} cached tokens per row")
 
@@ -104,13 +108,13 @@ def main() -> None:
 
     total = best_of(step, args.repeats)
 
-    shapes = linear_shapes(model)
     vocab, hidden = model.model.embed_tokens.weight.shape
-    weights = [mx.random.normal(s) * 0.02 for s in shapes] + [mx.random.normal((vocab, hidden)) * 0.02]
-    inputs = {w.shape[1]: mx.random.normal((rows, w.shape[1])) for w in weights}
-    mx.eval(weights, inputs)
-    gemm_s = best_of(lambda: mx.eval([inputs[w.shape[1]] @ w.T for w in weights]), args.repeats)
-    flops = 2 * rows * sum(w.size for w in weights)
+    linears = projections(model)
+    inputs = {k: mx.random.normal((rows, k)) for k, _ in linears}
+    mx.eval(inputs)
+    gemm_s = best_of(lambda: mx.eval([layer(inputs[k]) for k, layer in linears]), args.repeats)
+    weight_sizes = [k * layer(inputs[k][:1]).shape[-1] for k, layer in linears]
+    flops = 2 * rows * sum(weight_sizes)
 
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim = config.get("head_dim") or hidden // heads
@@ -156,7 +160,7 @@ def main() -> None:
     # What the step must read from memory whatever the arithmetic: every weight once, every cached key
     # and value once. The attention piece is that read for the cache, with little arithmetic per byte.
     bandwidth = read_bandwidth()
-    weight_bytes = 4 * sum(w.size for w in weights)
+    weight_bytes = 4 * sum(weight_sizes)
     cache_bytes = 4 * sum(k.size + v.size for k, v in kvs)
     print(f"memory read (numpy sum over 256 MB, one thread): {bandwidth:.1f} GB/s; the step reads "
           f"{weight_bytes / 1e6:.0f} MB of weights and {cache_bytes / 1e6:.0f} MB of cached keys and values: "

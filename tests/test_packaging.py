@@ -27,7 +27,7 @@ from mlx_med.config import load_config
 from mlx_med.evaluation.probes import load_probes, resolve_probe_path
 from mlx_med.pipeline.runner import PipelineConfig
 from mlx_med.resources import resolve_recipe, shipped_root
-from mlx_med.kernels.build import SOURCE
+from mlx_med.kernels.build import HEADERS, SOURCES
 demo = load_config(PipelineConfig, resolve_recipe(Path("demo")))
 paths = [demo.pt.data.train, demo.sft.data.train, *demo.eval.data, demo.eval.ppl_data]
 print(json.dumps({
@@ -35,7 +35,7 @@ print(json.dumps({
     "probes": len(load_probes(resolve_probe_path("starter"))),
     "demo_paths": [str(p) for p in paths],
     "demo_files": sum(len(list(Path(p).parent.glob(Path(p).name))) for p in paths),
-    "output": str(demo.output), "kernels_source": SOURCE.is_file(),
+    "output": str(demo.output), "kernels_source": all(p.is_file() for p in (*SOURCES, *HEADERS)),
 }))
 """
 

@@ -67,6 +67,7 @@ class GenerationProfile:
     step = forward + sampling, evaluated together); ``detokenize_s`` is ours; the rest of ``wall_s``
     is Python overhead (scheduling, bookkeeping, the first step of each refill). ``steps`` holds
     every decode step: its rows and seconds, and the prompt tokens prefilled in the same call.
+    ``projections`` says how the model's projections ran (``kernels.pack_projections``).
     """
 
     prompt_tokens: int = 0
@@ -77,6 +78,7 @@ class GenerationProfile:
     detokenize_s: float = 0.0
     wall_s: float = 0.0
     steps: list[DecodeStep] = field(default_factory=list)
+    projections: str = ""
 
     @property
     def overhead_s(self) -> float:
@@ -217,6 +219,7 @@ def generate_batch(
     from mlx_lm.generate import BatchGenerator
 
     from mlx_med.evaluation.batch_cache import in_place_caches
+    from mlx_med.kernels import pack_projections
 
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
@@ -232,6 +235,9 @@ def generate_batch(
     if not decoding.greedy:
         mx.random.seed(decoding.seed)
 
+    projections = pack_projections(model)  # once per model: later calls find it packed
+    if profile is not None:
+        profile.projections = projections
     weights_by_uid: dict[int, dict[str, float]] = {}
     if row_weights is not None:
         from mlx_med.evaluation.row_weights import RowWeightedModel

@@ -69,6 +69,16 @@ def use_cpu_kernels(model: nn.Module) -> str:
     return f"mlx-med's for {', '.join(names)} ({reason})"
 
 
+def pack_projections(model: nn.Module) -> str:
+    """Pack ``model``'s projection weights for generation on the CPU (``packed.pack_for_generation``:
+    OpenBLAS's own kernel over weights packed once, MLX's bits); says what was done."""
+    if mx.default_device() != mx.cpu:
+        return "projections: MLX's matmul (not on the CPU)"
+    from mlx_med.kernels.packed import pack_for_generation
+
+    return pack_for_generation(model, cpu_kernels()[0])
+
+
 def usable_kernels(*arrays: mx.array):
     """The kernels when every array is fp32 on the CPU and they load, else None (checked in that order:
     a GPU run never builds them)."""

@@ -1,4 +1,4 @@
-"""Compile ``cpu_kernels.cpp`` into an MLX extension module once per machine, and load it.
+"""Compile the kernels' C++ sources (``SOURCES``) into an MLX extension module once per machine, and load it.
 
 The module is built on first use (about 10 s) into ``cache_dir()/kernels/<key>/``, where the key
 hashes everything the binary depends on: the source, MLX's and nanobind's versions, the Python ABI
@@ -28,7 +28,9 @@ from types import ModuleType
 
 from mlx_med.io import cache_dir
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_kernels.cpp", HERE / "packed_gemm.cpp")  # compiled, in this order
+HEADERS = (HERE / "worker_pool.h",)
 MODULE_NAME = "_mlx_med_kernels"
 BUILD_TIMEOUT_S = 300
 CXXFLAGS = ["-std=c++20", "-O3", "-fPIC", "-fvisibility=hidden", "-DNDEBUG",
@@ -75,7 +77,8 @@ def build_inputs() -> dict[str, str]:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     except OSError:  # not runnable: the build then fails and says so
         version = ""
-    return {"source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(), "mlx": mx.__version__,
+    source = hashlib.sha256(b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))).hexdigest()
+    return {"source": source, "mlx": mx.__version__,
             "nanobind": nanobind.__version__, "python": sysconfig.get_config_var("EXT_SUFFIX") or "",
             "stable_abi": str(stable_abi()), "compiler": f"{cxx} {version}", "flags": " ".join(CXXFLAGS)}
 
@@ -116,13 +119,13 @@ def compile_module(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         objects = []
-        for source in (nb_root / "src" / "nb_combined.cpp", SOURCE):
+        for source in (nb_root / "src" / "nb_combined.cpp", *SOURCES):
             obj = Path(tmp) / (source.stem + ".o")
             run([compiler(), *flags, "-c", str(source), "-o", str(obj)])
             objects.append(str(obj))
         partial = Path(tmp) / target.name
         run([compiler(), "-shared", *objects, f"-L{mlx_root / 'lib'}", "-lmlx",
-             f"-Wl,-rpath,{mlx_root / 'lib'}", "-o", str(partial)])
+             f"-Wl,-rpath,{mlx_root / 'lib'}", "-ldl", "-o", str(partial)])
         os.replace(partial, target)
 
 

@@ -22,8 +22,6 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
-#include <system_error>
-#include <thread>
 #include <vector>
 
 #include <sched.h>
@@ -36,6 +34,7 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
+#include "worker_pool.h"
 
 namespace mx = mlx::core;
 namespace nb = nanobind;
@@ -450,7 +449,7 @@ static float rms_factor(const float* x, size_t cols, float eps, float* variance)
 // ---- splitting one kernel call over the CPUs -------------------------------------------------------
 // The threads a call may use: MLX_MED_KERNEL_THREADS, else the CPUs this process may run on (at most 8).
 // Only a whole number >= 1 (spaces around it allowed) counts, as mlx_med.switches reads it for doctor.
-static size_t kernel_threads() {
+size_t kernel_threads() {
   static const size_t threads = [] {
     if (const char* choice = std::getenv("MLX_MED_KERNEL_THREADS")) {
       const char* digits = choice;
@@ -470,26 +469,18 @@ static size_t kernel_threads() {
 // Below this many elements per thread, starting a thread costs more than it saves.
 constexpr size_t kMinElementsPerThread = 1 << 16;
 
-// Run body(first_row, end_row) over [0, rows) in contiguous row ranges, one per thread (the calling
-// thread takes the first). Each row is handled whole by one thread.
+// Run body(first_row, end_row) over [0, rows) in contiguous row ranges, one per thread of the worker
+// pool (the calling thread among them). Each row is handled whole by one thread.
 template <typename Body>
 static void for_row_ranges(size_t rows, size_t cols, Body body) {
   size_t by_size = rows * std::max<size_t>(cols, 1) / kMinElementsPerThread;
   size_t parts = std::min({kernel_threads(), rows, std::max<size_t>(by_size, 1)});
   if (parts <= 1) return body(size_t(0), rows);
-  std::vector<std::thread> helpers;
-  helpers.reserve(parts - 1);
   size_t per_part = (rows + parts - 1) / parts;
-  for (size_t first = per_part; first < rows; first += per_part) {
-    size_t end = std::min(rows, first + per_part);
-    try {
-      helpers.emplace_back(body, first, end);
-    } catch (const std::system_error&) {  // no thread to be had (a process limit): this thread does it
-      body(first, end);
-    }
-  }
-  body(size_t(0), std::min(rows, per_part));
-  for (auto& t : helpers) t.join();
+  worker_pool().run(parts, [&](size_t part) {
+    size_t first = part * per_part;
+    if (first < rows) body(first, std::min(rows, first + per_part));
+  });
 }
 
 // Run body(row) for every row of a call, the rows split over threads as for_row_ranges does.
@@ -1468,11 +1459,14 @@ mx::array decode_attention(const mx::array& queries, const mx::array& keys, cons
                    std::move(inputs));
 }
 
+void register_packed_gemm(nb::module_& m);  // packed_gemm.cpp
+
 }  // namespace mlx_med
 
 NB_MODULE(_mlx_med_kernels, m) {
   using namespace nb::literals;
   m.doc() = "mlx-med's vectorized CPU kernels (bit-identical to MLX's own).";
+  mlx_med::register_packed_gemm(m);
   m.def("swiglu", [](const mx::array& g, const mx::array& u) { return mlx_med::swiglu(g, u); }, "gate"_a, "up"_a,
         "silu(gate) * up.");
   m.def("swiglu_vjp", [](const mx::array& g, const mx::array& u, const mx::array& c) {

@@ -156,15 +156,23 @@ def install_generation(kernels: Kernels) -> bool:
     return isinstance(generate.mx, CoreWithKernels)
 
 
+def packed_pairs() -> tuple:
+    from mlx_med.kernels.packed import PACKED_CLASSES
+
+    return tuple(PACKED_CLASSES.items())
+
+
 def uninstall(model: nn.Module) -> None:
     """Give the model's module, and mlx-lm's generate module, back mlx-lm's own functions, and the
-    model's norms and RoPEs their MLX classes (benchmarks compare the two in one run)."""
+    model's norms, RoPEs and packed projections their MLX classes (benchmarks compare the two in one
+    run)."""
     for module in (sys.modules[type(model).__module__], generate_module()):
         for name, function in getattr(module, ORIGINALS, {}).items():
             setattr(module, name, function)
         if hasattr(module, ORIGINALS):
             delattr(module, ORIGINALS)
     for _, layer in model.named_modules():
-        for base, sub in ((nn.RMSNorm, KernelRMSNorm), (nn.RoPE, KernelRoPE)):
+        for base, sub in ((nn.RMSNorm, KernelRMSNorm), (nn.RoPE, KernelRoPE), *packed_pairs()):
             if isinstance(layer, sub):
                 layer.__class__ = base
+                layer.__dict__.pop("_pack", None)

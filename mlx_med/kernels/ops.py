@@ -19,6 +19,11 @@ class Kernels:
         self.isa = module.isa()
         # how the BLAS adds the attention matmuls' sums here (``attention_sums``); None: keep MLX's graph
         self.attention_sums: BlasSums | None = None
+        # how OpenBLAS cuts a projection's sums here (``packed.calibrate``), the (N, K) shapes checked
+        # and those that gave MLX's bits under it; None: not calibrated yet
+        self.packed_cut = None
+        self.packed_checked: set[tuple[int, int]] = set()
+        self.packed_shapes: set[tuple[int, int]] = set()
 
         @mx.custom_function
         def swiglu(gate, up):

@@ -30,6 +30,7 @@ def build_state(cfg: ServeConfig):
 
     from mlx_med.adapters.live import load_with_adapters, print_notes
     from mlx_med.chat.session import context_window
+    from mlx_med.kernels import pack_projections
     from mlx_med.serve.app import ServerState
     from mlx_med.serve.mixes import MixCatalog
     from mlx_med.serve.scheduler import Scheduler
@@ -40,6 +41,7 @@ def build_state(cfg: ServeConfig):
     # evaluate them ("There is no Stream(cpu, 0) in current thread").
     mx.eval(loaded.model.parameters())
     print_notes(live)
+    print(f"mlx-med serve: {pack_projections(loaded.model)}", file=sys.stderr)
     names = list(live.adapters) if live is not None else []
     catalog = MixCatalog(adapters=names, weights=live.weights if live is not None else {},
                          paths={n: str(a.path or n) for n, a in (live.adapters.items() if live else [])})

@@ -1,0 +1,196 @@
+"""A generating model's projections over weights packed once (``packed_gemm.cpp``).
+
+At a decode step every projection is a GEMM of a few dozen rows against a weight that never changes,
+and OpenBLAS packs that weight into its kernel's layout on every call: a quarter of the step's GEMM
+time. ``pack_for_generation`` packs each ``nn.Linear`` weight (and a tied embedding used as the output
+head) once, with OpenBLAS's own copy routine, and gives the layer a subclass whose forward runs
+OpenBLAS's own compute kernel over it. The sums are the library's, block for block, so the outputs are
+MLX's bit for bit; that is checked here on the model's own shapes before any layer is switched
+(``calibrate``), and a shape that does not match keeps MLX's matmul.
+
+A packed weight is a second copy of the weight (the demo model: 538 MB), so packing happens only for
+generation (``evaluation.generate.generate_batch``, the server), only while the copies fit in half the
+memory the system has available, and only where OpenBLAS exports its per-core kernels (its
+DYNAMIC_ARCH builds: Debian's, Fedora's). A layer whose weight is replaced afterwards (a fuse, a
+dtype change) drops its packed copy and runs MLX's matmul again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_med.kernels.ops import Kernels, on_cpu_f32
+
+# Above this many rows OpenBLAS's own call costs the same (packing the weight is a small share of a
+# long prefill): measured 0.94-1.07x at 1208 rows, 1.2-1.9x at 32-64.
+MAX_ROWS = 256
+# At or below this rows x N x K, OpenBLAS's AVX-512 builds may send the call to a small-matrix kernel
+# that adds differently (its permit: M * N * K <= 100^3).
+SMALL_WORK = 1_000_000
+# Row counts the calibration compares (a decode step's and a short prefill's).
+CHECK_ROWS = (16, 64, MAX_ROWS)
+
+
+class BlasCut(NamedTuple):
+    """Where OpenBLAS's level-3 driver cuts the inner dimension (``packed_gemm.cpp``: ``BlasCut``)."""
+
+    q: int  # GEMM_Q
+    unroll: int  # GEMM_UNROLL_M (the one-thread driver rounds the next-to-last block to it)
+    threaded: bool  # the threaded driver's rounding (OpenBLAS running on more than one thread)
+
+    def describe(self) -> str:
+        return f"cut at {self.q}, unroll {self.unroll}, {'threaded' if self.threaded else 'one-thread'} driver"
+
+
+_CUTS = ((320, 16), (320, 8), (448, 16), (384, 16), (256, 16), (256, 8), (192, 16), (512, 16), (224, 8))
+CANDIDATES = tuple(BlasCut(q, unroll, threaded) for q, unroll in _CUTS for threaded in (True, False))
+
+
+@dataclass
+class PackedWeight:
+    """A weight packed for ``packed_matmul`` (an attribute, not a parameter: MLX does not see it)."""
+
+    packed: mx.array
+    source: mx.array  # the weight it was packed from: another array in the layer means a stale pack
+    cut: BlasCut
+    kernels: Kernels
+
+    def matmul(self, x: mx.array) -> mx.array | None:
+        """``x @ source.T`` over the packed copy, or None where MLX's own call should run."""
+        rows = x.size // max(x.shape[-1], 1)
+        n, k = self.source.shape
+        if not (0 < rows <= MAX_ROWS and rows * n * k > SMALL_WORK and x.shape[-1] == k and on_cpu_f32(x)):
+            return None
+        return self.kernels.module.packed_matmul(x, self.packed, n, *self.cut)
+
+
+class PackedLinear(nn.Linear):
+    """``nn.Linear`` (no bias) whose fp32 CPU forward at decode sizes runs over its packed weight."""
+
+    def __call__(self, x):
+        pack = self.__dict__.get("_pack")
+        if pack is not None and "bias" not in self:
+            if pack.source is self["weight"]:
+                out = pack.matmul(x)
+                if out is not None:
+                    return out
+            else:
+                self.__dict__["_pack"] = None  # the weight was replaced: free the stale copy
+        return super().__call__(x)
+
+
+class PackedEmbedding(nn.Embedding):
+    """``nn.Embedding`` whose ``as_linear`` (a tied output head) runs over its packed weight."""
+
+    def as_linear(self, x):
+        pack = self.__dict__.get("_pack")
+        if pack is not None:
+            if pack.source is self["weight"]:
+                out = pack.matmul(x)
+                if out is not None:
+                    return out
+            else:
+                self.__dict__["_pack"] = None
+        return super().as_linear(x)
+
+
+PACKED_CLASSES = {nn.Linear: PackedLinear, nn.Embedding: PackedEmbedding}
+
+
+def packable_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers a pack serves: exactly ``nn.Linear`` without bias and ``nn.Embedding`` (or their packed
+    subclasses), fp32 two-dimensional weights. Subclasses with arithmetic of their own are left alone."""
+    layers = []
+    for _, layer in model.named_modules():
+        base = next((b for b, packed in PACKED_CLASSES.items() if type(layer) in (b, packed)), None)
+        if base is None or (base is nn.Linear and "bias" in layer):
+            continue
+        weight = layer["weight"]
+        if weight.ndim == 2 and weight.dtype == mx.float32:
+            layers.append(layer)
+    return layers
+
+
+def calibrate(kernels: Kernels, shapes: list[tuple[int, int]]) -> tuple[BlasCut | None, list[tuple[int, int]]]:
+    """The first candidate cut under which the packed kernel gives MLX's bits on every (N, K) shape at
+    ``CHECK_ROWS`` rows (random weights and inputs), and the shapes that matched under it."""
+    probes = []
+    for n, k in shapes:
+        weight = mx.random.normal((n, k), key=mx.random.key(n * 7919 + k))
+        rows = [r for r in CHECK_ROWS if r * n * k > SMALL_WORK]
+        xs = [mx.random.normal((r, k), key=mx.random.key(r)) for r in rows]
+        wanted = [x @ weight.T for x in xs]
+        mx.eval(weight, xs, wanted)
+        probes.append(((n, k), weight, xs, wanted))
+    best, best_shapes = None, []
+    for cut in CANDIDATES:
+        matched = []
+        for shape, weight, xs, wanted in probes:
+            packed = kernels.module.pack_weight(weight, *cut)
+            outs = [kernels.module.packed_matmul(x, packed, shape[0], *cut) for x in xs]
+            if all(mx.array_equal(out, want).item() for out, want in zip(outs, wanted)):
+                matched.append(shape)
+        if len(matched) > len(best_shapes):
+            best, best_shapes = cut, matched
+        if len(matched) == len(probes):
+            break
+    return best, best_shapes
+
+
+def available_bytes() -> int:
+    """Memory the system can give now (MemAvailable), or 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+
+
+def pack_for_generation(model: nn.Module, kernels: Kernels | None) -> str:
+    """Pack ``model``'s projection weights for decoding (see the module's docstring), in place; says
+    what was done. Calling it again packs only what is not packed yet (or was replaced)."""
+    if kernels is None:
+        return "projections: MLX's matmul (no kernels)"
+    usable, core = kernels.module.openblas_core()
+    if not usable:
+        return f"projections: MLX's matmul ({core})"
+    layers = [layer for layer in packable_layers(model)
+              if (pack := layer.__dict__.get("_pack")) is None or pack.source is not layer["weight"]]
+    if not layers:
+        return "projections: packed already" if packable_layers(model) else "projections: nothing to pack"
+    needed = sum(layer["weight"].nbytes for layer in layers)
+    if needed > available_bytes() // 2:
+        return f"projections: MLX's matmul (packed copies need {needed / 2**20:.0f} MiB, over half the free memory)"
+    shapes = sorted({tuple(layer["weight"].shape) for layer in layers})
+    if kernels.packed_cut is None or not set(shapes) <= kernels.packed_checked:
+        with mx.stream(mx.cpu):
+            cut, matched = calibrate(kernels, shapes)
+        if cut is None:
+            return "projections: MLX's matmul (no cut of OpenBLAS's kernel gave MLX's bits here)"
+        same = cut == kernels.packed_cut  # else what was matched under the old cut no longer counts
+        kernels.packed_shapes = (kernels.packed_shapes if same else set()) | set(matched)
+        kernels.packed_checked = (kernels.packed_checked if same else set()) | set(shapes)
+        kernels.packed_cut = cut
+    cut = kernels.packed_cut
+    packed = 0
+    with mx.stream(mx.cpu):
+        for layer in layers:
+            weight = layer["weight"]
+            if tuple(weight.shape) not in kernels.packed_shapes:
+                continue
+            layer.__dict__["_pack"] = PackedWeight(kernels.module.pack_weight(weight, *cut), weight, cut, kernels)
+            base = next(b for b in PACKED_CLASSES if isinstance(layer, b))
+            layer.__class__ = PACKED_CLASSES[base]
+            packed += 1
+    return f"projections: {packed} of {len(layers)} weights packed for OpenBLAS's {core} kernel ({cut.describe()})"

@@ -1,0 +1,160 @@
+"""Projections over weights packed once (``mlx_med/kernels/packed_gemm.cpp``, ``packed.py``): OpenBLAS's
+own kernel must give MLX's matmul bit for bit, in the kernel alone, in a model's forward pass and in
+batched greedy generation, and a layer whose weight is replaced must not use its stale copy."""
+
+from __future__ import annotations
+
+import threading
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from tiny_models import build_model
+
+from mlx_med.kernels import cpu_kernels, pack_projections
+from mlx_med.kernels.install import uninstall
+from mlx_med.kernels.packed import (
+    CANDIDATES,
+    MAX_ROWS,
+    SMALL_WORK,
+    BlasCut,
+    PackedEmbedding,
+    PackedLinear,
+    calibrate,
+)
+
+# (N, K): the demo model's four projection shapes, an N that is no multiple of OpenBLAS's 16-row groups,
+# and an inner size whose last two blocks the one-thread and threaded drivers cut differently
+SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (200, 576), (320, 1000)]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    found, reason = cpu_kernels()
+    assert found is not None, reason
+    usable, core = found.module.openblas_core()
+    if not usable:
+        pytest.skip(f"OpenBLAS's per-core kernels are not callable here: {core}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def cut(kernels) -> BlasCut:
+    found, matched = calibrate(kernels, SHAPES)
+    assert found is not None and matched == SHAPES, f"{found} matched only {matched}"
+    return found
+
+
+def test_packed_matmul_is_mlx_s_matmul_bit_for_bit(kernels, cut):
+    for n, k in SHAPES:
+        weight = mx.random.normal((n, k), key=mx.random.key(n + k)) * 0.05
+        packed = kernels.module.pack_weight(weight, *cut)
+        for rows in (1, 3, 8, 17, 33, 64, 100, 255, MAX_ROWS):
+            if rows * n * k <= SMALL_WORK:
+                continue
+            x = mx.random.normal((rows, k), key=mx.random.key(rows))
+            out = kernels.module.packed_matmul(x, packed, n, *cut)
+            assert mx.array_equal(out, x @ weight.T).item(), f"({rows}, {k}) @ ({n}, {k})^T"
+        # batch dimensions and a non-contiguous input (a transposed view) too
+        x = mx.random.normal((k, 2, 40), key=mx.random.key(7)).transpose(1, 2, 0)
+        assert mx.array_equal(kernels.module.packed_matmul(x, packed, n, *cut), x @ weight.T).item()
+
+
+def test_a_wrong_cut_gives_other_bits(kernels, cut):
+    """The check can fail: cutting the inner sums elsewhere than OpenBLAS does changes the outputs."""
+    n, k = 576, 1536
+    weight = mx.random.normal((n, k), key=mx.random.key(1))
+    x = mx.random.normal((64, k), key=mx.random.key(2))
+    wrong = next(c for c in CANDIDATES if c.q != cut.q)
+    packed = kernels.module.pack_weight(weight, *wrong)
+    assert not mx.array_equal(kernels.module.packed_matmul(x, packed, n, *wrong), x @ weight.T).item()
+
+
+def test_bad_arguments_are_refused(kernels, cut):
+    weight = mx.random.normal((192, 576))
+    packed = kernels.module.pack_weight(weight, *cut)
+    with pytest.raises(ValueError, match="packed_matmul"):
+        kernels.module.packed_matmul(mx.random.normal((64, 577)), packed, 192, *cut)  # another K
+    with pytest.raises(ValueError, match="packed_matmul"):
+        kernels.module.packed_matmul(mx.random.normal((64, 576)), packed, 200, *cut)  # another N
+    with pytest.raises(ValueError, match="packed_matmul"):
+        kernels.module.pack_weight(weight.astype(mx.float16), *cut)
+
+
+def test_calls_from_two_threads_at_once_are_right(kernels, cut):
+    """The worker pool runs one call at a time; a second caller does its parts itself."""
+    weight = mx.random.normal((1536, 576), key=mx.random.key(3))
+    packed = kernels.module.pack_weight(weight, *cut)
+    wrong = []
+
+    def work(seed):
+        with mx.stream(mx.new_stream(mx.cpu)):
+            for i in range(30):
+                x = mx.random.normal((48, 576), key=mx.random.key(seed * 100 + i))
+                if not mx.array_equal(kernels.module.packed_matmul(x, packed, 1536, *cut), x @ weight.T).item():
+                    wrong.append((seed, i))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny llama wide enough for its projections to take the packed path at decode sizes (tied head)."""
+    return build_model(tmp_path_factory.mktemp("wide-llama"), "llama", tiny_tokenizer_dir, seed=5,
+                       overrides={"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "head_dim": 64, "tie_word_embeddings": True})
+
+
+def test_a_packed_model_gives_mlx_s_logits_and_a_replaced_weight_is_not_stale(kernels, wide_llama):
+    from mlx_med.models import load_model
+
+    model = load_model(wide_llama).model
+    tokens = mx.array([[5, 9, 13, 2, 7, 11, 3, 8]] * 8)  # 64 rows through every projection
+    before = model(tokens)
+    mx.eval(before)
+    note = pack_projections(model)
+    assert "packed for OpenBLAS" in note, note
+    linear = model.model.layers[0].mlp.gate_proj
+    assert isinstance(linear, PackedLinear) and isinstance(model.model.embed_tokens, PackedEmbedding)
+    assert mx.array_equal(model(tokens), before).item()
+    assert pack_projections(model) == "projections: packed already"
+
+    linear.weight = linear.weight * 2  # a new array: the packed copy is stale from here on
+    x = mx.random.normal((64, linear.weight.shape[1]))
+    assert mx.array_equal(linear(x), x @ linear.weight.T).item()
+    assert linear.__dict__["_pack"] is None
+    assert "1 of 1 weights packed" in pack_projections(model)  # packs only the replaced one
+    assert mx.array_equal(linear(x), x @ linear.weight.T).item()
+
+    uninstall(model)
+    assert type(linear) is nn.Linear and "_pack" not in linear.__dict__
+
+
+def test_batched_greedy_generation_is_the_same_packed_or_not(kernels, wide_llama, monkeypatch):
+    import mlx_med.kernels
+    from mlx_med.evaluation.decoding import DecodingConfig
+    from mlx_med.evaluation.generate import GenerationProfile, generate_batch
+    from mlx_med.models import load_model
+
+    conversations = [[{"role": "user", "content": text}] for text in
+                     ("fever and cough", "高血压患者应低盐饮食", "Is aspirin indicated after a stroke? " * 3)] * 6
+
+    def run(model):
+        profile = GenerationProfile()
+        results = generate_batch(model, loaded.tokenizer, conversations, DecodingConfig(max_new_tokens=16),
+                                 batch_size=18, progress=False, profile=profile)
+        return [(r.text, r.generation_tokens) for r in results], profile.projections
+
+    loaded = load_model(wide_llama)
+    packed_tokens, note = run(loaded.model)
+    assert "packed for OpenBLAS" in note and isinstance(loaded.model.model.layers[1].self_attn.o_proj, PackedLinear)
+    plain = load_model(wide_llama).model
+    monkeypatch.setattr(mlx_med.kernels, "pack_projections", lambda model: "projections: off for this test")
+    plain_tokens, note = run(plain)
+    assert note == "projections: off for this test" and type(plain.model.layers[1].self_attn.o_proj) is nn.Linear
+    assert packed_tokens == plain_tokens
