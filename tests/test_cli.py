@@ -36,6 +36,8 @@ def test_doctor_reports_gemm_and_fast_blas():
 
     if "compute float32" in out and unsupported_reason() is None:  # the CPU fp32 path, where they build
         assert "kernels: mlx-med (" in out, out
+        assert any(ln.startswith("packed projections: OpenBLAS's ") or ln.startswith("packed projections: off: ")
+                   for ln in out.splitlines()), out
 
 
 def test_doctor_names_the_compute_policy_from_flag_and_environment():

@@ -40,7 +40,7 @@ def kernels():
 
 @pytest.fixture(scope="module")
 def cut(kernels) -> BlasCut:
-    found, matched = calibrate(kernels, SHAPES)
+    found, matched = calibrate(kernels, [mx.random.normal(shape, key=mx.random.key(sum(shape))) for shape in SHAPES])
     assert found is not None and matched == SHAPES, f"{found} matched only {matched}"
     return found
 
@@ -136,7 +136,6 @@ def test_a_packed_model_gives_mlx_s_logits_and_a_replaced_weight_is_not_stale(ke
 
 
 def test_batched_greedy_generation_is_the_same_packed_or_not(kernels, wide_llama, monkeypatch):
-    import mlx_med.kernels
     from mlx_med.evaluation.decoding import DecodingConfig
     from mlx_med.evaluation.generate import GenerationProfile, generate_batch
     from mlx_med.models import load_model
@@ -154,7 +153,19 @@ def test_batched_greedy_generation_is_the_same_packed_or_not(kernels, wide_llama
     packed_tokens, note = run(loaded.model)
     assert "packed for OpenBLAS" in note and isinstance(loaded.model.model.layers[1].self_attn.o_proj, PackedLinear)
     plain = load_model(wide_llama).model
-    monkeypatch.setattr(mlx_med.kernels, "pack_projections", lambda model: "projections: off for this test")
+    monkeypatch.setenv("MLX_MED_PACKED_WEIGHTS", "off")
     plain_tokens, note = run(plain)
-    assert note == "projections: off for this test" and type(plain.model.layers[1].self_attn.o_proj) is nn.Linear
+    assert note == "projections: MLX's matmul (MLX_MED_PACKED_WEIGHTS=off)"
+    assert type(plain.model.layers[1].self_attn.o_proj) is nn.Linear
     assert packed_tokens == plain_tokens
+
+
+def test_weights_too_small_to_leave_the_small_matrix_range_are_not_packed(kernels, tiny_llama):
+    from mlx_med.models import load_model
+
+    model = load_model(tiny_llama).model
+    pack_projections(model)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    packed = {id(m) for m in layers if isinstance(m, (PackedLinear, PackedEmbedding))}
+    assert packed and len(packed) < len(layers)  # its head is large enough, its projections are not
+    assert all((m.weight.size * MAX_ROWS > SMALL_WORK) == (id(m) in packed) for m in layers)

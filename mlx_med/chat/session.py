@@ -128,6 +128,11 @@ class ChatSession:
         self._cached_tokens: list[int] = []
         # Streamed pieces of special tokens (a stray <|endoftext|>) are not shown.
         self._special_ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+        # One row a step: the output head is most of the work, and over a weight packed once it reads
+        # the head once instead of packing it anew every token (``kernels.pack_projections``).
+        from mlx_med.kernels import pack_projections
+
+        self.projections = pack_projections(model)
 
     # -- state changes -------------------------------------------------------------------------
     def reset(self) -> None:

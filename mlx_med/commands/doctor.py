@@ -33,7 +33,9 @@ def command(size: int) -> None:
     invariance line says whether a row's matmul result depends on the rows beside it: where it does,
     batched generation (eval, sweeps, the server) can answer differently from one row at a time in near-ties.
     The malloc line says whether freed memory stays in the process for reuse (Linux, glibc); the batch
-    cache line, which KV cache batched generation refills (``MLX_MED_BATCH_CACHE``).
+    cache line, which KV cache batched generation refills (``MLX_MED_BATCH_CACHE``); the packed
+    projections line, whether generation runs OpenBLAS's kernel over weights packed once
+    (``MLX_MED_PACKED_WEIGHTS``).
     """
     import mlx_med
     from mlx_med.blas import blas_in_use, preload_blas
@@ -82,6 +84,9 @@ def command(size: int) -> None:
 
         kernels, reason = recheck_cpu_kernels()
         click.echo(f"kernels: {'mlx-med' if kernels else 'MLX'} ({reason})")
+        from mlx_med.kernels import describe_packing
+
+        click.echo(f"packed projections: {describe_packing()}")
     from mlx_med.evaluation.batch_cache import describe as describe_batch_cache
 
     click.echo(f"batch cache: {describe_batch_cache()}")

@@ -71,12 +71,30 @@ def use_cpu_kernels(model: nn.Module) -> str:
 
 def pack_projections(model: nn.Module) -> str:
     """Pack ``model``'s projection weights for generation on the CPU (``packed.pack_for_generation``:
-    OpenBLAS's own kernel over weights packed once, MLX's bits); says what was done."""
+    OpenBLAS's own kernel over weights packed once, MLX's bits); says what was done.
+    ``MLX_MED_PACKED_WEIGHTS=off`` keeps MLX's matmul (and no second copy of the weights)."""
+    switch = switches.PACKED_WEIGHTS
+    if switch.is_off(os.environ):
+        return f"projections: MLX's matmul ({switch.name}={os.environ[switch.name]})"
     if mx.default_device() != mx.cpu:
         return "projections: MLX's matmul (not on the CPU)"
     from mlx_med.kernels.packed import pack_for_generation
 
     return pack_for_generation(model, cpu_kernels()[0])
+
+
+def describe_packing() -> str:
+    """Whether generation packs projection weights here (``doctor``'s ``packed projections:`` line)."""
+    switch = switches.PACKED_WEIGHTS
+    if switch.is_off(os.environ):
+        return f"off ({switch.name}={os.environ[switch.name]}): MLX's matmul"
+    kernels, reason = cpu_kernels()
+    if kernels is None:
+        return f"off: no kernels ({reason})"
+    usable, core = kernels.module.openblas_core()
+    ignored = switch.ignored(os.environ)
+    return ((f"OpenBLAS's {core} kernel over weights packed once, for generation" if usable
+             else f"off: MLX's matmul ({core})") + (f"; {ignored}" if ignored else ""))
 
 
 def usable_kernels(*arrays: mx.array):

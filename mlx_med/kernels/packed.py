@@ -104,37 +104,39 @@ PACKED_CLASSES = {nn.Linear: PackedLinear, nn.Embedding: PackedEmbedding}
 
 def packable_layers(model: nn.Module) -> list[nn.Module]:
     """The layers a pack serves: exactly ``nn.Linear`` without bias and ``nn.Embedding`` (or their packed
-    subclasses), fp32 two-dimensional weights. Subclasses with arithmetic of their own are left alone."""
+    subclasses), fp32 two-dimensional weights large enough to take the packed path. Subclasses with
+    arithmetic of their own are left alone."""
     layers = []
     for _, layer in model.named_modules():
         base = next((b for b, packed in PACKED_CLASSES.items() if type(layer) in (b, packed)), None)
         if base is None or (base is nn.Linear and "bias" in layer):
             continue
         weight = layer["weight"]
-        if weight.ndim == 2 and weight.dtype == mx.float32:
+        # a weight too small for any call up to MAX_ROWS to leave OpenBLAS's small-matrix range: no use
+        if weight.ndim == 2 and weight.dtype == mx.float32 and MAX_ROWS * weight.size > SMALL_WORK:
             layers.append(layer)
     return layers
 
 
-def calibrate(kernels: Kernels, shapes: list[tuple[int, int]]) -> tuple[BlasCut | None, list[tuple[int, int]]]:
-    """The first candidate cut under which the packed kernel gives MLX's bits on every (N, K) shape at
-    ``CHECK_ROWS`` rows (random weights and inputs), and the shapes that matched under it."""
+def calibrate(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None, list[tuple[int, int]]]:
+    """The first candidate cut under which the packed kernel gives MLX's bits for every weight (one per
+    (N, K) shape: the model's own) at ``CHECK_ROWS`` rows of random inputs, and the shapes that matched
+    under it."""
     probes = []
-    for n, k in shapes:
-        weight = mx.random.normal((n, k), key=mx.random.key(n * 7919 + k))
-        rows = [r for r in CHECK_ROWS if r * n * k > SMALL_WORK]
-        xs = [mx.random.normal((r, k), key=mx.random.key(r)) for r in rows]
+    for weight in weights:
+        n, k = weight.shape
+        xs = [mx.random.normal((rows, k), key=mx.random.key(rows)) for rows in CHECK_ROWS if rows * n * k > SMALL_WORK]
         wanted = [x @ weight.T for x in xs]
-        mx.eval(weight, xs, wanted)
-        probes.append(((n, k), weight, xs, wanted))
+        mx.eval(xs, wanted)
+        probes.append((weight, xs, wanted))
     best, best_shapes = None, []
     for cut in CANDIDATES:
         matched = []
-        for shape, weight, xs, wanted in probes:
+        for weight, xs, wanted in probes:
             packed = kernels.module.pack_weight(weight, *cut)
-            outs = [kernels.module.packed_matmul(x, packed, shape[0], *cut) for x in xs]
+            outs = [kernels.module.packed_matmul(x, packed, weight.shape[0], *cut) for x in xs]
             if all(mx.array_equal(out, want).item() for out, want in zip(outs, wanted)):
-                matched.append(shape)
+                matched.append(tuple(weight.shape))
         if len(matched) > len(best_shapes):
             best, best_shapes = cut, matched
         if len(matched) == len(probes):
@@ -172,15 +174,16 @@ def pack_for_generation(model: nn.Module, kernels: Kernels | None) -> str:
     needed = sum(layer["weight"].nbytes for layer in layers)
     if needed > available_bytes() // 2:
         return f"projections: MLX's matmul (packed copies need {needed / 2**20:.0f} MiB, over half the free memory)"
-    shapes = sorted({tuple(layer["weight"].shape) for layer in layers})
-    if kernels.packed_cut is None or not set(shapes) <= kernels.packed_checked:
+    by_shape = {tuple(layer["weight"].shape): layer["weight"] for layer in layers}
+    shapes = set(by_shape)
+    if kernels.packed_cut is None or not shapes <= kernels.packed_checked:
         with mx.stream(mx.cpu):
-            cut, matched = calibrate(kernels, shapes)
+            cut, matched = calibrate(kernels, list(by_shape.values()))
         if cut is None:
             return "projections: MLX's matmul (no cut of OpenBLAS's kernel gave MLX's bits here)"
         same = cut == kernels.packed_cut  # else what was matched under the old cut no longer counts
         kernels.packed_shapes = (kernels.packed_shapes if same else set()) | set(matched)
-        kernels.packed_checked = (kernels.packed_checked if same else set()) | set(shapes)
+        kernels.packed_checked = (kernels.packed_checked if same else set()) | shapes
         kernels.packed_cut = cut
     cut = kernels.packed_cut
     packed = 0
