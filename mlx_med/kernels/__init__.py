@@ -11,6 +11,11 @@ difference, or when the module cannot be built here, mlx-med keeps MLX's kernels
 replaces MLX's BLAS calls too, so it is used only where ``attention_sums.calibrate`` found how this
 machine's BLAS adds their products.
 
+Generation also runs its projections over weights packed once, with OpenBLAS's own per-core kernel
+(``pack_projections``; ``packed.py`` and ``packed_gemm.cpp``), checked against MLX's matmul on the
+model's own weights first. The row-splitting kernels and the packed projections share one pool of
+helper threads (``worker_pool.h``).
+
 ``MLX_MED_KERNELS=off`` keeps MLX's kernels (``scalar``: the reference loop, no AVX2; ``avx2``: no AVX-512);
 ``MLX_MED_KERNEL_THREADS=N`` caps the threads one call uses (default: this process's CPUs, at most 8).
 The CPU fp32 compute path turns the kernels on for every model it prepares

@@ -69,34 +69,32 @@ class PackedWeight:
         return self.kernels.module.packed_matmul(x, self.packed, n, *self.cut)
 
 
+def packed_forward(layer: nn.Module, x: mx.array) -> mx.array | None:
+    """``x @ layer.weight.T`` over the layer's packed copy, or None where MLX's own call should run.
+    A copy whose weight was replaced since (a new array in the layer) is dropped."""
+    pack = layer.__dict__.get("_pack")
+    if pack is None:
+        return None
+    if pack.source is not layer["weight"]:
+        layer.__dict__["_pack"] = None  # stale: free the copy
+        return None
+    return pack.matmul(x)
+
+
 class PackedLinear(nn.Linear):
     """``nn.Linear`` (no bias) whose fp32 CPU forward at decode sizes runs over its packed weight."""
 
     def __call__(self, x):
-        pack = self.__dict__.get("_pack")
-        if pack is not None and "bias" not in self:
-            if pack.source is self["weight"]:
-                out = pack.matmul(x)
-                if out is not None:
-                    return out
-            else:
-                self.__dict__["_pack"] = None  # the weight was replaced: free the stale copy
-        return super().__call__(x)
+        out = None if "bias" in self else packed_forward(self, x)
+        return super().__call__(x) if out is None else out
 
 
 class PackedEmbedding(nn.Embedding):
     """``nn.Embedding`` whose ``as_linear`` (a tied output head) runs over its packed weight."""
 
     def as_linear(self, x):
-        pack = self.__dict__.get("_pack")
-        if pack is not None:
-            if pack.source is self["weight"]:
-                out = pack.matmul(x)
-                if out is not None:
-                    return out
-            else:
-                self.__dict__["_pack"] = None
-        return super().as_linear(x)
+        out = packed_forward(self, x)
+        return super().as_linear(x) if out is None else out
 
 
 PACKED_CLASSES = {nn.Linear: PackedLinear, nn.Embedding: PackedEmbedding}
