@@ -124,8 +124,15 @@ def test_a_packed_model_gives_mlx_s_logits_and_a_replaced_weight_is_not_stale(ke
     assert mx.array_equal(model(tokens), before).item()
     assert pack_projections(model) == "projections: packed already"
 
-    linear.weight = linear.weight * 2  # a new array: the packed copy is stale from here on
+    # a gradient through a packed layer (an input's, as LoRA training takes it) is MLX's own
     x = mx.random.normal((64, linear.weight.shape[1]))
+    weight = linear.weight
+    grad = mx.grad(lambda x: (linear(x) ** 2).sum())(x)
+    assert linear.__dict__["_pack"] is not None  # the packed path ran
+    assert mx.array_equal(grad, mx.grad(lambda x: ((x @ weight.T) ** 2).sum())(x)).item()
+    # (training that updates the weight puts new arrays in the layer: MLX's matmul, below)
+
+    linear.weight = linear.weight * 2  # a new array: the packed copy is stale from here on
     assert mx.array_equal(linear(x), x @ linear.weight.T).item()
     assert linear.__dict__["_pack"] is None
     assert "1 of 1 weights packed" in pack_projections(model)  # packs only the replaced one

@@ -60,13 +60,28 @@ class PackedWeight:
     cut: BlasCut
     kernels: Kernels
 
+    def __post_init__(self):
+        n = self.source.shape[0]
+        module, packed, cut = self.kernels.module, self.packed, self.cut
+
+        # The weight is an input so that autodiff sees it; its values are read from the packed copy.
+        @mx.custom_function
+        def matmul(x, weight):
+            return module.packed_matmul(x, packed, n, *cut)
+
+        @matmul.vjp
+        def matmul_vjp(primals, cotangent, output):  # MLX's own gradients of x @ weight.T
+            return mx.vjp(lambda x, weight: x @ weight.T, list(primals), [cotangent])[1]
+
+        self._matmul = matmul
+
     def matmul(self, x: mx.array) -> mx.array | None:
         """``x @ source.T`` over the packed copy, or None where MLX's own call should run."""
         rows = x.size // max(x.shape[-1], 1)
         n, k = self.source.shape
         if not (0 < rows <= MAX_ROWS and rows * n * k > SMALL_WORK and x.shape[-1] == k and on_cpu_f32(x)):
             return None
-        return self.kernels.module.packed_matmul(x, self.packed, n, *self.cut)
+        return self._matmul(x, self.source)
 
 
 def packed_forward(layer: nn.Module, x: mx.array) -> mx.array | None:
