@@ -14,7 +14,6 @@ from tiny_models import build_model
 from mlx_med.kernels import cpu_kernels, pack_projections
 from mlx_med.kernels.install import uninstall
 from mlx_med.kernels.packed import (
-    CANDIDATES,
     MAX_ROWS,
     SMALL_WORK,
     BlasCut,
@@ -41,7 +40,7 @@ def kernels():
 @pytest.fixture(scope="module")
 def cut(kernels) -> BlasCut:
     found, matched = calibrate(kernels, [mx.random.normal(shape, key=mx.random.key(sum(shape))) for shape in SHAPES])
-    assert found is not None and matched == SHAPES, f"{found} matched only {matched}"
+    assert found is not None and set(matched) == set(SHAPES), f"{found} matched only {matched}"
     return found
 
 
@@ -65,7 +64,7 @@ def test_a_wrong_cut_gives_other_bits(kernels, cut):
     n, k = 576, 1536
     weight = mx.random.normal((n, k), key=mx.random.key(1))
     x = mx.random.normal((64, k), key=mx.random.key(2))
-    wrong = next(c for c in CANDIDATES if c.q != cut.q)
+    wrong = cut._replace(q=256 if cut.q != 256 else 320)  # the same tiling, blocks cut elsewhere
     packed = kernels.module.pack_weight(weight, *wrong)
     assert not mx.array_equal(kernels.module.packed_matmul(x, packed, n, *wrong), x @ weight.T).item()
 

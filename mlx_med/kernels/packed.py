@@ -37,18 +37,43 @@ CHECK_ROWS = (16, 64, MAX_ROWS)
 
 
 class BlasCut(NamedTuple):
-    """Where OpenBLAS's level-3 driver cuts the inner dimension (``packed_gemm.cpp``: ``BlasCut``)."""
+    """Where OpenBLAS's level-3 driver cuts the inner dimension, and for kernels that add by a product's
+    place in the call (Haswell's and Zen's), the tiles its threaded driver calls them on
+    (``packed_gemm.cpp``: ``BlasCut``, ``driver_plan``)."""
 
     q: int  # GEMM_Q
     unroll: int  # GEMM_UNROLL_M (the one-thread driver rounds the next-to-last block to it)
     threaded: bool  # the threaded driver's rounding (OpenBLAS running on more than one thread)
+    threads: int = 0  # the driver's tiling for this many OpenBLAS threads; 0: any tiling (AVX-512 kernels)
+    p: int = 0  # GEMM_P
+    switch_ratio: int = 0  # SWITCH_RATIO
+    prefered: int = 1  # GEMM_PREFERED_SIZE
+    unroll_n: int = 0  # GEMM_UNROLL_N
+    jj: int = 0  # the widest call over a thread's own columns
 
     def describe(self) -> str:
-        return f"cut at {self.q}, unroll {self.unroll}, {'threaded' if self.threaded else 'one-thread'} driver"
+        cut = f"cut at {self.q}, unroll {self.unroll}, {'threaded' if self.threaded else 'one-thread'} driver"
+        if self.threads:
+            cut += (f", its tiles for {self.threads} threads (P {self.p}, switch ratio {self.switch_ratio}, "
+                    f"preferred size {self.prefered}, {self.jj}-column calls)")
+        return cut
 
 
 _CUTS = ((320, 16), (320, 8), (448, 16), (384, 16), (256, 16), (256, 8), (192, 16), (512, 16), (224, 8))
 CANDIDATES = tuple(BlasCut(q, unroll, threaded) for q, unroll in _CUTS for threaded in (True, False))
+
+
+def tiled_candidates(threads: int) -> tuple[BlasCut, ...]:
+    """Cuts in the threaded driver's tiling for ``threads`` OpenBLAS threads, likeliest first (none for one
+    thread: its one-thread driver tiles otherwise). Debian's OpenBLAS 0.3.21 (``DYNAMIC_ARCH``, its drivers
+    built for a generic target) matched the first on its HASWELL kernel: P 320, switch ratio 2,
+    preferred size 1."""
+    if threads < 2:
+        return ()
+    return tuple(BlasCut(q, unroll, True, threads, p, ratio, prefered, 4, 12)
+                 for q, unroll in ((320, 8), (256, 8), (384, 8))
+                 for p in (320, 512, 768, 256)
+                 for ratio, prefered in ((2, 1), (8, 8)))
 
 
 @dataclass
@@ -81,6 +106,8 @@ class PackedWeight:
         n, k = self.source.shape
         if not (0 < rows <= MAX_ROWS and rows * n * k > SMALL_WORK and x.shape[-1] == k and on_cpu_f32(x)):
             return None
+        if self.cut.threads and self.cut.threads != self.kernels.module.openblas_threads():
+            return None  # OpenBLAS now tiles for another thread count
         return self._matmul(x, self.source)
 
 
@@ -134,22 +161,29 @@ def packable_layers(model: nn.Module) -> list[nn.Module]:
 def calibrate(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None, list[tuple[int, int]]]:
     """The first candidate cut under which the packed kernel gives MLX's bits for every weight (one per
     (N, K) shape: the model's own) at ``CHECK_ROWS`` rows of random inputs, and the shapes that matched
-    under it."""
+    under it. Candidates are screened on the smallest weight at one row count first, so the many that
+    cannot match cost one small product each."""
     probes = []
-    for weight in weights:
+    for weight in sorted(weights, key=lambda w: w.size):
         n, k = weight.shape
         xs = [mx.random.normal((rows, k), key=mx.random.key(rows)) for rows in CHECK_ROWS if rows * n * k > SMALL_WORK]
         wanted = [x @ weight.T for x in xs]
         mx.eval(xs, wanted)
         probes.append((weight, xs, wanted))
+
+    def matches(cut: BlasCut, weight, xs, wanted) -> bool:
+        if cut.threads and weight.shape[0] < 2 * cut.switch_ratio:
+            return False  # OpenBLAS's one-thread driver takes so few rows
+        packed = kernels.module.pack_weight(weight, *cut)
+        outs = [kernels.module.packed_matmul(x, packed, weight.shape[0], *cut) for x in xs]
+        return all(mx.array_equal(out, want).item() for out, want in zip(outs, wanted))
+
+    candidates = CANDIDATES + tiled_candidates(kernels.module.openblas_threads())
+    weight, xs, wanted = probes[0]
+    screened = [cut for cut in candidates if matches(cut, weight, xs[:1], wanted[:1])]
     best, best_shapes = None, []
-    for cut in CANDIDATES:
-        matched = []
-        for weight, xs, wanted in probes:
-            packed = kernels.module.pack_weight(weight, *cut)
-            outs = [kernels.module.packed_matmul(x, packed, weight.shape[0], *cut) for x in xs]
-            if all(mx.array_equal(out, want).item() for out, want in zip(outs, wanted)):
-                matched.append(tuple(weight.shape))
+    for cut in screened:
+        matched = [tuple(weight.shape) for weight, xs, wanted in probes if matches(cut, weight, xs, wanted)]
         if len(matched) > len(best_shapes):
             best, best_shapes = cut, matched
         if len(matched) == len(probes):
@@ -189,16 +223,19 @@ def pack_for_generation(model: nn.Module, kernels: Kernels | None) -> str:
         return f"projections: MLX's matmul (packed copies need {needed / 2**20:.0f} MiB, over half the free memory)"
     by_shape = {tuple(layer["weight"].shape): layer["weight"] for layer in layers}
     shapes = set(by_shape)
-    if kernels.packed_cut is None or not shapes <= kernels.packed_checked:
+    if not shapes <= kernels.packed_checked:
         with mx.stream(mx.cpu):
             cut, matched = calibrate(kernels, list(by_shape.values()))
-        if cut is None:
-            return "projections: MLX's matmul (no cut of OpenBLAS's kernel gave MLX's bits here)"
-        same = cut == kernels.packed_cut  # else what was matched under the old cut no longer counts
-        kernels.packed_shapes = (kernels.packed_shapes if same else set()) | set(matched)
-        kernels.packed_checked = (kernels.packed_checked if same else set()) | shapes
-        kernels.packed_cut = cut
+        if cut is None:  # remembered: these shapes keep MLX's matmul without being tried again
+            kernels.packed_checked |= shapes
+        else:
+            same = cut == kernels.packed_cut  # else what was matched under the old cut no longer counts
+            kernels.packed_shapes = (kernels.packed_shapes if same else set()) | set(matched)
+            kernels.packed_checked = (kernels.packed_checked if same else set()) | shapes
+            kernels.packed_cut = cut
     cut = kernels.packed_cut
+    if cut is None or not shapes & kernels.packed_shapes:
+        return "projections: MLX's matmul (no cut of OpenBLAS's kernel gave MLX's bits here)"
     packed = 0
     with mx.stream(mx.cpu):
         for layer in layers:
