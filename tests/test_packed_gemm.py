@@ -175,3 +175,46 @@ def test_weights_too_small_to_leave_the_small_matrix_range_are_not_packed(kernel
     packed = {id(m) for m in layers if isinstance(m, (PackedLinear, PackedEmbedding))}
     assert packed and len(packed) < len(layers)  # its head is large enough, its projections are not
     assert all((m.weight.size * MAX_ROWS > SMALL_WORK) == (id(m) in packed) for m in layers)
+
+
+def test_a_calibration_is_recorded_and_read_back_after_a_spot_check(kernels, tmp_path, monkeypatch):
+    import json
+
+    import mlx_med.kernels.packed as packed
+
+    weights = [mx.random.normal(shape, key=mx.random.key(sum(shape))) for shape in SHAPES[:3]]
+    monkeypatch.setattr(kernels, "module_file", tmp_path / "module.so")
+    cut, matched, recorded = packed.recorded_calibration(kernels, weights)
+    record = tmp_path / packed.RECORD
+    assert cut is not None and set(matched) == set(SHAPES[:3]) and not recorded and record.is_file()
+
+    tries = []
+    monkeypatch.setattr(packed, "calibrate", lambda kernels, weights: tries.append(len(weights)) or (None, []))
+    assert packed.recorded_calibration(kernels, weights) == (cut, matched, True) and not tries
+    # other shapes are another entry
+    assert packed.recorded_calibration(kernels, weights[:2]) == (None, [], False) and tries == [2]
+
+    # a recorded cut that no longer gives MLX's bits (here: blocks cut elsewhere) is calibrated again
+    records = json.loads(record.read_text())
+    key = next(k for k, v in records.items() if v["cut"])
+    records[key]["cut"] = list(cut._replace(q=256 if cut.q != 256 else 320))
+    record.write_text(json.dumps(records))
+    assert packed.recorded_calibration(kernels, weights) == (None, [], False) and tries == [2, 3]
+    record.write_text("{not json")  # unreadable: calibrated again, and the record rewritten
+    assert packed.recorded_calibration(kernels, weights) == (None, [], False) and tries == [2, 3, 3]
+    assert json.loads(record.read_text())
+
+
+def test_shapes_that_match_no_cut_are_not_tried_again(kernels, wide_llama, monkeypatch):
+    import mlx_med.kernels.packed as packed
+    from mlx_med.models import load_model
+
+    tries = []
+    monkeypatch.setattr(packed, "recorded_calibration", lambda k, weights: tries.append(len(weights)) or (None, [], False))
+    for name in ("packed_checked", "packed_shapes"):
+        monkeypatch.setattr(kernels, name, set())
+    monkeypatch.setattr(kernels, "packed_cut", None)
+    model = load_model(wide_llama).model
+    for _ in range(2):
+        assert "MLX's matmul (no cut" in packed.pack_for_generation(model, kernels)
+    assert len(tries) == 1 and not any(isinstance(m, (PackedLinear, PackedEmbedding)) for m in model.modules())

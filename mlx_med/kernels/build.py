@@ -30,7 +30,7 @@ from mlx_med.io import cache_dir
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_kernels.cpp", HERE / "packed_gemm.cpp")  # compiled, in this order
-HEADERS = (HERE / "worker_pool.h",)
+HEADERS = (HERE / "primitive_io.h", HERE / "worker_pool.h")
 MODULE_NAME = "_mlx_med_kernels"
 BUILD_TIMEOUT_S = 300
 CXXFLAGS = ["-std=c++20", "-O3", "-fPIC", "-fvisibility=hidden", "-DNDEBUG",

@@ -34,6 +34,7 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
+#include "primitive_io.h"
 #include "worker_pool.h"
 
 namespace mx = mlx::core;
@@ -506,18 +507,11 @@ class CpuKernel : public mx::Primitive {
       : mx::Primitive(stream), name_(name), loop_(loop), params_(params) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& encoder = mx::cpu::get_command_encoder(stream());
+    auto& encoder = encode_io(stream(), inputs, outputs);
     std::vector<const float*> in;
     std::vector<float*> out;
-    for (auto& a : inputs) {
-      encoder.set_input_array(a);
-      in.push_back(static_cast<const float*>(a.data<void>()));
-    }
-    for (auto& a : outputs) {
-      a.set_data(mx::allocator::malloc(a.nbytes()));
-      encoder.set_output_array(a);
-      out.push_back(a.data<float>());
-    }
+    for (auto& a : inputs) in.push_back(static_cast<const float*>(a.data<void>()));
+    for (auto& a : outputs) out.push_back(a.data<float>());
     const auto& shape = inputs[0].shape();
     Extent extent;
     extent.cols = shape.empty() ? 1 : shape.back();
@@ -1393,11 +1387,8 @@ class DecodeAttention : public mx::Primitive {
       : mx::Primitive(stream), scale_(scale), mask_kind_(mask_kind), sums_(sums) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) encoder.set_input_array(a);
+    auto& encoder = encode_io(stream(), inputs, outputs);
     auto& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    encoder.set_output_array(out);
     const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
     AttentionArgs a{q.data<float>(), k.data<float>(), v.data<float>(),
                     inputs.size() > 3 ? inputs[3].data<void>() : nullptr, out.data<float>(),

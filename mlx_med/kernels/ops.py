@@ -4,6 +4,8 @@ around their softmax, the cross-entropy, and loading them (built, then checked a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 
@@ -22,6 +24,7 @@ class Kernels:
         # how OpenBLAS cuts a projection's sums here (``packed.calibrate``), the (N, K) shapes checked
         # and those that gave MLX's bits under it; None: not calibrated yet
         self.packed_cut = None
+        self.module_file: Path | None = None  # the built module, beside which outcomes are recorded
         self.packed_checked: set[tuple[int, int]] = set()
         self.packed_shapes: set[tuple[int, int]] = set()
 
@@ -204,6 +207,7 @@ def load_kernels() -> tuple[Kernels | None, str]:
         return None, built.reason
     try:
         kernels = Kernels(built.module)
+        kernels.module_file = built.path
         with mx.stream(mx.cpu):
             outcome, recorded = recorded_self_check(kernels, built.path)
     except (TypeError, RuntimeError, ValueError) as err:  # e.g. a nanobind that cannot pass mx.array

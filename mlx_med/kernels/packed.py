@@ -17,6 +17,7 @@ dtype change) drops its packed copy and runs MLX's matmul again.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -34,6 +35,7 @@ MAX_ROWS = 256
 SMALL_WORK = 1_000_000
 # Row counts the calibration compares (a decode step's and a short prefill's).
 CHECK_ROWS = (16, 64, MAX_ROWS)
+RECORD = "packed-cuts.json"  # calibrations recorded beside the kernels' self-check (recorded_calibration)
 
 
 class BlasCut(NamedTuple):
@@ -158,11 +160,8 @@ def packable_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def calibrate(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None, list[tuple[int, int]]]:
-    """The first candidate cut under which the packed kernel gives MLX's bits for every weight (one per
-    (N, K) shape: the model's own) at ``CHECK_ROWS`` rows of random inputs, and the shapes that matched
-    under it. Candidates are screened on the smallest weight at one row count first, so the many that
-    cannot match cost one small product each."""
+def _probes(weights: list[mx.array]) -> list[tuple[mx.array, list[mx.array], list[mx.array]]]:
+    """Each weight (smallest first) with random inputs at ``CHECK_ROWS`` rows and MLX's products."""
     probes = []
     for weight in sorted(weights, key=lambda w: w.size):
         n, k = weight.shape
@@ -170,25 +169,86 @@ def calibrate(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None
         wanted = [x @ weight.T for x in xs]
         mx.eval(xs, wanted)
         probes.append((weight, xs, wanted))
+    return probes
 
-    def matches(cut: BlasCut, weight, xs, wanted) -> bool:
-        if cut.threads and weight.shape[0] < 2 * cut.switch_ratio:
-            return False  # OpenBLAS's one-thread driver takes so few rows
-        packed = kernels.module.pack_weight(weight, *cut)
-        outs = [kernels.module.packed_matmul(x, packed, weight.shape[0], *cut) for x in xs]
-        return all(mx.array_equal(out, want).item() for out, want in zip(outs, wanted))
 
+def _matches(kernels: Kernels, cut: BlasCut, weight, xs, wanted) -> bool:
+    """Whether the packed kernel under ``cut`` gives ``wanted`` (MLX's products) bit for bit."""
+    if cut.threads and weight.shape[0] < 2 * cut.switch_ratio:
+        return False  # OpenBLAS's one-thread driver takes so few rows
+    packed = kernels.module.pack_weight(weight, *cut)
+    outs = [kernels.module.packed_matmul(x, packed, weight.shape[0], *cut) for x in xs]
+    return all(mx.array_equal(out, want).item() for out, want in zip(outs, wanted))
+
+
+def calibrate(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None, list[tuple[int, int]]]:
+    """The first candidate cut under which the packed kernel gives MLX's bits for every weight (one per
+    (N, K) shape: the model's own) at ``CHECK_ROWS`` rows of random inputs, and the shapes that matched
+    under it. Candidates are screened on the smallest weight at one row count first, so the many that
+    cannot match cost one small product each."""
+    probes = _probes(weights)
     candidates = CANDIDATES + tiled_candidates(kernels.module.openblas_threads())
     weight, xs, wanted = probes[0]
-    screened = [cut for cut in candidates if matches(cut, weight, xs[:1], wanted[:1])]
+    screened = [cut for cut in candidates if _matches(kernels, cut, weight, xs[:1], wanted[:1])]
     best, best_shapes = None, []
     for cut in screened:
-        matched = [tuple(weight.shape) for weight, xs, wanted in probes if matches(cut, weight, xs, wanted)]
+        matched = [tuple(weight.shape) for weight, xs, wanted in probes if _matches(kernels, cut, weight, xs, wanted)]
         if len(matched) > len(best_shapes):
             best, best_shapes = cut, matched
         if len(matched) == len(probes):
             break
     return best, best_shapes
+
+
+def _cut_from_record(entry) -> tuple[BlasCut | None, list[tuple[int, int]]] | None:
+    """The (cut, matched shapes) a record entry holds; None when it is not one."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("matched"), list):
+        return None
+    matched = entry["matched"]
+    if not all(isinstance(s, list) and len(s) == 2 and all(type(n) is int and n > 0 for n in s) for s in matched):
+        return None
+    fields = entry.get("cut")
+    if fields is None:  # no cut matched: then no shape did either
+        return (None, []) if not matched else None
+    kinds = (int, int, bool, int, int, int, int, int, int)  # BlasCut's fields
+    if not isinstance(fields, list) or len(fields) != len(kinds) or \
+            any(type(value) is not kind for value, kind in zip(fields, kinds)):
+        return None
+    return BlasCut(*fields), [tuple(s) for s in matched]
+
+
+def recorded_calibration(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None, list[tuple[int, int]], bool]:
+    """``calibrate``'s outcome for these weights' shapes, and whether it was read back: an earlier
+    process's, recorded beside the kernels' self-check (``packed-cuts.json``) under the same key (the
+    module, MLX, the BLAS and its threads, a forced core, the CPU) and shapes, is used after a spot
+    check of its cut on the smallest weight; else calibrated now and recorded. Calibration takes about
+    1.5 s for a model (every ``generate_batch`` process, ``chat`` at start-up); the check, milliseconds."""
+    from mlx_med.io import atomic_write_json
+    from mlx_med.kernels.check import check_key
+
+    if kernels.module_file is None:
+        return *calibrate(kernels, weights), False
+    shapes = sorted({tuple(w.shape) for w in weights})
+    path = kernels.module_file.parent / RECORD
+    key = f"{check_key(kernels, kernels.module_file)}|{';'.join(f'{n}x{k}' for n, k in shapes)}"
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        records = {}
+    records = records if isinstance(records, dict) else {}
+    found = _cut_from_record(records.get(key))
+    if found is not None:
+        cut, matched = found
+        weight, xs, wanted = _probes([min(weights, key=lambda w: w.size)])[0]
+        if cut is None or tuple(weight.shape) not in matched or _matches(kernels, cut, weight, xs[:1], wanted[:1]):
+            return cut, matched, True
+    cut, matched = calibrate(kernels, weights)
+    records[key] = {"cut": list(cut) if cut else None, "matched": [list(s) for s in matched]}
+    try:
+        atomic_write_json(path, records)
+    except OSError:
+        pass  # unwritable: calibrated again next time
+    return cut, matched, False
 
 
 def available_bytes() -> int:
@@ -225,7 +285,7 @@ def pack_for_generation(model: nn.Module, kernels: Kernels | None) -> str:
     shapes = set(by_shape)
     if not shapes <= kernels.packed_checked:
         with mx.stream(mx.cpu):
-            cut, matched = calibrate(kernels, list(by_shape.values()))
+            cut, matched, _ = recorded_calibration(kernels, list(by_shape.values()))
         if cut is None:  # remembered: these shapes keep MLX's matmul without being tried again
             kernels.packed_checked |= shapes
         else:

@@ -31,6 +31,7 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/transforms.h"
+#include "primitive_io.h"
 #include "worker_pool.h"
 
 namespace mx = mlx::core;
@@ -378,11 +379,8 @@ class PackedMatmul : public mx::Primitive {
   PackedMatmul(mx::Stream stream, size_t N, BlasCut cut) : mx::Primitive(stream), N_(N), cut_(cut) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) encoder.set_input_array(a);
+    auto& encoder = encode_io(stream(), inputs, outputs);
     auto& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    encoder.set_output_array(out);
     const auto& x = inputs[0];
     size_t K = x.shape(-1);
     PackedCall call{x.data<float>(), inputs[1].data<float>(), out.data<float>(), x.size() / K, K, N_, cut_};
