@@ -109,7 +109,7 @@ def wide_llama(tmp_path_factory, tiny_tokenizer_dir):
                                   "num_key_value_heads": 2, "head_dim": 64, "tie_word_embeddings": True})
 
 
-def test_a_packed_model_gives_mlx_s_logits_and_a_replaced_weight_is_not_stale(kernels, wide_llama):
+def test_a_packed_model_gives_mlx_s_logits_and_a_replaced_weight_is_not_stale(kernels, cut, wide_llama):
     from mlx_med.models import load_model
 
     model = load_model(wide_llama).model
@@ -141,7 +141,7 @@ def test_a_packed_model_gives_mlx_s_logits_and_a_replaced_weight_is_not_stale(ke
     assert type(linear) is nn.Linear and "_pack" not in linear.__dict__
 
 
-def test_batched_greedy_generation_is_the_same_packed_or_not(kernels, wide_llama, monkeypatch):
+def test_batched_greedy_generation_is_the_same_packed_or_not(kernels, cut, wide_llama, monkeypatch):
     from mlx_med.evaluation.decoding import DecodingConfig
     from mlx_med.evaluation.generate import GenerationProfile, generate_batch
     from mlx_med.models import load_model
@@ -166,7 +166,7 @@ def test_batched_greedy_generation_is_the_same_packed_or_not(kernels, wide_llama
     assert packed_tokens == plain_tokens
 
 
-def test_weights_too_small_to_leave_the_small_matrix_range_are_not_packed(kernels, tiny_llama):
+def test_weights_too_small_to_leave_the_small_matrix_range_are_not_packed(kernels, cut, tiny_llama):
     from mlx_med.models import load_model
 
     model = load_model(tiny_llama).model
@@ -177,27 +177,27 @@ def test_weights_too_small_to_leave_the_small_matrix_range_are_not_packed(kernel
     assert all((m.weight.size * MAX_ROWS > SMALL_WORK) == (id(m) in packed) for m in layers)
 
 
-def test_a_calibration_is_recorded_and_read_back_after_a_spot_check(kernels, tmp_path, monkeypatch):
+def test_a_calibration_is_recorded_and_read_back_after_a_spot_check(kernels, cut, tmp_path, monkeypatch):
     import json
 
     import mlx_med.kernels.packed as packed
 
     weights = [mx.random.normal(shape, key=mx.random.key(sum(shape))) for shape in SHAPES[:3]]
     monkeypatch.setattr(kernels, "module_file", tmp_path / "module.so")
-    cut, matched, recorded = packed.recorded_calibration(kernels, weights)
+    found, matched, recorded = packed.recorded_calibration(kernels, weights)
     record = tmp_path / packed.RECORD
-    assert cut is not None and set(matched) == set(SHAPES[:3]) and not recorded and record.is_file()
+    assert found is not None and set(matched) == set(SHAPES[:3]) and not recorded and record.is_file()
 
     tries = []
     monkeypatch.setattr(packed, "calibrate", lambda kernels, weights: tries.append(len(weights)) or (None, []))
-    assert packed.recorded_calibration(kernels, weights) == (cut, matched, True) and not tries
+    assert packed.recorded_calibration(kernels, weights) == (found, matched, True) and not tries
     # other shapes are another entry
     assert packed.recorded_calibration(kernels, weights[:2]) == (None, [], False) and tries == [2]
 
     # a recorded cut that no longer gives MLX's bits (here: blocks cut elsewhere) is calibrated again
     records = json.loads(record.read_text())
     key = next(k for k, v in records.items() if v["cut"])
-    records[key]["cut"] = list(cut._replace(q=256 if cut.q != 256 else 320))
+    records[key]["cut"] = list(found._replace(q=256 if found.q != 256 else 320))
     record.write_text(json.dumps(records))
     assert packed.recorded_calibration(kernels, weights) == (None, [], False) and tries == [2, 3]
     record.write_text("{not json")  # unreadable: calibrated again, and the record rewritten

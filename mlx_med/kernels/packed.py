@@ -55,7 +55,9 @@ class BlasCut(NamedTuple):
 
     def describe(self) -> str:
         cut = f"cut at {self.q}, unroll {self.unroll}, {'threaded' if self.threaded else 'one-thread'} driver"
-        if self.threads:
+        if self.threads == 1:
+            cut += f", its tiles (P {self.p}, {self.jj}-column calls)"
+        elif self.threads:
             cut += (f", its tiles for {self.threads} threads (P {self.p}, switch ratio {self.switch_ratio}, "
                     f"preferred size {self.prefered}, {self.jj}-column calls)")
         return cut
@@ -66,16 +68,15 @@ CANDIDATES = tuple(BlasCut(q, unroll, threaded) for q, unroll in _CUTS for threa
 
 
 def tiled_candidates(threads: int) -> tuple[BlasCut, ...]:
-    """Cuts in the threaded driver's tiling for ``threads`` OpenBLAS threads, likeliest first (none for one
-    thread: its one-thread driver tiles otherwise). Debian's OpenBLAS 0.3.21 (``DYNAMIC_ARCH``, its drivers
-    built for a generic target) matched the first on its HASWELL kernel: P 320, switch ratio 2,
-    preferred size 1."""
-    if threads < 2:
+    """Cuts in the tiling of OpenBLAS's driver for ``threads`` threads (its one-thread driver for one),
+    likeliest first. Debian's OpenBLAS 0.3.21 (``DYNAMIC_ARCH``, its drivers built for a generic target)
+    matched the first on its HASWELL and ZEN kernels: P 320, switch ratio 2, preferred size 1."""
+    if threads < 1:
         return ()
-    return tuple(BlasCut(q, unroll, True, threads, p, ratio, prefered, 4, 12)
+    return tuple(BlasCut(q, unroll, threads > 1, threads, p, ratio, prefered, 4, 12)
                  for q, unroll in ((320, 8), (256, 8), (384, 8))
                  for p in (320, 512, 768, 256)
-                 for ratio, prefered in ((2, 1), (8, 8)))
+                 for ratio, prefered in (((2, 1), (8, 8)) if threads > 1 else ((2, 1),)))
 
 
 @dataclass
@@ -174,7 +175,7 @@ def _probes(weights: list[mx.array]) -> list[tuple[mx.array, list[mx.array], lis
 
 def _matches(kernels: Kernels, cut: BlasCut, weight, xs, wanted) -> bool:
     """Whether the packed kernel under ``cut`` gives ``wanted`` (MLX's products) bit for bit."""
-    if cut.threads and weight.shape[0] < 2 * cut.switch_ratio:
+    if cut.threads > 1 and weight.shape[0] < 2 * cut.switch_ratio:
         return False  # OpenBLAS's one-thread driver takes so few rows
     packed = kernels.module.pack_weight(weight, *cut)
     outs = [kernels.module.packed_matmul(x, packed, weight.shape[0], *cut) for x in xs]

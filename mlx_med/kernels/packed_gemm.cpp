@@ -99,7 +99,7 @@ static const OpenBlasKernels* openblas_kernels(std::string* reason) {
 struct BlasCut {
   size_t q, unroll;
   bool threaded;
-  size_t threads = 0;       // OpenBLAS's threads (level3_thread.c's args->nthreads); 0: free tiling
+  size_t threads = 0;       // OpenBLAS's threads (1: level3.c's tiling, more: level3_thread.c's); 0: free tiling
   size_t p = 0;             // GEMM_P: the rows of A (here the weight's) per kernel call
   size_t switch_ratio = 0;  // SWITCH_RATIO: the fewest columns per thread
   size_t prefered = 1;      // GEMM_PREFERED_SIZE: thread ranges are rounded up to it
@@ -176,6 +176,7 @@ static std::vector<size_t> thread_ranges(size_t total, size_t parts, size_t pref
 // The threads the driver puts on the rows (threads_m) and in all, for an M x n product (its CNAME).
 static std::pair<size_t, size_t> driver_threads(size_t M, size_t n, const BlasCut& c) {
   size_t threads_m = 1, threads_n = 1;
+  if (c.threads == 1) return {1, 1};
   if (M >= 2 * c.switch_ratio) {
     threads_m = c.threads;
     while (M < threads_m * c.switch_ratio) threads_m /= 2;
@@ -192,10 +193,10 @@ static std::vector<size_t> weight_ranges(size_t M, const BlasCut& c) {
 }
 
 // A thread's first and later panels of its weight rows (GEMM_P, halved when under 2P, the halves rounded
-// up to GEMM_UNROLL_M; the first panel halves rows / 2, the later ones (rows + 1) / 2).
+// up to GEMM_UNROLL_M; the threaded driver's later panels halve (rows + 1) / 2, the rest rows / 2).
 static size_t panel_rows(size_t rows, bool first, const BlasCut& c) {
   if (rows >= 2 * c.p) return c.p;
-  if (rows > c.p) return ((first ? rows / 2 : (rows + 1) / 2) + c.unroll - 1) / c.unroll * c.unroll;
+  if (rows > c.p) return ((first || c.threads == 1 ? rows / 2 : (rows + 1) / 2) + c.unroll - 1) / c.unroll * c.unroll;
   return rows;
 }
 
@@ -216,8 +217,30 @@ struct DriverPlan {
   std::vector<std::vector<Tile>> panels;           // kernel calls by weight panel (disjoint outputs)
 };
 
+// The one-thread driver's (level3.c): the first panel over the columns in pieces, the later panels over
+// all of them (packed as one buffer, since GEMM_R exceeds any decode batch).
+static DriverPlan one_thread_plan(size_t M, size_t n, const BlasCut& c) {
+  DriverPlan plan;
+  plan.halves.emplace_back(0, n);
+  size_t rows = panel_rows(M, true, c);
+  std::vector<Tile> first;
+  for (size_t jjs = 0, piece; jjs < n; jjs += piece) {
+    piece = n - jjs;
+    if (piece >= c.jj) piece = c.jj;
+    else if (piece > c.unroll_n) piece = c.unroll_n;
+    first.push_back({0, rows, jjs, piece});
+  }
+  plan.panels.push_back(std::move(first));
+  for (size_t is = rows; is < M; is += rows) {
+    rows = panel_rows(M - is, false, c);
+    plan.panels.push_back({Tile{is, rows, 0, n}});
+  }
+  return plan;
+}
+
 // inner_thread's kernel calls for one inner block (the same for every block), thread by thread.
 static DriverPlan driver_plan(size_t M, size_t n, const BlasCut& c) {
+  if (c.threads == 1) return one_thread_plan(M, n, c);
   auto [threads_m, threads] = driver_threads(M, n, c);
   auto m_bounds = thread_ranges(M, threads_m, c.prefered, 0);
   auto n_bounds = thread_ranges(n, threads, c.prefered, c.switch_ratio);
@@ -407,8 +430,8 @@ mx::array packed_matmul(const mx::array& x, const mx::array& packed, int N, cons
   require(s.device == mx::Device::cpu, "runs on the CPU only.");
   require(openblas_kernels(nullptr) != nullptr, "OpenBLAS's kernels are not available.");
   require(N > 0 && x.ndim() >= 1 && x.shape(-1) > 0, "needs N > 0 and x (..., K).");
-  require(!cut.threads || N >= 2 * static_cast<int>(cut.switch_ratio),
-          "needs N >= 2 * switch_ratio in the driver's tiling (fewer rows take its one-thread driver).");
+  require(cut.threads < 2 || N >= 2 * static_cast<int>(cut.switch_ratio),
+          "needs N >= 2 * switch_ratio in the threaded driver's tiling (fewer rows take its one-thread driver).");
   require(x.dtype() == mx::float32 && packed.dtype() == mx::float32 && packed.ndim() == 1 &&
               static_cast<size_t>(packed.size()) == packed_floats(N, x.shape(-1), cut),
           "needs float32 x (..., K) and a weight pack_weight packed for (N, K) under the same cut.");
@@ -423,9 +446,9 @@ mx::array packed_matmul(const mx::array& x, const mx::array& packed, int N, cons
 static BlasCut make_cut(int q, int unroll, bool threaded, int threads, int p, int switch_ratio, int prefered,
                         int unroll_n, int jj) {
   require(q >= 0 && unroll >= 1 && threads >= 0 && prefered >= 1, "needs q >= 0, unroll >= 1 and prefered >= 1.");
-  require(threads == 0 || (threads >= 2 && p >= unroll && p % unroll == 0 && switch_ratio >= 1 && unroll_n >= 1 &&
+  require(threads == 0 || (p >= unroll && p % unroll == 0 && switch_ratio >= 1 && unroll_n >= 1 &&
                            jj >= unroll_n),
-          "the driver's tiling needs threads >= 2, p a multiple of unroll, switch_ratio >= 1 and jj >= unroll_n >= 1.");
+          "the driver's tiling needs p a multiple of unroll, switch_ratio >= 1 and jj >= unroll_n >= 1.");
   return BlasCut{size_t(q), size_t(unroll), threaded, size_t(threads), size_t(p), size_t(switch_ratio),
                  size_t(prefered), size_t(unroll_n), size_t(jj)};
 }
