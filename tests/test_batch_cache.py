@@ -34,10 +34,10 @@ def assert_same_cache(ours, theirs):
     assert n == ours_k.shape[2]
 
 
-def prefilled(lengths: list[int], rows: int, seed: int):
+def prefilled(lengths: list[int], rows: int, seed: int, tokens: int = 0):
     """The same prompt batch in both caches, prefilled right-padded as mlx-lm's prompt batch does."""
     rng = np.random.default_rng(seed)
-    pair = (InPlaceKVCache.merge([InPlaceKVCache(rows) for _ in lengths]),
+    pair = (InPlaceKVCache.merge([InPlaceKVCache(rows, tokens) for _ in lengths]),
             BatchKVCache.merge([KVCache() for _ in lengths]))
     width = max(lengths)
     padding = [width - n for n in lengths]
@@ -215,3 +215,25 @@ def test_continuous_batching_gives_mlx_lm_s_logits_bit_for_bit(model, monkeypatc
         assert [t for t, _ in a] == [t for t, _ in b], f"sequence {i}: tokens differ"
         for j, ((_, x), (_, y)) in enumerate(zip(a, b)):
             assert mx.array_equal(x, y).item(), f"sequence {i}, step {j}: log-probabilities differ"
+
+
+def test_a_cache_with_room_for_its_tokens_never_grows_while_decoding(monkeypatch):
+    """With the tokens a row will hold known (the longest prompt plus the new tokens), decoding past
+    mlx-lm's 256-token steps reallocates nothing and the visible entries stay mlx-lm's."""
+    moves = []
+    original = InPlaceBatchKVCache._reallocate
+    monkeypatch.setattr(InPlaceBatchKVCache, "_reallocate",
+                        lambda self, *a: (moves.append(a), original(self, *a))[1])
+    new_tokens = 300
+    ours, theirs = prefilled([5, 9, 3], rows=4, seed=3, tokens=9 + new_tokens)
+    capacity = ours.keys.shape[2]
+    assert capacity == 512  # 309 tokens, rounded up to mlx-lm's 256-token step, from the start
+    for t in range(new_tokens):
+        step((ours, theirs), seed=100 + t)
+    assert not moves and ours.keys.shape[2] == capacity
+    assert_same_cache(ours, theirs)
+
+    grown, _ = prefilled([5, 9, 3], rows=4, seed=3)  # without: grown at 256 tokens
+    for _ in range(new_tokens):
+        grown.update_and_fetch(*(mx.zeros((3, HEADS, 1, DIM)) for _ in range(2)))
+    assert moves

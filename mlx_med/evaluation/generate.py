@@ -258,7 +258,8 @@ def generate_batch(
     try:
         with gen.stats() as stats:
             uids = gen.insert([prompts[i] for i in order], [decoding.max_new_tokens] * len(order),
-                              caches=in_place_caches(model, batch_size, len(order)))
+                              caches=in_place_caches(model, batch_size, len(order),
+                                                     tokens=max(map(len, prompts)) + decoding.max_new_tokens + 1))
             index_of = dict(zip(uids, order))
             if row_weights is not None:  # read at each forward, which starts after the inserts
                 weights_by_uid.update({uid: row_weights[i] for uid, i in index_of.items()})
