@@ -614,9 +614,14 @@ def test_self_check_outcome_is_recorded_and_read_back(kernels, tmp_path):
     assert entry["attention_sums"] == list(kernels.attention_sums), "the calibration is recorded with the check"
     records_path.write_text(json.dumps({key: {"mismatch": "swiglu differs (planted)"}}))
     assert "swiglu differs (planted); kept MLX's kernels" in child_kernels_reason(env)
-    # python -m mlx_med.kernels (and doctor) check afresh and replace the record
+    # python -m mlx_med.kernels (and doctor) check afresh and replace the record, and drop the packed
+    # projections' recorded calibrations with it
+    from mlx_med.kernels.packed import RECORD
+
+    (copy.parent / RECORD).write_text("{}")
     assert child_kernels_reason(env, module=True).endswith("checked against MLX now)")
     assert json.loads(records_path.read_text()) == {key: entry}
+    assert not (copy.parent / RECORD).exists()
     records_path.write_text(json.dumps({key: {"mismatch": None}}))  # an older record, without the calibration
     assert child_kernels_reason(env).endswith("checked against MLX now")
     records_path.write_text("{ not json")  # a broken record is checked again, not trusted

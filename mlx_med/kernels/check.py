@@ -178,5 +178,9 @@ def recorded_self_check(kernels: Kernels, module_file: Path) -> tuple[CheckOutco
 
 
 def forget_self_checks(module_file: Path) -> None:
-    """Drop the recorded outcomes, so the next load checks against MLX afresh."""
-    (module_file.parent / VERDICTS).unlink(missing_ok=True)
+    """Drop the recorded outcomes (and the packed projections' calibrations), so the next load checks
+    against MLX afresh."""
+    from mlx_med.kernels.packed import RECORD
+
+    for name in (VERDICTS, RECORD):
+        (module_file.parent / name).unlink(missing_ok=True)
