@@ -152,28 +152,39 @@ def check_key(kernels: Kernels, module_file: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def read_records(path: Path) -> dict:
+    """The outcomes recorded in ``path`` by key; empty when it is missing or unreadable (then the
+    caller checks again)."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def write_records(path: Path, records: dict) -> None:
+    """Write ``records`` atomically; an unwritable folder only costs a check next time."""
+    from mlx_med.io import atomic_write_json
+
+    try:
+        atomic_write_json(path, records)
+    except OSError:
+        pass
+
+
 def recorded_self_check(kernels: Kernels, module_file: Path) -> tuple[CheckOutcome, bool]:
     """``run_checks``' outcome and whether it was read back from an earlier check with the same key.
 
     An unreadable record is checked again; an unwritable one only costs a check next time."""
-    from mlx_med.io import atomic_write_json
-
     path = module_file.parent / VERDICTS
     key = check_key(kernels, module_file)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        records = {}
-    records = records if isinstance(records, dict) else {}
+    records = read_records(path)
     recorded = CheckOutcome.from_record(records.get(key))
     if recorded is not None:
         return recorded, True
     outcome = run_checks(kernels)
     records[key] = outcome.record()
-    try:
-        atomic_write_json(path, records)
-    except OSError:
-        pass
+    write_records(path, records)
     return outcome, False
 
 

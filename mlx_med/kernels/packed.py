@@ -17,7 +17,6 @@ dtype change) drops its packed copy and runs MLX's matmul again.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -40,7 +39,7 @@ RECORD = "packed-cuts.json"  # calibrations recorded beside the kernels' self-ch
 
 class BlasCut(NamedTuple):
     """Where OpenBLAS's level-3 driver cuts the inner dimension, and for kernels that add by a product's
-    place in the call (Haswell's and Zen's), the tiles its threaded driver calls them on
+    place in the call (Haswell's and Zen's), the tiles its driver calls them on
     (``packed_gemm.cpp``: ``BlasCut``, ``driver_plan``)."""
 
     q: int  # GEMM_Q
@@ -161,12 +160,14 @@ def packable_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def _probes(weights: list[mx.array]) -> list[tuple[mx.array, list[mx.array], list[mx.array]]]:
-    """Each weight (smallest first) with random inputs at ``CHECK_ROWS`` rows and MLX's products."""
+def _probes(weights: list[mx.array], counts: int | None = None) -> list[tuple[mx.array, list[mx.array], list[mx.array]]]:
+    """Each weight (smallest first) with random inputs at ``CHECK_ROWS`` rows (the first ``counts`` of
+    them that leave the small-matrix range; all without) and MLX's products."""
     probes = []
     for weight in sorted(weights, key=lambda w: w.size):
         n, k = weight.shape
-        xs = [mx.random.normal((rows, k), key=mx.random.key(rows)) for rows in CHECK_ROWS if rows * n * k > SMALL_WORK]
+        rows = [r for r in CHECK_ROWS if r * n * k > SMALL_WORK][:counts]
+        xs = [mx.random.normal((r, k), key=mx.random.key(r)) for r in rows]
         wanted = [x @ weight.T for x in xs]
         mx.eval(xs, wanted)
         probes.append((weight, xs, wanted))
@@ -224,31 +225,23 @@ def recorded_calibration(kernels: Kernels, weights: list[mx.array]) -> tuple[Bla
     module, MLX, the BLAS and its threads, a forced core, the CPU) and shapes, is used after a spot
     check of its cut on the smallest weight; else calibrated now and recorded. Calibration takes about
     1.5 s for a model (every ``generate_batch`` process, ``chat`` at start-up); the check, milliseconds."""
-    from mlx_med.io import atomic_write_json
-    from mlx_med.kernels.check import check_key
+    from mlx_med.kernels.check import check_key, read_records, write_records
 
     if kernels.module_file is None:
         return *calibrate(kernels, weights), False
     shapes = sorted({tuple(w.shape) for w in weights})
     path = kernels.module_file.parent / RECORD
     key = f"{check_key(kernels, kernels.module_file)}|{';'.join(f'{n}x{k}' for n, k in shapes)}"
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        records = {}
-    records = records if isinstance(records, dict) else {}
+    records = read_records(path)
     found = _cut_from_record(records.get(key))
     if found is not None:
         cut, matched = found
-        weight, xs, wanted = _probes([min(weights, key=lambda w: w.size)])[0]
-        if cut is None or tuple(weight.shape) not in matched or _matches(kernels, cut, weight, xs[:1], wanted[:1]):
+        weight, xs, wanted = _probes([min(weights, key=lambda w: w.size)], counts=1)[0]
+        if cut is None or tuple(weight.shape) not in matched or _matches(kernels, cut, weight, xs, wanted):
             return cut, matched, True
     cut, matched = calibrate(kernels, weights)
     records[key] = {"cut": list(cut) if cut else None, "matched": [list(s) for s in matched]}
-    try:
-        atomic_write_json(path, records)
-    except OSError:
-        pass  # unwritable: calibrated again next time
+    write_records(path, records)
     return cut, matched, False
 
 

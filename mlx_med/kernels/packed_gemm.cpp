@@ -94,8 +94,8 @@ static const OpenBlasKernels* openblas_kernels(std::string* reason) {
 //
 // Some cores' kernels also add a product's chain by its place in the kernel call: Haswell's and Zen's
 // (sgemm_kernel_8x4_haswell_2.c) split the inner sum into two chains on the first and last 8 rows of a
-// 12-column call and not elsewhere. For those, every call must cover exactly the tile the threaded
-// driver gives it (DriverTiles); `threads` 0 means any tiling gives the same bits (the AVX-512 kernels).
+// 12-column call and not elsewhere. For those, every call must cover exactly the tile the driver gives
+// it (driver_plan); `threads` 0 means any tiling gives the same bits (the AVX-512 kernels).
 struct BlasCut {
   size_t q, unroll;
   bool threaded;
@@ -105,6 +105,8 @@ struct BlasCut {
   size_t prefered = 1;      // GEMM_PREFERED_SIZE: thread ranges are rounded up to it
   size_t unroll_n = 0;      // GEMM_UNROLL_N
   size_t jj = 0;            // the widest kernel call over a thread's own columns (3 * GEMM_UNROLL_N)
+
+  bool operator==(const BlasCut&) const = default;
 };
 
 static std::vector<std::pair<size_t, size_t>> inner_blocks(size_t K, BlasCut cut) {
@@ -149,7 +151,7 @@ static std::vector<size_t> block_offsets(size_t rows, const std::vector<std::pai
   return offsets;
 }
 
-// The threaded driver's tiling (level3_thread.c, DriverTiles above): how it splits the weight's rows
+// The threaded driver's tiling (level3_thread.c; BlasCut above): how it splits the weight's rows
 // (A's, here M) and the activation rows (B's columns, here n) over its threads, and the kernel calls
 // each thread makes.
 
@@ -212,6 +214,18 @@ static void for_each_half(size_t from, size_t to, F&& f) {
   for (size_t js = from; js < to; js += half) f(js, std::min(to, js + half) - js);
 }
 
+// A thread's own columns [js, js + len) as its first panel runs them: pieces of `jj` columns, then of
+// GEMM_UNROLL_N, then the rest (both drivers' min_jj).
+template <typename F>
+static void for_each_piece(size_t js, size_t len, const BlasCut& c, F&& f) {
+  for (size_t jjs = js, piece; jjs < js + len; jjs += piece) {
+    piece = js + len - jjs;
+    if (piece >= c.jj) piece = c.jj;
+    else if (piece > c.unroll_n) piece = c.unroll_n;
+    f(jjs, piece);
+  }
+}
+
 struct DriverPlan {
   std::vector<std::pair<size_t, size_t>> halves;  // every thread's column halves: how B is packed
   std::vector<std::vector<Tile>> panels;           // kernel calls by weight panel (disjoint outputs)
@@ -224,12 +238,7 @@ static DriverPlan one_thread_plan(size_t M, size_t n, const BlasCut& c) {
   plan.halves.emplace_back(0, n);
   size_t rows = panel_rows(M, true, c);
   std::vector<Tile> first;
-  for (size_t jjs = 0, piece; jjs < n; jjs += piece) {
-    piece = n - jjs;
-    if (piece >= c.jj) piece = c.jj;
-    else if (piece > c.unroll_n) piece = c.unroll_n;
-    first.push_back({0, rows, jjs, piece});
-  }
+  for_each_piece(0, n, c, [&](size_t jjs, size_t piece) { first.push_back({0, rows, jjs, piece}); });
   plan.panels.push_back(std::move(first));
   for (size_t is = rows; is < M; is += rows) {
     rows = panel_rows(M - is, false, c);
@@ -258,12 +267,7 @@ static DriverPlan driver_plan(size_t M, size_t n, const BlasCut& c) {
     std::vector<Tile> first;
     // its own columns, packed and run in pieces of up to 3 * GEMM_UNROLL_N
     for_each_half(n_bounds[me], n_bounds[me + 1], [&](size_t js, size_t len) {
-      for (size_t jjs = js, piece; jjs < js + len; jjs += piece) {
-        piece = js + len - jjs;
-        if (piece >= c.jj) piece = c.jj;
-        else if (piece > c.unroll_n) piece = c.unroll_n;
-        first.push_back({m_from, rows, jjs, piece});
-      }
+      for_each_piece(js, len, c, [&](size_t jjs, size_t piece) { first.push_back({m_from, rows, jjs, piece}); });
     });
     others(me + 1, [&](size_t other) {  // the other threads' halves, whole
       if (other == me) return;
@@ -385,11 +389,6 @@ static void packed_matmul_loop(const PackedCall& c, const OpenBlasKernels* blas,
   });
 }
 
-static bool same_cut(const BlasCut& a, const BlasCut& b) {
-  return a.q == b.q && a.unroll == b.unroll && a.threaded == b.threaded && a.threads == b.threads && a.p == b.p &&
-         a.switch_ratio == b.switch_ratio && a.prefered == b.prefered && a.unroll_n == b.unroll_n && a.jj == b.jj;
-}
-
 // The floats pack_weight gives an (N, K) weight under this cut.
 static size_t packed_floats(size_t N, size_t K, BlasCut cut) {
   size_t floats;
@@ -416,7 +415,7 @@ class PackedMatmul : public mx::Primitive {
   const char* name() const override { return "MlxMedPackedMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const PackedMatmul&>(other);
-    return std::string(name()) == other.name() && N_ == o.N_ && same_cut(cut_, o.cut_);
+    return std::string(name()) == other.name() && N_ == o.N_ && cut_ == o.cut_;
   }
 
  private:
@@ -462,7 +461,8 @@ void register_packed_gemm(nb::module_& m) {
         },
         "(True, OpenBLAS's core name) when its per-core sgemm kernels can be called, else (False, why not).");
   m.def("openblas_threads", [] {
-          auto threads = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+          // looked up once: a packed layer asks at every call
+          static auto threads = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
           return threads ? threads() : 0;
         },
         "The threads OpenBLAS runs a level-3 call on (0 when it is not OpenBLAS).");
