@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from random_adapters import ALL, make_adapter
 
+from mlx_med.adapters import live as live_module
 from mlx_med.adapters.format import read_adapter
 from mlx_med.adapters.fuse import fuse_model
-from mlx_med.adapters.live import MultiLoRALinear, attach_adapters, load_with_adapters
+from mlx_med.adapters.live import MultiLoRALinear, attach_adapters, blas_adds_exactly, load_with_adapters
 from mlx_med.errors import UserError
+from mlx_med.kernels import cpu_kernels
 from mlx_med.models import load_model
 
 TOKENS = mx.array([[5, 17, 42, 99, 3, 250, 7, 11]])
@@ -168,3 +171,58 @@ def test_per_row_weights_with_stacked_sft(tmp_path, tiny_llama):
     for i, alpha in enumerate((0.3, 0.9)):
         live.set_alpha(alpha)
         np.testing.assert_allclose(mixed[i], np.array(loaded.model(TOKENS))[0], atol=1e-5, rtol=1e-5)
+
+
+def mlx_runs_openblas() -> bool:
+    """Whether MLX's GEMM is the OpenBLAS mlx-med preloaded (its symbols resolve in this process)."""
+    found, _ = cpu_kernels()
+    return found is not None and found.module.openblas_core()[0]
+
+
+def test_lora_product_added_into_the_base_output_rounds_as_a_separate_add(pair, monkeypatch):
+    """The BLAS's add of the LoRA product into base(x) (``mx.addmm``) keeps every bit of the separate add.
+
+    Each live layer's output is compared with ``base(x) + ((x @ A) * C) @ B`` written out, over a batch
+    of prefill-sized rows and a decode-sized one, per-row and model-wide weights alike. Under OpenBLAS
+    (what mlx-med preloads) the layers must take the BLAS's add: a probe that stopped saying so would
+    silently lose the speed.
+    """
+    model_dir, sft_dir, pt_dir, *_ = pair
+    loaded, live = load_with_adapters(model_dir, sft=sft_dir, pt=pt_dir, alpha=0.5)
+    layers = [m for _, m in loaded.model.named_modules() if isinstance(m, MultiLoRALinear)]
+    openblas = mlx_runs_openblas()
+    if openblas:
+        assert blas_adds_exactly(layers[0]._stacked[0].shape[1])
+    assert not blas_adds_exactly(4096)  # an inner dimension past one block: added in parts, refused
+
+    def check(rows: int, length: int) -> int:
+        taken = 0
+        for layer in layers:
+            x = mx.random.normal((rows, length, layer._stacked[0].shape[0]), key=mx.random.key(rows * length))
+            c, a, b, accumulate = layer._rows
+            taken += accumulate
+            expected = layer.linear(x) + ((x @ a) * c) @ b
+            np.testing.assert_array_equal(np.array(layer(x)), np.array(expected))
+        return taken
+
+    for rows, length in ((3, 37), (5, 1)):
+        live.set_row_weights([{"sft": i / rows, "pt": 1 - i / rows} for i in range(rows)])
+        taken = check(rows, length)
+        live.clear_row_weights()
+        live.set_alpha(0.3)
+        taken += check(rows, length)
+        if openblas:
+            assert taken == 2 * len(layers)
+    # the demo model's widest projection, where OpenBLAS's AVX2 kernels round by a row's place in the call
+    keys = mx.random.split(mx.random.key(7), 4)
+    factors = {name: (mx.random.normal((576, 8), key=keys[2 * i]) * 0.05,
+                      mx.random.normal((8, 1536), key=keys[2 * i + 1]) * 0.05, 2.0)
+               for i, name in enumerate(("sft", "pt"))}
+    wide = MultiLoRALinear(nn.Linear(576, 1536, bias=False), factors)
+    wide.set_coefficients({"sft": mx.array([0.0, 0.25, 0.5, 0.75, 1.0, 0.1, 0.9, 0.3]), "pt": 0.5})
+    layers.append(wide)
+    assert check(8, 1) == (len(layers) if openblas else 0)
+    monkeypatch.setattr(live_module, "blas_adds_exactly", lambda rank: False)
+    live.set_alpha(0.7)
+    wide.set_coefficients({"sft": 0.7, "pt": 0.3})
+    assert check(2, 9) == 0  # the separate add, where the BLAS would round otherwise
