@@ -1,9 +1,9 @@
 """mlx-med's on/off environment switches, read one way.
 
-``MLX_MED_BLAS``, ``MLX_MED_KERNELS``, ``MLX_MED_MALLOC``, ``MLX_MED_BATCH_CACHE`` and
-``MLX_MED_PACKED_WEIGHTS`` each turn off one of mlx-med's own choices (the OpenBLAS preload, the CPU
-kernels, the malloc tuning, the batch KV cache that refills in place, generation's projections over
-weights packed once); ``MLX_MED_KERNEL_THREADS`` caps
+``MLX_MED_BLAS``, ``MLX_MED_KERNELS``, ``MLX_MED_MALLOC``, ``MLX_MED_BATCH_CACHE``,
+``MLX_MED_PACKED_WEIGHTS`` and ``MLX_MED_SHARED_PREFIX`` each turn off one of mlx-med's own choices (the
+OpenBLAS preload, the CPU kernels, the malloc tuning, the batch KV cache that refills in place,
+generation's projections over weights packed once, a batch's common prompt start prefilled once); ``MLX_MED_KERNEL_THREADS`` caps
 the threads of one kernel call. They are read where they act, some before mlx is imported, so a value
 a switch does not know cannot stop a command: the choice stays on (or the default stays), and the line
 ``mlx-med doctor`` prints for it says which value was ignored.
@@ -43,6 +43,7 @@ KERNELS = Switch("MLX_MED_KERNELS", off=("off", "0", "none", "mlx", "false"), ot
 MALLOC = Switch("MLX_MED_MALLOC", off=("system", "off", "0", "none"))
 BATCH_CACHE = Switch("MLX_MED_BATCH_CACHE", off=("mlx-lm", "off", "0", "none"))
 PACKED_WEIGHTS = Switch("MLX_MED_PACKED_WEIGHTS", off=("mlx", "off", "0", "none"))
+SHARED_PREFIX = Switch("MLX_MED_SHARED_PREFIX", off=("off", "0", "none", "false"))
 
 
 def kernel_threads_ignored(env: Mapping[str, str]) -> str | None:

@@ -123,9 +123,11 @@ def print_profile(label: str, profile, model, gemm: float) -> dict:
              "detokenization": profile.detokenize_s, "Python overhead": profile.overhead_s}
     print(f"[{label}] wall {profile.wall_s:.1f} s: " + ", ".join(
         f"{name} {seconds:.1f} s ({100 * seconds / profile.wall_s:.0f}%)" for name, seconds in parts.items()))
-    prefill_gflops = 2 * body * profile.prompt_tokens / max(profile.prompt_s, 1e-9) / 1e9
+    computed = profile.prompt_tokens - profile.shared_prompt_tokens  # a shared prompt start runs once
+    prefill_gflops = 2 * body * computed / max(profile.prompt_s, 1e-9) / 1e9
     decode_gflops = 2 * (body + head) * profile.generated_tokens / max(forward, 1e-9) / 1e9
-    print(f"[{label}] prefill {profile.prompt_tokens} tokens: {prefill_gflops:.1f} GFLOP/s "
+    print(f"[{label}] prefill {profile.prompt_tokens} tokens ({profile.shared_prompt_tokens} of a shared start "
+          f"not computed again): {prefill_gflops:.1f} GFLOP/s "
           f"({100 * prefill_gflops / gemm:.0f}% of GEMM); decode {profile.generated_tokens} tokens in "
           f"{profile.decode_steps} steps (mean batch {rows}): {decode_gflops:.1f} GFLOP/s "
           f"({100 * decode_gflops / gemm:.0f}% of GEMM)")

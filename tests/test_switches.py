@@ -25,7 +25,8 @@ def test_switch_values():
     assert not switches.KERNELS.is_off({"MLX_MED_KERNELS": "scalar"})
     assert switches.BLAS.is_off({"MLX_MED_BLAS": "stock"})
     # the words every switch takes
-    for switch in (switches.BLAS, switches.KERNELS, switches.MALLOC, switches.BATCH_CACHE, switches.PACKED_WEIGHTS):
+    for switch in (switches.BLAS, switches.KERNELS, switches.MALLOC, switches.BATCH_CACHE, switches.PACKED_WEIGHTS,
+                   switches.SHARED_PREFIX):
         assert all(switch.is_off({switch.name: word}) for word in ("off", "0", "none", "OFF"))
         assert not any(switch.is_off({switch.name: word}) for word in ON_WORDS)
     assert switches.kernel_threads_ignored({}) is None

@@ -56,6 +56,11 @@ class MultiLoRALinear(nn.Module):
         object.__setattr__(self, "_stacked", None)  # (A, B) of every adapter, built on first use
 
     @property
+    def rank(self) -> int:
+        """The adapters' ranks summed: the columns of the stacked ``x @ A`` product."""
+        return sum(a.shape[1] for a, _, _ in self._factors.values())
+
+    @property
     def compute_dtype(self) -> mx.Dtype:
         if isinstance(self.linear, nn.QuantizedLinear):
             return self.linear.scales.dtype

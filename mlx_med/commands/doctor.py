@@ -90,6 +90,9 @@ def command(size: int) -> None:
     from mlx_med.evaluation.batch_cache import describe as describe_batch_cache
 
     click.echo(f"batch cache: {describe_batch_cache()}")
+    from mlx_med.evaluation.shared_prefix import describe as describe_shared_prefix
+
+    click.echo(f"shared prompt start: {describe_shared_prefix()}")
     if info.device == "cpu" and gflops < MIN_GOOD_GFLOPS:
         click.echo(
             f"warning: fp32 GEMM is slow ({gflops:.1f} GFLOP/s); training will crawl. {status.note}",

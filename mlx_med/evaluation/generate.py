@@ -3,7 +3,9 @@
 Prompts are chat-templated, tokenized and sorted by length (longest first); mlx-lm prefills them a
 few rows at a time (length buckets: neighbours have similar lengths, so a bucket pads little) while
 up to ``batch_size`` rows decode together, and a finished row's slot is refilled from the queue.
-Sampling with a top-k bound draws from the k candidates only, never sorting the vocabulary. Results
+A batch's common prompt start (the chat template and system prompt) is prefilled once per batch, where
+that keeps every bit (``shared_prefix``). Sampling with a top-k bound draws from the k candidates only,
+never sorting the vocabulary. Results
 come back in the caller's order. Under greedy decoding the output is token-for-token what
 sequential ``mlx_lm.generate_step`` gives (``tests/test_generate.py``), except where a row's padding
 and neighbours move its logits in the last bits at a near-tie of its two best tokens (rare: one
@@ -71,6 +73,7 @@ class GenerationProfile:
     """
 
     prompt_tokens: int = 0
+    shared_prompt_tokens: int = 0  # of those, tokens of a common start not computed again (``shared_prefix``)
     prompt_s: float = 0.0
     generated_tokens: int = 0
     decode_steps: int = 0
@@ -219,6 +222,7 @@ def generate_batch(
     from mlx_lm.generate import BatchGenerator
 
     from mlx_med.evaluation.batch_cache import in_place_caches
+    from mlx_med.evaluation.shared_prefix import SharedPrefixModel, sharing_applies
     from mlx_med.kernels import pack_projections
 
     if batch_size < 1:
@@ -239,10 +243,15 @@ def generate_batch(
     if profile is not None:
         profile.projections = projections
     weights_by_uid: dict[int, dict[str, float]] = {}
+    shared = None
+    if sharing_applies(model):  # a common prompt start (system prompt) prefilled once per batch
+        shared = model = SharedPrefixModel(model, live if row_weights is not None else None)
     if row_weights is not None:
         from mlx_med.evaluation.row_weights import RowWeightedModel
 
         model = RowWeightedModel(model, live, weights_by_uid)
+        if shared is not None:
+            shared.row_weights = model.current_weights
     gen = BatchGenerator(
         model,
         max_tokens=decoding.max_new_tokens,
@@ -303,6 +312,7 @@ def generate_batch(
             bar.close()
     if profile is not None:
         profile.prompt_tokens += stats.prompt_tokens
+        profile.shared_prompt_tokens += shared.shared_tokens if shared is not None else 0
         profile.prompt_s += stats.prompt_time
         profile.decode_steps += stats.generation_steps
         profile.decode_s += stats.decode_time

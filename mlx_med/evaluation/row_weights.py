@@ -35,6 +35,10 @@ class RowWeightedModel:
         """Forget which rows the layers are set for (a new generator numbers its rows from 0 again)."""
         self._rows = None
 
+    def current_weights(self) -> list[dict[str, float]]:
+        """The weights of the rows the layers are set for (those of the forward being run)."""
+        return [self.weights_by_uid[uid] for uid in self._rows or []]
+
     def __getattr__(self, name: str):
         return getattr(self.model, name)
 

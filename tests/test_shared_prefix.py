@@ -1,0 +1,137 @@
+"""A batch's common prompt start prefilled once (``shared_prefix``): the same keys, values and logits
+as the batch prefilled whole, bit for bit, and the same greedy answers through ``generate_batch``."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from random_adapters import ALL, make_adapter
+from tiny_models import build_model
+
+from mlx_med.adapters.live import load_with_adapters
+from mlx_med.evaluation import shared_prefix
+from mlx_med.evaluation.batch_cache import InPlaceKVCache
+from mlx_med.evaluation.decoding import preset
+from mlx_med.evaluation.generate import GenerationProfile, generate_batch
+from mlx_med.evaluation.shared_prefix import SharedPrefixModel, describe, sharing_applies
+
+# The demo model's widths (SmolLM2-135M: 576 wide, 9 query heads over 3 key heads of 64, MLP 1536) in two
+# layers: the shapes whose products OpenBLAS sends to its regular kernels, as in a real eval.
+WIDE = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "intermediate_size": 1536, "num_hidden_layers": 2}
+START = 300  # longer than OpenBLAS's GEMM_Q (320 with its AVX-512 and Zen kernels) once a row's own tokens follow
+
+
+@pytest.fixture(scope="module")
+def wide_pair(tmp_path_factory, tiny_tokenizer_dir):
+    """A demo-wide two-layer llama and the study's pair of rank-8 adapters on every projection."""
+    folder = tmp_path_factory.mktemp("wide-llama")
+    model_dir = build_model(folder / "model", "llama", tiny_tokenizer_dir, seed=5, overrides=WIDE)
+    make_adapter(model_dir, folder / "pt", rank=8, lora_alpha=16, keys=ALL, seed=1, phase="pt", std=0.05)
+    make_adapter(model_dir, folder / "sft", rank=8, lora_alpha=16, keys=ALL, seed=2, phase="sft", std=0.05)
+    return model_dir, folder / "sft", folder / "pt"
+
+
+def prompts(vocab: int, start: int, rest: list[int], seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    common = rng.integers(1, vocab, start).tolist()
+    return [common + rng.integers(1, vocab, n).tolist() for n in rest]
+
+
+def prefill(model, batch: list[list[int]]):
+    """The batch prefilled as mlx-lm's ``BatchGenerator`` does (right padded, the last token held back),
+    then one decode step: (per-layer keys and values, that step's logits)."""
+    layers = len(model.layers)
+    rows = [[InPlaceKVCache(len(batch), 512) for _ in range(layers)] for _ in batch]
+    cache = [InPlaceKVCache.merge([r[i] for r in rows]) for i in range(layers)]
+    heads = [p[:-1] for p in batch]
+    width = max(map(len, heads))
+    padding = [width - len(p) for p in heads]
+    for c in cache:
+        c.prepare(lengths=[len(p) for p in heads], right_padding=padding)
+    model(mx.array([p + [0] * (width - len(p)) for p in heads]), cache=cache)
+    for c in cache:
+        c.finalize()
+    logits = model(mx.array([[p[-1]] for p in batch]), cache=cache)[:, -1]
+    kv = [np.array(a) for c in cache for a in c.keys_and_values()]
+    mx.eval(logits)
+    return kv, np.array(logits)
+
+
+def test_common_start_prefilled_once_gives_the_batch_bits(wide_pair):
+    """Keys, values and the next logits equal the whole batch's, model-wide and per-row weights alike;
+    the start is computed once per distinct weights."""
+    model_dir, sft, pt = wide_pair
+    loaded, live = load_with_adapters(model_dir, sft=sft, pt=pt, alpha=0.3)
+    model = loaded.model
+    if not sharing_applies(model):
+        pytest.skip("no OpenBLAS with mlx-med's kernels here: generation prefills every row whole")
+    vocab = model.args.vocab_size
+    batch = prompts(vocab, START, [40, 75, 12, 60])
+
+    whole = prefill(model, batch)
+    shared = SharedPrefixModel(model)
+    ours = prefill(shared, batch)
+    assert shared.shared_tokens == START * 3  # one pass over the start instead of four
+    for a, b in zip(whole[0], ours[0]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(whole[1], ours[1])
+
+    weights = [{"sft": a, "pt": 1 - a} for a in (0.0, 1.0, 0.0, 1.0)]
+    live.set_row_weights(weights)
+    whole = prefill(model, batch)
+    shared = SharedPrefixModel(model, live, row_weights=lambda: weights)
+    ours = prefill(shared, batch)
+    assert shared.shared_tokens == START * 2  # once per α
+    for a, b in zip(whole[0], ours[0]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(whole[1], ours[1])
+    # and the per-row weights are the batch's again afterwards (the same logits as before sharing)
+    np.testing.assert_array_equal(prefill(model, batch)[1], whole[1])
+
+
+def test_short_or_missing_common_start_is_prefilled_whole(wide_pair):
+    """Below the size where OpenBLAS keeps its regular kernels (a 64-token start with 16-column LoRA
+    products rounds otherwise on the demo model), or with no common start, nothing is shared."""
+    model_dir, sft, pt = wide_pair
+    loaded, _ = load_with_adapters(model_dir, sft=sft, pt=pt, alpha=0.3)
+    if not sharing_applies(loaded.model):
+        pytest.skip("no OpenBLAS with mlx-med's kernels here")
+    vocab = loaded.model.args.vocab_size
+    for batch in (prompts(vocab, 64, [40, 75, 60]), prompts(vocab, 0, [300, 310, 305])):
+        shared = SharedPrefixModel(loaded.model)
+        whole, ours = prefill(loaded.model, batch), prefill(shared, batch)
+        assert shared.shared_tokens == 0
+        np.testing.assert_array_equal(whole[1], ours[1])
+
+
+def test_generate_batch_shares_the_start_and_answers_alike(wide_pair, tiny_tokenizer_dir, monkeypatch):
+    """Through the generator (continuous batching, per-row α): the same greedy tokens with the switch on
+    and off, and the profile counts the tokens not computed again."""
+    model_dir, sft, pt = wide_pair
+    loaded, live = load_with_adapters(model_dir, sft=sft, pt=pt, alpha=0.5)
+    if not sharing_applies(loaded.model):
+        pytest.skip("no OpenBLAS with mlx-med's kernels here")
+    system = " ".join(["You are a careful medical assistant; answer briefly and say when to see a doctor."] * 12)
+    conversations = [[{"role": "user", "content": f"Question {i}: what helps a {w} headache?"}]
+                     for i, w in enumerate(["mild", "sudden", "daily", "morning", "tension", "cluster"])]
+    weights = [{"sft": a, "pt": 1 - a} for a in (0.0, 1.0) for _ in conversations]
+    decoding = preset("greedy").with_overrides(max_new_tokens=6)
+    answers = {}
+    for switch in ("on", "off"):
+        monkeypatch.setenv("MLX_MED_SHARED_PREFIX", switch)
+        profile = GenerationProfile()
+        results = generate_batch(loaded.model, loaded.tokenizer, conversations * 2, decoding, batch_size=6,
+                                 system=system, progress=False, profile=profile, live=live, row_weights=weights)
+        answers[switch] = [(r.text, r.generation_tokens) for r in results]
+        assert (profile.shared_prompt_tokens > 0) == (switch == "on")
+    assert answers["on"] == answers["off"]
+
+
+def test_switch_and_doctor_line(monkeypatch):
+    assert describe({"MLX_MED_SHARED_PREFIX": "off"}) == "off (MLX_MED_SHARED_PREFIX=off)"
+    note = describe({"MLX_MED_SHARED_PREFIX": "maybe"})
+    assert note.startswith("prefilled once") and "MLX_MED_SHARED_PREFIX=maybe ignored" in note
+    monkeypatch.setenv("MLX_MED_SHARED_PREFIX", "off")
+    assert not shared_prefix.sharing_applies(object())
