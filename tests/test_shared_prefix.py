@@ -66,7 +66,7 @@ def test_common_start_prefilled_once_gives_the_batch_bits(wide_pair):
     loaded, live = load_with_adapters(model_dir, sft=sft, pt=pt, alpha=0.3)
     model = loaded.model
     if not sharing_applies(model):
-        pytest.skip("no OpenBLAS with mlx-med's kernels here: generation prefills every row whole")
+        pytest.skip("this BLAS rounds a row by its place in the call (or no kernels): rows are prefilled whole")
     vocab = model.args.vocab_size
     batch = prompts(vocab, START, [40, 75, 12, 60])
 
@@ -97,7 +97,7 @@ def test_short_or_missing_common_start_is_prefilled_whole(wide_pair):
     model_dir, sft, pt = wide_pair
     loaded, _ = load_with_adapters(model_dir, sft=sft, pt=pt, alpha=0.3)
     if not sharing_applies(loaded.model):
-        pytest.skip("no OpenBLAS with mlx-med's kernels here")
+        pytest.skip("this BLAS rounds a row by its place in the call (or no kernels)")
     vocab = loaded.model.args.vocab_size
     for batch in (prompts(vocab, 64, [40, 75, 60]), prompts(vocab, 0, [300, 310, 305])):
         shared = SharedPrefixModel(loaded.model)
@@ -112,7 +112,7 @@ def test_generate_batch_shares_the_start_and_answers_alike(wide_pair, tiny_token
     model_dir, sft, pt = wide_pair
     loaded, live = load_with_adapters(model_dir, sft=sft, pt=pt, alpha=0.5)
     if not sharing_applies(loaded.model):
-        pytest.skip("no OpenBLAS with mlx-med's kernels here")
+        pytest.skip("this BLAS rounds a row by its place in the call (or no kernels)")
     system = " ".join(["You are a careful medical assistant; answer briefly and say when to see a doctor."] * 12)
     conversations = [[{"role": "user", "content": f"Question {i}: what helps a {w} headache?"}]
                      for i, w in enumerate(["mild", "sudden", "daily", "morning", "tension", "cluster"])]
@@ -127,6 +127,22 @@ def test_generate_batch_shares_the_start_and_answers_alike(wide_pair, tiny_token
         answers[switch] = [(r.text, r.generation_tokens) for r in results]
         assert (profile.shared_prompt_tokens > 0) == (switch == "on")
     assert answers["on"] == answers["off"]
+
+
+def test_no_sharing_where_rows_round_by_their_place(wide_pair, monkeypatch):
+    """Where the BLAS rounds a row by its place in the call (OpenBLAS's AVX2 kernels: the probe says so
+    under ``OPENBLAS_CORETYPE=Haswell`` and ``Zen``, where the bit test above fails), generation
+    prefills every row whole."""
+    model_dir, sft, pt = wide_pair
+    loaded, _ = load_with_adapters(model_dir, sft=sft, pt=pt, alpha=0.5)
+    monkeypatch.setattr(shared_prefix, "rows_round_alike", lambda: False)
+    assert not sharing_applies(loaded.model)
+    system = " ".join(["Answer briefly and say when to see a doctor."] * 30)
+    profile = GenerationProfile()
+    generate_batch(loaded.model, loaded.tokenizer, [[{"role": "user", "content": f"Question {i}?"}] for i in range(4)],
+                   preset("greedy").with_overrides(max_new_tokens=2), batch_size=4, system=system,
+                   progress=False, profile=profile)
+    assert profile.shared_prompt_tokens == 0
 
 
 def test_switch_and_doctor_line(monkeypatch):

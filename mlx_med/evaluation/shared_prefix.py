@@ -19,12 +19,15 @@ every key, value and logit is bit for bit the unshared batch's (``tests/test_sha
 the demo model a 64-token start shared with its LoRA products of 16 columns differs in the 5th
 digit, one of 129 tokens or more gives the same bits).
 
-Only where those sums are known: fp32 on the CPU under OpenBLAS with mlx-med's attention
-(``kernels``). ``MLX_MED_SHARED_PREFIX=off`` prefills every row whole.
+Only fp32 on the CPU with mlx-med's kernels, and only where the BLAS gives a row of a matmul the same
+bits whatever its place in the call (``rows_round_alike``: OpenBLAS's AVX-512 kernels and the reference
+BLAS do; its AVX2 kernels, HASWELL and ZEN, do not, and there every row is prefilled whole).
+``MLX_MED_SHARED_PREFIX=off`` prefills every row whole.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import mlx.core as mx
@@ -44,7 +47,7 @@ def describe(env=os.environ) -> str:
     if switches.SHARED_PREFIX.is_off(env):
         return f"off ({switches.SHARED_PREFIX.name}={env[switches.SHARED_PREFIX.name]})"
     ignored = switches.SHARED_PREFIX.ignored(env)
-    return ("prefilled once per batch where the bits stay the same (fp32, CPU, OpenBLAS)"
+    return ("prefilled once per batch where the bits stay the same (fp32, CPU, a BLAS whose rows round alike)"
             + (f"; {ignored}" if ignored else ""))
 
 
@@ -53,14 +56,36 @@ def sharing_applies(model) -> bool:
     from mlx_med.kernels import cpu_kernels
     from mlx_med.kernels.ops import on_cpu_f32
 
-    if switches.SHARED_PREFIX.is_off(os.environ) or mx.default_device() != mx.cpu:
-        return False
-    kernels = cpu_kernels()[0]
-    if kernels is None or kernels.attention_sums is None or not kernels.module.openblas_core()[0]:
+    if switches.SHARED_PREFIX.is_off(os.environ) or mx.default_device() != mx.cpu or cpu_kernels()[0] is None:
         return False
     embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
     weight = getattr(embedding, "weight", None)
-    return weight is not None and on_cpu_f32(weight) and _shapes(model) is not None
+    return (weight is not None and on_cpu_f32(weight) and _shapes(model) is not None
+            and rows_round_alike())
+
+
+@functools.cache
+def rows_round_alike() -> bool:
+    """Whether this BLAS gives each row of a matmul the same bits whatever the row's place in the call and
+    the call's row count (above the small-product size): what computing a start in a call of its own needs.
+
+    OpenBLAS's AVX-512 kernels do; its AVX2 kernels (HASWELL, ZEN) add by a product's place in the
+    call, and there the start stays in the batch's call. Probed once, on the shapes of a prefill's
+    projections, LoRA factors and attention, with its own random key (sampling's generator untouched).
+    """
+    key = mx.random.key(1204)
+    with mx.stream(mx.cpu):
+        for rows, part, n, k in ((1000, 129, 16, 576), (1200, 150, 64, 576), (900, 129, 576, 576),
+                                 (700, 300, 1536, 576), (640, 200, 576, 1536), (1300, 260, 400, 64),
+                                 (1300, 260, 64, 400)):
+            k1, k2, key = mx.random.split(key, 3)
+            x = mx.random.normal((rows, k), key=k1)
+            w = mx.random.normal((k, n), key=k2)
+            whole = x @ w
+            for start in (0, 37, rows - part):
+                if not mx.array_equal(whole[start: start + part], x[start: start + part] @ w).item():
+                    return False
+    return True
 
 
 def _shapes(model) -> tuple[int, int, int] | None:
