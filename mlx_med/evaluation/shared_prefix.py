@@ -32,7 +32,7 @@ import os
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlx_med import switches
 
@@ -183,9 +183,10 @@ class SharedPrefixModel:
 
     def _plan(self, inputs, cache):
         """(common start, rows grouped by weights, each row's weights or None), or None: no sharing."""
+        # only the first prefill call of a fresh batch of plain KV caches (no sliding window)
         if (inputs.ndim != 2 or inputs.shape[1] <= MIN_SHARED_TOKENS or inputs.shape[0] < 2 or cache is None
                 or self.shapes is None or self.narrowest is None
-                or any(getattr(c, "keys", 0) is not None or not hasattr(c, "prepare") for c in cache)):
+                or any(not isinstance(c, BatchKVCache) or c.keys is not None for c in cache)):
             return None
         rows, width = inputs.shape
         padding = getattr(cache[0], "_right_padding", None)
