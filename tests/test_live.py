@@ -192,7 +192,7 @@ def test_lora_product_added_into_the_base_output_rounds_as_a_separate_add(pair, 
     layers = [m for _, m in loaded.model.named_modules() if isinstance(m, MultiLoRALinear)]
     openblas = mlx_runs_openblas()
     if openblas:
-        assert blas_adds_exactly(layers[0]._stacked[0].shape[1])
+        assert blas_adds_exactly(layers[0].rank)
     assert not blas_adds_exactly(4096)  # an inner dimension past one block: added in parts, refused
 
     def check(rows: int, length: int) -> int:
@@ -222,7 +222,7 @@ def test_lora_product_added_into_the_base_output_rounds_as_a_separate_add(pair, 
     wide.set_coefficients({"sft": mx.array([0.0, 0.25, 0.5, 0.75, 1.0, 0.1, 0.9, 0.3]), "pt": 0.5})
     layers.append(wide)
     # every layer whose inner dimension the probe passes takes the BLAS's add (all of them under OpenBLAS)
-    passing = sum(blas_adds_exactly(layer._stacked[0].shape[1]) for layer in layers)
+    passing = sum(blas_adds_exactly(layer.rank) for layer in layers)
     if openblas:
         assert passing == len(layers)
     assert check(8, 1) == passing

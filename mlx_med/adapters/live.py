@@ -104,8 +104,7 @@ class MultiLoRALinear(nn.Module):
         else:  # one coefficient row for every input row
             c = mx.concatenate([mx.full((r,), float(coefficients.get(n, 0.0)), dtype=mx.float32)
                                 for n, r in layout[0]]).astype(dtype)
-        rank = self._stacked[0].shape[1]
-        accumulate = dtype == mx.float32 and mx.default_device() == mx.cpu and blas_adds_exactly(rank)
+        accumulate = dtype == mx.float32 and mx.default_device() == mx.cpu and blas_adds_exactly(self.rank)
         object.__setattr__(self, "_rows", (c, *self._stacked, accumulate))
 
     def __call__(self, x: mx.array) -> mx.array:
