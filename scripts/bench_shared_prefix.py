@@ -7,13 +7,19 @@ mixed batch of α 0, 0.5 and 1. The sides alternate in one process (``MLX_MED_SH
 at each call), ``--repeats`` times each after a warm-up, and print prefill and wall seconds, the
 prompt tokens not computed again, and whether the answers are identical.
 
+Then the server's scheduler (``mlx-med serve``'s engine): the first ``--batch-size`` prompts as requests
+arriving together, half at α 0.5 and half at α 1 (the start is computed once per α), timed to the
+last token, with each request's time to first token; its answers are compared too.
+
 The last line is ``ratio: <whole rows' seconds ÷ shared start's seconds>`` (best run of each side,
-summed over both batches): above 1, sharing is faster.
+summed over the two ``generate_batch`` batches; the server's figures are printed beside it): above 1,
+sharing is faster.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import tempfile
@@ -41,10 +47,12 @@ def main() -> None:
 
     from mlx_med.backend import detect_backend
     from mlx_med.evaluation.decoding import preset
-    from mlx_med.evaluation.generate import GenerationProfile, generate_batch
+    from mlx_med.evaluation.generate import GenerationProfile, encode_chat, generate_batch
     from mlx_med.evaluation.run_config import load_for_eval
     from mlx_med.evaluation.runner import load_eval_rows, system_text
     from mlx_med.evaluation.shared_prefix import describe, sharing_applies
+    from mlx_med.serve.scheduler import Scheduler
+    from mlx_med.serve.schemas import Sampling
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -80,17 +88,66 @@ def main() -> None:
                           f"{profile.shared_prompt_tokens} not computed again)")
             return total, texts
 
+        requests = conversations[: args.batch_size]
+        prompts = [encode_chat(loaded.tokenizer, conv, system) for conv in requests]
+        alphas = [(0.5, 1.0)[i % 2] for i in range(len(prompts))]  # the server's mix and one other
+
+        def serve(side: str, quiet: bool = False) -> tuple[float, list[list[int]]]:
+            """The server's scheduler, ``len(prompts)`` requests arriving together, each its own α."""
+            os.environ["MLX_MED_SHARED_PREFIX"] = side
+
+            async def clients():
+                scheduler = Scheduler(loaded.model, live, sorted(loaded.tokenizer.eos_token_ids),
+                                      loaded.model.args.vocab_size, batch_size=len(prompts))
+                greedy = Sampling(temperature=0.0, top_p=1.0, top_k=0, max_tokens=args.max_new_tokens, seed=None)
+                start = time.perf_counter()
+                jobs = [scheduler.submit(p, {"sft": a, "pt": 1 - a}, greedy) for p, a in zip(prompts, alphas)]
+                first = []
+
+                async def read(job) -> list[int]:
+                    mine, finish = [], None
+                    while finish is None:
+                        event = await job.queue.get()
+                        if isinstance(event, BaseException):
+                            raise event
+                        if not mine:
+                            first.append(time.perf_counter() - start)
+                        token, finish = event
+                        mine.append(token)
+                    return mine
+
+                scheduler.start()
+                tokens = await asyncio.gather(*(read(job) for job in jobs))
+                seconds = time.perf_counter() - start
+                scheduler.stop()
+                live.clear_row_weights()  # the scheduler leaves its last rows' weights set; back to α 0.5
+                return seconds, first, tokens, scheduler.shared_prefix
+
+            seconds, first, tokens, shared = asyncio.run(clients())
+            if not quiet:
+                print(f"  {'shared' if side == 'on' else 'whole '} server, {len(prompts)} requests at "
+                      f"α 0.5 and 1: {seconds:6.2f} s, first token after {min(first):.2f}–{max(first):.2f} s "
+                      f"({shared.shared_tokens if shared else 0} prompt tokens not computed again)")
+            return seconds, tokens
+
         run("on", quiet=True)  # warm-up: packing, kernels, first-call compilation
         run("off", quiet=True)
+        serve("on", quiet=True)
         best = {"on": float("inf"), "off": float("inf")}
-        answers = {}
+        served = {"on": float("inf"), "off": float("inf")}
+        answers, replies = {}, {}
         for _ in range(args.repeats):
             for side in ("on", "off"):
                 seconds, answers[side] = run(side)
                 best[side] = min(best[side], seconds)
+                seconds, replies[side] = serve(side)
+                served[side] = min(served[side], seconds)
         same = sum(a == b for a, b in zip(answers["on"], answers["off"]))
         print(f"whole rows: {best['off']:.2f} s; shared start: {best['on']:.2f} s (best of {args.repeats}); "
               f"answers identical: {same}/{len(answers['on'])}")
+        same = sum(a == b for a, b in zip(replies["on"], replies["off"]))
+        print(f"server: whole rows {served['off']:.2f} s; shared start {served['on']:.2f} s "
+              f"({served['off'] / served['on']:.3f}x); replies identical: {same}/{len(replies['on'])}")
     print(f"ratio: {best['off'] / best['on']:.3f}")
 
 

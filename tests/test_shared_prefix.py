@@ -3,6 +3,8 @@ as the batch prefilled whole, bit for bit, and the same greedy answers through `
 
 from __future__ import annotations
 
+import asyncio
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from mlx_med.evaluation.batch_cache import InPlaceKVCache
 from mlx_med.evaluation.decoding import preset
 from mlx_med.evaluation.generate import GenerationProfile, generate_batch
 from mlx_med.evaluation.shared_prefix import SharedPrefixModel, describe, sharing_applies
+from mlx_med.serve.scheduler import Scheduler
+from mlx_med.serve.schemas import Sampling
 
 # The demo model's widths (SmolLM2-135M: 576 wide, 9 query heads over 3 key heads of 64, MLP 1536) in two
 # layers: the shapes whose products OpenBLAS sends to its regular kernels, as in a real eval.
@@ -127,6 +131,47 @@ def test_generate_batch_shares_the_start_and_answers_alike(wide_pair, tiny_token
         answers[switch] = [(r.text, r.generation_tokens) for r in results]
         assert (profile.shared_prompt_tokens > 0) == (switch == "on")
     assert answers["on"] == answers["off"]
+
+
+def serve_together(model, live, batch: list[list[int]], weights: list[dict], max_tokens: int = 5):
+    """The server's scheduler given ``batch`` as requests that arrive together (one prefill call), greedy:
+    (each request's tokens, the scheduler's ``shared_prefix``)."""
+    async def run():
+        scheduler = Scheduler(model, live, stop_tokens=[], vocab_size=model.args.vocab_size, batch_size=len(batch))
+        greedy = Sampling(temperature=0.0, top_p=1.0, top_k=0, max_tokens=max_tokens, seed=None)
+        jobs = [scheduler.submit(prompt, w, greedy) for prompt, w in zip(batch, weights)]
+        scheduler.start()  # after the submits: the worker takes all of them in its first step
+        answers = []
+        for job in jobs:
+            tokens, finish = [], None
+            while finish is None:
+                event = await asyncio.wait_for(job.queue.get(), timeout=120)
+                assert not isinstance(event, BaseException), event
+                token, finish = event
+                tokens.append(token)
+            answers.append(tokens)
+        scheduler.stop()
+        return answers, scheduler.shared_prefix
+
+    return asyncio.run(run())
+
+
+def test_server_requests_arriving_together_share_the_start(wide_pair, monkeypatch):
+    """``mlx-med serve``'s scheduler runs the same engine: requests that arrive together and begin alike
+    (a client's system prompt) compute that start once per α, with the same greedy tokens as without."""
+    model_dir, sft, pt = wide_pair
+    loaded, live = load_with_adapters(model_dir, sft=sft, pt=pt, alpha=0.5)
+    if not sharing_applies(loaded.model):
+        pytest.skip("this BLAS rounds a row by its place in the call (or no kernels)")
+    batch = prompts(loaded.model.args.vocab_size, START, [40, 75, 12, 60], seed=3)
+    weights = [{"sft": a, "pt": 1 - a} for a in (0.0, 1.0, 0.0, 1.0)]
+    monkeypatch.setenv("MLX_MED_SHARED_PREFIX", "on")
+    shared_answers, shared = serve_together(loaded.model, live, batch, weights)
+    assert shared is not None and shared.shared_tokens == START * 2  # once per α instead of once per row
+    monkeypatch.setenv("MLX_MED_SHARED_PREFIX", "off")
+    whole_answers, none = serve_together(loaded.model, live, batch, weights)
+    assert none is None
+    assert shared_answers == whole_answers and all(len(a) == 5 for a in whole_answers)
 
 
 def test_no_sharing_where_rows_round_by_their_place(wide_pair, monkeypatch):

@@ -181,6 +181,31 @@ def candidate_sampler(decoding: DecodingConfig):
     return sample
 
 
+def generator_model(model, live=None, weights_by_uid: dict[int, dict[str, float]] | None = None):
+    """The model as mlx-lm's ``BatchGenerator`` should call it, for ``generate_batch`` and the server alike.
+
+    A fresh batch's common prompt start is prefilled once where that keeps every bit
+    (``shared_prefix.SharedPrefixModel``); with ``weights_by_uid`` (uid → adapter weights, read at each
+    forward) each row runs under its own weights (``row_weights.RowWeightedModel``; ``live`` None: the
+    rows all run the model as it is).
+
+    Returns:
+        ``(model for the generator, the SharedPrefixModel or None)``: the latter counts the prompt
+        tokens it did not compute again (``shared_tokens``).
+    """
+    from mlx_med.evaluation.row_weights import RowWeightedModel
+    from mlx_med.evaluation.shared_prefix import SharedPrefixModel, sharing_applies
+
+    per_row = weights_by_uid is not None and live is not None
+    shared = SharedPrefixModel(model, live if per_row else None) if sharing_applies(model) else None
+    outer = shared or model
+    if weights_by_uid is not None:
+        outer = RowWeightedModel(outer, live, weights_by_uid)
+        if shared is not None and per_row:  # the start's pass runs once per distinct weights among the rows
+            shared.row_weights = outer.current_weights
+    return outer, shared
+
+
 def generate_batch(
     model,
     tokenizer,
@@ -222,7 +247,6 @@ def generate_batch(
     from mlx_lm.generate import BatchGenerator
 
     from mlx_med.evaluation.batch_cache import in_place_caches
-    from mlx_med.evaluation.shared_prefix import SharedPrefixModel, sharing_applies
     from mlx_med.kernels import pack_projections
 
     if batch_size < 1:
@@ -243,15 +267,7 @@ def generate_batch(
     if profile is not None:
         profile.projections = projections
     weights_by_uid: dict[int, dict[str, float]] = {}
-    shared = None
-    if sharing_applies(model):  # a common prompt start (system prompt) prefilled once per batch
-        shared = model = SharedPrefixModel(model, live if row_weights is not None else None)
-    if row_weights is not None:
-        from mlx_med.evaluation.row_weights import RowWeightedModel
-
-        model = RowWeightedModel(model, live, weights_by_uid)
-        if shared is not None:
-            shared.row_weights = model.current_weights
+    model, shared = generator_model(model, live, weights_by_uid if row_weights is not None else None)
     gen = BatchGenerator(
         model,
         max_tokens=decoding.max_new_tokens,

@@ -6,6 +6,9 @@ client that hangs up frees its slot at the next step). Each row of the batch kee
 weights: before every forward the live LoRA layers get one coefficient per row
 (``LiveAdapters.set_row_weights``, matched to rows by
 ``mlx_med.evaluation.row_weights.RowWeightedModel``), so eight clients at eight α values share one pass.
+Requests that arrive together and begin alike (a system prompt) compute that start once per α among
+them, where that keeps every bit (``mlx_med.evaluation.shared_prefix``): the model is wrapped as
+``generate_batch`` wraps it (``generate.generator_model``).
 
 The HTTP side (an asyncio event loop) only calls ``submit`` and ``cancel``; tokens come back on each
 job's asyncio queue as ``(token, finish_reason)`` pairs, or an exception if the step failed.
@@ -19,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_med.evaluation.row_weights import RowWeightedModel
+from mlx_med.evaluation.generate import generator_model
 from mlx_med.serve.schemas import Sampling
 
 
@@ -81,7 +84,8 @@ class Scheduler:
 
     def __init__(self, model, live, stop_tokens: list[int], vocab_size: int, batch_size: int = 8):
         self._weights: dict[int, dict[str, float]] = {}
-        self._model = RowWeightedModel(model, live, self._weights)
+        # requests that arrive together and begin alike (a client's system prompt) share that start's prefill
+        self._model, self.shared_prefix = generator_model(model, live, self._weights)
         self._stop_tokens, self._vocab_size, self._batch_size = stop_tokens, vocab_size, batch_size
         self._cond = threading.Condition()
         self._pending: list[Job] = []
