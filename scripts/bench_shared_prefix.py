@@ -120,7 +120,6 @@ def main() -> None:
                 tokens = await asyncio.gather(*(read(job) for job in jobs))
                 seconds = time.perf_counter() - start
                 scheduler.stop()
-                live.clear_row_weights()  # the scheduler leaves its last rows' weights set; back to α 0.5
                 return seconds, first, tokens, scheduler.shared_prefix
 
             seconds, first, tokens, shared = asyncio.run(clients())

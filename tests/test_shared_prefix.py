@@ -165,8 +165,12 @@ def test_server_requests_arriving_together_share_the_start(wide_pair, monkeypatc
         pytest.skip("this BLAS rounds a row by its place in the call (or no kernels)")
     batch = prompts(loaded.model.args.vocab_size, START, [40, 75, 12, 60], seed=3)
     weights = [{"sft": a, "pt": 1 - a} for a in (0.0, 1.0, 0.0, 1.0)]
+    probe = mx.array([batch[0][:20]])
+    before = np.array(loaded.model(probe))
     monkeypatch.setenv("MLX_MED_SHARED_PREFIX", "on")
     shared_answers, shared = serve_together(loaded.model, live, batch, weights)
+    # a stopped scheduler hands the model back at its model-wide α (not its last rows' weights)
+    np.testing.assert_array_equal(np.array(loaded.model(probe)), before)
     assert shared is not None and shared.shared_tokens == START * 2  # once per α instead of once per row
     monkeypatch.setenv("MLX_MED_SHARED_PREFIX", "off")
     whole_answers, none = serve_together(loaded.model, live, batch, weights)

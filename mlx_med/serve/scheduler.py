@@ -154,6 +154,8 @@ class Scheduler:
                 gen = self._generator()
             self.active = len(jobs)
         gen.close()
+        if self._model.live is not None:  # hand the model back at its model-wide mix, not the last rows'
+            self._model.live.clear_row_weights()
         self._stopped.set()
         # The thread stays parked until the process exits: a thread that ran MLX work and ended
         # before interpreter shutdown sometimes made the exit abort ("terminate called without an
