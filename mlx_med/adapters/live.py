@@ -104,9 +104,12 @@ class MultiLoRALinear(nn.Module):
         else:  # one coefficient row for every input row
             c = mx.concatenate([mx.full((r,), float(coefficients.get(n, 0.0)), dtype=mx.float32)
                                 for n, r in layout[0]]).astype(dtype)
-        # evaluated now: a lazy array belongs to the stream it was built on, and the thread that sets the
-        # weights (the server's worker, on mlx-lm's generation stream) need not be the one that runs next
-        mx.eval(c)
+        if not per_row:
+            # evaluated now: a lazy array belongs to the stream it was built on, and the thread that sets
+            # model-wide weights (the server's worker when it stops, on mlx-lm's generation stream) need
+            # not be the one that runs next. Per-row weights are set by the thread about to run them and
+            # stay lazy: an eval there would wait for the decode step in flight.
+            mx.eval(c)
         accumulate = dtype == mx.float32 and mx.default_device() == mx.cpu and blas_adds_exactly(self.rank)
         object.__setattr__(self, "_rows", (c, *self._stacked, accumulate))
 
