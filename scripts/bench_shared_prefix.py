@@ -93,7 +93,7 @@ def main() -> None:
         alphas = [(0.5, 1.0)[i % 2] for i in range(len(prompts))]  # the server's mix and one other
 
         def serve(side: str, quiet: bool = False) -> tuple[float, list[list[int]]]:
-            """The server's scheduler, ``len(prompts)`` requests arriving together, each its own α."""
+            """The server's scheduler, ``len(prompts)`` requests arriving together at ``alphas``."""
             os.environ["MLX_MED_SHARED_PREFIX"] = side
 
             async def clients():

@@ -2,9 +2,9 @@
 
 An eval's prompts share their chat template and system prompt: on the demo's Chinese QA set under
 the default medical prompt, 287 of each prompt's 350-490 tokens (without a system prompt, only the
-template's own 24, too short to share under the rule below). mlx-lm's ``BatchGenerator`` prefills a batch of prompts right-padded,
-every row from position 0, so the rows' keys and values over that common start are the same numbers
-computed once per row. ``SharedPrefixModel`` wraps the model the generator calls and, on the first
+template's own 24, too short to share under the rule below). mlx-lm's ``BatchGenerator`` prefills a
+batch of prompts right-padded, every row from position 0, so the rows' keys and values over that
+common start are the same numbers computed once per row. ``SharedPrefixModel`` wraps the model the generator calls and, on the first
 prefill call of a fresh batch, computes the start once per distinct set of adapter weights among
 the rows, writes it into every row's cache, then prefills only the rest of each prompt.
 
