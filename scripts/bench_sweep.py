@@ -32,6 +32,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx_med  # noqa: F401  (BLAS preload before mlx)
 
@@ -49,30 +50,37 @@ def profiled(label: str):
     """Time one side, and collect the time split of every ``generate_batch`` call it makes into one profile.
 
     The evaluation code looks ``generate_batch`` up in its module at call time, so the side's calls are
-    routed through a wrapper that passes them this side's profile.
+    routed through a wrapper that passes them this side's profile. Yields a namespace whose ``profile``
+    fills during the side and whose ``seconds`` (the side's wall time) is set when it ends.
     """
     from mlx_med.evaluation import generate
 
-    profile, original = generate.GenerationProfile(), generate.generate_batch
+    side = SimpleNamespace(profile=generate.GenerationProfile(), seconds=0.0, calls=0)
+    original = generate.generate_batch
 
     def with_profile(*args, **kwargs):
-        return original(*args, **{**kwargs, "profile": profile})
+        side.calls += 1
+        return original(*args, **{**kwargs, "profile": side.profile})
 
     generate.generate_batch = with_profile
     system_before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
     start = time.perf_counter()
     try:
-        yield profile
+        yield side
     finally:
         generate.generate_batch = original
-    seconds = time.perf_counter() - start
+    side.seconds = time.perf_counter() - start
+    if not side.calls:  # a split of zeros would read as "no generation time"
+        raise SystemExit(f"[{label}] no generate_batch call went through mlx_med.evaluation.generate's "
+                         "module attribute, so this side's time split cannot be collected")
     system = resource.getrusage(resource.RUSAGE_SELF).ru_stime - system_before
+    profile = side.profile
     step_ms = 1e3 * profile.decode_s / max(profile.decode_steps, 1)
-    rest = seconds - profile.prompt_s - profile.decode_s
-    print(f"[{label}] {seconds:.2f} s: prefill {profile.prompt_tokens} prompt tokens in {profile.prompt_s:.1f} s, "
-          f"decode {profile.generated_tokens} tokens in {profile.decode_steps} steps ({step_ms:.0f} ms a step) "
-          f"in {profile.decode_s:.1f} s, rest {rest:.1f} s; kernel CPU time {system:.1f} s")
-    profile.wall_s = seconds
+    rest = side.seconds - profile.prompt_s - profile.decode_s
+    print(f"[{label}] {side.seconds:.2f} s: prefill {profile.prompt_tokens} prompt tokens in "
+          f"{profile.prompt_s:.1f} s, decode {profile.generated_tokens} tokens in {profile.decode_steps} steps "
+          f"({step_ms:.0f} ms a step) in {profile.decode_s:.1f} s, rest {rest:.1f} s; "
+          f"kernel CPU time {system:.1f} s")
 
 
 def main() -> None:
@@ -123,7 +131,7 @@ def main() -> None:
 
         decoding = preset("greedy").with_overrides(max_new_tokens=args.max_new_tokens)
         replies = {}
-        with profiled("separate") as profile:
+        with profiled("separate") as side:
             for alpha in alphas:
                 live.set_alpha(alpha)
                 run_eval(EvalConfig(**common, alpha=alpha, out=tmp / "separate" / f"alpha_{alpha:g}"),
@@ -132,13 +140,13 @@ def main() -> None:
                     result = evaluate_safety(loaded.model, loaded.tokenizer, probes, decoding,
                                              args.batch_size, progress=False)
                     replies[alpha] = [v.reply for v in result.verdicts]
-        separate = profile.wall_s
+        separate = side.seconds
         print(f"{len(alphas)} separate evals: {separate:.2f} s")
 
-        with profiled("mixed") as profile:
+        with profiled("mixed") as side:
             sweep = AlphaSweepConfig(**common, alphas=alphas, out=tmp / "sweep", safety_probes=probe_file)
             run_alpha_sweep(sweep, quiet=True, loaded=loaded, live=live)
-        together = profile.wall_s
+        together = side.seconds
         print(f"one mixed-α batch (run_alpha_sweep): {together:.2f} s")
 
         matched = []
