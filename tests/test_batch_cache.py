@@ -171,13 +171,13 @@ def test_continuous_batching_gives_mlx_lm_s_logits_bit_for_bit(model, monkeypatc
 
     name, model = model
     calls = {"filter": 0, "extend_longer": 0, "fused_attention": 0}
-    original_attention = ops.decode_attention
+    original_attention = ops.fused_attention
 
     def counted_attention(*args):
         calls["fused_attention"] += 1
         return original_attention(*args)
 
-    monkeypatch.setattr(ops, "decode_attention", counted_attention)
+    monkeypatch.setattr(ops, "fused_attention", counted_attention)
     original_filter, original_extend = InPlaceBatchKVCache.filter, InPlaceBatchKVCache.extend
 
     def counted_filter(self, keep):

@@ -316,6 +316,87 @@ def test_fused_attention_takes_only_the_checked_shapes():
     assert not fits(mx.zeros((2, 4, 1, 16)), mx.zeros((2, 2, 9, 16)))  # a head size the calibration skips
 
 
+def prefill_mask(kind, batch: int, queries: int, length: int, key):
+    """A prefill's mask over `length` keys for its last `queries` positions; "bool" as mlx-lm's batch cache
+    makes it (causal, and left padding of 0, a third and all but one key: that row's early queries see
+    nothing, so their softmax spreads over every key)."""
+    if kind == "bool":
+        padding = mx.array([0, length // 3, length - 1][:batch])
+        position = mx.arange(length - queries, length)[:, None]
+        keys = mx.arange(length)[None]
+        return (keys <= position)[None, None] & (keys >= padding[:, None, None, None])
+    if kind == "additive":
+        return mx.random.normal((1, 1, queries, length), key=key) * 3
+    return kind
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (10, 2)])
+@pytest.mark.parametrize("mask_kind", [None, "causal", "bool", "additive"])
+def test_prefill_attention_equals_mlx_over_cache_views(kernels, fused_only, dim, heads, kv_heads, mask_kind):
+    """A generation's prefill (a call with a KV cache) takes the fused kernel up to the calibrated key
+    count: every prompt as long as its keys, and a shared start's pass and the rest of a prompt after it
+    (fewer queries than keys)."""
+    limit = kernels.prefill_keys
+    if not limit:  # OpenBLAS's AVX2 kernels (HASWELL, ZEN) add a prefill's sums by a row's place in the call
+        pytest.skip("this BLAS's prefill sums were not matched here: every prefill keeps MLX's graph")
+    batch = 3
+    key = mx.random.split(mx.random.key(dim + heads + 1), 4)
+    q_all = mx.random.normal((batch, heads, limit, dim), key=key[0]) * 2
+    cache_k, cache_v = (mx.random.normal((batch, kv_heads, limit + 7, dim), key=k) for k in key[1:3])
+    scale = dim ** -0.5
+    for queries, length in ((35, 35), (100, 100), (151, 151), (limit, limit), (24, 150), (9, 300), (140, 150)):
+        q = q_all[:, :, :queries]
+        k, v = cache_k[:, :, :length], cache_v[:, :, :length]
+        mask = prefill_mask(mask_kind, batch, queries, length, key[3])
+        assert same(attention(kernels, q, k, v, scale, mask, cached=True),
+                    mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)), (queries, length)
+
+
+def test_prefill_without_a_cache_keeps_mlx_s_graph(kernels, monkeypatch):
+    """Training and scoring call attention without a cache: their gradients come from the graph, so their
+    forward stays the graph too (the fused kernel's gradient would compute it a second time)."""
+    import mlx_med.kernels.ops as ops
+
+    def fused_attention(*args, **kwargs):
+        raise AssertionError("a call without a cache took the fused kernel")
+
+    monkeypatch.setattr(ops, "fused_attention", fused_attention)
+    q, k, v = (mx.random.normal((2, 4, 100, 64), key=mx.random.key(seed)) for seed in (1, 2, 3))
+    out = attention(kernels, q, k, v, 0.125, "causal")
+    assert same(out, mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal"))
+
+
+def test_prefill_calibration_finds_this_blas_limit_and_would_catch_a_cut(kernels):
+    from mlx_med.kernels import attention_sums
+
+    found = attention_sums.calibrate_prefill(kernels.module)
+    assert found == kernels.prefill_keys
+    shapes = attention_sums.prefill_shapes(found or attention_sums.PREFILL_KEYS[0])
+    if not found:  # then not even the shortest limit agreed
+        assert not attention_sums.agrees_prefill(kernels.module, 64, attention_sums.prefill_shapes(64), seed=7)
+        return
+    assert found in attention_sums.PREFILL_KEYS
+    assert attention_sums.agrees_prefill(kernels.module, 64, shapes, seed=7)
+    # sums cut into blocks shorter than the keys (a BLAS with a smaller GEMM_Q) differ on those shapes
+    cut = attention_sums.BlasSums(64, 16, False)
+    assert not attention_sums.agrees_prefill(kernels.module, 64, shapes, seed=7, sums=cut)
+
+
+def test_fused_prefill_takes_only_the_checked_shapes():
+    from mlx_med.kernels.attention_sums import SMALL_SCORES, fits_prefill
+
+    def fits(queries, keys, dim=64, limit=320):
+        return fits_prefill(limit, mx.zeros((1, 3, queries, dim)), mx.zeros((1, 1, keys, dim)))
+
+    assert fits(150, 150) and fits(24, 320) and fits(2, SMALL_SCORES // 2 + 1, limit=SMALL_SCORES)
+    assert not fits(1, 300)  # one query: the decode rule decides
+    assert not fits(34, 34) and not fits(8, 150)  # within OpenBLAS's small-matrix scores
+    assert not fits(100, 321)  # more keys than the calibration checked
+    assert not fits(150, 150, limit=0)  # no limit found on this BLAS
+    assert not fits(150, 150, dim=16)  # a head size the calibration skips
+
+
 # what the kernels report as their instruction set when MLX_MED_KERNELS forces a narrower path
 FORCED_ISA = {"avx2": "avx2+fma", "scalar": "scalar"}
 
@@ -412,17 +493,17 @@ def test_decoding_through_the_fused_attention_is_mlx_lm_s(kernels, head64_llama,
     from mlx_med.models import load_model
 
     fused_calls = []
-    original = ops.decode_attention
+    original = ops.fused_attention
 
     def counted(*args):
-        fused_calls.append(args[2].shape[2])
+        fused_calls.append(args[1].shape[2])  # the queries of each head: 1 in a decode step
         return original(*args)
 
-    monkeypatch.setattr(ops, "decode_attention", counted)
+    monkeypatch.setattr(ops, "fused_attention", counted)
     loaded = load_model(head64_llama)
     tokens = mx.array(np.random.default_rng(1).integers(3, 400, size=(2, 12)))
     conversations = [[{"role": "user", "content": text}] for text in
-                     ("fever and cough", "高血压患者应低盐饮食", "Is aspirin indicated after a stroke? " * 3)]
+                     ("fever and cough", "高血压患者应低盐饮食", "Is aspirin indicated after a stroke? " * 6)]
 
     def outputs():
         texts = [r.text for r in generate_batch(loaded.model, loaded.tokenizer, conversations,
@@ -430,7 +511,9 @@ def test_decoding_through_the_fused_attention_is_mlx_lm_s(kernels, head64_llama,
         return texts, model_outputs(loaded.model, tokens)
 
     texts, ours = outputs()
-    assert fused_calls, "the decode steps must go through the fused attention"
+    assert 1 in fused_calls, "the decode steps must go through the fused attention"
+    # and the prompts' prefill, where this BLAS's prefill sums were matched
+    assert any(n > 1 for n in fused_calls) == bool(kernels.prefill_keys)
     uninstall(loaded.model)
     fused_calls.clear()
     try:
@@ -486,7 +569,7 @@ def test_batched_greedy_generation_identical(kernels, tiny_llama):
 
     loaded = load_model(tiny_llama)
     conversations = [[{"role": "user", "content": text}] for text in
-                     ("fever and cough", "高血压患者应低盐饮食", "Is aspirin indicated after a stroke? " * 3)]
+                     ("fever and cough", "高血压患者应低盐饮食", "Is aspirin indicated after a stroke? " * 6)]
 
     def texts():
         return [r.text for r in generate_batch(loaded.model, loaded.tokenizer, conversations,
@@ -609,9 +692,10 @@ def test_self_check_outcome_is_recorded_and_read_back(kernels, tmp_path):
     records_path = copy.parent / VERDICTS
     records = json.loads(records_path.read_text())
     key, entry = next(iter(records.items()))
-    assert len(records) == 1 and entry["mismatch"] is None and entry == {"mismatch": None,
-                                                                         "attention_sums": entry["attention_sums"]}
+    assert len(records) == 1 and entry == {"mismatch": None, "attention_sums": entry["attention_sums"],
+                                           "prefill_keys": entry["prefill_keys"]}
     assert entry["attention_sums"] == list(kernels.attention_sums), "the calibration is recorded with the check"
+    assert entry["prefill_keys"] == kernels.prefill_keys, "so is the prefill's"
     records_path.write_text(json.dumps({key: {"mismatch": "swiglu differs (planted)"}}))
     assert "swiglu differs (planted); kept MLX's kernels" in child_kernels_reason(env)
     # python -m mlx_med.kernels (and doctor) check afresh and replace the record, and drop the packed
@@ -623,6 +707,9 @@ def test_self_check_outcome_is_recorded_and_read_back(kernels, tmp_path):
     assert json.loads(records_path.read_text()) == {key: entry}
     assert not (copy.parent / RECORD).exists()
     records_path.write_text(json.dumps({key: {"mismatch": None}}))  # an older record, without the calibration
+    assert child_kernels_reason(env).endswith("checked against MLX now")
+    older = {"mismatch": None, "attention_sums": entry["attention_sums"]}  # one without the prefill's
+    records_path.write_text(json.dumps({key: older}))
     assert child_kernels_reason(env).endswith("checked against MLX now")
     records_path.write_text("{ not json")  # a broken record is checked again, not trusted
     assert child_kernels_reason(env).endswith("checked against MLX now")

@@ -1,5 +1,6 @@
 """mlx-med's CPU kernels: SwiGLU, the attention softmax, RMSNorm, RoPE, the cross-entropy and
-logsumexp, with their gradients, and a decode step's whole attention, bit for bit MLX's.
+logsumexp, with their gradients, and a decode step's (or a generation's prefill's) whole attention,
+bit for bit MLX's.
 
 MLX's x86 CPU build evaluates ``exp`` one float at a time (a Cephes polynomial calling libm's
 ``fma`` per term), and runs RMSNorm, RoPE and the masked attention softmax as graphs of small ops on
@@ -7,9 +8,9 @@ one thread, so these cost more than their matmuls in a batched decode step. ``cp
 computes the same arithmetic in one pass each, the exp with AVX2 + FMA (picked at run time; a scalar
 loop elsewhere), large inputs split by rows over the CPUs: the same bits, 2-20x faster per op.
 Values and gradients are checked against MLX's on every load (``check.self_check``); on any
-difference, or when the module cannot be built here, mlx-med keeps MLX's kernels. The decode attention
-replaces MLX's BLAS calls too, so it is used only where ``attention_sums.calibrate`` found how this
-machine's BLAS adds their products.
+difference, or when the module cannot be built here, mlx-med keeps MLX's kernels. The fused attention
+replaces MLX's BLAS calls too, so it is used only where ``attention_sums.calibrate`` (a decode step) and
+``calibrate_prefill`` (a prefill) found how this machine's BLAS adds their products.
 
 Generation also runs its projections over weights packed once, with OpenBLAS's own per-core kernel
 (``pack_projections``; ``packed.py`` and ``packed_gemm.cpp``), checked against MLX's matmul on the

@@ -105,3 +105,61 @@ def calibrate(module) -> BlasSums | None:
                     return sums
                 return None  # it fits the probes but not everywhere: no rule of ours is this BLAS's
     return None
+
+
+# ---- a prefill's attention (several queries per head over at most PREFILL_KEYS[0] keys) ----------------
+# There each matmul is big enough for OpenBLAS's level-3 driver (threaded or not), which adds one fma
+# chain from zero over the inner dimension until the sum is longer than its GEMM_Q; the scores' inner
+# dimension is the head size, the weighted values' the key count. So below this BLAS's GEMM_Q every sum is
+# one chain: the fused kernel's BlasSums(0, 1, False). Above it the threaded driver cuts sums its own way,
+# so a prefill with more keys keeps MLX's graph. ``calibrate_prefill`` finds the longest checked key count.
+PREFILL_SUMS = BlasSums(0, 1, False)
+PREFILL_KEYS = (320, 256, 192, 128, 64)  # candidate limits, longest first (x86 OpenBLAS: GEMM_Q 320)
+# OpenBLAS's small-matrix scores (the transposed-A kernel: keys x queries up to 1200) add otherwise; a
+# call that small stays MLX's graph (a short chat turn's prefill, a shared start's short remainder).
+SMALL_SCORES = 1200
+# (queries, keys) pairs checked besides queries == keys at every key count: a shared start's pass and
+# a prompt's remainder after it, whose queries are fewer than their keys
+PREFILL_PAIRS = ((24, 64), (24, 150), (40, 100), (9, 300), (100, 257), (200, 320), (129, 192))
+
+
+def fits_prefill(limit: int, queries: mx.array, keys: mx.array) -> bool:
+    """Whether the fused kernel was checked for a prefill of these shapes under ``limit``
+    (``calibrate_prefill``'s outcome; 0: none)."""
+    count, length, dim = queries.shape[2], keys.shape[2], queries.shape[-1]
+    return count > 1 and dim in HEAD_DIMS and length <= limit and count * length > SMALL_SCORES
+
+
+def prefill_shapes(limit: int) -> list[tuple[int, int]]:
+    """(queries, keys) shapes a prefill calibration up to ``limit`` keys checks: every key count from the
+    first past the small-matrix scores to 128 as long as its queries, every third beyond, and the pairs."""
+    first = int(SMALL_SCORES ** 0.5) + 1
+    lengths = sorted({*range(first, min(limit, 128) + 1), *range(129, limit + 1, 3), limit})
+    return [(n, n) for n in lengths] + [(q, k) for q, k in PREFILL_PAIRS if k <= limit and q * k > SMALL_SCORES]
+
+
+def agrees_prefill(module, dim: int, shapes, seed: int, sums: BlasSums = PREFILL_SUMS) -> bool:
+    """Whether the fused kernel with ``sums`` equals MLX's causal attention on each (queries, keys)."""
+    scale = dim ** -0.5
+    longest = max(k for _, k in shapes)
+    parts = mx.random.split(mx.random.key(seed), 3)
+    queries = mx.random.normal((1, 3, longest, dim), key=parts[0]) * 2
+    keys = mx.random.normal((1, 1, longest, dim), key=parts[1])
+    values = mx.random.normal((1, 1, longest, dim), key=parts[2])
+    results = []
+    for count, length in shapes:
+        q, k, v = queries[:, :, :count], keys[:, :, :length], values[:, :, :length]
+        ours = module.decode_attention(q, k, v, None, 3, scale, *sums)
+        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+        results.append(mx.array_equal(ours, theirs))
+    return mx.all(mx.stack(results)).item()
+
+
+def calibrate_prefill(module) -> int:
+    """The longest of ``PREFILL_KEYS`` up to which the fused kernel equals MLX's attention on every prefill
+    shape checked (both head sizes), or 0: then every prefill keeps MLX's graph."""
+    with mx.stream(mx.cpu):
+        for limit in PREFILL_KEYS:
+            if all(agrees_prefill(module, dim, prefill_shapes(limit), seed) for seed, dim in enumerate(HEAD_DIMS)):
+                return limit
+    return 0

@@ -1,5 +1,6 @@
 """``self_check``: every kernel against the MLX op it replaces, values and gradients, exactly; and
-the fused decode attention's calibration against the BLAS (``attention_sums.calibrate``).
+the fused attention's calibrations against the BLAS (``attention_sums.calibrate`` for a decode step,
+``calibrate_prefill`` for a prefill).
 
 Both take about 4 s on a 2-core CPU, so their outcome is recorded beside the module
 (``self-check.json``) under a key of everything it depends on: the module file, MLX's library, the
@@ -19,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_med.kernels.attention_sums import BlasSums, calibrate
+from mlx_med.kernels.attention_sums import BlasSums, calibrate, calibrate_prefill
 from mlx_med.kernels.ops import Kernels
 
 VERDICTS = "self-check.json"
@@ -27,37 +28,43 @@ VERDICTS = "self-check.json"
 
 @dataclass(frozen=True)
 class CheckOutcome:
-    """What the checks found: the first kernel that differs from MLX (None: none), and the inner-sum
-    rule with which the fused decode attention equals MLX's here (None: it is not used)."""
+    """What the checks found: the first kernel that differs from MLX (None: none), the inner-sum rule
+    with which the fused decode attention equals MLX's here (None: it is not used), and the most keys
+    a prefill's attention is fused over (0: none)."""
 
     mismatch: str | None
     attention_sums: BlasSums | None
+    prefill_keys: int = 0
 
     def record(self) -> dict:
         sums = list(self.attention_sums) if self.attention_sums else None
-        return {"mismatch": self.mismatch, "attention_sums": sums}
+        return {"mismatch": self.mismatch, "attention_sums": sums, "prefill_keys": self.prefill_keys}
 
     @classmethod
     def from_record(cls, entry) -> CheckOutcome | None:
-        """The outcome a record holds, or None when it is not one (a match recorded before the
-        calibration existed lacks the rule; a mismatch needs none)."""
+        """The outcome a record holds, or None when it is not one (a match recorded before a
+        calibration existed lacks its result; a mismatch needs none)."""
         if not isinstance(entry, dict) or not isinstance(entry.get("mismatch"), (str, type(None))):
             return None
         if entry["mismatch"] is not None:
             return cls(entry["mismatch"], None)
-        sums = entry.get("attention_sums", "missing")
+        sums, prefill = entry.get("attention_sums", "missing"), entry.get("prefill_keys")
+        if type(prefill) is not int or prefill < 0:
+            return None
         if sums is None:
-            return cls(entry["mismatch"], None)
+            return cls(entry["mismatch"], None, prefill)
         if isinstance(sums, list) and len(sums) == 3 and all(type(n) is int and n >= 0 for n in sums[:2]) \
                 and sums[1] >= 1 and type(sums[2]) is bool:
-            return cls(entry["mismatch"], BlasSums(*sums))
+            return cls(entry["mismatch"], BlasSums(*sums), prefill)
         return None
 
 
 def run_checks(kernels: Kernels) -> CheckOutcome:
-    """``self_check``, then (when every kernel matched) the attention's calibration."""
+    """``self_check``, then (when every kernel matched) the attention's calibrations."""
     mismatch = self_check(kernels)
-    return CheckOutcome(mismatch, None if mismatch else calibrate(kernels.module))
+    if mismatch:
+        return CheckOutcome(mismatch, None)
+    return CheckOutcome(None, calibrate(kernels.module), calibrate_prefill(kernels.module))
 
 
 def mlx_causal_softmax(scores: mx.array) -> mx.array:

@@ -51,7 +51,7 @@ def model_functions(kernels: Kernels, module) -> dict:
             if sinks is None and not hasattr(cache, "bits") and on_cpu_f32(queries, keys, values) and (
                     mask is None or (isinstance(mask, str) and mask == "causal")
                     or (isinstance(mask, mx.array) and mask.dtype in (mx.bool_, mx.float32) and mask.ndim <= 4)):
-                return attention(kernels, queries, keys, values, scale, mask)
+                return attention(kernels, queries, keys, values, scale, mask, cached=cache is not None)
             return original_sdpa(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
         replaced["scaled_dot_product_attention"] = scaled_dot_product_attention

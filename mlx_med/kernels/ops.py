@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_med.kernels.attention_sums import BlasSums, fits
+from mlx_med.kernels.attention_sums import PREFILL_SUMS, BlasSums, fits, fits_prefill
 from mlx_med.kernels.build import Built, load
 
 
@@ -21,6 +21,8 @@ class Kernels:
         self.isa = module.isa()
         # how the BLAS adds the attention matmuls' sums here (``attention_sums``); None: keep MLX's graph
         self.attention_sums: BlasSums | None = None
+        # the most keys a prefill's attention is fused over here (``attention_sums.calibrate_prefill``); 0: none
+        self.prefill_keys = 0
         # how OpenBLAS cuts a projection's sums here (``packed.calibrate``), the (N, K) shapes checked
         # and those that gave MLX's bits under it; None: not calibrated yet
         self.packed_cut = None
@@ -125,20 +127,27 @@ def on_cpu_f32(*arrays: mx.array) -> bool:
     return mx.default_device() == mx.cpu and all(a.dtype == mx.float32 for a in arrays)
 
 
-def attention(kernels: Kernels, queries, keys, values, scale: float, mask):
-    """MLX's CPU ``scaled_dot_product_attention``: one fused pass for a decode step where the BLAS's
-    sums were matched here (``decode_attention``), else its fallback graph, op for op, with our softmax.
+def attention(kernels: Kernels, queries, keys, values, scale: float, mask, cached: bool = False):
+    """MLX's CPU ``scaled_dot_product_attention``: one fused pass (``fused_attention``) for a decode step
+    and, in a call with a KV cache, a prefill, where the BLAS's sums were matched here; else its fallback
+    graph, op for op, with our softmax.
 
-    Shapes ``[B, heads, L, D]``; ``mask`` None, ``"causal"`` or an array broadcastable to the scores.
+    Only calls with a cache (``cached``: generation, which takes no gradient) fuse a prefill: training
+    and scoring run the same shapes without one, and their backward pass would compute the graph's
+    forward again for the fused kernel's gradient. Shapes ``[B, heads, L, D]``; ``mask`` None,
+    ``"causal"`` or an array broadcastable to the scores.
     """
     if kernels.attention_sums is not None and fits(queries, keys):
-        return decode_attention(kernels, queries, keys, values, scale, mask)
+        return fused_attention(kernels, queries, keys, values, scale, mask, kernels.attention_sums)
+    if cached and fits_prefill(kernels.prefill_keys, queries, keys):
+        return fused_attention(kernels, queries, keys, values, scale, mask, PREFILL_SUMS)
     return graph_attention(kernels, queries, keys, values, scale, mask)
 
 
-def decode_attention(kernels: Kernels, queries, keys, values, scale: float, mask):
-    """The fused kernel (``cpu_kernels.cpp``: ``decode_attention``), the same bits as the graph; its
-    gradient, should one be asked for, is the graph's."""
+def fused_attention(kernels: Kernels, queries, keys, values, scale: float, mask, sums: BlasSums):
+    """The fused kernel (``cpu_kernels.cpp``: ``decode_attention``) adding its sums as ``sums`` says, the
+    same bits as the graph on the shapes they were matched for; its gradient, should one be asked for,
+    is the graph's."""
     if mask is None:
         mask_array, kind = None, 0
     elif isinstance(mask, str):
@@ -151,7 +160,7 @@ def decode_attention(kernels: Kernels, queries, keys, values, scale: float, mask
 
     @mx.custom_function
     def fused(q, k, v):
-        return kernels.module.decode_attention(q, k, v, mask_array, kind, scale, *kernels.attention_sums)
+        return kernels.module.decode_attention(q, k, v, mask_array, kind, scale, *sums)
 
     @fused.vjp
     def fused_vjp(primals, cotangent, output):
@@ -215,7 +224,10 @@ def load_kernels() -> tuple[Kernels | None, str]:
     if outcome.mismatch:
         return None, f"{built.path}: {outcome.mismatch}; kept MLX's kernels"
     kernels.attention_sums = sums = outcome.attention_sums
+    kernels.prefill_keys = outcome.prefill_keys
     decode = (f"decode attention fused ({sums.describe()})" if sums
               else "decode attention: MLX's graph (no rule of ours gave this BLAS's sums)")
-    return kernels, f"{kernels.isa}, {built.reason}, {decode}, " + (
+    prefill = (f"prefill attention fused up to {outcome.prefill_keys} keys" if outcome.prefill_keys
+               else "prefill attention: MLX's graph")
+    return kernels, f"{kernels.isa}, {built.reason}, {decode}, {prefill}, " + (
         "matched MLX in an earlier check here" if recorded else "checked against MLX now")
