@@ -941,13 +941,13 @@ struct AttentionArgs {
   BlasSums sums;
 };
 
-// scores[r][s] (rows of S) for `rows` scaled query rows against keys [first, S): one chain per score
-// over d, cut in blocks; or lane_score's sums.
+// scores[r][s] (rows of S) for `rows` scaled query rows against keys [first, end): one chain per score
+// over d, cut in blocks; or lane_score's sums (only with end == S: their grouping follows S).
 static void attention_scores_f32(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first,
-                                 size_t S, size_t D, BlasSums sums, float* scores) {
+                                 size_t end, size_t S, size_t D, BlasSums sums, float* scores) {
   bool small = small_scored(S, D, sums);
   for (size_t r = 0; r < rows; r++) {
-    for (size_t s = first; s < S; s++) {
+    for (size_t s = first; s < end; s++) {
       const float* key = k + static_cast<int64_t>(s) * k_row;
       if (small) {
         scores[r * S + s] = lane_score(qs + r * D, key, D, s < pairwise_keys(S));
@@ -1095,13 +1095,13 @@ AVX2_FMA static void score_packed_lanes(const float* q, size_t D, const float* p
 
 // `scratch` holds the packed keys (resized here to D x kTiles x 8 floats).
 AVX2_FMA static void attention_scores_avx2(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first,
-                                           size_t S, size_t D, BlasSums sums, float* scores,
+                                           size_t end, size_t S, size_t D, BlasSums sums, float* scores,
                                            std::vector<float>& scratch) {
   scratch.resize(D * kTiles * 8);
   float* packed = scratch.data();
   bool small = small_scored(S, D, sums);
-  for (size_t s = first; s < S; s += 8 * kTiles) {
-    size_t keys = std::min(8 * kTiles, S - s);
+  for (size_t s = first; s < end; s += 8 * kTiles) {
+    size_t keys = std::min(8 * kTiles, end - s);
     pack_key_tiles(k, k_row, s, keys, D, packed);
     size_t r = 0;
     if (small) {
@@ -1167,11 +1167,11 @@ AVX2_FMA static void weighted_values_rows(const float* w, size_t w_row, const fl
 }
 
 AVX2_FMA static void weighted_values_avx2(const float* w, size_t rows, const float* v, int64_t v_row, size_t first,
-                                          size_t S, size_t D, BlasSums sums, float* out) {
+                                          size_t end, size_t S, size_t D, BlasSums sums, float* out) {
   size_t r = 0;
-  for (; r + 3 <= rows; r += 3) weighted_values_rows<3>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
-  if (rows - r == 2) weighted_values_rows<2>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
-  if (rows - r == 1) weighted_values_rows<1>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
+  for (; r + 3 <= rows; r += 3) weighted_values_rows<3>(w + r * S, S, v, v_row, first, end, D, sums, out + r * D, D);
+  if (rows - r == 2) weighted_values_rows<2>(w + r * S, S, v, v_row, first, end, D, sums, out + r * D, D);
+  if (rows - r == 1) weighted_values_rows<1>(w + r * S, S, v, v_row, first, end, D, sums, out + r * D, D);
 }
 // The decode attention with 16-float vectors, for CPUs with AVX-512 (whose OpenBLAS builds are the ones
 // with small-matrix scores). Same sums as the loops above: the lanes only change how many outputs a
@@ -1291,36 +1291,38 @@ AVX512F static void weighted_values_rows16(const float* w, size_t w_row, const f
 }
 
 AVX512F static void weighted_values_avx512(const float* w, size_t rows, const float* v, int64_t v_row, size_t first,
-                                           size_t S, size_t D, BlasSums sums, float* out) {
+                                           size_t end, size_t S, size_t D, BlasSums sums, float* out) {
   size_t r = 0;
-  for (; r + 3 <= rows; r += 3) weighted_values_rows16<3>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
-  if (rows - r == 2) weighted_values_rows16<2>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
-  if (rows - r == 1) weighted_values_rows16<1>(w + r * S, S, v, v_row, first, S, D, sums, out + r * D, D);
+  for (; r + 3 <= rows; r += 3) weighted_values_rows16<3>(w + r * S, S, v, v_row, first, end, D, sums, out + r * D, D);
+  if (rows - r == 2) weighted_values_rows16<2>(w + r * S, S, v, v_row, first, end, D, sums, out + r * D, D);
+  if (rows - r == 1) weighted_values_rows16<1>(w + r * S, S, v, v_row, first, end, D, sums, out + r * D, D);
 }
 #endif
 
-// Scores of keys [first, S) (rows S apart); the earlier ones are left unwritten. `scratch`: the vector
-// path's packed keys.
-static void attention_scores(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first, size_t S,
-                             size_t D, BlasSums sums, float* scores, std::vector<float>& scratch) {
+// Scores of keys [first, end) (rows S apart); the others are left unwritten. `end` < S only for sums
+// outside the small-matrix scores (whose grouping of keys follows S). `scratch`: the vector path's
+// packed keys.
+static void attention_scores(const float* qs, size_t rows, const float* k, int64_t k_row, size_t first, size_t end,
+                             size_t S, size_t D, BlasSums sums, float* scores, std::vector<float>& scratch) {
 #ifdef MLX_MED_AVX2
   if (has_avx512f() && small_scored(S, D, sums)) return small_scores_avx512(qs, rows, k, k_row, first, S, D, scores);
-  if (has_avx2_fma()) return attention_scores_avx2(qs, rows, k, k_row, first, S, D, sums, scores, scratch);
+  if (has_avx2_fma()) return attention_scores_avx2(qs, rows, k, k_row, first, end, S, D, sums, scores, scratch);
 #else
   (void)scratch;
 #endif
-  attention_scores_f32(qs, rows, k, k_row, first, S, D, sums, scores);
+  attention_scores_f32(qs, rows, k, k_row, first, end, S, D, sums, scores);
 }
 
 // Each of `rows` rows of weights (S apart) over the values, into rows of D outputs; the weights of keys
-// before `first` are zero (masked out) and those keys are not read.
-static void weighted_values(const float* w, size_t rows, const float* v, int64_t v_row, size_t first, size_t S,
-                            size_t D, BlasSums sums, float* out) {
+// before `first`, and from `end` on, are zero (masked out) and those keys are not read. `end` < S only
+// for uncut sums (a cut's blocks are placed by S).
+static void weighted_values(const float* w, size_t rows, const float* v, int64_t v_row, size_t first, size_t end,
+                            size_t S, size_t D, BlasSums sums, float* out) {
 #ifdef MLX_MED_AVX2
-  if (has_avx512f()) return weighted_values_avx512(w, rows, v, v_row, first, S, D, sums, out);
-  if (has_avx2_fma()) return weighted_values_avx2(w, rows, v, v_row, first, S, D, sums, out);
+  if (has_avx512f()) return weighted_values_avx512(w, rows, v, v_row, first, end, S, D, sums, out);
+  if (has_avx2_fma()) return weighted_values_avx2(w, rows, v, v_row, first, end, S, D, sums, out);
 #endif
-  for (size_t r = 0; r < rows; r++) weighted_values_f32(w + r * S, v, v_row, first, S, D, sums, out + r * D);
+  for (size_t r = 0; r < rows; r++) weighted_values_f32(w + r * S, v, v_row, first, end, D, sums, out + r * D);
 }
 
 // The keys every one of `rows` rows (S apart) masks out before its first visible one: a batch KV cache's
@@ -1337,6 +1339,26 @@ static size_t masked_prefix(const bool* keep, size_t rows, size_t S) {
   return prefix;
 }
 
+// The keys [0, end) row r (of the rows in (Hq, L) order from `first`) may see: past it the mask hides
+// every key, so its weights there are exact zeros (a prefill's causal mask). S when the row sees no key
+// at all (its softmax spreads over every key) or the mask does not say.
+static size_t visible_end(const AttentionArgs& a, size_t first, size_t r) {
+  size_t end = a.S;
+  if (a.mask_kind == 3) {
+    end = visible_keys(r % a.L, a.L, a.S);
+  } else if (a.mask_kind == 1) {
+    const bool* keep = static_cast<const bool*>(a.mask) + (first + r) * a.S;
+    // eight flags at a time past the causal diagonal (a bool is one byte, 0 or 1)
+    for (uint64_t word; end >= 8 && (std::memcpy(&word, keep + end - 8, 8), word == 0);) end -= 8;
+    while (end > 0 && !keep[end - 1]) end--;
+  }
+  return end == 0 ? a.S : end;
+}
+
+// Rows of a prefill scored and weighed together, each block only over the keys its rows may see
+// (visible_end): about half the work of a causal prefill.
+constexpr size_t kPrefillRows = 24;
+
 // The query heads of KV head h of batch row b (GQA: Hq / Hkv of them, each with L queries), whole.
 static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::vector<float>& qs,
                                std::vector<float>& packed_keys, std::vector<float>& scores) {
@@ -1351,25 +1373,41 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
   const float* v = a.v + static_cast<int64_t>(b) * a.v_strides[0] + static_cast<int64_t>(h) * a.v_strides[1];
   // Keys masked out for all these rows (left padding) are neither scored nor weighed: their weights are
   // exactly zero, so the visible keys' scores, the softmax and every chain of the output keep MLX's bits
-  // (weighted_values_f32), and the padding's share of the cache is not read.
+  // (weighted_values_f32), and the padding's share of the cache is not read. Where the sums are one
+  // chain each (a prefill's), the keys past what a row may see are skipped the same way: the softmax's
+  // sum adds its terms in index order, so the zeros after a row's last visible key add nothing, and
+  // a block of rows is scored and weighed only over the keys one of them sees. (A cut's blocks and the
+  // small-matrix scores' groups are placed by S, so a decode step reads every key.)
   size_t skip = a.mask_kind == 1 ? masked_prefix(static_cast<const bool*>(a.mask) + first * a.S, rows, a.S) : 0;
-  attention_scores(qs.data(), rows, k, a.k_strides[2], skip, a.S, a.D, a.sums, scores.data(), packed_keys);
-  for (size_t r = 0; r < rows; r++) {
-    float* row = scores.data() + r * a.S;
-    size_t at = (first + r) * a.S;
-    if (a.mask_kind == 1) {
-      const bool* keep = static_cast<const bool*>(a.mask) + at;
-      std::fill(row, row + skip, lowest);
-      for (size_t s = skip; s < a.S; s++) row[s] = keep[s] ? row[s] : lowest;
-    } else if (a.mask_kind == 2) {
-      const float* add = static_cast<const float*>(a.mask) + at;
-      for (size_t s = 0; s < a.S; s++) row[s] = row[s] + add[s];
-    } else if (a.mask_kind == 3) {
-      std::fill(row + visible_keys(r % a.L, a.L, a.S), row + a.S, lowest);
+  bool by_blocks = a.L > 1 && a.sums.q == 0 && !small_scored(a.S, a.D, a.sums);
+  size_t block = by_blocks ? kPrefillRows : rows;
+  size_t ends[kPrefillRows];
+  for (size_t r0 = 0; r0 < rows; r0 += block) {
+    size_t r1 = std::min(rows, r0 + block), end = skip;
+    for (size_t r = r0; r < r1 && by_blocks; r++) end = std::max(end, ends[r - r0] = visible_end(a, first, r));
+    if (!by_blocks) end = a.S;
+    attention_scores(qs.data() + r0 * a.D, r1 - r0, k, a.k_strides[2], skip, end, a.S, a.D, a.sums,
+                     scores.data() + r0 * a.S, packed_keys);
+    for (size_t r = r0; r < r1; r++) {
+      float* row = scores.data() + r * a.S;
+      size_t at = (first + r) * a.S, row_end = by_blocks ? ends[r - r0] : a.S;
+      std::fill(row + end, row + a.S, lowest);  // not scored: masked out for every row of the block
+      if (a.mask_kind == 1) {
+        const bool* keep = static_cast<const bool*>(a.mask) + at;
+        std::fill(row, row + skip, lowest);
+        for (size_t s = skip; s < end; s++) row[s] = keep[s] ? row[s] : lowest;
+      } else if (a.mask_kind == 2) {
+        const float* add = static_cast<const float*>(a.mask) + at;
+        for (size_t s = 0; s < a.S; s++) row[s] = row[s] + add[s];
+      } else if (a.mask_kind == 3) {
+        std::fill(row + visible_keys(r % a.L, a.L, a.S), row + a.S, lowest);
+      }
+      softmax_rows_f32(row, row, 1, row_end);
+      std::fill(row + row_end, row + a.S, 0.0f);  // exp(lowest - max) of every key it does not see
     }
-    softmax_rows_f32(row, row, 1, a.S);
+    weighted_values(scores.data() + r0 * a.S, r1 - r0, v, a.v_strides[2], skip, end, a.S, a.D, a.sums,
+                    a.out + (first + r0) * a.D);
   }
-  weighted_values(scores.data(), rows, v, a.v_strides[2], skip, a.S, a.D, a.sums, a.out + first * a.D);
 }
 
 static void attention_loop(const AttentionArgs& a) {
