@@ -1383,9 +1383,11 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
   size_t block = by_blocks ? kPrefillRows : rows;
   size_t ends[kPrefillRows];
   for (size_t r0 = 0; r0 < rows; r0 += block) {
-    size_t r1 = std::min(rows, r0 + block), end = skip;
-    for (size_t r = r0; r < r1 && by_blocks; r++) end = std::max(end, ends[r - r0] = visible_end(a, first, r));
-    if (!by_blocks) end = a.S;
+    size_t r1 = std::min(rows, r0 + block), end = a.S;
+    if (by_blocks) {  // the last key one of the block's rows sees
+      end = skip;
+      for (size_t r = r0; r < r1; r++) end = std::max(end, ends[r - r0] = visible_end(a, first, r));
+    }
     attention_scores(qs.data() + r0 * a.D, r1 - r0, k, a.k_strides[2], skip, end, a.S, a.D, a.sums,
                      scores.data() + r0 * a.S, packed_keys);
     for (size_t r = r0; r < r1; r++) {
