@@ -1,24 +1,32 @@
-"""Prefill a batch whose prompts start alike (a system prompt) by computing that start once.
+"""Prefill a batch whose prompts start alike (a chat template, a system prompt) by computing that start once.
 
 An eval's prompts share their chat template and system prompt: on the demo's Chinese QA set under
-the default medical prompt, 287 of each prompt's 350-490 tokens (without a system prompt, only the
-template's own 24, too short to share under the rule below). mlx-lm's ``BatchGenerator`` prefills a
-batch of prompts right-padded, every row from position 0, so the rows' keys and values over that
-common start are the same numbers computed once per row. ``SharedPrefixModel`` wraps the model the generator calls and, on the first
-prefill call of a fresh batch, computes the start once per distinct set of adapter weights among
-the rows, writes it into every row's cache, then prefills only the rest of each prompt.
+the default medical prompt, 287 of each prompt's 350-490 tokens; without a system prompt, the
+template's own 24 (SmolLM2's default system line). mlx-lm's ``BatchGenerator`` prefills a batch of
+prompts right-padded, every row from position 0, so the rows' keys and values over that common start
+are the same numbers computed once per row. ``SharedPrefixModel`` wraps the model the generator
+calls and, on the first prefill call of a fresh batch, computes the start once per distinct set of
+adapter weights among the rows (or takes it from an earlier batch, below), writes it into every
+row's cache, then prefills only the rest of each prompt.
 
-**The same bits.** The one-row pass over the start attends over as many keys as the batch does
-(zeros past the start, masked out exactly as the batch masks its later tokens), so each attention
-sum has the batch's length, and so the BLAS cuts it into the same blocks (OpenBLAS cuts sums longer
-than its GEMM_Q, at a point set by their length: ``kernels.attention_sums``); masked weights are exact
-zeros, which add nothing. The projections' sums run over the model's width whatever the number of
-rows. What does depend on the shape is the kernel: OpenBLAS gives small products (M·N·K up to 100³)
-to other kernels, which round otherwise, so the shared path is taken only where every product of it
-(the start's and the rest's projections, LoRA factors and attention) stays above that size. Then
-every key, value and logit is bit for bit the unshared batch's (``tests/test_shared_prefix.py``; on
-the demo model a 64-token start shared with its LoRA products of 16 columns differs in the 5th
-digit, one of 129 tokens or more gives the same bits).
+**The same bits.** The start's pass attends over as many keys as the batch does (zeros past the
+start, masked out exactly as the batch masks its later tokens), so each attention sum has the
+batch's length, and so the BLAS cuts it into the same blocks (OpenBLAS cuts sums longer than its
+GEMM_Q, at a point set by their length: ``kernels.attention_sums``); masked weights are exact zeros,
+which add nothing. The projections' sums run over the model's width whatever the number of rows.
+What does depend on the shape is the kernel: OpenBLAS gives small products (M·N·K up to 100³) to
+other kernels, which round otherwise. So the start's pass repeats each group's row as often as its
+thinnest product (a LoRA factor's 16 columns: a 24-token start takes 5 rows) needs to stay above that
+size, and the rest's pass is taken only where its products stay above it too. Then every key, value
+and logit is bit for bit the unshared batch's (``tests/test_shared_prefix.py``).
+
+**Kept for later batches.** Where every attention of the batch, the start's pass and the rest's runs
+mlx-med's fused prefill kernel (``kernels.fused_prefill_keys``: up to 320 keys on OpenBLAS's AVX-512
+kernels), each attention sum is one fma chain over the keys its query sees, whatever the batch's
+width, so a start's keys and values are the same in every batch. Those are kept (``KeptStarts``, by
+start and weights) and a later batch that begins with one takes it without a pass: a generation's
+template start is computed once per α, not once per batch (the server's, once per α and system
+prompt for as long as it runs).
 
 Only fp32 on the CPU with mlx-med's kernels, and only where the BLAS gives a row of a matmul the same
 bits whatever its place in the call (``rows_round_alike``: OpenBLAS's AVX-512 kernels and the reference
@@ -30,17 +38,22 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlx_med import switches
+from mlx_med.kernels.attention_sums import prefill_fits
 
 # OpenBLAS hands products with M·N·K up to this to its small-matrix kernels (other sums)
 SMALL_PRODUCT = 100 ** 3
 # A shorter common start is not worth a pass of its own (the chat template's first line)
 MIN_SHARED_TOKENS = 16
+# Starts kept for a generation's later batches, in bytes of keys and values (a server's system prompts × α)
+KEPT_START_BYTES = 256 * 2**20
 
 
 def describe(env=os.environ) -> str:
@@ -140,9 +153,48 @@ class WideKVCache(KVCache):
         return queries >= mx.arange(self.width)[None]  # the causal mask, as wide as the batch's
 
 
+@dataclass
+class StartPlan:
+    """How one prefill call shares its rows' common start (``SharedPrefixModel._plan``)."""
+
+    tokens: tuple[int, ...]  # the start
+    groups: list[list[int]]  # the batch's rows, grouped by their adapter weights
+    keys: list[tuple]  # each group's weights, as a key of ``SharedPrefixModel.starts``
+    weights: list[dict] | None  # each row's weights; None: every row runs the model-wide ones
+    missing: list[int]  # the groups whose start is computed now (the others' is kept from a batch before)
+    copies: int  # rows each missing group takes in the start's pass (past OpenBLAS's small-matrix size)
+    kept: bool  # the start's keys and values are the same in any batch (fused attention): kept for later
+
+
+class KeptStarts:
+    """Starts' keys and values kept for later batches, least recently used dropped past ``limit`` bytes."""
+
+    def __init__(self, limit: int = KEPT_START_BYTES):
+        self.limit, self.size = limit, 0
+        self.entries: OrderedDict[tuple, list[tuple[mx.array, mx.array]]] = OrderedDict()
+
+    def get(self, key: tuple):
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def lengths(self, weights: tuple, tokens: list[int]) -> set[int]:
+        """The lengths of the kept starts of ``weights`` that ``tokens`` begins with."""
+        return {len(start) for start, key in self.entries if key == weights and list(start) == tokens[:len(start)]}
+
+    def put(self, key: tuple, layers: list[tuple[mx.array, mx.array]]) -> None:
+        self.entries[key] = layers
+        self.size += sum(k.nbytes + v.nbytes for k, v in layers)
+        while self.size > self.limit and len(self.entries) > 1:
+            _, dropped = self.entries.popitem(last=False)
+            self.size -= sum(k.nbytes + v.nbytes for k, v in dropped)
+
+
 class SharedPrefixModel:
     """The model as mlx-lm's ``BatchGenerator`` sees it: a fresh batch's prefill computes the rows'
-    common start once per distinct adapter weights (module docstring); every other call is the model's.
+    common start once per distinct adapter weights, or takes it from an earlier batch (module
+    docstring); every other call is the model's.
 
     Args:
         model: the mlx-lm model (live adapters attached or not).
@@ -152,10 +204,17 @@ class SharedPrefixModel:
     """
 
     def __init__(self, model, live=None, row_weights=None):
+        from mlx_med.kernels import fused_prefill_keys
+
         self.model, self.live, self.row_weights = model, live, row_weights
         self.shapes = _shapes(model)
         self.narrowest = narrowest_product(model)
+        self.fused_keys = fused_prefill_keys(model)  # prefills up to this many keys add width-free sums
+        # by start tokens and per-row weights: model-wide weights are not in the key, so they stay as they
+        # are for this wrapper's life (one generation; the server runs per-row weights throughout)
+        self.starts = KeptStarts()
         self.shared_tokens = 0  # prompt tokens not computed again (the profile's)
+        self.start_passes = 0  # passes over a start (the rest came from kept starts)
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
@@ -164,28 +223,50 @@ class SharedPrefixModel:
         plan = self._plan(inputs, cache)
         if plan is None:
             return self.model(inputs, cache=cache, **kwargs)
-        start, groups, weights = plan
-        tokens = inputs[:1, :start]
-        if weights is not None:  # the start's pass: one row per distinct weights
-            self.live.set_row_weights([weights[rows[0]] for rows in groups])
-        wide = [WideKVCache(inputs.shape[1]) for _ in cache]
-        self.model(mx.repeat(tokens, len(groups), axis=0), cache=wide)
-        if weights is not None:
-            self.live.set_row_weights(weights)
+        starts = {g: self.starts.get((plan.tokens, key)) for g, key in enumerate(plan.keys) if g not in plan.missing}
+        if plan.missing:  # (after taking the kept ones: keeping the new ones may drop old ones)
+            starts.update(self._start_pass(plan, inputs.shape[1], len(cache)))
         group_of = [0] * inputs.shape[0]
-        for g, rows in enumerate(groups):
+        for g, rows in enumerate(plan.groups):
             for row in rows:
                 group_of[row] = g
         index = mx.array(group_of)
-        for layer, one in zip(cache, wide):
-            layer.update_and_fetch(one.keys[index, :, :start], one.values[index, :, :start])
-        self.shared_tokens += start * (inputs.shape[0] - len(groups))
-        return self.model(inputs[:, start:], cache=cache, **kwargs)
+        by_group = [starts[g] for g in range(len(plan.groups))]
+        for layer, per_group in zip(cache, zip(*by_group)):  # per layer, each group's (keys, values)
+            keys, values = zip(*per_group)
+            layer.update_and_fetch(mx.concatenate(keys)[index], mx.concatenate(values)[index])
+        length = len(plan.tokens)
+        self.shared_tokens += length * (inputs.shape[0] - plan.copies * len(plan.missing))
+        return self.model(inputs[:, length:], cache=cache, **kwargs)
 
-    def _plan(self, inputs, cache):
-        """(common start, rows grouped by weights, each row's weights or None), or None: no sharing."""
+    def _start_pass(self, plan: StartPlan, width: int, layers: int) -> dict[int, list]:
+        """Compute the start of each missing group (``plan.copies`` rows each) in one pass whose attention
+        sees ``width`` keys; returns group -> per-layer (keys, values) of one row, kept if ``plan.kept``."""
+        length = len(plan.tokens)
+        if plan.weights is not None:  # the start's pass: its rows run their group's weights
+            self.live.set_row_weights([plan.weights[plan.groups[g][0]] for g in plan.missing
+                                       for _ in range(plan.copies)])
+        wide = [WideKVCache(width) for _ in range(layers)]
+        rows = len(plan.missing) * plan.copies
+        self.model(mx.repeat(mx.array([plan.tokens]), rows, axis=0), cache=wide)
+        if plan.weights is not None:
+            self.live.set_row_weights(plan.weights)
+        self.start_passes += 1
+        starts = {}
+        for i, g in enumerate(plan.missing):
+            row = i * plan.copies
+            start = [(one.keys[row: row + 1, :, :length], one.values[row: row + 1, :, :length]) for one in wide]
+            if plan.kept:  # copied out of the pass's buffers, which are then freed
+                start = [(mx.contiguous(k), mx.contiguous(v)) for k, v in start]
+                mx.eval(start)
+                self.starts.put((plan.tokens, plan.keys[g]), start)
+            starts[g] = start
+        return starts
+
+    def _plan(self, inputs, cache) -> StartPlan | None:
+        """How this call shares its rows' common start, or None: no sharing."""
         # only the first prefill call of a fresh batch of plain KV caches (no sliding window)
-        if (inputs.ndim != 2 or inputs.shape[1] <= MIN_SHARED_TOKENS or inputs.shape[0] < 2 or cache is None
+        if (inputs.ndim != 2 or inputs.shape[1] <= MIN_SHARED_TOKENS or cache is None
                 or self.shapes is None or self.narrowest is None
                 or any(not isinstance(c, BatchKVCache) or c.keys is not None for c in cache)):
             return None
@@ -203,22 +284,46 @@ class SharedPrefixModel:
         if start < MIN_SHARED_TOKENS:
             return None
         weights = self.row_weights() if self.row_weights is not None else None
-        keys = [tuple(sorted(w.items())) for w in weights] if weights is not None else [()] * rows
-        groups: dict[tuple, list[int]] = {}
-        for row, key in enumerate(keys):
-            groups.setdefault(key, []).append(row)
-        if len(groups) == rows or not self._large_enough(start, rows, width):
-            return None
-        return start, list(groups.values()), weights
+        row_keys = [tuple(sorted(w.items())) for w in weights] if weights is not None else [()] * rows
+        by_key: dict[tuple, list[int]] = {}
+        for row, key in enumerate(row_keys):
+            by_key.setdefault(key, []).append(row)
+        keys, groups = list(by_key), list(by_key.values())
+        # the longest start kept for one of the groups that every row begins with, else the rows' own
+        kept_lengths = {n for key in keys for n in self.starts.lengths(key, first) if n <= start}
+        if kept_lengths and self._width_free(width, max(kept_lengths)):
+            start, kept = max(kept_lengths), True
+        else:
+            kept = self._width_free(width, start)
+        tokens = tuple(first[:start])
+        missing = [g for g, key in enumerate(keys) if not kept or self.starts.get((tokens, key)) is None]
+        copies = self._copies(start, len(missing))
+        computed = copies * len(missing)
+        if computed > rows or (computed == rows and not kept) or not self._large_enough(start, rows, width, kept):
+            return None  # a start's pass as big as the batch's saves nothing (unless later batches take it)
+        return StartPlan(tokens, groups, keys, weights, missing, copies, kept)
 
-    def _large_enough(self, start: int, rows: int, width: int) -> bool:
-        """Whether every product of the shared path stays out of OpenBLAS's small-matrix kernels."""
+    def _width_free(self, width: int, start: int) -> bool:
+        """Whether a start of ``start`` tokens has the same keys and values in a batch of any width: the
+        batch's prefill, the start's pass and the rest's all run the fused attention, whose sums are
+        one chain from zero over the keys a query sees (exact zeros after them add nothing)."""
+        head_dim = self.shapes[2]
+        return all(prefill_fits(self.fused_keys, queries, width, head_dim)
+                   for queries in (width, start, width - start))
+
+    def _copies(self, start: int, groups: int) -> int:
+        """Rows each group takes in the start's pass so that its thinnest product (the LoRA factors'
+        or the narrowest projection's) stays out of OpenBLAS's small-matrix kernels."""
+        one = start * self.narrowest * self.shapes[0]
+        return max(1, -(-(SMALL_PRODUCT + 1) // (one * max(groups, 1))))
+
+    def _large_enough(self, start: int, rows: int, width: int, fused: bool) -> bool:
+        """Whether every product of the rest's pass stays out of OpenBLAS's small-matrix kernels (the
+        attention's too, unless the fused kernel runs it; the start's pass is sized by ``_copies``)."""
         hidden, repeats, head_dim = self.shapes
         rest = width - start
-        products = (
-            start * self.narrowest * hidden,  # the start's projections and LoRA factors (one row)
-            rows * rest * self.narrowest * hidden,  # the rest's
-            repeats * start * width * head_dim,  # attention scores and sums, the start's queries
-            repeats * rest * width * head_dim,  # the rest's
-        )
+        products = [rows * rest * self.narrowest * hidden]  # the rest's projections and LoRA factors
+        if not fused:
+            products += [repeats * start * width * head_dim,  # attention scores and sums, the start's queries
+                         repeats * rest * width * head_dim]  # the rest's
         return min(products) > SMALL_PRODUCT

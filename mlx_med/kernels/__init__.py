@@ -75,6 +75,19 @@ def use_cpu_kernels(model: nn.Module) -> str:
     return f"mlx-med's for {', '.join(names)} ({reason})"
 
 
+def fused_prefill_keys(model: nn.Module) -> int:
+    """Up to how many keys ``model``'s prefill attention (a call with a KV cache) runs the fused kernel,
+    whose sums are one fma chain from zero whatever the call's shape (``attention_sums.prefill_fits``
+    says which shapes); 0 where its attention is MLX's graph (no kernels here, none installed in the
+    model's module, or a BLAS whose sums the calibration did not match)."""
+    kernels = cpu_kernels()[0]
+    if kernels is None:
+        return 0
+    from mlx_med.kernels.install import routes_attention
+
+    return kernels.prefill_keys if routes_attention(model) else 0
+
+
 def pack_projections(model: nn.Module) -> str:
     """Pack ``model``'s projection weights for generation on the CPU (``packed.pack_for_generation``:
     OpenBLAS's own kernel over weights packed once, MLX's bits); says what was done.

@@ -72,6 +72,12 @@ def install(model: nn.Module, kernels: Kernels) -> list[str]:
     return sorted(getattr(module, ORIGINALS))
 
 
+def routes_attention(model: nn.Module) -> bool:
+    """Whether ``model``'s attention runs through the kernels (``install`` rebound it in its module)."""
+    module = sys.modules.get(type(model).__module__)
+    return "scaled_dot_product_attention" in getattr(module, ORIGINALS, {})
+
+
 class KernelRMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` whose fp32 CPU forward and gradients are the kernels' (MLX's otherwise)."""
 
