@@ -61,7 +61,8 @@ def describe(env=os.environ) -> str:
     if switches.SHARED_PREFIX.is_off(env):
         return f"off ({switches.SHARED_PREFIX.name}={env[switches.SHARED_PREFIX.name]})"
     ignored = switches.SHARED_PREFIX.ignored(env)
-    return ("prefilled once per batch where the bits stay the same (fp32, CPU, a BLAS whose rows round alike)"
+    return ("prefilled once per batch where the bits stay the same (fp32, CPU, a BLAS whose rows round alike), "
+            "kept for later batches where the prefill attention is fused (see kernels)"
             + (f"; {ignored}" if ignored else ""))
 
 
