@@ -78,7 +78,8 @@ def profiled(label: str):
     step_ms = 1e3 * profile.decode_s / max(profile.decode_steps, 1)
     rest = side.seconds - profile.prompt_s - profile.decode_s
     print(f"[{label}] {side.seconds:.2f} s: prefill {profile.prompt_tokens} prompt tokens "
-          f"({profile.shared_prompt_tokens} of a shared start) in {profile.prompt_s:.1f} s, decode {profile.generated_tokens} tokens in {profile.decode_steps} steps "
+          f"({profile.shared_prompt_tokens} of a shared start) in {profile.prompt_s:.1f} s, "
+          f"decode {profile.generated_tokens} tokens in {profile.decode_steps} steps "
           f"({step_ms:.0f} ms a step) in {profile.decode_s:.1f} s, rest {rest:.1f} s; "
           f"kernel CPU time {system:.1f} s")
 

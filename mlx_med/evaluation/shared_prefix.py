@@ -46,7 +46,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlx_med import switches
-from mlx_med.kernels.attention_sums import prefill_fits
+from mlx_med.kernels.attention_sums import prefill_shape_fits
 
 # OpenBLAS hands products with M·N·K up to this to its small-matrix kernels (other sums)
 SMALL_PRODUCT = 100 ** 3
@@ -162,9 +162,14 @@ class StartPlan:
     groups: list[list[int]]  # the batch's rows, grouped by their adapter weights
     keys: list[tuple]  # each group's weights, as a key of ``SharedPrefixModel.starts``
     weights: list[dict] | None  # each row's weights; None: every row runs the model-wide ones
-    missing: list[int]  # the groups whose start is computed now (the others' is kept from a batch before)
+    found: dict[int, list]  # group -> its start's per-layer (keys, values) kept from a batch before
     copies: int  # rows each missing group takes in the start's pass (past OpenBLAS's small-matrix size)
     kept: bool  # the start's keys and values are the same in any batch (fused attention): kept for later
+
+    @property
+    def missing(self) -> list[int]:
+        """The groups whose start is computed now."""
+        return [g for g in range(len(self.groups)) if g not in self.found]
 
 
 class KeptStarts:
@@ -224,8 +229,8 @@ class SharedPrefixModel:
         plan = self._plan(inputs, cache)
         if plan is None:
             return self.model(inputs, cache=cache, **kwargs)
-        starts = {g: self.starts.get((plan.tokens, key)) for g, key in enumerate(plan.keys) if g not in plan.missing}
-        if plan.missing:  # (after taking the kept ones: keeping the new ones may drop old ones)
+        starts = dict(plan.found)  # taken before the pass: keeping its starts may drop kept ones
+        if plan.missing:
             starts.update(self._start_pass(plan, inputs.shape[1], len(cache)))
         group_of = [0] * inputs.shape[0]
         for g, rows in enumerate(plan.groups):
@@ -297,19 +302,21 @@ class SharedPrefixModel:
         else:
             kept = self._width_free(width, start)
         tokens = tuple(first[:start])
-        missing = [g for g, key in enumerate(keys) if not kept or self.starts.get((tokens, key)) is None]
-        copies = self._copies(start, len(missing))
-        computed = copies * len(missing)
+        found = {g: self.starts.get((tokens, key)) for g, key in enumerate(keys)} if kept else {}
+        found = {g: start_kv for g, start_kv in found.items() if start_kv is not None}
+        missing = len(groups) - len(found)
+        copies = self._copies(start, missing)
+        computed = copies * missing
         if computed > rows or (computed == rows and not kept) or not self._large_enough(start, rows, width, kept):
             return None  # a start's pass as big as the batch's saves nothing (unless later batches take it)
-        return StartPlan(tokens, groups, keys, weights, missing, copies, kept)
+        return StartPlan(tokens, groups, keys, weights, found, copies, kept)
 
     def _width_free(self, width: int, start: int) -> bool:
         """Whether a start of ``start`` tokens has the same keys and values in a batch of any width: the
         batch's prefill, the start's pass and the rest's all run the fused attention, whose sums are
         one chain from zero over the keys a query sees (exact zeros after them add nothing)."""
         head_dim = self.shapes[2]
-        return all(prefill_fits(self.fused_keys, queries, width, head_dim)
+        return all(prefill_shape_fits(self.fused_keys, queries, width, head_dim)
                    for queries in (width, start, width - start))
 
     def _copies(self, start: int, groups: int) -> int:

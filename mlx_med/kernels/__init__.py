@@ -77,7 +77,7 @@ def use_cpu_kernels(model: nn.Module) -> str:
 
 def fused_prefill_keys(model: nn.Module) -> int:
     """Up to how many keys ``model``'s prefill attention (a call with a KV cache) runs the fused kernel,
-    whose sums are one fma chain from zero whatever the call's shape (``attention_sums.prefill_fits``
+    whose sums are one fma chain from zero whatever the call's shape (``attention_sums.prefill_shape_fits``
     says which shapes); 0 where its attention is MLX's graph (no kernels here, none installed in the
     model's module, or a BLAS whose sums the calibration did not match)."""
     kernels = cpu_kernels()[0]

@@ -126,10 +126,10 @@ PREFILL_PAIRS = ((24, 64), (24, 150), (40, 100), (9, 300), (100, 257), (200, 320
 def fits_prefill(limit: int, queries: mx.array, keys: mx.array) -> bool:
     """Whether the fused kernel was checked for a prefill of these shapes under ``limit``
     (``calibrate_prefill``'s outcome; 0: none)."""
-    return prefill_fits(limit, queries.shape[2], keys.shape[2], queries.shape[-1])
+    return prefill_shape_fits(limit, queries.shape[2], keys.shape[2], queries.shape[-1])
 
 
-def prefill_fits(limit: int, count: int, length: int, dim: int) -> bool:
+def prefill_shape_fits(limit: int, count: int, length: int, dim: int) -> bool:
     """``fits_prefill`` for ``count`` queries a head over ``length`` keys of head size ``dim``."""
     return count > 1 and dim in HEAD_DIMS and length <= limit and count * length > SMALL_SCORES
 
