@@ -353,6 +353,78 @@ def test_prefill_attention_equals_mlx_over_cache_views(kernels, fused_only, dim,
                     mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)), (queries, length)
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("mask_kind", ["causal", "bool"])
+def test_long_prefill_attention_equals_mlx_past_the_blas_cut(kernels, fused_only, monkeypatch, dim, mask_kind):
+    """Past the one-chain limit a prefill takes the fused kernel under the BLAS's cut as matched here
+    (``attention_sums.LongPrefill``): the same bits as MLX's graph for prompts as long as their keys, between
+    one and two blocks and past two, and for fewer queries on either side of the small-matrix permit."""
+    rule = kernels.long_prefill
+    if rule is None:
+        pytest.skip("no cut of this BLAS was matched here (its prefill sums depend on a row's place, or it "
+                    "was not checked): prefills past the one-chain limit keep MLX's graph")
+    import mlx_med.kernels.ops as ops
+
+    taken = []
+    original = ops.fused_attention
+
+    def fused_attention(kernels, q, k, v, scale, mask, sums):
+        taken.append(sums)
+        return original(kernels, q, k, v, scale, mask, sums)
+
+    monkeypatch.setattr(ops, "fused_attention", fused_attention)
+    batch, heads, kv_heads = 3, 9, 3
+    key = mx.random.split(mx.random.key(dim + 5), 3)
+    q_all = mx.random.normal((batch, heads, 700, dim), key=key[0]) * 2
+    cache_k, cache_v = (mx.random.normal((batch, kv_heads, 707, dim), key=k) for k in key[1:])
+    scale = dim ** -0.5
+    shapes = ((333, 333), (401, 401), (641, 641), (700, 700), (40 * 64 // dim, 400), (20, 700), (7, 500))
+    for queries, length in shapes:
+        q = q_all[:, :, :queries]
+        k, v = cache_k[:, :, :length], cache_v[:, :, :length]
+        mask = prefill_mask(mask_kind, batch, queries, length, None)
+        assert same(attention(kernels, q, k, v, scale, mask, cached=True),
+                    mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)), (queries, length)
+    assert len(taken) == len(shapes), "every one of these shapes takes the fused kernel"
+    assert any(sums.block for sums in taken), "and some of them the BLAS's cut"
+
+
+def test_long_prefill_calibration_would_catch_another_driver(kernels):
+    """The rule found here gives MLX's bits on its probes; the other driver's rounding, no small-matrix
+    kernel or another GEMM_Q would not, so the calibration tells them apart."""
+    from mlx_med.kernels import attention_sums
+
+    rule = kernels.long_prefill
+    if rule is None:
+        pytest.skip("no cut of this BLAS was matched here: nothing to tell apart")
+    probes = attention_sums.LONG_PROBES
+    assert attention_sums.agrees_long_prefill(kernels.module, rule, 64, probes, seed=11)
+    for other in (rule._replace(threaded=not rule.threaded), rule._replace(small_work=0 if rule.small_work else
+                                                                          attention_sums.SMALL_WORK),
+                  rule._replace(block=rule.block + 64)):
+        assert not attention_sums.agrees_long_prefill(kernels.module, other, 64, probes, seed=11), other
+
+
+def test_long_prefill_rule_picks_the_sums_of_each_call():
+    from mlx_med.kernels.attention_sums import PREFILL_SUMS, BlasSums, LongPrefill, prefill_sums
+
+    rule = LongPrefill(1024, 320, 16, 100 ** 3, True)
+    assert rule.sums(400, 400, 64) == BlasSums(320, 16, False, True)  # past the small kernel and the thread cut
+    assert rule.sums(39, 400, 64) == PREFILL_SUMS  # 39 x 400 x 64 is under 100^3: the small kernel's one chain
+    assert rule.sums(300, 300, 64) == PREFILL_SUMS  # within one block
+    assert LongPrefill(1024, 320, 16, 0, True).sums(9, 341, 64) == BlasSums(320, 16, False, False)  # one thread
+
+    def picked(queries, keys, limit=320, long=rule, dim=64):
+        return prefill_sums(limit, long, mx.zeros((1, 3, queries, dim)), mx.zeros((1, 1, keys, dim)))
+
+    assert picked(150, 150) == PREFILL_SUMS and picked(500, 500) == BlasSums(320, 16, False, True)
+    assert picked(500, 500, long=None) is None  # no cut matched: MLX's graph
+    assert picked(1025, 1025) is None  # more keys than the calibration checked
+    assert picked(1, 500) is None  # one query: the decode rule decides
+    assert picked(2, 500) is None  # within OpenBLAS's small-matrix scores (2 x 500 <= 1200)
+    assert picked(500, 500, dim=16) is None  # a head size the calibration skips
+
+
 def test_prefill_without_a_cache_keeps_mlx_s_graph(kernels, monkeypatch):
     """Training and scoring call attention without a cache: their gradients come from the graph, so their
     forward stays the graph too (the fused kernel's gradient would compute it a second time)."""
@@ -693,9 +765,12 @@ def test_self_check_outcome_is_recorded_and_read_back(kernels, tmp_path):
     records = json.loads(records_path.read_text())
     key, entry = next(iter(records.items()))
     assert len(records) == 1 and entry == {"mismatch": None, "attention_sums": entry["attention_sums"],
-                                           "prefill_keys": entry["prefill_keys"]}
+                                           "prefill_keys": entry["prefill_keys"],
+                                           "long_prefill": entry["long_prefill"]}
     assert entry["attention_sums"] == list(kernels.attention_sums), "the calibration is recorded with the check"
     assert entry["prefill_keys"] == kernels.prefill_keys, "so is the prefill's"
+    assert entry["long_prefill"] == (list(kernels.long_prefill) if kernels.long_prefill else None), \
+        "and the long prefill's"
     records_path.write_text(json.dumps({key: {"mismatch": "swiglu differs (planted)"}}))
     assert "swiglu differs (planted); kept MLX's kernels" in child_kernels_reason(env)
     # python -m mlx_med.kernels (and doctor) check afresh and replace the record, and drop the packed
@@ -711,6 +786,11 @@ def test_self_check_outcome_is_recorded_and_read_back(kernels, tmp_path):
     older = {"mismatch": None, "attention_sums": entry["attention_sums"]}  # one without the prefill's
     records_path.write_text(json.dumps({key: older}))
     assert child_kernels_reason(env).endswith("checked against MLX now")
+    from mlx_med.kernels.check import CheckOutcome
+
+    # a record from before the long prefill's calibration is not an outcome: it is checked again
+    assert CheckOutcome.from_record(entry) is not None
+    assert CheckOutcome.from_record({k: v for k, v in entry.items() if k != "long_prefill"}) is None
     records_path.write_text("{ not json")  # a broken record is checked again, not trusted
     assert child_kernels_reason(env).endswith("checked against MLX now")
 

@@ -10,7 +10,9 @@ output and adds them by a fixed tree. None of that is exported, so ``calibrate``
 rules on key counts that tell them apart, then checks the one that matched on every key count up to
 ``EVERY_LENGTH_UNTIL`` and on every 61st beyond, up to the longest the fused kernel is given
 (``DECODE_LIMIT``): about 1 s, once per machine (the outcome is recorded with the kernels' self-check).
-None when no candidate gives MLX's bits: the attention then stays MLX's graph.
+None when no candidate gives MLX's bits: the attention then stays MLX's graph. A prefill's attention
+has two more calibrations: up to how many keys its sums are one chain (``calibrate_prefill``), and the
+cut the BLAS's drivers make past that, call by call (``calibrate_long_prefill``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ class BlasSums(NamedTuple):
     block: int  # OpenBLAS's GEMM_Q, where its level-3 driver cuts inner sums (0: one chain)
     unroll: int  # its GEMM_UNROLL_M, which rounds the block before the last
     small_scores: bool  # scores within its small-matrix permit take sgemm_small_kernel_tn's sums
+    threaded: bool = False  # the threaded driver's cut: the block before the last is half, rounded up
 
     def describe(self) -> str:
         cut = f"cut at {self.block}, unroll {self.unroll}" if self.block else "uncut"
+        cut += ", threaded driver" if self.block and self.threaded else ""
         return f"BLAS sums {cut}" + (", small-matrix scores" if self.small_scores else "")
 
 
@@ -111,8 +115,8 @@ def calibrate(module) -> BlasSums | None:
 # There each matmul is big enough for OpenBLAS's level-3 driver (threaded or not), which adds one fma
 # chain from zero over the inner dimension until the sum is longer than its GEMM_Q; the scores' inner
 # dimension is the head size, the weighted values' the key count. So below this BLAS's GEMM_Q every sum is
-# one chain: the fused kernel's BlasSums(0, 1, False). Above it the threaded driver cuts sums its own way,
-# so a prefill with more keys keeps MLX's graph. ``calibrate_prefill`` finds the longest checked key count.
+# one chain: the fused kernel's BlasSums(0, 1, False). Above it the drivers cut sums (``LongPrefill`` below).
+# ``calibrate_prefill`` finds the longest checked key count.
 PREFILL_SUMS = BlasSums(0, 1, False)
 PREFILL_KEYS = (320, 256, 192, 128, 64)  # candidate limits, longest first (x86 OpenBLAS: GEMM_Q 320)
 # OpenBLAS's small-matrix scores (the transposed-A kernel: keys x queries up to 1200) add otherwise; a
@@ -167,3 +171,105 @@ def calibrate_prefill(module) -> int:
             if all(agrees_prefill(module, dim, prefill_shapes(limit), seed) for seed, dim in enumerate(HEAD_DIMS)):
                 return limit
     return 0
+
+
+# ---- a prefill over more keys than PREFILL_KEYS[0]: the BLAS's cut, matched per call --------------------
+# Past its GEMM_Q a prefill's weighted values (M·N·K = queries x head size x keys per query head) are cut
+# into blocks by whichever driver OpenBLAS picks for that call: its small-matrix kernel up to 100^3 (AVX-512
+# builds: one chain), its one-thread driver up to THREAD_WORK (the block before the last rounded to
+# GEMM_UNROLL_M), its threaded driver beyond (halved, rounded up) when it runs on more than one thread.
+# ``LongPrefill`` holds that rule's numbers; ``calibrate_long_prefill`` finds them by trying candidates
+# against MLX on shapes that tell them apart, then checks the match over every 41st key count (about 1.5 s
+# on a 2-core CPU, once per machine).
+LONG_PREFILL_KEYS = 1024
+THREAD_WORK = 65536 * 4  # OpenBLAS's SMP_THRESHOLD_MIN x GEMM_MULTITHREAD_THRESHOLD (interface/gemm.c)
+SMALL_WORK = 100 ** 3  # its x86-64 small-matrix permit (M·N·K; AVX-512 builds)
+
+
+class LongPrefill(NamedTuple):
+    """How this machine's BLAS adds a prefill's weighted values over more keys than one chain covers."""
+
+    keys: int  # the most keys checked
+    block: int  # GEMM_Q
+    unroll: int  # GEMM_UNROLL_M
+    small_work: int  # products up to this M·N·K take the small-matrix kernel (one chain); 0: none
+    threaded: bool  # products past THREAD_WORK take the threaded driver
+
+    def sums(self, count: int, length: int, dim: int) -> BlasSums:
+        """The sums of a prefill call of ``count`` queries a head over ``length`` keys of size ``dim``."""
+        work = count * length * dim
+        if length <= self.block or work <= self.small_work:
+            return PREFILL_SUMS
+        return BlasSums(self.block, self.unroll, False, self.threaded and work > THREAD_WORK)
+
+    def describe(self) -> str:
+        driver = "threaded driver" if self.threaded else "one-thread driver"
+        small = ", small products one chain" if self.small_work else ""
+        return f"up to {self.keys} keys cut at {self.block} ({driver}{small})"
+
+
+LONG_CANDIDATES = tuple(LongPrefill(LONG_PREFILL_KEYS, block, unroll, small, threaded)
+                        for small in (SMALL_WORK, 0) for threaded in (True, False)
+                        for block in (320, 256, 384, 448, 512) for unroll in (16, 8))
+# (queries, keys) that tell the candidates apart at head size 64: squares between one and two blocks
+# (where the drivers round the cut differently) and past two; few queries on either side of the small
+# kernel's permit (39 x 400 x 64 is under 100^3, 40 x 400 x 64 over) and of the threaded driver's
+LONG_PROBES = ((333, 333), (400, 400), (449, 449), (641, 641), (700, 700), (39, 400), (40, 400), (9, 341),
+               (12, 351), (24, 700), (100, 333), (200, 1024))
+
+
+def long_prefill_shapes(keys: int, dim: int) -> list[tuple[int, int]]:
+    """(queries, keys) a long-prefill calibration checks: squares over every 41st key count past the
+    one-chain limit (odd and even), fewer queries over a few key counts (a shared start's pass and its
+    remainder), the probes scaled to ``dim``."""
+    first = PREFILL_KEYS[0] + 1
+    squares = [(n, n) for n in sorted({*range(first, keys + 1, 41), keys})]
+    few = [(q, k) for k in (first, 400, 517, keys) for q in range(2, 80, 11)]
+    probes = [(max(2, q * 64 // dim), k) for q, k in LONG_PROBES]
+    return [(q, k) for q, k in squares + few + probes if k <= keys and q * k > SMALL_SCORES]
+
+
+def agrees_long_prefill(module, rule: LongPrefill, dim: int, shapes, seed: int) -> bool:
+    """Whether the fused kernel under ``rule`` equals MLX's causal attention on each (queries, keys),
+    stopping at the first that differs."""
+    scale = dim ** -0.5
+    longest = max(k for _, k in shapes)
+    parts = mx.random.split(mx.random.key(seed), 3)
+    queries = mx.random.normal((1, 3, longest, dim), key=parts[0]) * 2
+    keys = mx.random.normal((1, 1, longest, dim), key=parts[1])
+    values = mx.random.normal((1, 1, longest, dim), key=parts[2])
+    for count, length in shapes:
+        q, k, v = queries[:, :, :count], keys[:, :, :length], values[:, :, :length]
+        ours = module.decode_attention(q, k, v, None, 3, scale, *rule.sums(count, length, dim))
+        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+        if not mx.array_equal(ours, theirs).item():
+            return False
+    return True
+
+
+def calibrate_long_prefill(module) -> LongPrefill | None:
+    """The rule with which the fused kernel equals MLX's attention on every long-prefill shape checked
+    (both head sizes), or None: then prefills past ``PREFILL_KEYS[0]`` keys keep MLX's graph. Not tried
+    with the scalar reference loops (``MLX_MED_KERNELS=scalar``), no faster than the graph on long prompts."""
+    if module.isa() == "scalar":
+        return None
+    with mx.stream(mx.cpu):
+        probes = {dim: [(q, k) for q, k in ((max(2, q * 64 // dim), k) for q, k in LONG_PROBES)
+                        if q * k > SMALL_SCORES] for dim in HEAD_DIMS}
+        for rule in LONG_CANDIDATES:
+            if all(agrees_long_prefill(module, rule, dim, probes[dim], seed) for seed, dim in enumerate(HEAD_DIMS)):
+                checked = all(agrees_long_prefill(module, rule, dim, long_prefill_shapes(rule.keys, dim), seed + 2)
+                              for seed, dim in enumerate(HEAD_DIMS))
+                return rule if checked else None
+    return None
+
+
+def prefill_sums(limit: int, long: LongPrefill | None, queries: mx.array, keys: mx.array) -> BlasSums | None:
+    """The sums with which the fused kernel gives MLX's bits for this prefill call, or None (not checked:
+    MLX's graph). ``limit``: ``calibrate_prefill``'s one-chain limit; ``long``: ``calibrate_long_prefill``'s."""
+    count, length, dim = queries.shape[2], keys.shape[2], queries.shape[-1]
+    if prefill_shape_fits(limit, count, length, dim):
+        return PREFILL_SUMS
+    if long is not None and prefill_shape_fits(long.keys, count, length, dim):
+        return long.sums(count, length, dim)
+    return None

@@ -20,7 +20,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_med.kernels.attention_sums import BlasSums, calibrate, calibrate_prefill
+from mlx_med.kernels.attention_sums import (
+    PREFILL_KEYS,
+    BlasSums,
+    LongPrefill,
+    calibrate,
+    calibrate_long_prefill,
+    calibrate_prefill,
+)
 from mlx_med.kernels.ops import Kernels
 
 VERDICTS = "self-check.json"
@@ -29,16 +36,20 @@ VERDICTS = "self-check.json"
 @dataclass(frozen=True)
 class CheckOutcome:
     """What the checks found: the first kernel that differs from MLX (None: none), the inner-sum rule
-    with which the fused decode attention equals MLX's here (None: it is not used), and the most keys
-    a prefill's attention is fused over (0: none)."""
+    with which the fused decode attention equals MLX's here (None: it is not used), the most keys
+    a prefill's attention is fused over with one chain per sum (0: none), and the BLAS's cut past them
+    (None: longer prefills keep MLX's graph)."""
 
     mismatch: str | None
     attention_sums: BlasSums | None
     prefill_keys: int = 0
+    long_prefill: LongPrefill | None = None
 
     def record(self) -> dict:
         sums = list(self.attention_sums) if self.attention_sums else None
-        return {"mismatch": self.mismatch, "attention_sums": sums, "prefill_keys": self.prefill_keys}
+        long = list(self.long_prefill) if self.long_prefill else None
+        return {"mismatch": self.mismatch, "attention_sums": sums, "prefill_keys": self.prefill_keys,
+                "long_prefill": long}
 
     @classmethod
     def from_record(cls, entry) -> CheckOutcome | None:
@@ -49,13 +60,19 @@ class CheckOutcome:
         if entry["mismatch"] is not None:
             return cls(entry["mismatch"], None)
         sums, prefill = entry.get("attention_sums", "missing"), entry.get("prefill_keys")
+        long = entry.get("long_prefill", "missing")
         if type(prefill) is not int or prefill < 0:
             return None
+        if long is not None:
+            if not (isinstance(long, list) and len(long) == 5 and all(type(n) is int and n >= 0 for n in long[:4])
+                    and long[2] >= 1 and type(long[4]) is bool):
+                return None
+            long = LongPrefill(*long)
         if sums is None:
-            return cls(entry["mismatch"], None, prefill)
-        if isinstance(sums, list) and len(sums) == 3 and all(type(n) is int and n >= 0 for n in sums[:2]) \
-                and sums[1] >= 1 and type(sums[2]) is bool:
-            return cls(entry["mismatch"], BlasSums(*sums), prefill)
+            return cls(entry["mismatch"], None, prefill, long)
+        if isinstance(sums, list) and len(sums) in (3, 4) and all(type(n) is int and n >= 0 for n in sums[:2]) \
+                and sums[1] >= 1 and all(type(flag) is bool for flag in sums[2:]):
+            return cls(entry["mismatch"], BlasSums(*sums), prefill, long)
         return None
 
 
@@ -64,7 +81,10 @@ def run_checks(kernels: Kernels) -> CheckOutcome:
     mismatch = self_check(kernels)
     if mismatch:
         return CheckOutcome(mismatch, None)
-    return CheckOutcome(None, calibrate(kernels.module), calibrate_prefill(kernels.module))
+    prefill = calibrate_prefill(kernels.module)
+    # past the one-chain limit only where it reached the BLAS's GEMM_Q (below it, sums already differ)
+    long = calibrate_long_prefill(kernels.module) if prefill == PREFILL_KEYS[0] else None
+    return CheckOutcome(None, calibrate(kernels.module), prefill, long)
 
 
 def mlx_causal_softmax(scores: mx.array) -> mx.array:

@@ -888,15 +888,26 @@ mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s_ = {}) {
 // (lane_score below). Which rule this machine's BLAS follows is found by trying candidates against MLX
 // (attention_sums.calibrate); Python only sends the shapes those trials covered.
 struct BlasSums {
-  size_t q, unroll;   // the level-3 driver's cut: GEMM_Q (0: one chain over the whole inner dimension)
-                      // and GEMM_UNROLL_M
-  bool small_scores;  // scores within its small-matrix permit take sgemm_small_kernel_tn's sums
+  size_t q, unroll;       // the level-3 driver's cut: GEMM_Q (0: one chain over the whole inner dimension)
+                          // and GEMM_UNROLL_M
+  bool small_scores;      // scores within its small-matrix permit take sgemm_small_kernel_tn's sums
+  bool threaded = false;  // the threaded driver's cut (level3_thread.c): between Q and 2Q, half rounded up
+  size_t place = 0;       // the weighted values' blocks are placed over this many keys (0: the loop's end)
 };
 
 static size_t next_block(size_t remaining, BlasSums b) {
   if (b.q == 0 || remaining <= b.q) return remaining;
   if (remaining >= 2 * b.q) return b.q;
+  if (b.threaded) return (remaining + 1) / 2;
   return (remaining / 2 + b.unroll - 1) / b.unroll * b.unroll;
+}
+
+// The end of the block of keys that starts at s0, in a loop over the keys before `end`: the BLAS cuts
+// the call's whole inner dimension (sums.place keys), so a loop stopped early (keys no row of a prefill
+// block sees) still adds each chain over the same keys, and the chains it leaves out are exact zeros.
+static size_t value_block_end(size_t s0, size_t end, BlasSums b) {
+  size_t placed = b.place ? b.place : end;
+  return std::min(end, s0 + next_block(placed - s0, b));
 }
 
 // OpenBLAS's x86-64 small-matrix permit for scores = q @ k^T of one query row (SKYLAKEX's
@@ -974,7 +985,7 @@ static void weighted_values_f32(const float* w, const float* v, int64_t v_row, s
   std::fill(out, out + D, 0.0f);
   std::vector<float> chain(D);
   for (size_t s0 = 0; s0 < S;) {
-    size_t s1 = s0 + next_block(S - s0, sums);
+    size_t s1 = value_block_end(s0, S, sums);
     std::fill(chain.begin(), chain.end(), 0.0f);
     for (size_t s = std::max(s0, first); s < s1; s++) {
       const float* value = v + static_cast<int64_t>(s) * v_row;
@@ -1130,7 +1141,7 @@ AVX2_FMA static inline void weighted_values_pass(const float* w, size_t w_row, c
   for (size_t r = 0; r < Rows; r++)
     for (size_t j = 0; j < Vectors; j++) total[r][j] = _mm256_setzero_ps();
   for (size_t s0 = 0; s0 < S;) {
-    size_t s1 = s0 + next_block(S - s0, sums);
+    size_t s1 = value_block_end(s0, S, sums);
     for (size_t r = 0; r < Rows; r++)
       for (size_t j = 0; j < Vectors; j++) chain[r][j] = _mm256_setzero_ps();
     // keys before `first` carry weight zero and are skipped (why that is exact: weighted_values_f32)
@@ -1256,7 +1267,7 @@ AVX512F static inline void weighted_values_pass16(const float* w, size_t w_row, 
   for (size_t r = 0; r < Rows; r++)
     for (size_t j = 0; j < Vectors; j++) total[r][j] = _mm512_setzero_ps();
   for (size_t s0 = 0; s0 < S;) {
-    size_t s1 = s0 + next_block(S - s0, sums);
+    size_t s1 = value_block_end(s0, S, sums);
     for (size_t r = 0; r < Rows; r++)
       for (size_t j = 0; j < Vectors; j++) chain[r][j] = _mm512_setzero_ps();
     for (size_t s = std::max(s0, first); s < s1; s++) {
@@ -1318,6 +1329,7 @@ static void attention_scores(const float* qs, size_t rows, const float* k, int64
 // for uncut sums (a cut's blocks are placed by S).
 static void weighted_values(const float* w, size_t rows, const float* v, int64_t v_row, size_t first, size_t end,
                             size_t S, size_t D, BlasSums sums, float* out) {
+  sums.place = S;  // blocks over the whole call's keys, wherever the loops stop (value_block_end)
 #ifdef MLX_MED_AVX2
   if (has_avx512f()) return weighted_values_avx512(w, rows, v, v_row, first, end, S, D, sums, out);
   if (has_avx2_fma()) return weighted_values_avx2(w, rows, v, v_row, first, end, S, D, sums, out);
@@ -1373,13 +1385,13 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
   const float* v = a.v + static_cast<int64_t>(b) * a.v_strides[0] + static_cast<int64_t>(h) * a.v_strides[1];
   // Keys masked out for all these rows (left padding) are neither scored nor weighed: their weights are
   // exactly zero, so the visible keys' scores, the softmax and every chain of the output keep MLX's bits
-  // (weighted_values_f32), and the padding's share of the cache is not read. Where the sums are one
-  // chain each (a prefill's), the keys past what a row may see are skipped the same way: the softmax's
-  // sum adds its terms in index order, so the zeros after a row's last visible key add nothing, and
-  // a block of rows is scored and weighed only over the keys one of them sees. (A cut's blocks and the
-  // small-matrix scores' groups are placed by S, so a decode step reads every key.)
+  // (weighted_values_f32), and the padding's share of the cache is not read. In a prefill the keys past
+  // what a row may see are skipped the same way: the softmax's sum adds its terms in index order, so the
+  // zeros after a row's last visible key add nothing, and a block of rows is scored and weighed only over
+  // the keys one of them sees (a cut's blocks stay placed over all S keys: value_block_end). The
+  // small-matrix scores' groups are placed by S, so a call that takes them reads every key.
   size_t skip = a.mask_kind == 1 ? masked_prefix(static_cast<const bool*>(a.mask) + first * a.S, rows, a.S) : 0;
-  bool by_blocks = a.L > 1 && a.sums.q == 0 && !small_scored(a.S, a.D, a.sums);
+  bool by_blocks = a.L > 1 && !small_scored(a.S, a.D, a.sums);
   size_t block = by_blocks ? kPrefillRows : rows;
   size_t ends[kPrefillRows];
   for (size_t r0 = 0; r0 < rows; r0 += block) {
@@ -1447,7 +1459,7 @@ class DecodeAttention : public mx::Primitive {
     auto& o = static_cast<const DecodeAttention&>(other);
     return std::string(name()) == other.name() && scale_ == o.scale_ && mask_kind_ == o.mask_kind_ &&
            sums_.q == o.sums_.q && sums_.unroll == o.sums_.unroll &&
-           sums_.small_scores == o.sums_.small_scores;
+           sums_.small_scores == o.sums_.small_scores && sums_.threaded == o.sums_.threaded;
   }
 
  private:
@@ -1463,7 +1475,7 @@ static mx::array rows_contiguous(const mx::array& a, mx::Stream s) {
 
 mx::array decode_attention(const mx::array& queries, const mx::array& keys, const mx::array& values,
                            std::optional<mx::array> mask, int mask_kind, float scale, int block, int unroll,
-                           bool small_scores, mx::StreamOrDevice s_ = {}) {
+                           bool small_scores, bool threaded, mx::StreamOrDevice s_ = {}) {
   auto s = mx::to_stream(s_);
   for (auto* a : {&queries, &keys, &values}) require_f32_cpu(*a, s, "decode_attention");
   if (queries.ndim() != 4 || keys.ndim() != 4 || keys.shape() != values.shape() ||
@@ -1486,7 +1498,7 @@ mx::array decode_attention(const mx::array& queries, const mx::array& keys, cons
   return mx::array(queries.shape(), mx::float32,
                    std::make_shared<DecodeAttention>(
                        s, scale, mask_kind,
-                       BlasSums{static_cast<size_t>(block), static_cast<size_t>(unroll), small_scores}),
+                       BlasSums{static_cast<size_t>(block), static_cast<size_t>(unroll), small_scores, threaded}),
                    std::move(inputs));
 }
 
@@ -1534,13 +1546,14 @@ NB_MODULE(_mlx_med_kernels, m) {
         "MLX's gradient of that RMSNorm w.r.t. x, in its two parts (through x * r, through x * x).");
   m.def("decode_attention",
         [](const mx::array& q, const mx::array& k, const mx::array& v, std::optional<mx::array> mask,
-           int mask_kind, float scale, int block, int unroll, bool small_scores) {
-          return mlx_med::decode_attention(q, k, v, mask, mask_kind, scale, block, unroll, small_scores);
+           int mask_kind, float scale, int block, int unroll, bool small_scores, bool threaded) {
+          return mlx_med::decode_attention(q, k, v, mask, mask_kind, scale, block, unroll, small_scores, threaded);
         }, "queries"_a, "keys"_a, "values"_a, "mask"_a.none(), "mask_kind"_a, "scale"_a, "block"_a, "unroll"_a,
-        "small_scores"_a,
+        "small_scores"_a, "threaded"_a = false,
         "MLX's CPU scaled_dot_product_attention in one pass; the matmuls' inner sums cut in blocks of `block` "
-        "(0: none) the way OpenBLAS's level-3 driver cuts them (unroll: its GEMM_UNROLL_M); with "
-        "`small_scores`, the scores its AVX-512 small-matrix kernel takes are summed as that kernel does.");
+        "(0: none) the way OpenBLAS's level-3 driver cuts them (unroll: its GEMM_UNROLL_M; `threaded`: its "
+        "threaded driver's halving instead); with `small_scores`, the scores its AVX-512 small-matrix kernel "
+        "takes are summed as that kernel does.");
   m.def("threads", &mlx_med::kernel_threads, "The most threads one kernel call splits its rows over.");
   m.def("isa", &mlx_med::isa, "The instruction set the kernels run with on this CPU.");
   m.def("softmax", [](const mx::array& x) { return mlx_med::softmax(x); }, "x"_a, "Softmax over the last axis.");

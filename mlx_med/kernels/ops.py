@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_med.kernels.attention_sums import PREFILL_SUMS, BlasSums, fits, fits_prefill
+from mlx_med.kernels.attention_sums import BlasSums, LongPrefill, fits, prefill_sums
 from mlx_med.kernels.build import Built, load
 
 
@@ -21,8 +21,11 @@ class Kernels:
         self.isa = module.isa()
         # how the BLAS adds the attention matmuls' sums here (``attention_sums``); None: keep MLX's graph
         self.attention_sums: BlasSums | None = None
-        # the most keys a prefill's attention is fused over here (``attention_sums.calibrate_prefill``); 0: none
+        # the most keys a prefill's attention is fused over with one chain per sum, whatever the call's shape
+        # (``attention_sums.calibrate_prefill``); 0: none
         self.prefill_keys = 0
+        # past those keys, the BLAS's cut as matched here (``attention_sums.calibrate_long_prefill``); None: none
+        self.long_prefill: LongPrefill | None = None
         # how OpenBLAS cuts a projection's sums here (``packed.calibrate``), the (N, K) shapes checked
         # and those that gave MLX's bits under it; None: not calibrated yet
         self.packed_cut = None
@@ -139,8 +142,9 @@ def attention(kernels: Kernels, queries, keys, values, scale: float, mask, cache
     """
     if kernels.attention_sums is not None and fits(queries, keys):
         return fused_attention(kernels, queries, keys, values, scale, mask, kernels.attention_sums)
-    if cached and fits_prefill(kernels.prefill_keys, queries, keys):
-        return fused_attention(kernels, queries, keys, values, scale, mask, PREFILL_SUMS)
+    sums = prefill_sums(kernels.prefill_keys, kernels.long_prefill, queries, keys) if cached else None
+    if sums is not None:
+        return fused_attention(kernels, queries, keys, values, scale, mask, sums)
     return graph_attention(kernels, queries, keys, values, scale, mask)
 
 
@@ -225,9 +229,12 @@ def load_kernels() -> tuple[Kernels | None, str]:
         return None, f"{built.path}: {outcome.mismatch}; kept MLX's kernels"
     kernels.attention_sums = sums = outcome.attention_sums
     kernels.prefill_keys = outcome.prefill_keys
+    kernels.long_prefill = outcome.long_prefill
     decode = (f"decode attention fused ({sums.describe()})" if sums
               else "decode attention: MLX's graph (no rule of ours gave this BLAS's sums)")
     prefill = (f"prefill attention fused up to {outcome.prefill_keys} keys" if outcome.prefill_keys
                else "prefill attention: MLX's graph")
+    if outcome.long_prefill is not None:
+        prefill += f" and {outcome.long_prefill.describe()}"
     return kernels, f"{kernels.isa}, {built.reason}, {decode}, {prefill}, " + (
         "matched MLX in an earlier check here" if recorded else "checked against MLX now")
