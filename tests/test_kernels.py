@@ -397,12 +397,12 @@ def test_long_prefill_calibration_would_catch_another_driver(kernels):
     rule = kernels.long_prefill
     if rule is None:
         pytest.skip("no cut of this BLAS was matched here: nothing to tell apart")
-    probes = attention_sums.LONG_PROBES
-    assert attention_sums.agrees_long_prefill(kernels.module, rule, 64, probes, seed=11)
+    probes = attention_sums.long_probes(64)
+    assert attention_sums.agrees_prefill(kernels.module, 64, probes, seed=11, sums=rule)
     for other in (rule._replace(threaded=not rule.threaded), rule._replace(small_work=0 if rule.small_work else
                                                                           attention_sums.SMALL_WORK),
                   rule._replace(block=rule.block + 64)):
-        assert not attention_sums.agrees_long_prefill(kernels.module, other, 64, probes, seed=11), other
+        assert not attention_sums.agrees_prefill(kernels.module, 64, probes, seed=11, sums=other), other
 
 
 def test_long_prefill_rule_picks_the_sums_of_each_call():
@@ -456,10 +456,10 @@ def test_prefill_calibration_finds_this_blas_limit_and_would_catch_a_cut(kernels
 
 
 def test_fused_prefill_takes_only_the_checked_shapes():
-    from mlx_med.kernels.attention_sums import SMALL_SCORES, fits_prefill
+    from mlx_med.kernels.attention_sums import SMALL_SCORES, prefill_sums
 
-    def fits(queries, keys, dim=64, limit=320):
-        return fits_prefill(limit, mx.zeros((1, 3, queries, dim)), mx.zeros((1, 1, keys, dim)))
+    def fits(queries, keys, dim=64, limit=320):  # no rule past the one-chain limit
+        return prefill_sums(limit, None, mx.zeros((1, 3, queries, dim)), mx.zeros((1, 1, keys, dim))) is not None
 
     assert fits(150, 150) and fits(24, 320) and fits(2, SMALL_SCORES // 2 + 1, limit=SMALL_SCORES)
     assert not fits(1, 300)  # one query: the decode rule decides

@@ -127,14 +127,9 @@ SMALL_SCORES = 1200
 PREFILL_PAIRS = ((24, 64), (24, 150), (40, 100), (9, 300), (100, 257), (200, 320), (129, 192))
 
 
-def fits_prefill(limit: int, queries: mx.array, keys: mx.array) -> bool:
-    """Whether the fused kernel was checked for a prefill of these shapes under ``limit``
-    (``calibrate_prefill``'s outcome; 0: none)."""
-    return prefill_shape_fits(limit, queries.shape[2], keys.shape[2], queries.shape[-1])
-
-
 def prefill_shape_fits(limit: int, count: int, length: int, dim: int) -> bool:
-    """``fits_prefill`` for ``count`` queries a head over ``length`` keys of head size ``dim``."""
+    """Whether the fused kernel was checked for a prefill of ``count`` queries a head over ``length`` keys
+    of head size ``dim`` under ``limit`` (``calibrate_prefill``'s outcome; 0: none)."""
     return count > 1 and dim in HEAD_DIMS and length <= limit and count * length > SMALL_SCORES
 
 
@@ -146,21 +141,23 @@ def prefill_shapes(limit: int) -> list[tuple[int, int]]:
     return [(n, n) for n in lengths] + [(q, k) for q, k in PREFILL_PAIRS if k <= limit and q * k > SMALL_SCORES]
 
 
-def agrees_prefill(module, dim: int, shapes, seed: int, sums: BlasSums = PREFILL_SUMS) -> bool:
-    """Whether the fused kernel with ``sums`` equals MLX's causal attention on each (queries, keys)."""
+def agrees_prefill(module, dim: int, shapes, seed: int, sums: BlasSums | LongPrefill = PREFILL_SUMS) -> bool:
+    """Whether the fused kernel equals MLX's causal attention on each (queries, keys), stopping at the
+    first that differs. ``sums``: the same for every shape, or a ``LongPrefill`` that picks each call's."""
     scale = dim ** -0.5
     longest = max(k for _, k in shapes)
     parts = mx.random.split(mx.random.key(seed), 3)
     queries = mx.random.normal((1, 3, longest, dim), key=parts[0]) * 2
     keys = mx.random.normal((1, 1, longest, dim), key=parts[1])
     values = mx.random.normal((1, 1, longest, dim), key=parts[2])
-    results = []
     for count, length in shapes:
         q, k, v = queries[:, :, :count], keys[:, :, :length], values[:, :, :length]
-        ours = module.decode_attention(q, k, v, None, 3, scale, *sums)
+        call = sums.sums(count, length, dim) if isinstance(sums, LongPrefill) else sums
+        ours = module.decode_attention(q, k, v, None, 3, scale, *call)
         theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
-        results.append(mx.array_equal(ours, theirs))
-    return mx.all(mx.stack(results)).item()
+        if not mx.array_equal(ours, theirs).item():
+            return False
+    return True
 
 
 def calibrate_prefill(module) -> int:
@@ -225,26 +222,14 @@ def long_prefill_shapes(keys: int, dim: int) -> list[tuple[int, int]]:
     first = PREFILL_KEYS[0] + 1
     squares = [(n, n) for n in sorted({*range(first, keys + 1, 41), keys})]
     few = [(q, k) for k in (first, 400, 517, keys) for q in range(2, 80, 11)]
-    probes = [(max(2, q * 64 // dim), k) for q, k in LONG_PROBES]
-    return [(q, k) for q, k in squares + few + probes if k <= keys and q * k > SMALL_SCORES]
+    return [(q, k) for q, k in squares + few + long_probes(dim) if k <= keys and q * k > SMALL_SCORES]
 
 
-def agrees_long_prefill(module, rule: LongPrefill, dim: int, shapes, seed: int) -> bool:
-    """Whether the fused kernel under ``rule`` equals MLX's causal attention on each (queries, keys),
-    stopping at the first that differs."""
-    scale = dim ** -0.5
-    longest = max(k for _, k in shapes)
-    parts = mx.random.split(mx.random.key(seed), 3)
-    queries = mx.random.normal((1, 3, longest, dim), key=parts[0]) * 2
-    keys = mx.random.normal((1, 1, longest, dim), key=parts[1])
-    values = mx.random.normal((1, 1, longest, dim), key=parts[2])
-    for count, length in shapes:
-        q, k, v = queries[:, :, :count], keys[:, :, :length], values[:, :, :length]
-        ours = module.decode_attention(q, k, v, None, 3, scale, *rule.sums(count, length, dim))
-        theirs = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
-        if not mx.array_equal(ours, theirs).item():
-            return False
-    return True
+def long_probes(dim: int) -> list[tuple[int, int]]:
+    """``LONG_PROBES`` for head size ``dim``: as many query x head-size products on either side of the
+    drivers' thresholds (the queries scaled from 64), each past the small-matrix scores."""
+    scaled = ((max(2, q * 64 // dim), k) for q, k in LONG_PROBES)
+    return [(q, k) for q, k in scaled if q * k > SMALL_SCORES]
 
 
 def calibrate_long_prefill(module) -> LongPrefill | None:
@@ -254,11 +239,9 @@ def calibrate_long_prefill(module) -> LongPrefill | None:
     if module.isa() == "scalar":
         return None
     with mx.stream(mx.cpu):
-        probes = {dim: [(q, k) for q, k in ((max(2, q * 64 // dim), k) for q, k in LONG_PROBES)
-                        if q * k > SMALL_SCORES] for dim in HEAD_DIMS}
         for rule in LONG_CANDIDATES:
-            if all(agrees_long_prefill(module, rule, dim, probes[dim], seed) for seed, dim in enumerate(HEAD_DIMS)):
-                checked = all(agrees_long_prefill(module, rule, dim, long_prefill_shapes(rule.keys, dim), seed + 2)
+            if all(agrees_prefill(module, dim, long_probes(dim), seed, rule) for seed, dim in enumerate(HEAD_DIMS)):
+                checked = all(agrees_prefill(module, dim, long_prefill_shapes(rule.keys, dim), seed + 2, rule)
                               for seed, dim in enumerate(HEAD_DIMS))
                 return rule if checked else None
     return None
