@@ -20,6 +20,8 @@ from mlx_med.kernels.packed import (
     PackedEmbedding,
     PackedLinear,
     calibrate,
+    driver_takes,
+    permitted_shapes,
 )
 
 # (N, K): the demo model's four projection shapes, an N that is no multiple of OpenBLAS's 16-row groups,
@@ -44,12 +46,18 @@ def cut(kernels) -> BlasCut:
     return found
 
 
-def test_packed_matmul_is_mlx_s_matmul_bit_for_bit(kernels, cut):
+@pytest.fixture(scope="module")
+def permitted(kernels, cut) -> set[tuple[int, int]]:
+    return set(permitted_shapes(kernels, cut, [mx.random.normal(shape, key=mx.random.key(sum(shape)))
+                                                for shape in SHAPES]))
+
+
+def test_packed_matmul_is_mlx_s_matmul_bit_for_bit(kernels, cut, permitted):
     for n, k in SHAPES:
         weight = mx.random.normal((n, k), key=mx.random.key(n + k)) * 0.05
         packed = kernels.module.pack_weight(weight, *cut)
-        for rows in (1, 3, 8, 17, 33, 64, 100, 255, MAX_ROWS):
-            if rows * n * k <= SMALL_WORK:
+        for rows in (1, 2, 3, 7, 8, 17, 33, 64, 100, 255, MAX_ROWS):
+            if not driver_takes(rows, n, k, (n, k) in permitted):
                 continue
             x = mx.random.normal((rows, k), key=mx.random.key(rows))
             out = kernels.module.packed_matmul(x, packed, n, *cut)
@@ -57,6 +65,28 @@ def test_packed_matmul_is_mlx_s_matmul_bit_for_bit(kernels, cut):
         # batch dimensions and a non-contiguous input (a transposed view) too
         x = mx.random.normal((k, 2, 40), key=mx.random.key(7)).transpose(1, 2, 0)
         assert mx.array_equal(kernels.module.packed_matmul(x, packed, n, *cut), x @ weight.T).item()
+
+
+def test_the_small_kernel_s_tn_rule(kernels, cut, permitted):
+    """Products under 100^3 that OpenBLAS's small-matrix TN rule leaves to its driver (a one-row product of a
+    1536-row weight, seven to nine rows of a 192-row one) take the packed path with MLX's bits on the shapes
+    the calibration permitted; the calibration's check can fail (blocks cut elsewhere permit no shape)."""
+    from mlx_med.kernels.packed import _permit_probes
+
+    assert driver_takes(1, 1536, 576, True) and not driver_takes(1, 1536, 576, False)
+    assert not driver_takes(6, 192, 576, True) and driver_takes(7, 192, 576, True)  # 7 x 192 rows over 1200
+    assert not driver_takes(1, 576, 576, True) and driver_takes(1, 49152, 576, False)  # 100^3 either way
+    assert driver_takes(2, 576, 16, True) and not driver_takes(2, 576, 16, False)  # an inner size under 32
+    assert [x.shape[0] for x, _ in _permit_probes(mx.zeros((192, 576)))] == [7, 8, 9]
+    assert _permit_probes(mx.zeros((576, 576))) and not _permit_probes(mx.zeros((4, 576)))
+    assert {(1536, 576), (192, 576)} <= permitted
+    for n, k, rows in ((1536, 576, 1), (192, 576, 8)):
+        weight = mx.random.normal((n, k), key=mx.random.key(n))
+        x = mx.random.normal((rows, k), key=mx.random.key(rows))
+        out = kernels.module.packed_matmul(x, kernels.module.pack_weight(weight, *cut), n, *cut)
+        assert mx.array_equal(out, x @ weight.T).item()
+    weights = [mx.random.normal((n, k), key=mx.random.key(n)) for n, k in ((1536, 576), (192, 576))]
+    assert permitted_shapes(kernels, cut._replace(q=256 if cut.q != 256 else 320), weights) == []
 
 
 def test_a_wrong_cut_gives_other_bits(kernels, cut):
@@ -184,25 +214,31 @@ def test_a_calibration_is_recorded_and_read_back_after_a_spot_check(kernels, cut
 
     weights = [mx.random.normal(shape, key=mx.random.key(sum(shape))) for shape in SHAPES[:3]]
     monkeypatch.setattr(kernels, "module_file", tmp_path / "module.so")
-    found, matched, recorded = packed.recorded_calibration(kernels, weights)
+    found, matched, permitted, recorded = packed.recorded_calibration(kernels, weights)
     record = tmp_path / packed.RECORD
     assert found is not None and set(matched) == set(SHAPES[:3]) and not recorded and record.is_file()
+    assert set(permitted) <= set(matched)
 
     tries = []
     monkeypatch.setattr(packed, "calibrate", lambda kernels, weights: tries.append(len(weights)) or (None, []))
-    assert packed.recorded_calibration(kernels, weights) == (found, matched, True) and not tries
+    assert packed.recorded_calibration(kernels, weights) == (found, matched, permitted, True) and not tries
     # other shapes are another entry
-    assert packed.recorded_calibration(kernels, weights[:2]) == (None, [], False) and tries == [2]
+    assert packed.recorded_calibration(kernels, weights[:2]) == (None, [], [], False) and tries == [2]
 
     # a recorded cut that no longer gives MLX's bits (here: blocks cut elsewhere) is calibrated again
     records = json.loads(record.read_text())
     key = next(k for k, v in records.items() if v["cut"])
     records[key]["cut"] = list(found._replace(q=256 if found.q != 256 else 320))
     record.write_text(json.dumps(records))
-    assert packed.recorded_calibration(kernels, weights) == (None, [], False) and tries == [2, 3]
+    assert packed.recorded_calibration(kernels, weights) == (None, [], [], False) and tries == [2, 3]
     record.write_text("{not json")  # unreadable: calibrated again, and the record rewritten
-    assert packed.recorded_calibration(kernels, weights) == (None, [], False) and tries == [2, 3, 3]
+    assert packed.recorded_calibration(kernels, weights) == (None, [], [], False) and tries == [2, 3, 3]
     assert json.loads(record.read_text())
+    # an entry from before the small kernel's TN rule was checked (no "permitted") is calibrated again
+    records = json.loads(record.read_text())
+    records[key] = {"cut": list(found), "matched": [list(s) for s in matched]}
+    record.write_text(json.dumps(records))
+    assert packed.recorded_calibration(kernels, weights) == (None, [], [], False) and tries == [2, 3, 3, 3]
 
 
 def test_shapes_that_match_no_cut_are_not_tried_again(kernels, wide_llama, monkeypatch):
@@ -210,7 +246,7 @@ def test_shapes_that_match_no_cut_are_not_tried_again(kernels, wide_llama, monke
     from mlx_med.models import load_model
 
     tries = []
-    monkeypatch.setattr(packed, "recorded_calibration", lambda k, weights: tries.append(len(weights)) or (None, [], False))
+    monkeypatch.setattr(packed, "recorded_calibration", lambda k, weights: tries.append(len(weights)) or (None, [], [], False))
     for name in ("packed_checked", "packed_shapes"):
         monkeypatch.setattr(kernels, name, set())
     monkeypatch.setattr(kernels, "packed_cut", None)

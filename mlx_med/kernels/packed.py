@@ -29,12 +29,26 @@ from mlx_med.kernels.ops import Kernels, on_cpu_f32
 # Above this many rows OpenBLAS's own call costs the same (packing the weight is a small share of a
 # long prefill): measured 0.94-1.07x at 1208 rows, 1.2-1.9x at 32-64.
 MAX_ROWS = 256
-# At or below this rows x N x K, OpenBLAS's AVX-512 builds may send the call to a small-matrix kernel
-# that adds differently (its permit: M * N * K <= 100^3).
+# OpenBLAS's AVX-512 builds hand a product to a small-matrix kernel that adds in another order where
+# their permit lets it (kernel/x86_64/sgemm_small_kernel_permit_skylakex.c): M * N * K <= 100^3 and, for
+# MLX's x @ W.T (a "TN" call there: M the weight's rows, N the activations' rows), M * N <= 1200 and
+# K >= 32. So a one-row product of a 1536-row weight is the level-3 driver's (and packed) although it
+# is under 100^3. Where the calibration finds that part of the rule does not hold (``permitted_shapes``),
+# every product up to 100^3 is left to MLX.
 SMALL_WORK = 1_000_000
+SMALL_TN_OUTPUTS = 1200
+SMALL_TN_MIN_K = 32
 # Row counts the calibration compares (a decode step's and a short prefill's).
 CHECK_ROWS = (16, 64, MAX_ROWS)
 RECORD = "packed-cuts.json"  # calibrations recorded beside the kernels' self-check (recorded_calibration)
+
+
+def driver_takes(rows: int, n: int, k: int, permit: bool) -> bool:
+    """Whether OpenBLAS's level-3 driver, not its small-matrix kernel, computes MLX's ``(rows, k) @ (n, k).T``;
+    ``permit``: the small kernel's TN rule holds here (else every product up to ``SMALL_WORK`` counts as small)."""
+    if rows * n * k > SMALL_WORK:
+        return True
+    return permit and (rows * n > SMALL_TN_OUTPUTS or k < SMALL_TN_MIN_K)
 
 
 class BlasCut(NamedTuple):
@@ -86,6 +100,7 @@ class PackedWeight:
     source: mx.array  # the weight it was packed from: another array in the layer means a stale pack
     cut: BlasCut
     kernels: Kernels
+    permit: bool = False  # the small kernel's TN rule holds on this shape (``permitted_shapes``)
 
     def __post_init__(self):
         n = self.source.shape[0]
@@ -106,7 +121,8 @@ class PackedWeight:
         """``x @ source.T`` over the packed copy, or None where MLX's own call should run."""
         rows = x.size // max(x.shape[-1], 1)
         n, k = self.source.shape
-        if not (0 < rows <= MAX_ROWS and rows * n * k > SMALL_WORK and x.shape[-1] == k and on_cpu_f32(x)):
+        if not (0 < rows <= MAX_ROWS and driver_takes(rows, n, k, self.permit) and x.shape[-1] == k
+                and on_cpu_f32(x)):
             return None
         if self.cut.threads and self.cut.threads != self.kernels.module.openblas_threads():
             return None  # OpenBLAS now tiles for another thread count
@@ -202,47 +218,101 @@ def calibrate(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None
     return best, best_shapes
 
 
-def _cut_from_record(entry) -> tuple[BlasCut | None, list[tuple[int, int]]] | None:
-    """The (cut, matched shapes) a record entry holds; None when it is not one."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("matched"), list):
+# Row counts tried for the small kernel's TN rule (every one its driver-side part claims: OpenBLAS may
+# also pick its one-thread driver by the product's size, which tiles otherwise on AVX2 kernels).
+PERMIT_ROWS = tuple(range(1, MAX_ROWS + 1))
+
+
+def _permit_probes(weight: mx.array) -> list[tuple[mx.array, mx.array]]:
+    """Inputs (with MLX's products) at every row count up to ``MAX_ROWS`` whose product of ``weight`` the TN
+    rule gives the driver although it is under ``SMALL_WORK``; none where there are no such rows."""
+    n, k = weight.shape
+    probes = []
+    for r in PERMIT_ROWS:
+        if driver_takes(r, n, k, True) and not driver_takes(r, n, k, False):
+            x = mx.random.normal((r, k), key=mx.random.key(1000 + r))
+            probes.append((x, x @ weight.T))
+    return probes
+
+
+def permitted_shapes(kernels: Kernels, cut: BlasCut, weights: list[mx.array]) -> list[tuple[int, int]]:
+    """The weights' shapes on which the packed kernel under ``cut`` gives MLX's bits for the products the
+    small kernel's TN rule leaves to OpenBLAS's driver although they are under 100^3 (``driver_takes``):
+    there those products (a one-row decode's wide projections) take the packed path too."""
+    permitted = []
+    for weight in weights:
+        probes = _permit_probes(weight)
+        if not probes or _matches(kernels, cut, weight, [x for x, _ in probes], [want for _, want in probes]):
+            permitted.append(tuple(weight.shape))
+    return permitted
+
+
+class Calibration(NamedTuple):
+    """``calibrate``'s cut and matched shapes, those of them ``permitted_shapes`` under that cut, and
+    whether it was read back."""
+
+    cut: BlasCut | None
+    matched: list[tuple[int, int]]
+    permitted: list[tuple[int, int]]
+    recorded: bool
+
+
+def _shapes(value) -> list[tuple[int, int]] | None:
+    if not isinstance(value, list) or \
+            not all(isinstance(s, list) and len(s) == 2 and all(type(n) is int and n > 0 for n in s) for s in value):
         return None
-    matched = entry["matched"]
-    if not all(isinstance(s, list) and len(s) == 2 and all(type(n) is int and n > 0 for n in s) for s in matched):
+    return [tuple(s) for s in value]
+
+
+def _cut_from_record(entry) -> tuple[BlasCut | None, list[tuple[int, int]], list[tuple[int, int]]] | None:
+    """The (cut, matched shapes, permitted shapes) a record entry holds; None when it is not one."""
+    if not isinstance(entry, dict):
+        return None
+    matched, permitted = _shapes(entry.get("matched")), _shapes(entry.get("permitted"))
+    if matched is None or permitted is None or not set(permitted) <= set(matched):
         return None
     fields = entry.get("cut")
     if fields is None:  # no cut matched: then no shape did either
-        return (None, []) if not matched else None
+        return (None, [], []) if not matched else None
     kinds = (int, int, bool, int, int, int, int, int, int)  # BlasCut's fields
     if not isinstance(fields, list) or len(fields) != len(kinds) or \
             any(type(value) is not kind for value, kind in zip(fields, kinds)):
         return None
-    return BlasCut(*fields), [tuple(s) for s in matched]
+    return BlasCut(*fields), matched, permitted
 
 
-def recorded_calibration(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None, list[tuple[int, int]], bool]:
-    """``calibrate``'s outcome for these weights' shapes, and whether it was read back: an earlier
-    process's, recorded beside the kernels' self-check (``packed-cuts.json``) under the same key (the
-    module, MLX, the BLAS and its threads, a forced core, the CPU) and shapes, is used after a spot
-    check of its cut on the smallest weight; else calibrated now and recorded. Calibration takes about
-    1.5 s for a model (every ``generate_batch`` process, ``chat`` at start-up); the check, milliseconds."""
+def _calibrated(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None, list, list]:
+    cut, matched = calibrate(kernels, weights)
+    if cut is None:
+        return None, [], []
+    return cut, matched, permitted_shapes(kernels, cut, [w for w in weights if tuple(w.shape) in matched])
+
+
+def recorded_calibration(kernels: Kernels, weights: list[mx.array]) -> Calibration:
+    """``calibrate``'s and ``permitted_shapes``' outcome for these weights' shapes, and whether it was read
+    back: an earlier process's, recorded beside the kernels' self-check (``packed-cuts.json``) under the
+    same key (the module, MLX, the BLAS and its threads, a forced core, the CPU) and shapes, is used after
+    a spot check of its cut on the smallest weight; else calibrated now and recorded. Calibration takes
+    about 1.5 s for a model (every ``generate_batch`` process, ``chat`` at start-up); the check, milliseconds."""
     from mlx_med.kernels.check import check_key, read_records, write_records
 
     if kernels.module_file is None:
-        return *calibrate(kernels, weights), False
+        return Calibration(*_calibrated(kernels, weights), False)
     shapes = sorted({tuple(w.shape) for w in weights})
     path = kernels.module_file.parent / RECORD
     key = f"{check_key(kernels, kernels.module_file)}|{';'.join(f'{n}x{k}' for n, k in shapes)}"
     records = read_records(path)
     found = _cut_from_record(records.get(key))
     if found is not None:
-        cut, matched = found
+        cut, matched, permitted = found
         weight, xs, wanted = _probes([min(weights, key=lambda w: w.size)], counts=1)[0]
         if cut is None or tuple(weight.shape) not in matched or _matches(kernels, cut, weight, xs, wanted):
-            return cut, matched, True
-    cut, matched = calibrate(kernels, weights)
-    records[key] = {"cut": list(cut) if cut else None, "matched": [list(s) for s in matched]}
+            return Calibration(cut, matched, permitted, True)
+    cut, matched, permitted = _calibrated(kernels, weights)
+    records[key] = {"cut": list(cut) if cut else None, "matched": [list(s) for s in matched],
+                    "permitted": [list(s) for s in permitted]}
     write_records(path, records)
-    return cut, matched, False
+    return Calibration(cut, matched, permitted, False)
 
 
 def available_bytes() -> int:
@@ -279,12 +349,13 @@ def pack_for_generation(model: nn.Module, kernels: Kernels | None) -> str:
     shapes = set(by_shape)
     if not shapes <= kernels.packed_checked:
         with mx.stream(mx.cpu):
-            cut, matched, _ = recorded_calibration(kernels, list(by_shape.values()))
+            cut, matched, permitted, _ = recorded_calibration(kernels, list(by_shape.values()))
         if cut is None:  # remembered: these shapes keep MLX's matmul without being tried again
             kernels.packed_checked |= shapes
         else:
             same = cut == kernels.packed_cut  # else what was matched under the old cut no longer counts
             kernels.packed_shapes = (kernels.packed_shapes if same else set()) | set(matched)
+            kernels.packed_permitted = (kernels.packed_permitted if same else set()) | set(permitted)
             kernels.packed_checked = (kernels.packed_checked if same else set()) | shapes
             kernels.packed_cut = cut
     cut = kernels.packed_cut
@@ -296,7 +367,8 @@ def pack_for_generation(model: nn.Module, kernels: Kernels | None) -> str:
             weight = layer["weight"]
             if tuple(weight.shape) not in kernels.packed_shapes:
                 continue
-            layer.__dict__["_pack"] = PackedWeight(kernels.module.pack_weight(weight, *cut), weight, cut, kernels)
+            layer.__dict__["_pack"] = PackedWeight(kernels.module.pack_weight(weight, *cut), weight, cut, kernels,
+                                                   tuple(weight.shape) in kernels.packed_permitted)
             base = next(b for b in PACKED_CLASSES if isinstance(layer, b))
             layer.__class__ = PACKED_CLASSES[base]
             packed += 1
