@@ -20,9 +20,11 @@ from mlx_med.kernels.packed import (
     PackedEmbedding,
     PackedLinear,
     calibrate,
-    driver_takes,
-    permitted_shapes,
+    small_rows,
 )
+
+# OpenBLAS's cores whose builds carry the AVX-512 small-matrix kernels (their KERNEL files include SKYLAKEX's)
+SMALL_KERNEL_CORES = {"SKYLAKEX", "COOPERLAKE", "SAPPHIRERAPIDS"}
 
 # (N, K): the demo model's four projection shapes, an N that is no multiple of OpenBLAS's 16-row groups,
 # and an inner size whose last two blocks the one-thread and threaded drivers cut differently
@@ -47,17 +49,16 @@ def cut(kernels) -> BlasCut:
 
 
 @pytest.fixture(scope="module")
-def permitted(kernels, cut) -> set[tuple[int, int]]:
-    return set(permitted_shapes(kernels, cut, [mx.random.normal(shape, key=mx.random.key(sum(shape)))
-                                                for shape in SHAPES]))
+def small(kernels, cut) -> dict[tuple[int, int], list[int]]:
+    return {shape: small_rows(kernels, cut, mx.random.normal(shape, key=mx.random.key(sum(shape)))) for shape in SHAPES}
 
 
-def test_packed_matmul_is_mlx_s_matmul_bit_for_bit(kernels, cut, permitted):
+def test_packed_matmul_is_mlx_s_matmul_bit_for_bit(kernels, cut, small):
     for n, k in SHAPES:
         weight = mx.random.normal((n, k), key=mx.random.key(n + k)) * 0.05
         packed = kernels.module.pack_weight(weight, *cut)
         for rows in (1, 2, 3, 7, 8, 17, 33, 64, 100, 255, MAX_ROWS):
-            if not driver_takes(rows, n, k, (n, k) in permitted):
+            if rows * n * k <= SMALL_WORK and rows not in small[(n, k)]:
                 continue
             x = mx.random.normal((rows, k), key=mx.random.key(rows))
             out = kernels.module.packed_matmul(x, packed, n, *cut)
@@ -67,26 +68,29 @@ def test_packed_matmul_is_mlx_s_matmul_bit_for_bit(kernels, cut, permitted):
         assert mx.array_equal(kernels.module.packed_matmul(x, packed, n, *cut), x @ weight.T).item()
 
 
-def test_the_small_kernel_s_tn_rule(kernels, cut, permitted):
-    """Products under 100^3 that OpenBLAS's small-matrix TN rule leaves to its driver (a one-row product of a
-    1536-row weight, seven to nine rows of a 192-row one) take the packed path with MLX's bits on the shapes
-    the calibration permitted; the calibration's check can fail (blocks cut elsewhere permit no shape)."""
-    from mlx_med.kernels.packed import _permit_probes
+def test_row_counts_under_the_small_matrix_size_that_the_driver_takes(kernels, cut, small, wide_llama):
+    """Under 100^3 a product takes the packed path only at the row counts found to give MLX's bits there (its
+    level-3 driver's, not a small-matrix kernel's). On OpenBLAS's AVX-512 cores those are exactly what the
+    small kernel's TN rule leaves to the driver (M·N over 1200 or K under 32): one row of a 1536-row weight,
+    seven to nine of a 192-row one. The check can fail: blocks cut elsewhere find no row count."""
+    for (n, k), rows in small.items():
+        assert all(0 < r * n * k <= SMALL_WORK for r in rows)
+    if kernels.module.openblas_core()[1] in SMALL_KERNEL_CORES:
+        for (n, k), rows in small.items():
+            assert rows == [r for r in range(1, MAX_ROWS + 1) if r * n * k <= SMALL_WORK and (r * n > 1200 or k < 32)]
+        assert small[(1536, 576)] == [1] and small[(192, 576)] == [7, 8, 9] and small[(576, 576)] == [3]
+    weight = mx.random.normal((192, 576), key=mx.random.key(9))
+    assert small_rows(kernels, cut._replace(q=256 if cut.q != 256 else 320), weight) == []
 
-    assert driver_takes(1, 1536, 576, True) and not driver_takes(1, 1536, 576, False)
-    assert not driver_takes(6, 192, 576, True) and driver_takes(7, 192, 576, True)  # 7 x 192 rows over 1200
-    assert not driver_takes(1, 576, 576, True) and driver_takes(1, 49152, 576, False)  # 100^3 either way
-    assert driver_takes(2, 576, 16, True) and not driver_takes(2, 576, 16, False)  # an inner size under 32
-    assert [x.shape[0] for x, _ in _permit_probes(mx.zeros((192, 576)))] == [7, 8, 9]
-    assert _permit_probes(mx.zeros((576, 576))) and not _permit_probes(mx.zeros((4, 576)))
-    assert {(1536, 576), (192, 576)} <= permitted
-    for n, k, rows in ((1536, 576, 1), (192, 576, 8)):
-        weight = mx.random.normal((n, k), key=mx.random.key(n))
-        x = mx.random.normal((rows, k), key=mx.random.key(rows))
-        out = kernels.module.packed_matmul(x, kernels.module.pack_weight(weight, *cut), n, *cut)
-        assert mx.array_equal(out, x @ weight.T).item()
-    weights = [mx.random.normal((n, k), key=mx.random.key(n)) for n, k in ((1536, 576), (192, 576))]
-    assert permitted_shapes(kernels, cut._replace(q=256 if cut.q != 256 else 320), weights) == []
+    from mlx_med.models import load_model
+
+    model = load_model(wide_llama).model
+    pack_projections(model)
+    k_proj = model.model.layers[0].self_attn.k_proj  # 128 x 256: up to 30 rows under 100^3
+    rows = k_proj.__dict__["_pack"].small_rows
+    assert rows and max(rows) <= 30
+    x = mx.random.normal((max(rows), 256), key=mx.random.key(1))
+    assert k_proj.__dict__["_pack"].matmul(x) is not None and mx.array_equal(k_proj(x), x @ k_proj.weight.T).item()
 
 
 def test_a_wrong_cut_gives_other_bits(kernels, cut):
@@ -214,31 +218,31 @@ def test_a_calibration_is_recorded_and_read_back_after_a_spot_check(kernels, cut
 
     weights = [mx.random.normal(shape, key=mx.random.key(sum(shape))) for shape in SHAPES[:3]]
     monkeypatch.setattr(kernels, "module_file", tmp_path / "module.so")
-    found, matched, permitted, recorded = packed.recorded_calibration(kernels, weights)
+    found, matched, small, recorded = packed.recorded_calibration(kernels, weights)
     record = tmp_path / packed.RECORD
     assert found is not None and set(matched) == set(SHAPES[:3]) and not recorded and record.is_file()
-    assert set(permitted) <= set(matched)
+    assert set(small) == set(matched) and any(small.values())
 
     tries = []
     monkeypatch.setattr(packed, "calibrate", lambda kernels, weights: tries.append(len(weights)) or (None, []))
-    assert packed.recorded_calibration(kernels, weights) == (found, matched, permitted, True) and not tries
+    assert packed.recorded_calibration(kernels, weights) == (found, matched, {s: r for s, r in small.items() if r}, True) and not tries
     # other shapes are another entry
-    assert packed.recorded_calibration(kernels, weights[:2]) == (None, [], [], False) and tries == [2]
+    assert packed.recorded_calibration(kernels, weights[:2]) == (None, [], {}, False) and tries == [2]
 
     # a recorded cut that no longer gives MLX's bits (here: blocks cut elsewhere) is calibrated again
     records = json.loads(record.read_text())
     key = next(k for k, v in records.items() if v["cut"])
     records[key]["cut"] = list(found._replace(q=256 if found.q != 256 else 320))
     record.write_text(json.dumps(records))
-    assert packed.recorded_calibration(kernels, weights) == (None, [], [], False) and tries == [2, 3]
+    assert packed.recorded_calibration(kernels, weights) == (None, [], {}, False) and tries == [2, 3]
     record.write_text("{not json")  # unreadable: calibrated again, and the record rewritten
-    assert packed.recorded_calibration(kernels, weights) == (None, [], [], False) and tries == [2, 3, 3]
+    assert packed.recorded_calibration(kernels, weights) == (None, [], {}, False) and tries == [2, 3, 3]
     assert json.loads(record.read_text())
-    # an entry from before the small kernel's TN rule was checked (no "permitted") is calibrated again
+    # an entry from before the row counts under 100^3 were checked (no "small_rows") is calibrated again
     records = json.loads(record.read_text())
     records[key] = {"cut": list(found), "matched": [list(s) for s in matched]}
     record.write_text(json.dumps(records))
-    assert packed.recorded_calibration(kernels, weights) == (None, [], [], False) and tries == [2, 3, 3, 3]
+    assert packed.recorded_calibration(kernels, weights) == (None, [], {}, False) and tries == [2, 3, 3, 3]
 
 
 def test_shapes_that_match_no_cut_are_not_tried_again(kernels, wide_llama, monkeypatch):
@@ -246,7 +250,7 @@ def test_shapes_that_match_no_cut_are_not_tried_again(kernels, wide_llama, monke
     from mlx_med.models import load_model
 
     tries = []
-    monkeypatch.setattr(packed, "recorded_calibration", lambda k, weights: tries.append(len(weights)) or (None, [], [], False))
+    monkeypatch.setattr(packed, "recorded_calibration", lambda k, weights: tries.append(len(weights)) or (None, [], {}, False))
     for name in ("packed_checked", "packed_shapes"):
         monkeypatch.setattr(kernels, name, set())
     monkeypatch.setattr(kernels, "packed_cut", None)

@@ -32,8 +32,8 @@ class Kernels:
         self.module_file: Path | None = None  # the built module, beside which outcomes are recorded
         self.packed_checked: set[tuple[int, int]] = set()
         self.packed_shapes: set[tuple[int, int]] = set()
-        # of those, the shapes on which fewer rows take the packed path too (``packed.permitted_shapes``)
-        self.packed_permitted: set[tuple[int, int]] = set()
+        # of those, per shape, the row counts under OpenBLAS's small-matrix size taken too (``packed.small_rows``)
+        self.packed_small_rows: dict[tuple[int, int], frozenset[int]] = {}
 
         @mx.custom_function
         def swiglu(gate, up):

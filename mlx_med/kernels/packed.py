@@ -29,26 +29,16 @@ from mlx_med.kernels.ops import Kernels, on_cpu_f32
 # Above this many rows OpenBLAS's own call costs the same (packing the weight is a small share of a
 # long prefill): measured 0.94-1.07x at 1208 rows, 1.2-1.9x at 32-64.
 MAX_ROWS = 256
-# OpenBLAS's AVX-512 builds hand a product to a small-matrix kernel that adds in another order where
-# their permit lets it (kernel/x86_64/sgemm_small_kernel_permit_skylakex.c): M * N * K <= 100^3 and, for
-# MLX's x @ W.T (a "TN" call there: M the weight's rows, N the activations' rows), M * N <= 1200 and
-# K >= 32. So a one-row product of a 1536-row weight is the level-3 driver's (and packed) although it
-# is under 100^3. Where the calibration finds that part of the rule does not hold (``permitted_shapes``),
-# every product up to 100^3 is left to MLX.
+# At or below this rows x N x K OpenBLAS may hand MLX's x @ W.T to a small-matrix kernel that adds in
+# another order: its AVX-512 builds do where their permit lets them (sgemm_small_kernel_permit_skylakex.c:
+# M * N * K <= 100^3 and, for this "TN" call, M * N <= 1200 and K >= 32, M the weight's rows and N the
+# activations'), its AVX2 builds never. The row counts under it that are the level-3 driver's all the
+# same (a one-row product of a 1536-row weight, seven to nine rows of a 192-row one on AVX-512; every
+# one on AVX2) are found per shape by comparing with MLX (``small_rows``), not assumed.
 SMALL_WORK = 1_000_000
-SMALL_TN_OUTPUTS = 1200
-SMALL_TN_MIN_K = 32
 # Row counts the calibration compares (a decode step's and a short prefill's).
 CHECK_ROWS = (16, 64, MAX_ROWS)
 RECORD = "packed-cuts.json"  # calibrations recorded beside the kernels' self-check (recorded_calibration)
-
-
-def driver_takes(rows: int, n: int, k: int, permit: bool) -> bool:
-    """Whether OpenBLAS's level-3 driver, not its small-matrix kernel, computes MLX's ``(rows, k) @ (n, k).T``;
-    ``permit``: the small kernel's TN rule holds here (else every product up to ``SMALL_WORK`` counts as small)."""
-    if rows * n * k > SMALL_WORK:
-        return True
-    return permit and (rows * n > SMALL_TN_OUTPUTS or k < SMALL_TN_MIN_K)
 
 
 class BlasCut(NamedTuple):
@@ -100,7 +90,7 @@ class PackedWeight:
     source: mx.array  # the weight it was packed from: another array in the layer means a stale pack
     cut: BlasCut
     kernels: Kernels
-    permit: bool = False  # the small kernel's TN rule holds on this shape (``permitted_shapes``)
+    small_rows: frozenset[int] = frozenset()  # row counts under SMALL_WORK taken too (``small_rows``)
 
     def __post_init__(self):
         n = self.source.shape[0]
@@ -121,8 +111,8 @@ class PackedWeight:
         """``x @ source.T`` over the packed copy, or None where MLX's own call should run."""
         rows = x.size // max(x.shape[-1], 1)
         n, k = self.source.shape
-        if not (0 < rows <= MAX_ROWS and driver_takes(rows, n, k, self.permit) and x.shape[-1] == k
-                and on_cpu_f32(x)):
+        if not (0 < rows <= MAX_ROWS and (rows * n * k > SMALL_WORK or rows in self.small_rows)
+                and x.shape[-1] == k and on_cpu_f32(x)):
             return None
         if self.cut.threads and self.cut.threads != self.kernels.module.openblas_threads():
             return None  # OpenBLAS now tiles for another thread count
@@ -218,78 +208,70 @@ def calibrate(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None
     return best, best_shapes
 
 
-# Row counts tried for the small kernel's TN rule (every one its driver-side part claims: OpenBLAS may
-# also pick its one-thread driver by the product's size, which tiles otherwise on AVX2 kernels).
-PERMIT_ROWS = tuple(range(1, MAX_ROWS + 1))
-
-
-def _permit_probes(weight: mx.array) -> list[tuple[mx.array, mx.array]]:
-    """Inputs (with MLX's products) at every row count up to ``MAX_ROWS`` whose product of ``weight`` the TN
-    rule gives the driver although it is under ``SMALL_WORK``; none where there are no such rows."""
+def small_rows(kernels: Kernels, cut: BlasCut, weight: mx.array) -> list[int]:
+    """The row counts up to ``MAX_ROWS`` whose product of ``weight`` is at most ``SMALL_WORK`` and which the
+    packed kernel under ``cut`` computes with MLX's bits, every output: OpenBLAS's driver took MLX's
+    call there, not a small-matrix kernel (whose other order moves nearly every output's last bits), so
+    those products take the packed path too. Each is tried once (a product of a few rows)."""
     n, k = weight.shape
-    probes = []
-    for r in PERMIT_ROWS:
-        if driver_takes(r, n, k, True) and not driver_takes(r, n, k, False):
-            x = mx.random.normal((r, k), key=mx.random.key(1000 + r))
-            probes.append((x, x @ weight.T))
-    return probes
-
-
-def permitted_shapes(kernels: Kernels, cut: BlasCut, weights: list[mx.array]) -> list[tuple[int, int]]:
-    """The weights' shapes on which the packed kernel under ``cut`` gives MLX's bits for the products the
-    small kernel's TN rule leaves to OpenBLAS's driver although they are under 100^3 (``driver_takes``):
-    there those products (a one-row decode's wide projections) take the packed path too."""
-    permitted = []
-    for weight in weights:
-        probes = _permit_probes(weight)
-        if not probes or _matches(kernels, cut, weight, [x for x, _ in probes], [want for _, want in probes]):
-            permitted.append(tuple(weight.shape))
-    return permitted
+    rows = [r for r in range(1, MAX_ROWS + 1) if r * n * k <= SMALL_WORK]
+    if not rows or (cut.threads > 1 and n < 2 * cut.switch_ratio):
+        return []
+    packed = kernels.module.pack_weight(weight, *cut)
+    found = []
+    for r in rows:
+        x = mx.random.normal((r, k), key=mx.random.key(1000 + r))
+        if mx.array_equal(kernels.module.packed_matmul(x, packed, n, *cut), x @ weight.T).item():
+            found.append(r)
+    return found
 
 
 class Calibration(NamedTuple):
-    """``calibrate``'s cut and matched shapes, those of them ``permitted_shapes`` under that cut, and
+    """``calibrate``'s cut and matched shapes, each matched shape's ``small_rows`` under that cut, and
     whether it was read back."""
 
     cut: BlasCut | None
     matched: list[tuple[int, int]]
-    permitted: list[tuple[int, int]]
+    small: dict[tuple[int, int], list[int]]
     recorded: bool
 
 
-def _shapes(value) -> list[tuple[int, int]] | None:
-    if not isinstance(value, list) or \
-            not all(isinstance(s, list) and len(s) == 2 and all(type(n) is int and n > 0 for n in s) for s in value):
-        return None
-    return [tuple(s) for s in value]
+def _positive_ints(value, length: int | None = None) -> bool:
+    return isinstance(value, list) and (length is None or len(value) == length) and \
+        all(type(n) is int and n > 0 for n in value)
 
 
-def _cut_from_record(entry) -> tuple[BlasCut | None, list[tuple[int, int]], list[tuple[int, int]]] | None:
-    """The (cut, matched shapes, permitted shapes) a record entry holds; None when it is not one."""
-    if not isinstance(entry, dict):
+def _cut_from_record(entry) -> tuple[BlasCut | None, list[tuple[int, int]], dict] | None:
+    """The (cut, matched shapes, small rows per shape) a record entry holds; None when it is not one."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("matched"), list) or \
+            not isinstance(entry.get("small_rows"), list):
         return None
-    matched, permitted = _shapes(entry.get("matched")), _shapes(entry.get("permitted"))
-    if matched is None or permitted is None or not set(permitted) <= set(matched):
+    matched, small = entry["matched"], entry["small_rows"]
+    if not all(_positive_ints(s, 2) for s in matched) or \
+            not all(isinstance(e, list) and len(e) == 3 and _positive_ints(e[:2]) and _positive_ints(e[2]) and
+                    e[:2] in matched for e in small):
         return None
+    matched = [tuple(s) for s in matched]
+    small = {(e[0], e[1]): e[2] for e in small}
     fields = entry.get("cut")
     if fields is None:  # no cut matched: then no shape did either
-        return (None, [], []) if not matched else None
+        return (None, [], {}) if not matched else None
     kinds = (int, int, bool, int, int, int, int, int, int)  # BlasCut's fields
     if not isinstance(fields, list) or len(fields) != len(kinds) or \
             any(type(value) is not kind for value, kind in zip(fields, kinds)):
         return None
-    return BlasCut(*fields), matched, permitted
+    return BlasCut(*fields), matched, small
 
 
-def _calibrated(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None, list, list]:
+def _calibrated(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None, list, dict]:
     cut, matched = calibrate(kernels, weights)
     if cut is None:
-        return None, [], []
-    return cut, matched, permitted_shapes(kernels, cut, [w for w in weights if tuple(w.shape) in matched])
+        return None, [], {}
+    return cut, matched, {tuple(w.shape): small_rows(kernels, cut, w) for w in weights if tuple(w.shape) in matched}
 
 
 def recorded_calibration(kernels: Kernels, weights: list[mx.array]) -> Calibration:
-    """``calibrate``'s and ``permitted_shapes``' outcome for these weights' shapes, and whether it was read
+    """``calibrate``'s and ``small_rows``' outcome for these weights' shapes, and whether it was read
     back: an earlier process's, recorded beside the kernels' self-check (``packed-cuts.json``) under the
     same key (the module, MLX, the BLAS and its threads, a forced core, the CPU) and shapes, is used after
     a spot check of its cut on the smallest weight; else calibrated now and recorded. Calibration takes
@@ -304,15 +286,15 @@ def recorded_calibration(kernels: Kernels, weights: list[mx.array]) -> Calibrati
     records = read_records(path)
     found = _cut_from_record(records.get(key))
     if found is not None:
-        cut, matched, permitted = found
+        cut, matched, small = found
         weight, xs, wanted = _probes([min(weights, key=lambda w: w.size)], counts=1)[0]
         if cut is None or tuple(weight.shape) not in matched or _matches(kernels, cut, weight, xs, wanted):
-            return Calibration(cut, matched, permitted, True)
-    cut, matched, permitted = _calibrated(kernels, weights)
+            return Calibration(cut, matched, small, True)
+    cut, matched, small = _calibrated(kernels, weights)
     records[key] = {"cut": list(cut) if cut else None, "matched": [list(s) for s in matched],
-                    "permitted": [list(s) for s in permitted]}
+                    "small_rows": [[*shape, rows] for shape, rows in small.items() if rows]}
     write_records(path, records)
-    return Calibration(cut, matched, permitted, False)
+    return Calibration(cut, matched, small, False)
 
 
 def available_bytes() -> int:
@@ -349,13 +331,14 @@ def pack_for_generation(model: nn.Module, kernels: Kernels | None) -> str:
     shapes = set(by_shape)
     if not shapes <= kernels.packed_checked:
         with mx.stream(mx.cpu):
-            cut, matched, permitted, _ = recorded_calibration(kernels, list(by_shape.values()))
+            cut, matched, small, _ = recorded_calibration(kernels, list(by_shape.values()))
         if cut is None:  # remembered: these shapes keep MLX's matmul without being tried again
             kernels.packed_checked |= shapes
         else:
             same = cut == kernels.packed_cut  # else what was matched under the old cut no longer counts
             kernels.packed_shapes = (kernels.packed_shapes if same else set()) | set(matched)
-            kernels.packed_permitted = (kernels.packed_permitted if same else set()) | set(permitted)
+            kernels.packed_small_rows = {**(kernels.packed_small_rows if same else {}),
+                                         **{shape: frozenset(rows) for shape, rows in small.items()}}
             kernels.packed_checked = (kernels.packed_checked if same else set()) | shapes
             kernels.packed_cut = cut
     cut = kernels.packed_cut
@@ -368,7 +351,7 @@ def pack_for_generation(model: nn.Module, kernels: Kernels | None) -> str:
             if tuple(weight.shape) not in kernels.packed_shapes:
                 continue
             layer.__dict__["_pack"] = PackedWeight(kernels.module.pack_weight(weight, *cut), weight, cut, kernels,
-                                                   tuple(weight.shape) in kernels.packed_permitted)
+                                                   kernels.packed_small_rows.get(tuple(weight.shape), frozenset()))
             base = next(b for b in PACKED_CLASSES if isinstance(layer, b))
             layer.__class__ = PACKED_CLASSES[base]
             packed += 1
