@@ -46,10 +46,8 @@ import mlx.nn as nn
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from mlx_med import switches
-from mlx_med.kernels.attention_sums import prefill_shape_fits
+from mlx_med.kernels.attention_sums import SMALL_WORK, prefill_shape_fits
 
-# OpenBLAS hands products with M·N·K up to this to its small-matrix kernels (other sums)
-SMALL_PRODUCT = 100 ** 3
 # A shorter common start is not worth a pass of its own (the chat template's first line)
 MIN_SHARED_TOKENS = 16
 # Starts kept for a generation's later batches, in bytes of keys and values (a server's system prompts × α)
@@ -323,7 +321,7 @@ class SharedPrefixModel:
         """Rows each group takes in the start's pass so that its thinnest product (the LoRA factors'
         or the narrowest projection's) stays out of OpenBLAS's small-matrix kernels."""
         one = start * self.narrowest * self.shapes[0]
-        return max(1, -(-(SMALL_PRODUCT + 1) // (one * max(groups, 1))))
+        return max(1, -(-(SMALL_WORK + 1) // (one * max(groups, 1))))
 
     def _large_enough(self, start: int, rows: int, width: int, fused: bool) -> bool:
         """Whether every product of the rest's pass stays out of OpenBLAS's small-matrix kernels (the
@@ -334,4 +332,4 @@ class SharedPrefixModel:
         if not fused:
             products += [repeats * start * width * head_dim,  # attention scores and sums, the start's queries
                          repeats * rest * width * head_dim]  # the rest's
-        return min(products) > SMALL_PRODUCT
+        return min(products) > SMALL_WORK

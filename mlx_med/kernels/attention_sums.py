@@ -180,7 +180,9 @@ def calibrate_prefill(module) -> int:
 # on a 2-core CPU, once per machine).
 LONG_PREFILL_KEYS = 1024
 THREAD_WORK = 65536 * 4  # OpenBLAS's SMP_THRESHOLD_MIN x GEMM_MULTITHREAD_THRESHOLD (interface/gemm.c)
-SMALL_WORK = 100 ** 3  # its x86-64 small-matrix permit (M·N·K; AVX-512 builds)
+# OpenBLAS's x86-64 small-matrix permit (M·N·K; AVX-512 builds): products up to it may take a small-matrix
+# kernel's sums. The one figure for every product here (the packed projections, a shared start's pass).
+SMALL_WORK = 100 ** 3
 
 
 class LongPrefill(NamedTuple):

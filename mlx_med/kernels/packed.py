@@ -24,6 +24,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_med.kernels.attention_sums import SMALL_WORK
 from mlx_med.kernels.ops import Kernels, on_cpu_f32
 
 # Above this many rows OpenBLAS's own call costs the same (packing the weight is a small share of a
@@ -35,7 +36,6 @@ MAX_ROWS = 256
 # activations'), its AVX2 builds never. The row counts under it that are the level-3 driver's all the
 # same (a one-row product of a 1536-row weight, seven to nine rows of a 192-row one on AVX-512; every
 # one on AVX2) are found per shape by comparing with MLX (``small_rows``), not assumed.
-SMALL_WORK = 1_000_000
 # Row counts the calibration compares (a decode step's and a short prefill's).
 CHECK_ROWS = (16, 64, MAX_ROWS)
 RECORD = "packed-cuts.json"  # calibrations recorded beside the kernels' self-check (recorded_calibration)
@@ -180,10 +180,16 @@ def _probes(weights: list[mx.array], counts: int | None = None) -> list[tuple[mx
     return probes
 
 
+def _too_few_for_tiles(cut: BlasCut, n: int) -> bool:
+    """Whether an ``n``-row weight is too small for the threaded driver's tiling ``cut`` makes: OpenBLAS's
+    one-thread driver takes so few rows."""
+    return cut.threads > 1 and n < 2 * cut.switch_ratio
+
+
 def _matches(kernels: Kernels, cut: BlasCut, weight, xs, wanted) -> bool:
     """Whether the packed kernel under ``cut`` gives ``wanted`` (MLX's products) bit for bit."""
-    if cut.threads > 1 and weight.shape[0] < 2 * cut.switch_ratio:
-        return False  # OpenBLAS's one-thread driver takes so few rows
+    if _too_few_for_tiles(cut, weight.shape[0]):
+        return False
     packed = kernels.module.pack_weight(weight, *cut)
     outs = [kernels.module.packed_matmul(x, packed, weight.shape[0], *cut) for x in xs]
     return all(mx.array_equal(out, want).item() for out, want in zip(outs, wanted))
@@ -215,7 +221,7 @@ def small_rows(kernels: Kernels, cut: BlasCut, weight: mx.array) -> list[int]:
     those products take the packed path too. Each is tried once (a product of a few rows)."""
     n, k = weight.shape
     rows = [r for r in range(1, MAX_ROWS + 1) if r * n * k <= SMALL_WORK]
-    if not rows or (cut.threads > 1 and n < 2 * cut.switch_ratio):
+    if not rows or _too_few_for_tiles(cut, n):
         return []
     packed = kernels.module.pack_weight(weight, *cut)
     found = []
