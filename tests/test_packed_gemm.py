@@ -225,7 +225,7 @@ def test_a_calibration_is_recorded_and_read_back_after_a_spot_check(kernels, cut
 
     tries = []
     monkeypatch.setattr(packed, "calibrate", lambda kernels, weights: tries.append(len(weights)) or (None, []))
-    assert packed.recorded_calibration(kernels, weights) == (found, matched, {s: r for s, r in small.items() if r}, True) and not tries
+    assert packed.recorded_calibration(kernels, weights) == (found, matched, small, True) and not tries
     # other shapes are another entry
     assert packed.recorded_calibration(kernels, weights[:2]) == (None, [], {}, False) and tries == [2]
 

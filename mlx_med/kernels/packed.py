@@ -298,7 +298,7 @@ def recorded_calibration(kernels: Kernels, weights: list[mx.array]) -> Calibrati
             return Calibration(cut, matched, small, True)
     cut, matched, small = _calibrated(kernels, weights)
     records[key] = {"cut": list(cut) if cut else None, "matched": [list(s) for s in matched],
-                    "small_rows": [[*shape, rows] for shape, rows in small.items() if rows]}
+                    "small_rows": [[*shape, rows] for shape, rows in small.items()]}
     write_records(path, records)
     return Calibration(cut, matched, small, False)
 
