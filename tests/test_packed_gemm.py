@@ -258,3 +258,33 @@ def test_shapes_that_match_no_cut_are_not_tried_again(kernels, wide_llama, monke
     for _ in range(2):
         assert "MLX's matmul (no cut" in packed.pack_for_generation(model, kernels)
     assert len(tries) == 1 and not any(isinstance(m, (PackedLinear, PackedEmbedding)) for m in model.modules())
+
+
+def test_live_adapters_factors_packed_give_mlx_s_logits(kernels, cut, wide_llama, tmp_path, monkeypatch):
+    """A mixed-α batch's thin LoRA products over 100^3 (96 rows here: the 768-wide down_proj's x @ A and the
+    B products of the 768-wide gate and up) run packed, on the worker pool rather than OpenBLAS's threaded
+    driver, with MLX's logits bit for bit; a factor whose check fails is not packed."""
+    from random_adapters import ALL, make_adapter
+
+    import mlx_med.kernels.packed as packed
+    from mlx_med.adapters.live import load_with_adapters
+
+    make_adapter(wide_llama, tmp_path / "sft", rank=8, keys=ALL, seed=1, phase="sft")
+    make_adapter(wide_llama, tmp_path / "pt", rank=8, keys=ALL, seed=2)
+    loaded, live = load_with_adapters(wide_llama, sft=tmp_path / "sft", pt=tmp_path / "pt", alpha=0.5)
+    model = loaded.model
+    tokens = mx.array([[(7 * i) % 500 + 3] for i in range(96)])  # one decode step's 96 rows, no cache
+    live.set_row_weights([{"sft": a, "pt": 1 - a} for a in (0.0, 0.25, 0.5, 0.75, 1.0, 0.5) * 16])
+    before = model(tokens)
+    mx.eval(before)
+    note = pack_projections(model)
+    assert "live adapters' factors packed in" in note, note
+    down = model.model.layers[0].mlp.down_proj
+    assert down._packed[0] is not None and down._packed[0].matmul(mx.zeros((96, 768))) is not None
+    assert model.model.layers[0].mlp.up_proj._packed[1].matmul(mx.zeros((96, 16))) is not None
+    assert mx.array_equal(model(tokens), before).item()
+    live.clear_row_weights()
+
+    monkeypatch.setattr(kernels, "packed_factors", {})
+    monkeypatch.setattr(kernels, "packed_cut", cut._replace(q=256 if cut.q != 256 else 320))
+    assert packed.pack_factor(kernels, down._stacked[0]) is None

@@ -9,7 +9,9 @@ A and B are stacked once; a change of weights only rebuilds C (Σr numbers), so 
 nothing at generation time and the layer does one thin matmul pair whatever the number of adapters.
 In fp32 on the CPU the second product is added into base(x) by the BLAS itself (``mx.addmm``) where
 that rounds exactly as the separate add (``blas_adds_exactly``): one pass over the output instead of
-three.
+three. For generation the stacked factors get packed copies like the base weights
+(``pack_factors``, ``kernels.packed.pack_factor``): from about 41 rows some of the thin products pass
+OpenBLAS's small-matrix size and would go to its threaded driver, one thread hand-off each.
 The coefficients cᵢ of each layer come from ``mlx_med.adapters.mix.AdapterMix`` (per module under an
 α schedule; stacking resolved), so they mean what they mean in ``merge`` and ``fuse``, and the output
 equals the fused model's. With every coefficient 0 the layer is the base layer alone.
@@ -54,6 +56,7 @@ class MultiLoRALinear(nn.Module):
         # (C, A, B, add into base(x) by the BLAS): the weights (per batch row, or one row for all)
         object.__setattr__(self, "_rows", None)
         object.__setattr__(self, "_stacked", None)  # (A, B) of every adapter, built on first use
+        object.__setattr__(self, "_packed", (None, None))  # A and B packed for generation (pack_factors)
 
     @property
     def rank(self) -> int:
@@ -113,15 +116,35 @@ class MultiLoRALinear(nn.Module):
         accumulate = dtype == mx.float32 and mx.default_device() == mx.cpu and blas_adds_exactly(self.rank)
         object.__setattr__(self, "_rows", (c, *self._stacked, accumulate))
 
+    def pack_factors(self, pack) -> bool:
+        """Give the stacked factors packed copies for generation: ``pack(factor)`` (``kernels.packed.pack_factor``)
+        returns one whose ``matmul`` gives MLX's ``x @ factor`` bits where it runs, else None. Whether
+        any was packed."""
+        if self._stacked is None:  # built with the first weights that are not all zero
+            return False
+        if all(p is None for p in self._packed):  # the stacked factors never change once built
+            object.__setattr__(self, "_packed", tuple(pack(f) for f in self._stacked))
+        return any(p is not None for p in self._packed)
+
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
         if self._rows is None:
             return y
         c, a, b, accumulate = self._rows
-        t = (x @ a) * c
+        pack_a, pack_b = self._packed
+        t = _packed_or_mlx(pack_a, x, a) * c
+        tb = None if pack_b is None else pack_b.matmul(t)
+        if tb is not None:  # the same bits as t @ b, so the add rounds as mx.addmm(y, t, b) does
+            return y + tb
         if accumulate:  # 2-D: a batched addmm runs one GEMM per batch entry, which rounds otherwise
             return mx.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), b).reshape(y.shape)
         return y + (t @ b).astype(y.dtype)
+
+
+def _packed_or_mlx(packed, x: mx.array, factor: mx.array) -> mx.array:
+    """``x @ factor`` over its packed copy where that runs (MLX's bits), else MLX's own product."""
+    out = None if packed is None else packed.matmul(x)
+    return x @ factor if out is None else out
 
 
 @functools.cache

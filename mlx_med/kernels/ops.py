@@ -34,6 +34,9 @@ class Kernels:
         self.packed_shapes: set[tuple[int, int]] = set()
         # of those, per shape, the row counts under OpenBLAS's small-matrix size taken too (``packed.small_rows``)
         self.packed_small_rows: dict[tuple[int, int], frozenset[int]] = {}
+        # live LoRA factors' (N, K) shapes checked under that cut: their small row counts, None where they
+        # did not match (``packed.pack_factor``)
+        self.packed_factors: dict[tuple[int, int], frozenset[int] | None] = {}
 
         @mx.custom_function
         def swiglu(gate, up):
