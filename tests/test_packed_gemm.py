@@ -266,8 +266,8 @@ def test_live_adapters_factors_packed_give_mlx_s_logits(kernels, cut, wide_llama
     driver, with MLX's logits bit for bit; a factor whose check fails is not packed."""
     from random_adapters import ALL, make_adapter
 
-    import mlx_med.kernels.packed as packed
     from mlx_med.adapters.live import load_with_adapters
+    from mlx_med.kernels.packed_factors import pack_factor
 
     make_adapter(wide_llama, tmp_path / "sft", rank=8, keys=ALL, seed=1, phase="sft")
     make_adapter(wide_llama, tmp_path / "pt", rank=8, keys=ALL, seed=2)
@@ -287,4 +287,4 @@ def test_live_adapters_factors_packed_give_mlx_s_logits(kernels, cut, wide_llama
 
     monkeypatch.setattr(kernels, "packed_factors", {})
     monkeypatch.setattr(kernels, "packed_cut", cut._replace(q=256 if cut.q != 256 else 320))
-    assert packed.pack_factor(kernels, down._stacked[0]) is None
+    assert pack_factor(kernels, down._stacked[0]) is None

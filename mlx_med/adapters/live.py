@@ -10,7 +10,7 @@ nothing at generation time and the layer does one thin matmul pair whatever the 
 In fp32 on the CPU the second product is added into base(x) by the BLAS itself (``mx.addmm``) where
 that rounds exactly as the separate add (``blas_adds_exactly``): one pass over the output instead of
 three. For generation the stacked factors get packed copies like the base weights
-(``pack_factors``, ``kernels.packed.pack_factor``): from about 41 rows some of the thin products pass
+(``pack_factors``, ``kernels.packed_factors``): from about 41 rows some of the thin products pass
 OpenBLAS's small-matrix size and would go to its threaded driver, one thread hand-off each.
 The coefficients cᵢ of each layer come from ``mlx_med.adapters.mix.AdapterMix`` (per module under an
 α schedule; stacking resolved), so they mean what they mean in ``merge`` and ``fuse``, and the output
@@ -117,7 +117,7 @@ class MultiLoRALinear(nn.Module):
         object.__setattr__(self, "_rows", (c, *self._stacked, accumulate))
 
     def pack_factors(self, pack) -> bool:
-        """Give the stacked factors packed copies for generation: ``pack(factor)`` (``kernels.packed.pack_factor``)
+        """Give the stacked factors packed copies for generation: ``pack(factor)`` (``kernels.packed_factors``)
         returns one whose ``matmul`` gives MLX's ``x @ factor`` bits where it runs, else None. Whether
         any was packed."""
         if self._stacked is None:  # built with the first weights that are not all zero

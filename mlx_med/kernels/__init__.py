@@ -90,7 +90,8 @@ def fused_prefill_keys(model: nn.Module) -> int:
 
 def pack_projections(model: nn.Module) -> str:
     """Pack ``model``'s projection weights for generation on the CPU (``packed.pack_for_generation``:
-    OpenBLAS's own kernel over weights packed once, MLX's bits); says what was done.
+    OpenBLAS's own kernel over weights packed once, MLX's bits), and its live adapters' LoRA factors
+    (``packed_factors``); says what was done.
     ``MLX_MED_PACKED_WEIGHTS=off`` keeps MLX's matmul (and no second copy of the weights)."""
     switch = switches.PACKED_WEIGHTS
     if switch.is_off(os.environ):
@@ -98,8 +99,15 @@ def pack_projections(model: nn.Module) -> str:
     if mx.default_device() != mx.cpu:
         return "projections: MLX's matmul (not on the CPU)"
     from mlx_med.kernels.packed import pack_for_generation
+    from mlx_med.kernels.packed_factors import pack_live_factors
 
-    return pack_for_generation(model, cpu_kernels()[0])
+    kernels = cpu_kernels()[0]
+    note = pack_for_generation(model, kernels)
+    if kernels is not None and kernels.packed_cut is not None:
+        factors = pack_live_factors(model, kernels)
+        if factors:
+            note += f"; live adapters' factors packed in {factors} layers"
+    return note
 
 
 def describe_packing() -> str:

@@ -35,7 +35,7 @@ class Kernels:
         # of those, per shape, the row counts under OpenBLAS's small-matrix size taken too (``packed.small_rows``)
         self.packed_small_rows: dict[tuple[int, int], frozenset[int]] = {}
         # live LoRA factors' (N, K) shapes checked under that cut: their small row counts, None where they
-        # did not match (``packed.pack_factor``)
+        # did not match (``packed_factors.pack_factor``)
         self.packed_factors: dict[tuple[int, int], frozenset[int] | None] = {}
 
         @mx.custom_function

@@ -5,7 +5,7 @@ and OpenBLAS packs that weight into its kernel's layout on every call: a quarter
 time. ``pack_for_generation`` packs each ``nn.Linear`` weight (and a tied embedding used as the output
 head) once, with OpenBLAS's own copy routine, and gives the layer a subclass whose forward runs
 OpenBLAS's own compute kernel over it; a model with live adapters gets their stacked LoRA factors
-packed the same way (``pack_factor``). The sums are the library's, block for block, so the outputs are
+packed the same way (``packed_factors``). The sums are the library's, block for block, so the outputs are
 MLX's bit for bit; that is checked here on the model's own shapes before any layer is switched
 (``calibrate``), and a shape that does not match keeps MLX's matmul.
 
@@ -196,6 +196,13 @@ def _matches(kernels: Kernels, cut: BlasCut, weight, xs, wanted) -> bool:
     return all(mx.array_equal(out, want).item() for out, want in zip(outs, wanted))
 
 
+def matches_mlx(kernels: Kernels, cut: BlasCut, weight: mx.array) -> bool:
+    """Whether the packed kernel under ``cut`` gives MLX's ``x @ weight.T`` bit for bit at every
+    ``CHECK_ROWS`` count over 100^3; False for a weight that passes it at none (too small to pack)."""
+    (_, xs, wanted), = _probes([weight])
+    return bool(xs) and _matches(kernels, cut, weight, xs, wanted)
+
+
 def calibrate(kernels: Kernels, weights: list[mx.array]) -> tuple[BlasCut | None, list[tuple[int, int]]]:
     """The first candidate cut under which the packed kernel gives MLX's bits for every weight (one per
     (N, K) shape: the model's own) at ``CHECK_ROWS`` rows of random inputs, and the shapes that matched
@@ -320,18 +327,8 @@ def available_bytes() -> int:
 
 
 def pack_for_generation(model: nn.Module, kernels: Kernels | None) -> str:
-    """Pack ``model``'s projection weights for decoding (see the module's docstring), and its live
-    adapters' factors (``pack_live_factors``), in place; says what was done. Calling it again packs
-    only what is not packed yet (or was replaced)."""
-    note = _pack_weights(model, kernels)
-    if kernels is not None and kernels.packed_cut is not None:
-        factors = pack_live_factors(model, kernels)
-        if factors:
-            note += f"; live adapters' factors packed in {factors} layers"
-    return note
-
-
-def _pack_weights(model: nn.Module, kernels: Kernels | None) -> str:
+    """Pack ``model``'s projection weights for decoding (see the module's docstring), in place; says
+    what was done. Calling it again packs only what is not packed yet (or was replaced)."""
     if kernels is None:
         return "projections: MLX's matmul (no kernels)"
     usable, core = kernels.module.openblas_core()
@@ -374,35 +371,3 @@ def _pack_weights(model: nn.Module, kernels: Kernels | None) -> str:
             packed += 1
     return f"projections: {packed} of {len(layers)} weights packed for OpenBLAS's {core} kernel ({cut.describe()})"
 
-
-def pack_factor(kernels: Kernels, factor: mx.array) -> PackedWeight | None:
-    """A live LoRA factor ``f`` (K, N), as in ``x @ f``, packed under the model's cut, or None.
-
-    From about 41 rows (a mixed-α batch) some of the live adapters' thin products (64 x 16 x 1536:
-    down_proj's ``x @ A``, gate/up's ``t @ B``) pass 100^3 and MLX hands them to OpenBLAS's threaded
-    driver, whose sleeping threads are woken for each one. Packed (``f.T`` as the weight,
-    so the check compares with MLX's own ``x @ f``), they run on the pool instead, with the driver's
-    bits: checked once per shape and process at ``CHECK_ROWS`` over 100^3 and at every row count under
-    it (``small_rows``); a shape that does not match is not packed.
-    """
-    cut = kernels.packed_cut
-    if cut is None or factor.ndim != 2 or factor.dtype != mx.float32:
-        return None
-    weight = factor.T  # a view: x @ weight.T is MLX's x @ factor, the call being matched
-    shape = tuple(weight.shape)
-    if shape not in kernels.packed_factors:
-        (_, xs, wanted), = _probes([weight])  # none for a factor too small to pass 100^3 at MAX_ROWS
-        matched = bool(xs) and _matches(kernels, cut, weight, xs, wanted)
-        kernels.packed_factors[shape] = frozenset(small_rows(kernels, cut, weight)) if matched else None
-    rows = kernels.packed_factors[shape]
-    if rows is None:
-        return None
-    return PackedWeight(kernels.module.pack_weight(weight, *cut), weight, cut, kernels, rows)
-
-
-def pack_live_factors(model: nn.Module, kernels: Kernels) -> int:
-    """Pack the factors of every live multi-adapter layer (those with a ``pack_factors`` method, which
-    hands it ``pack_factor``); the number of layers that took packed factors."""
-    layers = [layer for _, layer in model.named_modules() if callable(getattr(layer, "pack_factors", None))]
-    with mx.stream(mx.cpu):
-        return sum(layer.pack_factors(lambda factor: pack_factor(kernels, factor)) for layer in layers)
