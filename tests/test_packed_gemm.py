@@ -288,3 +288,27 @@ def test_live_adapters_factors_packed_give_mlx_s_logits(kernels, cut, wide_llama
     monkeypatch.setattr(kernels, "packed_factors", {})
     monkeypatch.setattr(kernels, "packed_cut", cut._replace(q=256 if cut.q != 256 else 320))
     assert pack_factor(kernels, down._stacked[0]) is None
+
+
+def test_live_factors_packed_when_every_weight_starts_at_zero(kernels, wide_llama, tmp_path):
+    """A server started with every adapter weight at 0 packs once, at start-up: the live factors must be
+    packed then (not only once some weights have stacked them), and its later mixed batches run them
+    packed with the bits of MLX's own products."""
+    from random_adapters import ALL, make_adapter
+
+    from mlx_med.adapters.live import load_with_adapters
+
+    make_adapter(wide_llama, tmp_path / "sft", rank=8, keys=ALL, seed=1, phase="sft")
+    make_adapter(wide_llama, tmp_path / "pt", rank=8, keys=ALL, seed=2)
+    loaded, live = load_with_adapters(wide_llama, sft=tmp_path / "sft", pt=tmp_path / "pt", w_sft=0.0, w_pt=0.0)
+    note = pack_projections(loaded.model)
+    assert "live adapters' factors packed in" in note, note
+    assert loaded.model.model.layers[0].mlp.down_proj._packed[0] is not None
+
+    tokens = mx.array([[(5 * i) % 500 + 3] for i in range(96)])
+    live.set_row_weights([{"sft": a, "pt": 1 - a} for a in (0.0, 0.25, 0.5, 0.75, 1.0, 0.5) * 16])
+    packed = loaded.model(tokens)
+    mx.eval(packed)
+    for layer in live.layers.values():  # MLX's own thin products, as before the packing
+        object.__setattr__(layer, "_packed", (None, None))
+    assert mx.array_equal(loaded.model(tokens), packed).item()

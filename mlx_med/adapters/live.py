@@ -89,11 +89,7 @@ class MultiLoRALinear(nn.Module):
             object.__setattr__(self, "_rows", None)  # the base layer alone
             return
         dtype = self.compute_dtype
-        if self._stacked is None:
-            a = mx.concatenate([a for a, _, _ in self._factors.values()], axis=1).astype(dtype)
-            b = mx.concatenate([b * s for _, b, s in self._factors.values()], axis=0).astype(dtype)
-            mx.eval(a, b)
-            object.__setattr__(self, "_stacked", (a, b))
+        stacked = self._stacked_factors()
         layout = (tuple((n, a.shape[1]) for n, (a, _, _) in self._factors.items()), dtype)
         if per_row:
             memo = {} if memo is None else memo
@@ -114,16 +110,26 @@ class MultiLoRALinear(nn.Module):
             # stay lazy: an eval there would wait for the decode step in flight.
             mx.eval(c)
         accumulate = dtype == mx.float32 and mx.default_device() == mx.cpu and blas_adds_exactly(self.rank)
-        object.__setattr__(self, "_rows", (c, *self._stacked, accumulate))
+        object.__setattr__(self, "_rows", (c, *stacked, accumulate))
+
+    def _stacked_factors(self) -> tuple[mx.array, mx.array]:
+        """Every adapter's ``A`` side by side and its ``B`` (times its LoRA scale) stacked, in the
+        compute dtype: built once, as the factors never change."""
+        if self._stacked is None:
+            dtype = self.compute_dtype
+            a = mx.concatenate([a for a, _, _ in self._factors.values()], axis=1).astype(dtype)
+            b = mx.concatenate([b * s for _, b, s in self._factors.values()], axis=0).astype(dtype)
+            mx.eval(a, b)
+            object.__setattr__(self, "_stacked", (a, b))
+        return self._stacked
 
     def pack_factors(self, pack) -> bool:
         """Give the stacked factors packed copies for generation: ``pack(factor)`` (``kernels.packed_factors``)
         returns one whose ``matmul`` gives MLX's ``x @ factor`` bits where it runs, else None. Whether
-        any was packed."""
-        if self._stacked is None:  # built with the first weights that are not all zero
-            return False
+        any was packed. Stacks the factors if no weights have done so yet: a server that starts with
+        every adapter weight at 0 packs once, at start-up, and its later mixed batches find them packed."""
         if all(p is None for p in self._packed):  # the stacked factors never change once built
-            object.__setattr__(self, "_packed", tuple(pack(f) for f in self._stacked))
+            object.__setattr__(self, "_packed", tuple(pack(f) for f in self._stacked_factors()))
         return any(p is not None for p in self._packed)
 
     def __call__(self, x: mx.array) -> mx.array:
