@@ -558,6 +558,37 @@ def test_calibration_finds_this_blas_rule_and_would_catch_another(kernels):
         assert not attention_sums.agrees(kernels.module, other, *inputs, attention_sums.probe_lengths(64)), other
 
 
+def test_perplexity_through_the_fused_prefill_is_mlx_s(kernels, head64_llama, monkeypatch):
+    """Perplexity's blocks run into a KV cache, so their causal attention takes the fused prefill kernel
+    where this BLAS's prefill sums were matched, and the summed NLL is MLX's own to the last bit."""
+    import mlx_med.kernels.ops as ops
+    from mlx_med.evaluation.perplexity import token_nll
+    from mlx_med.models import load_model
+
+    if not kernels.prefill_keys:
+        pytest.skip("no prefill sums of this BLAS were matched here: prefills keep MLX's graph")
+    queries = []
+    original = ops.fused_attention
+
+    def counted(*args):
+        queries.append(args[1].shape[2])
+        return original(*args)
+
+    monkeypatch.setattr(ops, "fused_attention", counted)
+    loaded = load_model(head64_llama)
+    texts = ["Fever with a stiff neck needs urgent care. " * 9, "高血压患者应低盐饮食，规律服药。" * 7, "Rest."]
+    ours = token_nll(loaded.model, loaded.tokenizer, texts, block_size=48)
+    assert queries and all(n > 1 for n in queries), "every block's attention must take the fused prefill"
+    uninstall(loaded.model)
+    queries.clear()
+    try:
+        theirs = token_nll(loaded.model, loaded.tokenizer, texts, block_size=48)
+    finally:
+        load_model(head64_llama)
+    assert not queries
+    assert ours == theirs and ours[1] > 96, (ours, theirs)
+
+
 def test_decoding_through_the_fused_attention_is_mlx_lm_s(kernels, head64_llama, monkeypatch):
     import mlx_med.kernels.ops as ops
     from mlx_med.evaluation.decoding import DecodingConfig

@@ -140,7 +140,7 @@ def attention(kernels: Kernels, queries, keys, values, scale: float, mask, cache
     and, in a call with a KV cache, a prefill, where the BLAS's sums were matched here; else its fallback
     graph, op for op, with our softmax.
 
-    Only calls with a cache (``cached``: generation and MCQ scoring, which take no gradient) fuse a
+    Only calls with a cache (``cached``: generation, MCQ scoring, perplexity: no gradient) fuse a
     prefill: training runs the same shapes without one, and its backward pass would compute the graph's
     forward again for the fused kernel's gradient. Shapes ``[B, heads, L, D]``; ``mask`` None,
     ``"causal"`` or an array broadcastable to the scores.
