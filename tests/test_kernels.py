@@ -589,6 +589,47 @@ def test_perplexity_through_the_fused_prefill_is_mlx_s(kernels, head64_llama, mo
     assert ours == theirs and ours[1] > 96, (ours, theirs)
 
 
+@pytest.mark.parametrize("head_on_answers", [False, True])
+def test_validation_through_the_fused_prefill_is_the_training_loss(kernels, head64_llama, monkeypatch,
+                                                                   head_on_answers):
+    """A validation batch takes no gradient, so its forward runs into a fresh KV cache and its attention takes
+    the fused prefill kernel where this BLAS's prefill sums were matched; its loss is the training loss's
+    to the last bit, for the plain masked loss (PT) and SFT's head on answer positions only."""
+    import mlx.optimizers as optim
+
+    import mlx_med.kernels.ops as ops
+    from mlx_med.adapters.lora import apply_lora
+    from mlx_med.data.batches import Batch
+    from mlx_med.models import load_model
+    from mlx_med.train.config import LoraConfig
+    from mlx_med.train.step import StepRunner, split_head
+
+    if not kernels.prefill_keys:
+        pytest.skip("no prefill sums of this BLAS were matched here: prefills keep MLX's graph")
+    queries = []
+    original = ops.fused_attention
+
+    def counted(*args):
+        queries.append(args[1].shape[2])
+        return original(*args)
+
+    monkeypatch.setattr(ops, "fused_attention", counted)
+    model = load_model(head64_llama).model
+    apply_lora(model, LoraConfig(rank=4))
+    model.eval()
+    runner = StepRunner(model, optim.AdamW(1e-3), 1.0, split_head(model) if head_on_answers else None)
+    tokens = np.random.default_rng(2).integers(3, 400, size=(2, 41))
+    mask = np.ones((2, 40), dtype=np.float32)
+    mask[:, :15] = 0  # a prompt the loss does not score
+    arrays = runner.arrays(Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=mask))
+    ours = [a.item() for a in runner.validation_loss(model, *arrays)]
+    assert queries and all(n > 1 for n in queries), "every block's attention must take the fused prefill"
+    queries.clear()
+    theirs = [a.item() for a in runner.loss(model, *arrays)]
+    assert not queries, "a training forward keeps MLX's graph"
+    assert ours == theirs and theirs[1] == 50, (ours, theirs)
+
+
 def test_decoding_through_the_fused_attention_is_mlx_lm_s(kernels, head64_llama, monkeypatch):
     import mlx_med.kernels.ops as ops
     from mlx_med.evaluation.decoding import DecodingConfig

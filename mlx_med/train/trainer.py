@@ -277,7 +277,7 @@ def _validate(run: TrainingRun) -> float | None:
     if cfg.eval.max_batches > 0:
         batches = batches[: cfg.eval.max_batches]
     mine = (run.runner.arrays(data.valid.collate(ids)) for ids in batches[run.rank::run.size])
-    loss, _ = evaluate_loss(run.model, mine, run.runner.loss, run.world)
+    loss, _ = evaluate_loss(run.model, mine, run.runner.validation_loss, run.world)
     run.model.train()
     return loss
 
