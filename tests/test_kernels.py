@@ -602,7 +602,7 @@ def test_validation_through_the_fused_prefill_is_the_training_loss(kernels, head
     from mlx_med.data.batches import Batch
     from mlx_med.models import load_model
     from mlx_med.train.config import LoraConfig
-    from mlx_med.train.step import StepRunner, split_head
+    from mlx_med.train.step import StepRunner, checkpoint_blocks, split_head
 
     if not kernels.prefill_keys:
         pytest.skip("no prefill sums of this BLAS were matched here: prefills keep MLX's graph")
@@ -628,6 +628,8 @@ def test_validation_through_the_fused_prefill_is_the_training_loss(kernels, head
     theirs = [a.item() for a in runner.loss(model, *arrays)]
     assert not queries, "a training forward keeps MLX's graph"
     assert ours == theirs and theirs[1] == 50, (ours, theirs)
+    checkpoint_blocks(model)  # --grad-checkpoint's blocks hand the cache through mx.checkpoint
+    assert [a.item() for a in runner.validation_loss(model, *arrays)] == theirs
 
 
 def test_decoding_through_the_fused_attention_is_mlx_lm_s(kernels, head64_llama, monkeypatch):
