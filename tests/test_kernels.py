@@ -558,12 +558,11 @@ def test_calibration_finds_this_blas_rule_and_would_catch_another(kernels):
         assert not attention_sums.agrees(kernels.module, other, *inputs, attention_sums.probe_lengths(64)), other
 
 
-def test_perplexity_through_the_fused_prefill_is_mlx_s(kernels, head64_llama, monkeypatch):
-    """Perplexity's blocks run into a KV cache, so their causal attention takes the fused prefill kernel
-    where this BLAS's prefill sums were matched, and the summed NLL is MLX's own to the last bit."""
+@pytest.fixture
+def fused_queries(kernels, monkeypatch) -> list[int]:
+    """The queries per head of each call that takes the fused attention, appended as it runs (skips where
+    no prefill sums of this BLAS were matched: there a prefill keeps MLX's graph)."""
     import mlx_med.kernels.ops as ops
-    from mlx_med.evaluation.perplexity import token_nll
-    from mlx_med.models import load_model
 
     if not kernels.prefill_keys:
         pytest.skip("no prefill sums of this BLAS were matched here: prefills keep MLX's graph")
@@ -575,45 +574,42 @@ def test_perplexity_through_the_fused_prefill_is_mlx_s(kernels, head64_llama, mo
         return original(*args)
 
     monkeypatch.setattr(ops, "fused_attention", counted)
+    return queries
+
+
+def test_perplexity_through_the_fused_prefill_is_mlx_s(head64_llama, fused_queries):
+    """Perplexity's blocks run into a KV cache, so their causal attention takes the fused prefill kernel
+    where this BLAS's prefill sums were matched, and the summed NLL is MLX's own to the last bit."""
+    from mlx_med.evaluation.perplexity import token_nll
+    from mlx_med.models import load_model
+
     loaded = load_model(head64_llama)
     texts = ["Fever with a stiff neck needs urgent care. " * 9, "高血压患者应低盐饮食，规律服药。" * 7, "Rest."]
     ours = token_nll(loaded.model, loaded.tokenizer, texts, block_size=48)
-    assert queries and all(n > 1 for n in queries), "every block's attention must take the fused prefill"
+    assert fused_queries and all(n > 1 for n in fused_queries), "every block's attention must take the fused prefill"
     uninstall(loaded.model)
-    queries.clear()
+    fused_queries.clear()
     try:
         theirs = token_nll(loaded.model, loaded.tokenizer, texts, block_size=48)
     finally:
         load_model(head64_llama)
-    assert not queries
+    assert not fused_queries
     assert ours == theirs and ours[1] > 96, (ours, theirs)
 
 
 @pytest.mark.parametrize("head_on_answers", [False, True])
-def test_validation_through_the_fused_prefill_is_the_training_loss(kernels, head64_llama, monkeypatch,
-                                                                   head_on_answers):
+def test_validation_through_the_fused_prefill_is_the_training_loss(head64_llama, fused_queries, head_on_answers):
     """A validation batch takes no gradient, so its forward runs into a fresh KV cache and its attention takes
     the fused prefill kernel where this BLAS's prefill sums were matched; its loss is the training loss's
     to the last bit, for the plain masked loss (PT) and SFT's head on answer positions only."""
     import mlx.optimizers as optim
 
-    import mlx_med.kernels.ops as ops
     from mlx_med.adapters.lora import apply_lora
     from mlx_med.data.batches import Batch
     from mlx_med.models import load_model
     from mlx_med.train.config import LoraConfig
     from mlx_med.train.step import StepRunner, checkpoint_blocks, split_head
 
-    if not kernels.prefill_keys:
-        pytest.skip("no prefill sums of this BLAS were matched here: prefills keep MLX's graph")
-    queries = []
-    original = ops.fused_attention
-
-    def counted(*args):
-        queries.append(args[1].shape[2])
-        return original(*args)
-
-    monkeypatch.setattr(ops, "fused_attention", counted)
     model = load_model(head64_llama).model
     apply_lora(model, LoraConfig(rank=4))
     model.eval()
@@ -623,10 +619,10 @@ def test_validation_through_the_fused_prefill_is_the_training_loss(kernels, head
     mask[:, :15] = 0  # a prompt the loss does not score
     arrays = runner.arrays(Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], mask=mask))
     ours = [a.item() for a in runner.validation_loss(model, *arrays)]
-    assert queries and all(n > 1 for n in queries), "every block's attention must take the fused prefill"
-    queries.clear()
+    assert fused_queries and all(n > 1 for n in fused_queries), "every block's attention must take the fused prefill"
+    fused_queries.clear()
     theirs = [a.item() for a in runner.loss(model, *arrays)]
-    assert not queries, "a training forward keeps MLX's graph"
+    assert not fused_queries, "a training forward keeps MLX's graph"
     assert ours == theirs and theirs[1] == 50, (ours, theirs)
     checkpoint_blocks(model)  # --grad-checkpoint's blocks hand the cache through mx.checkpoint
     assert [a.item() for a in runner.validation_loss(model, *arrays)] == theirs

@@ -45,10 +45,19 @@ def describe(env=os.environ) -> str:
     return "in place (rows refilled without copying the cache)" + (f"; {ignored}" if ignored else "")
 
 
+def fresh_kv_cache(model) -> list[KVCache] | None:
+    """A new per-layer cache for ``model`` where every layer takes mlx-lm's plain ``KVCache`` (not a
+    sliding window, an SSM state, ...), else None. A forward into it takes no gradient, so its prefill
+    attention may run the fused kernel (``kernels.ops.attention``): MCQ scoring, perplexity and
+    training's validation run their forwards into one."""
+    caches = make_prompt_cache(model)
+    return caches if all(type(c) is KVCache for c in caches) else None
+
+
 def uses_plain_kv_cache(model) -> bool:
-    """Whether every layer of ``model`` takes mlx-lm's plain ``KVCache`` (not a sliding window, an SSM
-    state, ...): the caches that can be batched in place here, or copied row by row (MCQ scoring)."""
-    return all(type(c) is KVCache for c in make_prompt_cache(model))
+    """Whether every layer of ``model`` takes mlx-lm's plain ``KVCache``: the caches that can be batched
+    in place here, or copied row by row (MCQ scoring)."""
+    return fresh_kv_cache(model) is not None
 
 
 def in_place_caches(model, rows: int, prompts: int, tokens: int = 0) -> list[list[KVCache]] | None:

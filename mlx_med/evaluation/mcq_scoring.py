@@ -96,15 +96,13 @@ def score_options(model, encoded: EncodedItem, shared_prefix: bool = True) -> li
     """
     import mlx.core as mx
 
-    from mlx_med.evaluation.batch_cache import uses_plain_kv_cache
+    from mlx_med.evaluation.batch_cache import fresh_kv_cache
     from mlx_med.kernels import logsumexp
 
     # the batched path copies plain KV caches; other cache kinds (rotating, SSM) score per option
-    if not shared_prefix or not uses_plain_kv_cache(model):
+    cache = fresh_kv_cache(model) if shared_prefix else None
+    if cache is None:
         return [_score_full(model, encoded.prefix, c) for c in encoded.continuations]
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
     logits = model(mx.array(encoded.prefix)[None], cache=cache)[0, -1].astype(mx.float32)
     first = logits - logsumexp(logits)
     conts = encoded.continuations

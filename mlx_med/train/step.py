@@ -159,13 +159,11 @@ class StepRunner:
         cache, so its causal attention may take the fused prefill kernel (``kernels.ops.attention``: the
         bits of MLX's graph in about a third of its time); a loss given to the runner, or a model whose
         layers take other caches, runs as in training."""
-        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_med.evaluation.batch_cache import fresh_kv_cache
 
-        from mlx_med.evaluation.batch_cache import uses_plain_kv_cache
-
-        if self.custom_loss or not uses_plain_kv_cache(model):
+        if self.custom_loss:
             return self.loss(model, *arrays)
-        return self.loss(model, *arrays, cache=make_prompt_cache(model))
+        return self.loss(model, *arrays, cache=fresh_kv_cache(model))
 
     def arrays(self, batch: Batch) -> tuple:
         arrays = (mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
