@@ -425,18 +425,124 @@ def test_long_prefill_rule_picks_the_sums_of_each_call():
     assert picked(500, 500, dim=16) is None  # a head size the calibration skips
 
 
-def test_prefill_without_a_cache_keeps_mlx_s_graph(kernels, monkeypatch):
-    """Training and scoring call attention without a cache: their gradients come from the graph, so their
-    forward stays the graph too (the fused kernel's gradient would compute it a second time)."""
+@pytest.fixture
+def training_calls(kernels, monkeypatch) -> list[tuple[int, int]]:
+    """(queries, keys) of each call that takes the fused training attention, appended as it runs; a call
+    without a cache must never take the prefill's (gradient-less) route."""
     import mlx_med.kernels.ops as ops
 
     def fused_attention(*args, **kwargs):
-        raise AssertionError("a call without a cache took the fused kernel")
+        raise AssertionError("a call without a cache took the generation's fused kernel")
+
+    calls = []
+    original = ops.training_attention
+
+    def counted(kernels, queries, keys, *args):
+        calls.append((queries.shape[2], keys.shape[2]))
+        return original(kernels, queries, keys, *args)
 
     monkeypatch.setattr(ops, "fused_attention", fused_attention)
-    q, k, v = (mx.random.normal((2, 4, 100, 64), key=mx.random.key(seed)) for seed in (1, 2, 3))
-    out = attention(kernels, q, k, v, 0.125, "causal")
-    assert same(out, mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal"))
+    monkeypatch.setattr(ops, "training_attention", counted)
+    return calls
+
+
+def mlx_attention_and_gradients(q, k, v, cotangent, scale, attend):
+    return mx.vjp(lambda q, k, v: attend(q, k, v, scale=scale, mask="causal"), [q, k, v], [cotangent])
+
+
+def test_attention_without_a_cache_is_fused_only_where_its_gradient_was_matched(kernels, training_calls, monkeypatch):
+    """Training and scoring call attention without a cache. A causal call takes the fused forward and
+    gradient where that gradient was matched here; a masked one, or any where it was not, keeps the graph.
+    Either way the output and gradients are MLX's own."""
+    q, k, v, cotangent = (mx.random.normal((2, 4, 150, 64), key=mx.random.key(seed)) for seed in (1, 2, 3, 4))
+
+    def ours(q, k, v, scale, mask):
+        return attention(kernels, q, k, v, scale, mask)
+
+    theirs = mlx_attention_and_gradients(q, k, v, cotangent, 0.125, mx.fast.scaled_dot_product_attention)
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(kernels, "training_keys", 0)
+        training_calls.clear()
+        result = mlx_attention_and_gradients(q, k, v, cotangent, 0.125, ours)
+        assert training_calls == ([(150, 150)] if fused and kernels.training_keys else [])
+        assert all(same(a, b) for a, b in zip(result[0] + result[1], theirs[0] + theirs[1]))
+    keep = mx.random.uniform(shape=(2, 1, 150, 150), key=mx.random.key(5)) > 0.3
+    assert same(attention(kernels, q, k, v, 0.125, keep),
+                mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=keep))
+    assert training_calls == []
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4), (10, 2)])
+def test_training_attention_gradients_equal_mlx_autodiff(kernels, training_calls, dim, heads, kv_heads):
+    """Up to the calibrated key count a training step's causal attention (no cache) is fused forward and
+    backward past OpenBLAS's small-matrix permit, and its output and its gradients w.r.t. queries, keys and
+    values are MLX's to the last bit: square blocks, fewer queries than keys, keys and values laid out as the
+    model hands them over (heads transposed out of (B, L, heads, D)). Smaller products keep the graph (where
+    MLX's own sums depend on that layout), with the same bits."""
+    from mlx_med.kernels.attention_sums import training_shape_fits
+
+    limit = kernels.training_keys
+    if not limit:
+        pytest.skip("this BLAS's gradient sums were not matched here: training keeps MLX's graph")
+    batch, scale = 2, dim ** -0.5
+    key = mx.random.split(mx.random.key(dim + heads), 4)
+    q_all = mx.random.normal((batch, heads, limit, dim), key=key[0]) * 2
+    k_all, v_all = (mx.random.normal((batch, limit, kv_heads, dim), key=k).transpose(0, 2, 1, 3) for k in key[1:3])
+    c_all = mx.random.normal((batch, heads, limit, dim), key=key[3])
+
+    def ours(q, k, v, scale, mask):
+        return attention(kernels, q, k, v, scale, mask)
+
+    shapes = ((36, 36), (100, 100), (151, 151), (limit, limit), (24, 150), (140, 150), (100, 257))
+    for queries, length in shapes:
+        q, c = q_all[:, :, :queries], c_all[:, :, :queries]
+        k, v = k_all[:, :, :length], v_all[:, :, :length]
+        result = mlx_attention_and_gradients(q, k, v, c, scale, ours)
+        theirs = mlx_attention_and_gradients(q, k, v, c, scale, mx.fast.scaled_dot_product_attention)
+        for name, a, b in zip(("output", "d_queries", "d_keys", "d_values"), result[0] + result[1],
+                              theirs[0] + theirs[1]):
+            assert same(a, b), (name, queries, length)
+    fused = [(q, k) for q, k in shapes if training_shape_fits(limit, q, k, dim)]
+    assert training_calls == fused and (limit, limit) in fused and (36, 36) not in fused
+
+
+def test_training_calibration_finds_this_limit_and_would_catch_another_order(kernels):
+    """The calibration finds the limit the loaded kernels use, and tells a gradient whose query heads' shares
+    of d_keys and d_values are added in another order (each one's own sums unchanged) from MLX's."""
+    from mlx_med.kernels import attention_sums
+
+    found = attention_sums.calibrate_training(kernels.module, kernels.prefill_keys)
+    assert found == kernels.training_keys
+    # the gradient's sums are one chain each, as the prefill's are: wherever those matched, these do
+    assert found == kernels.prefill_keys
+    if not found:
+        pytest.skip("this BLAS's gradient sums were not matched here: training keeps MLX's graph")
+
+    class PerHead:
+        """attention_vjp with every query head given its own copy of its KV head, then the shares folded."""
+
+        def __init__(self, fold):
+            self.fold = fold
+            self.decode_attention = kernels.module.decode_attention  # the forward as loaded
+
+        def attention_vjp(self, q, k, v, cotangent, scale):
+            repeats = q.shape[1] // k.shape[1]
+            expanded = [mx.repeat(x, repeats, axis=1) for x in (k, v)]
+            dq, dk, dv = kernels.module.attention_vjp(q, *expanded, cotangent, scale)
+
+            def shares(g):
+                g = mx.unflatten(g, 1, (k.shape[1], repeats))
+                return [g[:, :, h] for h in range(repeats)]
+
+            return dq, self.fold(shares(dk)), self.fold(shares(dv))
+
+    shapes = attention_sums.training_shapes(found, 64)
+    in_order = PerHead(lambda parts: (parts[0] + parts[1]) + parts[2])
+    reversed_order = PerHead(lambda parts: parts[0] + (parts[1] + parts[2]))
+    assert attention_sums.agrees_training(in_order, 64, shapes, seed=7)
+    assert not attention_sums.agrees_training(reversed_order, 64, shapes, seed=7)
 
 
 def test_prefill_calibration_finds_this_blas_limit_and_would_catch_a_cut(kernels):
@@ -622,10 +728,44 @@ def test_validation_through_the_fused_prefill_is_the_training_loss(head64_llama,
     assert fused_queries and all(n > 1 for n in fused_queries), "every block's attention must take the fused prefill"
     fused_queries.clear()
     theirs = [a.item() for a in runner.loss(model, *arrays)]
-    assert not fused_queries, "a training forward keeps MLX's graph"
+    assert not fused_queries, "a training forward takes the training attention, not the cached prefill's"
     assert ours == theirs and theirs[1] == 50, (ours, theirs)
     checkpoint_blocks(model)  # --grad-checkpoint's blocks hand the cache through mx.checkpoint
     assert [a.item() for a in runner.validation_loss(model, *arrays)] == theirs
+
+
+def test_training_gradients_through_the_fused_attention_are_mlx_s(kernels, head64_llama, training_calls):
+    """A training forward (no cache) takes the fused training attention in every block where its gradient
+    was matched here, and the loss and every parameter's gradient equal the model's without mlx-med's
+    kernels (MLX's own) to the last bit."""
+    from mlx.utils import tree_flatten
+
+    from mlx_med.models import load_model
+
+    if not kernels.training_keys:
+        pytest.skip("this BLAS's gradient sums were not matched here: training keeps MLX's graph")
+    loaded = load_model(head64_llama)
+    tokens = mx.array(np.random.default_rng(3).integers(3, 400, size=(2, 151)))
+
+    def loss(model):
+        return nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).mean()
+
+    def loss_and_gradients():
+        value, grads = nn.value_and_grad(loaded.model, loss)(loaded.model)
+        return [value] + [g for _, g in sorted(tree_flatten(grads), key=lambda item: item[0])]
+
+    ours = loss_and_gradients()
+    blocks = len(loaded.model.layers)
+    assert training_calls == [(150, 150)] * blocks, "every block's attention must take the fused training kernel"
+    uninstall(loaded.model)
+    training_calls.clear()
+    try:
+        theirs = loss_and_gradients()
+    finally:
+        load_model(head64_llama)
+    assert not training_calls
+    assert len(ours) == len(theirs) > blocks
+    assert all(same(a, b) for a, b in zip(ours, theirs))
 
 
 def test_decoding_through_the_fused_attention_is_mlx_lm_s(kernels, head64_llama, monkeypatch):
@@ -836,11 +976,13 @@ def test_self_check_outcome_is_recorded_and_read_back(kernels, tmp_path):
     key, entry = next(iter(records.items()))
     assert len(records) == 1 and entry == {"mismatch": None, "attention_sums": entry["attention_sums"],
                                            "prefill_keys": entry["prefill_keys"],
-                                           "long_prefill": entry["long_prefill"]}
+                                           "long_prefill": entry["long_prefill"],
+                                           "training_keys": entry["training_keys"]}
     assert entry["attention_sums"] == list(kernels.attention_sums), "the calibration is recorded with the check"
     assert entry["prefill_keys"] == kernels.prefill_keys, "so is the prefill's"
     assert entry["long_prefill"] == (list(kernels.long_prefill) if kernels.long_prefill else None), \
         "and the long prefill's"
+    assert entry["training_keys"] == kernels.training_keys, "and the training attention's"
     records_path.write_text(json.dumps({key: {"mismatch": "swiglu differs (planted)"}}))
     assert "swiglu differs (planted); kept MLX's kernels" in child_kernels_reason(env)
     # python -m mlx_med.kernels (and doctor) check afresh and replace the record, and drop the packed

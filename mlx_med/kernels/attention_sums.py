@@ -258,3 +258,73 @@ def prefill_sums(limit: int, long: LongPrefill | None, queries: mx.array, keys: 
     if long is not None and prefill_shape_fits(long.keys, count, length, dim):
         return long.sums(count, length, dim)
     return None
+
+
+# ---- a training step's attention (no cache: its gradient is asked for) -----------------------------------
+# MLX's autodiff of the attention graph runs four more matmuls per query head (dP = dout @ v^T, dv = P^T @
+# dout, dq from dS @ k, dk from qs^T @ dS), whose inner dimensions are the head size, the queries and the
+# keys: below the BLAS's GEMM_Q each of their sums is one fma chain from zero, as a prefill's are.
+# ``cpu_kernels.cpp``'s ``attention_vjp`` adds them so (the forward is the fused prefill kernel). Only
+# products past OpenBLAS's small-matrix permit are fused: below it MLX's graph adds differently when keys and
+# values come as a model hands them over (heads transposed out of (B, L, heads, D), not rows of a cache).
+# ``calibrate_training`` finds up to how many keys the forward and the gradients equal MLX's own on every
+# shape checked, in both layouts.
+TRAINING_PAIRS = ((100, 257), (129, 192), (64, 300))  # fewer queries than keys (aligned to the last keys)
+TRAINING_PROBES = (127, 128, 129, 191, 192, 193, 255, 256, 257, 319, 320)  # either side of a block
+
+
+def training_shape_fits(limit: int, count: int, length: int, dim: int) -> bool:
+    """Whether a causal attention of ``count`` queries a head over ``length`` keys of size ``dim`` without a
+    cache is fused under ``limit`` (``calibrate_training``'s outcome; 0: none)."""
+    return prefill_shape_fits(limit, count, length, dim) and count * length * dim > SMALL_WORK
+
+
+def training_shapes(limit: int, dim: int) -> list[tuple[int, int]]:
+    """(queries, keys) a training calibration up to ``limit`` keys checks for head size ``dim``: every 7th
+    key count from the first past the small-matrix permit, the probes, the pairs."""
+    first = next(n for n in range(1, limit + 2) if n * n * dim > SMALL_WORK)
+    lengths = sorted({*range(first, limit + 1, 7), *(n for n in TRAINING_PROBES if first <= n <= limit), limit})
+    shapes = [(n, n) for n in lengths] + [(q, k) for q, k in TRAINING_PAIRS if k <= limit]
+    return [(q, k) for q, k in shapes if training_shape_fits(limit, q, k, dim)]
+
+
+def agrees_training(module, dim: int, shapes, seed: int) -> bool:
+    """Whether the fused forward and ``module.attention_vjp`` equal MLX's causal attention and its gradients
+    on each (queries, keys) (two batch rows, three query heads sharing a KV head; keys and values laid out
+    as a cache's rows and as a model's transposed heads, shape by shape), stopping at the first that differs."""
+    scale = dim ** -0.5
+    longest = max(k for _, k in shapes)
+    parts = mx.random.split(mx.random.key(seed), 4)
+    queries = mx.random.normal((2, 3, longest, dim), key=parts[0]) * 2
+    cotangent = mx.random.normal((2, 3, longest, dim), key=parts[3])
+    as_rows = [mx.random.normal((2, 1, longest, dim), key=key) for key in parts[1:3]]
+    as_heads = [mx.random.normal((2, longest, 1, dim), key=key).transpose(0, 2, 1, 3) for key in parts[1:3]]
+
+    def mlx_attention(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+
+    for i, (count, length) in enumerate(shapes):
+        q, c = queries[:, :, :count], cotangent[:, :, :count]
+        k, v = (x[:, :, :length] for x in (as_rows, as_heads)[i % 2])
+        ours = [module.decode_attention(q, k, v, None, 3, scale, *PREFILL_SUMS), *module.attention_vjp(q, k, v, c, scale)]
+        output, grads = mx.vjp(mlx_attention, [q, k, v], [c])
+        if not all(mx.array_equal(a, b).item() for a, b in zip(ours, output + grads)):
+            return False
+    return True
+
+
+def calibrate_training(module, prefill_limit: int) -> int:
+    """The longest of ``PREFILL_KEYS`` within ``prefill_limit`` (the forward's, ``calibrate_prefill``) up to
+    which the fused forward and gradient equal MLX's on every training shape checked (both head sizes), or
+    0: then a training step's attention keeps MLX's graph."""
+    with mx.stream(mx.cpu):
+        for limit in (n for n in PREFILL_KEYS if n <= prefill_limit):
+            if all(agrees_training(module, dim, training_shapes(limit, dim), seed) for seed, dim in enumerate(HEAD_DIMS)):
+                return limit
+    return 0
+
+
+def training_fits(limit: int, queries: mx.array, keys: mx.array) -> bool:
+    """Whether a causal attention without a cache takes the fused kernel and its gradient (``limit``:
+    ``calibrate_training``'s)."""
+    return training_shape_fits(limit, queries.shape[2], keys.shape[2], queries.shape[-1])

@@ -1,6 +1,6 @@
 """``self_check``: every kernel against the MLX op it replaces, values and gradients, exactly; and
 the fused attention's calibrations against the BLAS (``attention_sums.calibrate`` for a decode step,
-``calibrate_prefill`` for a prefill).
+``calibrate_prefill`` for a prefill, ``calibrate_training`` for a training step's gradient).
 
 Together they take about 5 s on a 2-core CPU, so their outcome is recorded beside the module
 (``self-check.json``) under a key of everything it depends on: the module file, MLX's library, the
@@ -27,6 +27,7 @@ from mlx_med.kernels.attention_sums import (
     calibrate,
     calibrate_long_prefill,
     calibrate_prefill,
+    calibrate_training,
 )
 from mlx_med.kernels.ops import Kernels
 
@@ -37,19 +38,21 @@ VERDICTS = "self-check.json"
 class CheckOutcome:
     """What the checks found: the first kernel that differs from MLX (None: none), the inner-sum rule
     with which the fused decode attention equals MLX's here (None: it is not used), the most keys
-    a prefill's attention is fused over with one chain per sum (0: none), and the BLAS's cut past them
-    (None: longer prefills keep MLX's graph)."""
+    a prefill's attention is fused over with one chain per sum (0: none), the BLAS's cut past them
+    (None: longer prefills keep MLX's graph), and the most keys a training step's attention is fused over,
+    forward and gradient (0: none)."""
 
     mismatch: str | None
     attention_sums: BlasSums | None
     prefill_keys: int = 0
     long_prefill: LongPrefill | None = None
+    training_keys: int = 0
 
     def record(self) -> dict:
         sums = list(self.attention_sums) if self.attention_sums else None
         long = list(self.long_prefill) if self.long_prefill else None
         return {"mismatch": self.mismatch, "attention_sums": sums, "prefill_keys": self.prefill_keys,
-                "long_prefill": long}
+                "long_prefill": long, "training_keys": self.training_keys}
 
     @classmethod
     def from_record(cls, entry) -> CheckOutcome | None:
@@ -60,8 +63,8 @@ class CheckOutcome:
         if entry["mismatch"] is not None:
             return cls(entry["mismatch"], None)
         sums, prefill = entry.get("attention_sums", "missing"), entry.get("prefill_keys")
-        long = entry.get("long_prefill", "missing")
-        if type(prefill) is not int or prefill < 0:
+        long, training = entry.get("long_prefill", "missing"), entry.get("training_keys")
+        if type(prefill) is not int or prefill < 0 or type(training) is not int or training < 0:
             return None
         if long is not None:
             if not (isinstance(long, list) and len(long) == 5 and all(type(n) is int and n >= 0 for n in long[:4])
@@ -69,10 +72,10 @@ class CheckOutcome:
                 return None
             long = LongPrefill(*long)
         if sums is None:
-            return cls(entry["mismatch"], None, prefill, long)
+            return cls(entry["mismatch"], None, prefill, long, training)
         if isinstance(sums, list) and len(sums) in (3, 4) and all(type(n) is int and n >= 0 for n in sums[:2]) \
                 and sums[1] >= 1 and all(type(flag) is bool for flag in sums[2:]):
-            return cls(entry["mismatch"], BlasSums(*sums), prefill, long)
+            return cls(entry["mismatch"], BlasSums(*sums), prefill, long, training)
         return None
 
 
@@ -84,7 +87,8 @@ def run_checks(kernels: Kernels) -> CheckOutcome:
     prefill = calibrate_prefill(kernels.module)
     # past the one-chain limit only where it reached the BLAS's GEMM_Q (below it, sums already differ)
     long = calibrate_long_prefill(kernels.module) if prefill == PREFILL_KEYS[0] else None
-    return CheckOutcome(None, calibrate(kernels.module), prefill, long)
+    training = calibrate_training(kernels.module, prefill)  # its forward is the prefill's
+    return CheckOutcome(None, calibrate(kernels.module), prefill, long, training)
 
 
 def mlx_causal_softmax(scores: mx.array) -> mx.array:

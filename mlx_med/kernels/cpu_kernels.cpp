@@ -22,6 +22,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <sched.h>
@@ -1502,6 +1503,165 @@ mx::array decode_attention(const mx::array& queries, const mx::array& keys, cons
                    std::move(inputs));
 }
 
+// ---- the gradient of a causal attention in training (no KV cache), whole ----------------------------
+// MLX's autodiff of its CPU attention graph (qs = scale * q, scores = qs @ k^T, the causal softmax P,
+// out = P @ v; GQA through keys and values broadcast over the query heads) runs, per (batch row, query
+// head), four more sgemm calls of a few microseconds each into the BLAS: dP = dout @ v^T, dv = P^T @ dout,
+// dqs = dS @ k and dk = (qs^T @ dS)^T, dS being the causal softmax's gradient; then dq = dqs * scale, and
+// dk and dv summed over a KV head's query heads in head order ((0 + h0) + h1) + ...). This kernel
+// computes the same in one pass per (batch row, KV head), with P recomputed as the fused forward computes
+// it (the same bits as the graph's), and each output's products added as one fma chain from zero over the
+// inner dimension: OpenBLAS's level-3 driver's sums while that dimension (the head size; the keys; the
+// queries) stays within its GEMM_Q. Python sends only shapes whose gradients were checked against MLX's
+// autodiff on this machine (attention_sums.calibrate_training). Products with an exact zero weight (the
+// masked half) are skipped: fma(+-0, x, chain) is the chain (but for the sign of a zero), and the chains
+// are still added in index order.
+struct AttentionVjpArgs {
+  const float* q;      // (B, Hq, L, D), row-contiguous
+  const float* k;      // (B, Hkv, S, D), the last axis contiguous
+  const float* v;
+  const float* dout;   // (B, Hq, L, D), row-contiguous: the output's cotangent
+  float *dq, *dk, *dv;  // row-contiguous, q's shape and k's
+  size_t B, Hq, Hkv, L, S, D;
+  int64_t k_strides[3], v_strides[3];
+  float scale;
+  BlasSums sums;
+};
+
+struct AttentionVjpScratch {
+  std::vector<float> qs, weights, grads, transposed, partial, packed_keys;
+};
+
+// rows x cols of `in` (cols apart) into cols x rows.
+static void transpose_rows(const float* in, size_t rows, size_t cols, float* out) {
+  for (size_t r0 = 0; r0 < rows; r0 += 16)
+    for (size_t c0 = 0; c0 < cols; c0 += 16)
+      for (size_t r = r0; r < std::min(rows, r0 + 16); r++)
+        for (size_t c = c0; c < std::min(cols, c0 + 16); c++) out[c * rows + r] = in[r * cols + c];
+}
+
+// Per block of output keys, sum over queries of weights^T (S x L, the queries a key is visible to
+// from the first) times `values` (L x D): the chains over queries, into `out` (S x D).
+static void over_queries(const AttentionVjpArgs& a, const float* transposed, const float* values, float* out) {
+  size_t hidden = a.S - a.L;  // keys before the first query's own: visible to every query
+  for (size_t s0 = 0; s0 < a.S; s0 += kPrefillRows) {
+    size_t s1 = std::min(a.S, s0 + kPrefillRows);
+    size_t first = s0 > hidden ? s0 - hidden : 0;  // the first query that sees key s0 (earlier ones: weight 0)
+    weighted_values(transposed + s0 * a.L, s1 - s0, values, static_cast<int64_t>(a.D), first, a.L, a.L, a.D, a.sums,
+                    out + s0 * a.D);
+  }
+}
+
+static void attention_vjp_one_kv_head(const AttentionVjpArgs& a, size_t b, size_t h, AttentionVjpScratch& t) {
+  size_t repeats = a.Hq / a.Hkv, rows = repeats * a.L, D = a.D, S = a.S, L = a.L;
+  size_t first = (b * a.Hq + h * repeats) * L;  // the first of these rows in (B, Hq, L) order
+  t.qs.resize(rows * D);
+  t.weights.resize(rows * S);
+  t.grads.resize(rows * S);
+  const float* q = a.q + first * D;
+  for (size_t i = 0; i < rows * D; i++) t.qs[i] = a.scale * q[i];  // MLX: array(scale) * queries
+  const float* dout = a.dout + first * D;
+  const float* k = a.k + static_cast<int64_t>(b) * a.k_strides[0] + static_cast<int64_t>(h) * a.k_strides[1];
+  const float* v = a.v + static_cast<int64_t>(b) * a.v_strides[0] + static_cast<int64_t>(h) * a.v_strides[1];
+  // P as the fused forward computes it, and dS = the causal softmax's gradient of dP = dout @ v^T, each
+  // block of rows only over the keys one of them sees
+  for (size_t r0 = 0; r0 < rows; r0 += kPrefillRows) {
+    size_t r1 = std::min(rows, r0 + kPrefillRows), end = 0;
+    for (size_t r = r0; r < r1; r++) end = std::max(end, visible_keys(r % L, L, S));
+    attention_scores(t.qs.data() + r0 * D, r1 - r0, k, a.k_strides[2], 0, end, S, D, a.sums,
+                     t.weights.data() + r0 * S, t.packed_keys);
+    attention_scores(dout + r0 * D, r1 - r0, v, a.v_strides[2], 0, end, S, D, a.sums, t.grads.data() + r0 * S,
+                     t.packed_keys);
+    for (size_t r = r0; r < r1; r++) {
+      float *p = t.weights.data() + r * S, *g = t.grads.data() + r * S;
+      size_t row_end = visible_keys(r % L, L, S);
+      softmax_rows_f32(p, p, 1, row_end);
+      std::fill(p + row_end, p + S, 0.0f);  // exp(lowest - max) of every key it does not see
+      softmax_vjp_rows_f32(p, g, g, 1, row_end);
+      std::fill(g + row_end, g + S, 0.0f);  // Select's vjp: 0 * d where masked
+    }
+  }
+  // dq = (dS @ k) * scale
+  for (size_t r0 = 0; r0 < rows; r0 += kPrefillRows) {
+    size_t r1 = std::min(rows, r0 + kPrefillRows), end = 0;
+    for (size_t r = r0; r < r1; r++) end = std::max(end, visible_keys(r % L, L, S));
+    weighted_values(t.grads.data() + r0 * S, r1 - r0, k, a.k_strides[2], 0, end, S, D, a.sums,
+                    a.dq + (first + r0) * D);
+  }
+  float* dq = a.dq + first * D;
+  for (size_t i = 0; i < rows * D; i++) dq[i] = dq[i] * a.scale;
+  // dk = sum over the query heads of dS^T @ qs, dv = sum of P^T @ dout, in head order
+  size_t kv = (b * a.Hkv + h) * S * D;
+  t.transposed.resize(S * L);
+  t.partial.resize(S * D);
+  for (size_t r = 0; r < repeats; r++) {
+    using Part = std::tuple<const float*, const float*, float*>;  // weights (L x S), values (L x D), output
+    for (auto [weights, values, out] : {Part{t.grads.data(), t.qs.data(), a.dk + kv},
+                                        Part{t.weights.data(), dout, a.dv + kv}}) {
+      transpose_rows(weights + r * L * S, L, S, t.transposed.data());
+      float* target = r == 0 ? out : t.partial.data();
+      over_queries(a, t.transposed.data(), values + r * L * D, target);
+      if (r > 0)
+        for (size_t i = 0; i < S * D; i++) out[i] = out[i] + t.partial[i];
+    }
+  }
+}
+
+static void attention_vjp_loop(const AttentionVjpArgs& a) {
+  size_t tasks = a.B * a.Hkv;
+  size_t work = (a.Hq / a.Hkv) * a.L * a.S * a.D / 8;  // per task, in the units for_row_ranges splits by
+  for_row_ranges(tasks, work, [&](size_t first, size_t end) {
+    AttentionVjpScratch scratch;
+    for (size_t t = first; t < end; t++) attention_vjp_one_kv_head(a, t / a.Hkv, t % a.Hkv, scratch);
+  });
+}
+
+class AttentionVJP : public mx::Primitive {
+ public:
+  AttentionVJP(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& encoder = encode_io(stream(), inputs, outputs);
+    const auto &q = inputs[0], &k = inputs[1], &v = inputs[2], &dout = inputs[3];
+    AttentionVjpArgs a{q.data<float>(), k.data<float>(), v.data<float>(), dout.data<float>(),
+                       outputs[0].data<float>(), outputs[1].data<float>(), outputs[2].data<float>(),
+                       static_cast<size_t>(q.shape(0)), static_cast<size_t>(q.shape(1)),
+                       static_cast<size_t>(k.shape(1)), static_cast<size_t>(q.shape(2)),
+                       static_cast<size_t>(k.shape(2)), static_cast<size_t>(q.shape(3)),
+                       {k.strides()[0], k.strides()[1], k.strides()[2]},
+                       {v.strides()[0], v.strides()[1], v.strides()[2]}, scale_, BlasSums{0, 1, false}};
+    encoder.dispatch([a]() { attention_vjp_loop(a); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[mlx_med.attention_vjp] runs on the CPU only.");
+  }
+  const char* name() const override { return "MlxMedAttentionVJP"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return std::string(name()) == other.name() && scale_ == static_cast<const AttentionVJP&>(other).scale_;
+  }
+
+ private:
+  float scale_;
+};
+
+std::vector<mx::array> attention_vjp(const mx::array& queries, const mx::array& keys, const mx::array& values,
+                                     const mx::array& cotan, float scale, mx::StreamOrDevice s_ = {}) {
+  auto s = mx::to_stream(s_);
+  for (auto* a : {&queries, &keys, &values, &cotan}) require_f32_cpu(*a, s, "attention_vjp");
+  if (queries.ndim() != 4 || keys.ndim() != 4 || keys.shape() != values.shape() || cotan.shape() != queries.shape() ||
+      queries.shape(0) != keys.shape(0) || queries.shape(3) != keys.shape(3) || keys.shape(1) == 0 ||
+      queries.shape(1) % keys.shape(1) != 0 || queries.shape(2) == 0 || keys.shape(2) < queries.shape(2)) {
+    throw std::invalid_argument(
+        "[mlx_med.attention_vjp] needs queries and cotangent (B, Hq, L, D), keys and values (B, Hkv, S, D) with "
+        "Hkv dividing Hq and 0 < L <= S.");
+  }
+  return mx::array::make_arrays({queries.shape(), keys.shape(), keys.shape()},
+                                {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<AttentionVJP>(s, scale),
+                                {contiguous(queries, s), rows_contiguous(keys, s), rows_contiguous(values, s),
+                                 contiguous(cotan, s)});
+}
+
 void register_packed_gemm(nb::module_& m);  // packed_gemm.cpp
 
 }  // namespace mlx_med
@@ -1554,6 +1714,13 @@ NB_MODULE(_mlx_med_kernels, m) {
         "(0: none) the way OpenBLAS's level-3 driver cuts them (unroll: its GEMM_UNROLL_M; `threaded`: its "
         "threaded driver's halving instead); with `small_scores`, the scores its AVX-512 small-matrix kernel "
         "takes are summed as that kernel does.");
+  m.def("attention_vjp",
+        [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& c, float scale) {
+          auto grads = mlx_med::attention_vjp(q, k, v, c, scale);
+          return nb::make_tuple(grads[0], grads[1], grads[2]);
+        }, "queries"_a, "keys"_a, "values"_a, "cotangent"_a, "scale"_a,
+        "(d_queries, d_keys, d_values): MLX's gradients of its CPU causal attention (no cache), each sum one "
+        "chain over its inner dimension.");
   m.def("threads", &mlx_med::kernel_threads, "The most threads one kernel call splits its rows over.");
   m.def("isa", &mlx_med::isa, "The instruction set the kernels run with on this CPU.");
   m.def("softmax", [](const mx::array& x) { return mlx_med::softmax(x); }, "x"_a, "Softmax over the last axis.");

@@ -9,7 +9,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_med.kernels.attention_sums import BlasSums, LongPrefill, fits, prefill_sums
+from mlx_med.kernels.attention_sums import (
+    PREFILL_SUMS,
+    BlasSums,
+    LongPrefill,
+    fits,
+    prefill_sums,
+    training_fits,
+)
 from mlx_med.kernels.build import Built, load
 
 
@@ -26,6 +33,9 @@ class Kernels:
         self.prefill_keys = 0
         # past those keys, the BLAS's cut as matched here (``attention_sums.calibrate_long_prefill``); None: none
         self.long_prefill: LongPrefill | None = None
+        # the most keys a causal attention without a cache (training) is fused over, forward and gradient
+        # (``attention_sums.calibrate_training``); 0: none
+        self.training_keys = 0
         # how OpenBLAS cuts a projection's sums here (``packed.calibrate``), the (N, K) shapes checked
         # and those that gave MLX's bits under it; None: not calibrated yet
         self.packed_cut = None
@@ -137,20 +147,40 @@ def on_cpu_f32(*arrays: mx.array) -> bool:
 
 def attention(kernels: Kernels, queries, keys, values, scale: float, mask, cached: bool = False):
     """MLX's CPU ``scaled_dot_product_attention``: one fused pass (``fused_attention``) for a decode step
-    and, in a call with a KV cache, a prefill, where the BLAS's sums were matched here; else its fallback
-    graph, op for op, with our softmax.
-
-    Only calls with a cache (``cached``: generation, MCQ scoring, perplexity: no gradient) fuse a
-    prefill: training runs the same shapes without one, and its backward pass would compute the graph's
-    forward again for the fused kernel's gradient. Shapes ``[B, heads, L, D]``; ``mask`` None,
-    ``"causal"`` or an array broadcastable to the scores.
+    and, in a call with a KV cache, a prefill, where the BLAS's sums were matched here; a causal call without
+    a cache (a training step's) fused forward and backward (``training_attention``) where its gradient was
+    matched here; else its fallback graph, op for op, with our softmax. Shapes ``[B, heads, L, D]``;
+    ``mask`` None, ``"causal"`` or an array broadcastable to the scores.
     """
     if kernels.attention_sums is not None and fits(queries, keys):
         return fused_attention(kernels, queries, keys, values, scale, mask, kernels.attention_sums)
-    sums = prefill_sums(kernels.prefill_keys, kernels.long_prefill, queries, keys) if cached else None
-    if sums is not None:
-        return fused_attention(kernels, queries, keys, values, scale, mask, sums)
+    if cached:
+        sums = prefill_sums(kernels.prefill_keys, kernels.long_prefill, queries, keys)
+        if sums is not None:
+            return fused_attention(kernels, queries, keys, values, scale, mask, sums)
+    elif isinstance(mask, str) and training_fits(kernels.training_keys, queries, keys):
+        return training_attention(kernels, queries, keys, values, scale)
     return graph_attention(kernels, queries, keys, values, scale, mask)
+
+
+def training_attention(kernels: Kernels, queries, keys, values, scale: float):
+    """A causal attention whose gradient is asked for: the fused prefill kernel forward, and its gradient in
+    one pass (``cpu_kernels.cpp``: ``attention_vjp``), each the same bits as MLX's graph and its autodiff on
+    the shapes ``training_fits`` admits. MLX's graph would keep the attention weights of every block for the
+    backward pass and run each of its six matmuls as one BLAS call per query head; this keeps the inputs and
+    computes the weights again."""
+    scale = float(np.float32(scale))  # the graph multiplies by the scale as an fp32 array
+    module = kernels.module
+
+    @mx.custom_function
+    def fused(q, k, v):
+        return module.decode_attention(q, k, v, None, 3, scale, *PREFILL_SUMS)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangent, output):
+        return module.attention_vjp(*primals, cotangent, scale)
+
+    return fused(queries, keys, values)
 
 
 def fused_attention(kernels: Kernels, queries, keys, values, scale: float, mask, sums: BlasSums):
@@ -235,11 +265,14 @@ def load_kernels() -> tuple[Kernels | None, str]:
     kernels.attention_sums = sums = outcome.attention_sums
     kernels.prefill_keys = outcome.prefill_keys
     kernels.long_prefill = outcome.long_prefill
+    kernels.training_keys = outcome.training_keys
     decode = (f"decode attention fused ({sums.describe()})" if sums
               else "decode attention: MLX's graph (no rule of ours gave this BLAS's sums)")
     prefill = (f"prefill attention fused up to {outcome.prefill_keys} keys" if outcome.prefill_keys
                else "prefill attention: MLX's graph")
     if outcome.long_prefill is not None:
         prefill += f" and {outcome.long_prefill.describe()}"
-    return kernels, f"{kernels.isa}, {built.reason}, {decode}, {prefill}, " + (
+    training = (f"training attention fused up to {outcome.training_keys} keys" if outcome.training_keys
+                else "training attention: MLX's graph")
+    return kernels, f"{kernels.isa}, {built.reason}, {decode}, {prefill}, {training}, " + (
         "matched MLX in an earlier check here" if recorded else "checked against MLX now")
