@@ -1514,8 +1514,8 @@ mx::array decode_attention(const mx::array& queries, const mx::array& keys, cons
 // inner dimension: OpenBLAS's level-3 driver's sums while that dimension (the head size; the keys; the
 // queries) stays within its GEMM_Q. Python sends only shapes whose gradients were checked against MLX's
 // autodiff on this machine (attention_sums.calibrate_training). Products with an exact zero weight (the
-// masked half) are skipped: fma(+-0, x, chain) is the chain (but for the sign of a zero), and the chains
-// are still added in index order.
+// masked half) are skipped: for a finite x, fma(+-0, x, chain) is the chain (but for the sign of a zero),
+// and the chains are still added in index order.
 struct AttentionVjpArgs {
   const float* q;      // (B, Hq, L, D), row-contiguous
   const float* k;      // (B, Hkv, S, D), the last axis contiguous
