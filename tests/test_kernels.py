@@ -480,22 +480,26 @@ def test_training_attention_gradients_equal_mlx_autodiff(kernels, training_calls
     backward past OpenBLAS's small-matrix permit, and its output and its gradients w.r.t. queries, keys and
     values are MLX's to the last bit: square blocks, fewer queries than keys, keys and values laid out as the
     model hands them over (heads transposed out of (B, L, heads, D)). Smaller products keep the graph (where
-    MLX's own sums depend on that layout), with the same bits."""
-    from mlx_med.kernels.attention_sums import training_shape_fits
+    MLX's own sums depend on that layout), with the same bits. Past the one-chain keys, where the long
+    prefill's cut was matched for the gradient too, square blocks take the fused kernel with that cut."""
+    from mlx_med.kernels.attention_sums import PREFILL_KEYS, training_shape_fits
 
     limit = kernels.training_keys
     if not limit:
         pytest.skip("this BLAS's gradient sums were not matched here: training keeps MLX's graph")
+    one_chain = min(limit, PREFILL_KEYS[0])
+    shapes = [(36, 36), (100, 100), (151, 151), (one_chain, one_chain), (24, 150), (140, 150), (100, 257),
+              (333, 333), (449, 449), (300, 400)]
+    longest = max(k for _, k in shapes)
     batch, scale = 2, dim ** -0.5
     key = mx.random.split(mx.random.key(dim + heads), 4)
-    q_all = mx.random.normal((batch, heads, limit, dim), key=key[0]) * 2
-    k_all, v_all = (mx.random.normal((batch, limit, kv_heads, dim), key=k).transpose(0, 2, 1, 3) for k in key[1:3])
-    c_all = mx.random.normal((batch, heads, limit, dim), key=key[3])
+    q_all = mx.random.normal((batch, heads, longest, dim), key=key[0]) * 2
+    k_all, v_all = (mx.random.normal((batch, longest, kv_heads, dim), key=k).transpose(0, 2, 1, 3) for k in key[1:3])
+    c_all = mx.random.normal((batch, heads, longest, dim), key=key[3])
 
     def ours(q, k, v, scale, mask):
         return attention(kernels, q, k, v, scale, mask)
 
-    shapes = ((36, 36), (100, 100), (151, 151), (limit, limit), (24, 150), (140, 150), (100, 257))
     for queries, length in shapes:
         q, c = q_all[:, :, :queries], c_all[:, :, :queries]
         k, v = k_all[:, :, :length], v_all[:, :, :length]
@@ -505,7 +509,8 @@ def test_training_attention_gradients_equal_mlx_autodiff(kernels, training_calls
                               theirs[0] + theirs[1]):
             assert same(a, b), (name, queries, length)
     fused = [(q, k) for q, k in shapes if training_shape_fits(limit, q, k, dim)]
-    assert training_calls == fused and (limit, limit) in fused and (36, 36) not in fused
+    assert training_calls == fused and (one_chain, one_chain) in fused and (36, 36) not in fused
+    assert ((449, 449) in fused) == (limit > PREFILL_KEYS[0]) and (300, 400) not in fused
 
 
 def test_training_calibration_finds_this_limit_and_would_catch_another_order(kernels):
@@ -513,10 +518,11 @@ def test_training_calibration_finds_this_limit_and_would_catch_another_order(ker
     of d_keys and d_values are added in another order (each one's own sums unchanged) from MLX's."""
     from mlx_med.kernels import attention_sums
 
-    found = attention_sums.calibrate_training(kernels.module, kernels.prefill_keys)
+    found = attention_sums.calibrate_training(kernels.module, kernels.prefill_keys, kernels.long_prefill)
     assert found == kernels.training_keys
-    # the gradient's sums are one chain each, as the prefill's are: wherever those matched, these do
-    assert found == kernels.prefill_keys
+    # within the one-chain keys the gradient's sums are one chain each, as the prefill's are, and past them cut
+    # as the long prefill's: wherever those matched, these do
+    assert found == (attention_sums.LONG_PREFILL_KEYS if kernels.long_prefill else kernels.prefill_keys)
     if not found:
         pytest.skip("this BLAS's gradient sums were not matched here: training keeps MLX's graph")
 
@@ -527,10 +533,10 @@ def test_training_calibration_finds_this_limit_and_would_catch_another_order(ker
             self.fold = fold
             self.decode_attention = kernels.module.decode_attention  # the forward as loaded
 
-        def attention_vjp(self, q, k, v, cotangent, scale):
+        def attention_vjp(self, q, k, v, cotangent, scale, *sums):
             repeats = q.shape[1] // k.shape[1]
             expanded = [mx.repeat(x, repeats, axis=1) for x in (k, v)]
-            dq, dk, dv = kernels.module.attention_vjp(q, *expanded, cotangent, scale)
+            dq, dk, dv = kernels.module.attention_vjp(q, *expanded, cotangent, scale, *sums)
 
             def shares(g):
                 g = mx.unflatten(g, 1, (k.shape[1], repeats))
@@ -538,11 +544,39 @@ def test_training_calibration_finds_this_limit_and_would_catch_another_order(ker
 
             return dq, self.fold(shares(dk)), self.fold(shares(dv))
 
-    shapes = attention_sums.training_shapes(found, 64)
+    shapes = attention_sums.training_shapes(min(found, attention_sums.PREFILL_KEYS[0]), 64)
     in_order = PerHead(lambda parts: (parts[0] + parts[1]) + parts[2])
     reversed_order = PerHead(lambda parts: parts[0] + (parts[1] + parts[2]))
     assert attention_sums.agrees_training(in_order, 64, shapes, seed=7)
     assert not attention_sums.agrees_training(reversed_order, 64, shapes, seed=7)
+
+
+def test_training_gradients_past_one_chain_are_cut_as_the_long_prefill_s(kernels):
+    """Past the one-chain keys the gradient's sums are cut as the long prefill's rule says: the calibration
+    tells that cut from one chain over every key and from the other driver's cut, with the forward right."""
+    from mlx_med.kernels import attention_sums
+
+    long = kernels.long_prefill
+    if kernels.training_keys <= attention_sums.PREFILL_KEYS[0]:
+        pytest.skip("the gradient past the one-chain keys was not matched here: longer blocks keep MLX's graph")
+
+    class GradientCut:
+        """The loaded kernels, with the gradient's sums cut by ``rule`` instead of the one asked for."""
+
+        def __init__(self, rule):
+            self.rule = rule
+            self.decode_attention = kernels.module.decode_attention
+
+        def attention_vjp(self, q, k, v, cotangent, scale, *asked):
+            sums = self.rule.sums(q.shape[2], k.shape[2], q.shape[3])
+            return kernels.module.attention_vjp(q, k, v, cotangent, scale, sums.block, sums.unroll, sums.threaded)
+
+    shapes = attention_sums.long_training_shapes(64)
+    assert attention_sums.agrees_training(GradientCut(long), 64, shapes, seed=9, long=long)
+    uncut = long._replace(block=attention_sums.LONG_PREFILL_KEYS)
+    other_driver = long._replace(threaded=not long.threaded)
+    assert not attention_sums.agrees_training(GradientCut(uncut), 64, shapes, seed=9, long=long)
+    assert not attention_sums.agrees_training(GradientCut(other_driver), 64, shapes, seed=9, long=long)
 
 
 def test_prefill_calibration_finds_this_blas_limit_and_would_catch_a_cut(kernels):
@@ -734,18 +768,20 @@ def test_validation_through_the_fused_prefill_is_the_training_loss(head64_llama,
     assert [a.item() for a in runner.validation_loss(model, *arrays)] == theirs
 
 
-def test_training_gradients_through_the_fused_attention_are_mlx_s(kernels, head64_llama, training_calls):
+@pytest.mark.parametrize("length", [150, 400])
+def test_training_gradients_through_the_fused_attention_are_mlx_s(kernels, head64_llama, training_calls, length):
     """A training forward (no cache) takes the fused training attention in every block where its gradient
-    was matched here, and the loss and every parameter's gradient equal the model's without mlx-med's
-    kernels (MLX's own) to the last bit."""
+    was matched here (within the one-chain keys and, where the long prefill's cut was matched for it, past
+    them), and the loss and every parameter's gradient equal the model's without mlx-med's kernels (MLX's
+    own) to the last bit."""
     from mlx.utils import tree_flatten
 
     from mlx_med.models import load_model
 
-    if not kernels.training_keys:
-        pytest.skip("this BLAS's gradient sums were not matched here: training keeps MLX's graph")
+    if length > kernels.training_keys:
+        pytest.skip(f"this BLAS's gradient sums were not matched here for {length} keys: training keeps MLX's graph")
     loaded = load_model(head64_llama)
-    tokens = mx.array(np.random.default_rng(3).integers(3, 400, size=(2, 151)))
+    tokens = mx.array(np.random.default_rng(3).integers(3, 400, size=(2, length + 1)))
 
     def loss(model):
         return nn.losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:]).mean()
@@ -756,7 +792,7 @@ def test_training_gradients_through_the_fused_attention_are_mlx_s(kernels, head6
 
     ours = loss_and_gradients()
     blocks = len(loaded.model.layers)
-    assert training_calls == [(150, 150)] * blocks, "every block's attention must take the fused training kernel"
+    assert training_calls == [(length, length)] * blocks, "every block's attention must take the fused training kernel"
     uninstall(loaded.model)
     training_calls.clear()
     try:

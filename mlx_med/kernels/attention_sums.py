@@ -263,20 +263,34 @@ def prefill_sums(limit: int, long: LongPrefill | None, queries: mx.array, keys: 
 # ---- a training step's attention (no cache: its gradient is asked for) -----------------------------------
 # MLX's autodiff of the attention graph runs four more matmuls per query head (dP = dout @ v^T, dv = P^T @
 # dout, dq from dS @ k, dk from qs^T @ dS), whose inner dimensions are the head size, the queries and the
-# keys: below the BLAS's GEMM_Q each of their sums is one fma chain from zero, as a prefill's are.
-# ``cpu_kernels.cpp``'s ``attention_vjp`` adds them so (the forward is the fused prefill kernel). Only
-# products past OpenBLAS's small-matrix permit are fused: below it MLX's graph adds differently when keys and
-# values come as a model hands them over (heads transposed out of (B, L, heads, D), not rows of a cache).
-# ``calibrate_training`` finds up to how many keys the forward and the gradients equal MLX's own on every
-# shape checked, in both layouts.
+# keys: below the BLAS's GEMM_Q each of their sums is one fma chain from zero, as a prefill's are; past it
+# the drivers cut them, and with as many queries as keys (a training step's attention) every product of a
+# call has the same M·N·K, so the long prefill's rule (``LongPrefill.sums``) cuts them all. ``cpu_kernels.cpp``'s
+# ``attention_vjp`` adds them so (the forward is the fused prefill kernel). Only products past OpenBLAS's
+# small-matrix permit are fused: below it MLX's graph adds differently when keys and values come as a model
+# hands them over (heads transposed out of (B, L, heads, D), not rows of a cache). ``calibrate_training``
+# finds up to how many keys the forward and the gradients equal MLX's own on every shape checked, in both
+# layouts.
 TRAINING_PAIRS = ((100, 257), (129, 192), (64, 300))  # fewer queries than keys (aligned to the last keys)
 TRAINING_PROBES = (127, 128, 129, 191, 192, 193, 255, 256, 257, 319, 320)  # either side of a block
+# past the one-chain limit (as many queries as keys): either side of a cut's rounding (GEMM_UNROLL_M) and of
+# two blocks, the longest checked, and every 61st between
+LONG_TRAINING_PROBES = (321, 333, 384, 385, 400, 449, 639, 640, 641, 700, LONG_PREFILL_KEYS)
 
 
 def training_shape_fits(limit: int, count: int, length: int, dim: int) -> bool:
     """Whether a causal attention of ``count`` queries a head over ``length`` keys of size ``dim`` without a
-    cache is fused under ``limit`` (``calibrate_training``'s outcome; 0: none)."""
+    cache is fused under ``limit`` (``calibrate_training``'s outcome; 0: none). Past the one-chain keys
+    (``PREFILL_KEYS[0]``) only with as many queries as keys: the cut was checked for nothing else."""
+    if length > PREFILL_KEYS[0] and count != length:
+        return False
     return prefill_shape_fits(limit, count, length, dim) and count * length * dim > SMALL_WORK
+
+
+def training_sums(long: LongPrefill | None, count: int, length: int, dim: int) -> BlasSums:
+    """How the fused training attention adds the sums of a call of ``count`` queries over ``length`` keys:
+    one chain each within the one-chain keys, the long prefill's cut past them."""
+    return long.sums(count, length, dim) if long is not None and length > PREFILL_KEYS[0] else PREFILL_SUMS
 
 
 def training_shapes(limit: int, dim: int) -> list[tuple[int, int]]:
@@ -288,10 +302,18 @@ def training_shapes(limit: int, dim: int) -> list[tuple[int, int]]:
     return [(q, k) for q, k in shapes if training_shape_fits(limit, q, k, dim)]
 
 
-def agrees_training(module, dim: int, shapes, seed: int) -> bool:
+def long_training_shapes(dim: int) -> list[tuple[int, int]]:
+    """(queries, keys) a training calibration past the one-chain keys checks: squares at the probes and
+    every 61st key count up to ``LONG_PREFILL_KEYS``."""
+    lengths = sorted({*LONG_TRAINING_PROBES, *range(PREFILL_KEYS[0] + 1, LONG_PREFILL_KEYS + 1, 61)})
+    return [(n, n) for n in lengths if training_shape_fits(LONG_PREFILL_KEYS, n, n, dim)]
+
+
+def agrees_training(module, dim: int, shapes, seed: int, long: LongPrefill | None = None) -> bool:
     """Whether the fused forward and ``module.attention_vjp`` equal MLX's causal attention and its gradients
     on each (queries, keys) (two batch rows, three query heads sharing a KV head; keys and values laid out
-    as a cache's rows and as a model's transposed heads, shape by shape), stopping at the first that differs."""
+    as a cache's rows and as a model's transposed heads, shape by shape), stopping at the first that differs;
+    past the one-chain keys with ``long``'s cut (``training_sums``)."""
     scale = dim ** -0.5
     longest = max(k for _, k in shapes)
     parts = mx.random.split(mx.random.key(seed), 4)
@@ -306,25 +328,38 @@ def agrees_training(module, dim: int, shapes, seed: int) -> bool:
     for i, (count, length) in enumerate(shapes):
         q, c = queries[:, :, :count], cotangent[:, :, :count]
         k, v = (x[:, :, :length] for x in (as_rows, as_heads)[i % 2])
-        ours = [module.decode_attention(q, k, v, None, 3, scale, *PREFILL_SUMS), *module.attention_vjp(q, k, v, c, scale)]
+        sums = training_sums(long, count, length, dim)
+        ours = [module.decode_attention(q, k, v, None, 3, scale, *sums),
+                *module.attention_vjp(q, k, v, c, scale, sums.block, sums.unroll, sums.threaded)]
         output, grads = mx.vjp(mlx_attention, [q, k, v], [c])
         if not all(mx.array_equal(a, b).item() for a, b in zip(ours, output + grads)):
             return False
     return True
 
 
-def calibrate_training(module, prefill_limit: int) -> int:
+def calibrate_training(module, prefill_limit: int, long: LongPrefill | None = None) -> int:
     """The longest of ``PREFILL_KEYS`` within ``prefill_limit`` (the forward's, ``calibrate_prefill``) up to
     which the fused forward and gradient equal MLX's on every training shape checked (both head sizes), or
-    0: then a training step's attention keeps MLX's graph."""
+    0: then a training step's attention keeps MLX's graph. Where that is the whole one-chain limit and the
+    long prefill's cut was found (``long``), ``LONG_PREFILL_KEYS`` if the gradients past it match with that
+    cut too."""
     with mx.stream(mx.cpu):
         for limit in (n for n in PREFILL_KEYS if n <= prefill_limit):
             if all(agrees_training(module, dim, training_shapes(limit, dim), seed) for seed, dim in enumerate(HEAD_DIMS)):
-                return limit
-    return 0
+                break
+        else:
+            return 0
+        if limit < PREFILL_KEYS[0] or long is None:
+            return limit
+        past = all(agrees_training(module, dim, long_training_shapes(dim), seed + 2, long)
+                   for seed, dim in enumerate(HEAD_DIMS))
+        return LONG_PREFILL_KEYS if past else limit
 
 
-def training_fits(limit: int, queries: mx.array, keys: mx.array) -> bool:
-    """Whether a causal attention without a cache takes the fused kernel and its gradient (``limit``:
-    ``calibrate_training``'s)."""
-    return training_shape_fits(limit, queries.shape[2], keys.shape[2], queries.shape[-1])
+def training_call_sums(limit: int, long: LongPrefill | None, queries: mx.array, keys: mx.array) -> BlasSums | None:
+    """The sums with which a causal attention without a cache takes the fused kernel and its gradient, or
+    None (MLX's graph). ``limit``: ``calibrate_training``'s; ``long``: ``calibrate_long_prefill``'s."""
+    count, length, dim = queries.shape[2], keys.shape[2], queries.shape[-1]
+    if not training_shape_fits(limit, count, length, dim):
+        return None
+    return training_sums(long, count, length, dim)

@@ -87,7 +87,7 @@ def run_checks(kernels: Kernels) -> CheckOutcome:
     prefill = calibrate_prefill(kernels.module)
     # past the one-chain limit only where it reached the BLAS's GEMM_Q (below it, sums already differ)
     long = calibrate_long_prefill(kernels.module) if prefill == PREFILL_KEYS[0] else None
-    training = calibrate_training(kernels.module, prefill)  # its forward is the prefill's
+    training = calibrate_training(kernels.module, prefill, long)  # its forward is the prefill's
     return CheckOutcome(None, calibrate(kernels.module), prefill, long, training)
 
 

@@ -1510,10 +1510,12 @@ mx::array decode_attention(const mx::array& queries, const mx::array& keys, cons
 // dqs = dS @ k and dk = (qs^T @ dS)^T, dS being the causal softmax's gradient; then dq = dqs * scale, and
 // dk and dv summed over a KV head's query heads in head order ((0 + h0) + h1) + ...). This kernel
 // computes the same in one pass per (batch row, KV head), with P recomputed as the fused forward computes
-// it (the same bits as the graph's), and each output's products added as one fma chain from zero over the
-// inner dimension: OpenBLAS's level-3 driver's sums while that dimension (the head size; the keys; the
-// queries) stays within its GEMM_Q. Python sends only shapes whose gradients were checked against MLX's
-// autodiff on this machine (attention_sums.calibrate_training). Products with an exact zero weight (the
+// it (the same bits as the graph's), and each output's products added as OpenBLAS's level-3 driver adds
+// them (BlasSums, as in the forward): one fma chain from zero over the inner dimension (the head size; the
+// keys; the queries) while it stays within its GEMM_Q, past that chains over the driver's blocks added one
+// after the other (a call's dimensions are all the same size in training, where L == S, so one rule cuts
+// every product). Python sends only shapes whose gradients were checked against MLX's autodiff on this
+// machine (attention_sums.calibrate_training). Products with an exact zero weight (the
 // masked half) are skipped: for a finite x, fma(+-0, x, chain) is the chain (but for the sign of a zero),
 // and the chains are still added in index order.
 struct AttentionVjpArgs {
@@ -1618,7 +1620,7 @@ static void attention_vjp_loop(const AttentionVjpArgs& a) {
 
 class AttentionVJP : public mx::Primitive {
  public:
-  AttentionVJP(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+  AttentionVJP(mx::Stream stream, float scale, BlasSums sums) : mx::Primitive(stream), scale_(scale), sums_(sums) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     auto& encoder = encode_io(stream(), inputs, outputs);
@@ -1629,7 +1631,7 @@ class AttentionVJP : public mx::Primitive {
                        static_cast<size_t>(k.shape(1)), static_cast<size_t>(q.shape(2)),
                        static_cast<size_t>(k.shape(2)), static_cast<size_t>(q.shape(3)),
                        {k.strides()[0], k.strides()[1], k.strides()[2]},
-                       {v.strides()[0], v.strides()[1], v.strides()[2]}, scale_, BlasSums{0, 1, false}};
+                       {v.strides()[0], v.strides()[1], v.strides()[2]}, scale_, sums_};
     encoder.dispatch([a]() { attention_vjp_loop(a); });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -1637,27 +1639,35 @@ class AttentionVJP : public mx::Primitive {
   }
   const char* name() const override { return "MlxMedAttentionVJP"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return std::string(name()) == other.name() && scale_ == static_cast<const AttentionVJP&>(other).scale_;
+    if (std::string(name()) != other.name()) return false;
+    auto& o = static_cast<const AttentionVJP&>(other);
+    return scale_ == o.scale_ && sums_.q == o.sums_.q && sums_.unroll == o.sums_.unroll &&
+           sums_.threaded == o.sums_.threaded;
   }
 
  private:
   float scale_;
+  BlasSums sums_;
 };
 
 std::vector<mx::array> attention_vjp(const mx::array& queries, const mx::array& keys, const mx::array& values,
-                                     const mx::array& cotan, float scale, mx::StreamOrDevice s_ = {}) {
+                                     const mx::array& cotan, float scale, int block, int unroll, bool threaded,
+                                     mx::StreamOrDevice s_ = {}) {
   auto s = mx::to_stream(s_);
   for (auto* a : {&queries, &keys, &values, &cotan}) require_f32_cpu(*a, s, "attention_vjp");
   if (queries.ndim() != 4 || keys.ndim() != 4 || keys.shape() != values.shape() || cotan.shape() != queries.shape() ||
       queries.shape(0) != keys.shape(0) || queries.shape(3) != keys.shape(3) || keys.shape(1) == 0 ||
-      queries.shape(1) % keys.shape(1) != 0 || queries.shape(2) == 0 || keys.shape(2) < queries.shape(2)) {
+      queries.shape(1) % keys.shape(1) != 0 || queries.shape(2) == 0 || keys.shape(2) < queries.shape(2) ||
+      block < 0 || unroll < 1) {
     throw std::invalid_argument(
         "[mlx_med.attention_vjp] needs queries and cotangent (B, Hq, L, D), keys and values (B, Hkv, S, D) with "
-        "Hkv dividing Hq and 0 < L <= S.");
+        "Hkv dividing Hq and 0 < L <= S, a block >= 0 and an unroll >= 1.");
   }
   return mx::array::make_arrays({queries.shape(), keys.shape(), keys.shape()},
                                 {mx::float32, mx::float32, mx::float32},
-                                std::make_shared<AttentionVJP>(s, scale),
+                                std::make_shared<AttentionVJP>(
+                                    s, scale, BlasSums{static_cast<size_t>(block), static_cast<size_t>(unroll), false,
+                                                       threaded}),
                                 {contiguous(queries, s), rows_contiguous(keys, s), rows_contiguous(values, s),
                                  contiguous(cotan, s)});
 }
@@ -1715,12 +1725,13 @@ NB_MODULE(_mlx_med_kernels, m) {
         "threaded driver's halving instead); with `small_scores`, the scores its AVX-512 small-matrix kernel "
         "takes are summed as that kernel does.");
   m.def("attention_vjp",
-        [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& c, float scale) {
-          auto grads = mlx_med::attention_vjp(q, k, v, c, scale);
+        [](const mx::array& q, const mx::array& k, const mx::array& v, const mx::array& c, float scale, int block,
+           int unroll, bool threaded) {
+          auto grads = mlx_med::attention_vjp(q, k, v, c, scale, block, unroll, threaded);
           return nb::make_tuple(grads[0], grads[1], grads[2]);
-        }, "queries"_a, "keys"_a, "values"_a, "cotangent"_a, "scale"_a,
-        "(d_queries, d_keys, d_values): MLX's gradients of its CPU causal attention (no cache), each sum one "
-        "chain over its inner dimension.");
+        }, "queries"_a, "keys"_a, "values"_a, "cotangent"_a, "scale"_a, "block"_a, "unroll"_a, "threaded"_a,
+        "(d_queries, d_keys, d_values): MLX's gradients of its CPU causal attention (no cache), each sum cut "
+        "as decode_attention's (block 0: one chain over its inner dimension).");
   m.def("threads", &mlx_med::kernel_threads, "The most threads one kernel call splits its rows over.");
   m.def("isa", &mlx_med::isa, "The instruction set the kernels run with on this CPU.");
   m.def("softmax", [](const mx::array& x) { return mlx_med::softmax(x); }, "x"_a, "Softmax over the last axis.");

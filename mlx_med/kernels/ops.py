@@ -10,12 +10,11 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_med.kernels.attention_sums import (
-    PREFILL_SUMS,
     BlasSums,
     LongPrefill,
     fits,
     prefill_sums,
-    training_fits,
+    training_call_sums,
 )
 from mlx_med.kernels.build import Built, load
 
@@ -158,15 +157,17 @@ def attention(kernels: Kernels, queries, keys, values, scale: float, mask, cache
         sums = prefill_sums(kernels.prefill_keys, kernels.long_prefill, queries, keys)
         if sums is not None:
             return fused_attention(kernels, queries, keys, values, scale, mask, sums)
-    elif isinstance(mask, str) and training_fits(kernels.training_keys, queries, keys):
-        return training_attention(kernels, queries, keys, values, scale)
+    elif isinstance(mask, str):
+        sums = training_call_sums(kernels.training_keys, kernels.long_prefill, queries, keys)
+        if sums is not None:
+            return training_attention(kernels, queries, keys, values, scale, sums)
     return graph_attention(kernels, queries, keys, values, scale, mask)
 
 
-def training_attention(kernels: Kernels, queries, keys, values, scale: float):
+def training_attention(kernels: Kernels, queries, keys, values, scale: float, sums: BlasSums):
     """A causal attention whose gradient is asked for: the fused prefill kernel forward, and its gradient in
     one pass (``cpu_kernels.cpp``: ``attention_vjp``), each the same bits as MLX's graph and its autodiff on
-    the shapes ``training_fits`` admits. MLX's graph would keep the attention weights of every block for the
+    the shapes ``training_call_sums`` admits, adding the sums as it says. MLX's graph would keep the attention weights of every block for the
     backward pass and run each of its six matmuls as one BLAS call per query head; this keeps the inputs and
     computes the weights again."""
     scale = float(np.float32(scale))  # the graph multiplies by the scale as an fp32 array
@@ -174,11 +175,11 @@ def training_attention(kernels: Kernels, queries, keys, values, scale: float):
 
     @mx.custom_function
     def fused(q, k, v):
-        return module.decode_attention(q, k, v, None, 3, scale, *PREFILL_SUMS)
+        return module.decode_attention(q, k, v, None, 3, scale, *sums)
 
     @fused.vjp
     def fused_vjp(primals, cotangent, output):
-        return module.attention_vjp(*primals, cotangent, scale)
+        return module.attention_vjp(*primals, cotangent, scale, sums.block, sums.unroll, sums.threaded)
 
     return fused(queries, keys, values)
 
@@ -274,5 +275,7 @@ def load_kernels() -> tuple[Kernels | None, str]:
         prefill += f" and {outcome.long_prefill.describe()}"
     training = (f"training attention fused up to {outcome.training_keys} keys" if outcome.training_keys
                 else "training attention: MLX's graph")
+    if outcome.training_keys > outcome.prefill_keys:
+        training += f" (cut as the prefill's past {outcome.prefill_keys})"
     return kernels, f"{kernels.isa}, {built.reason}, {decode}, {prefill}, {training}, " + (
         "matched MLX in an earlier check here" if recorded else "checked against MLX now")
