@@ -1534,12 +1534,14 @@ struct AttentionVjpScratch {
   std::vector<float> qs, weights, grads, transposed, partial, packed_keys;
 };
 
-// rows x cols of `in` (cols apart) into cols x rows.
+// rows x cols of `in` (cols apart) into cols x rows, in tiles of 4 x 4: at 1024 keys the rows lie 4 KiB
+// apart, and a larger tile's lines fall into the same L1 sets (16 x 16 took the gradient of a 1024-key
+// block 113 ms, 4 x 4 88 ms, and less at every length).
 static void transpose_rows(const float* in, size_t rows, size_t cols, float* out) {
-  for (size_t r0 = 0; r0 < rows; r0 += 16)
-    for (size_t c0 = 0; c0 < cols; c0 += 16)
-      for (size_t r = r0; r < std::min(rows, r0 + 16); r++)
-        for (size_t c = c0; c < std::min(cols, c0 + 16); c++) out[c * rows + r] = in[r * cols + c];
+  for (size_t r0 = 0; r0 < rows; r0 += 4)
+    for (size_t c0 = 0; c0 < cols; c0 += 4)
+      for (size_t r = r0; r < std::min(rows, r0 + 4); r++)
+        for (size_t c = c0; c < std::min(cols, c0 + 4); c++) out[c * rows + r] = in[r * cols + c];
 }
 
 // Per block of output keys, sum over queries of weights^T (S x L, the queries a key is visible to
