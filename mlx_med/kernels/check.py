@@ -2,7 +2,7 @@
 the fused attention's calibrations against the BLAS (``attention_sums.calibrate`` for a decode step,
 ``calibrate_prefill`` for a prefill, ``calibrate_training`` for a training step's gradient).
 
-Together they take about 5 s on a 2-core CPU, so their outcome is recorded beside the module
+Together they take about 10 s on a 2-core CPU, so their outcome is recorded beside the module
 (``self-check.json``) under a key of everything it depends on: the module file, MLX's library, the
 BLAS under it, the CPU, the instruction set the kernels picked and the threads a call may use. A
 later process with the same key reads the outcome instead of checking again (``recorded_self_check``);

@@ -894,6 +894,8 @@ struct BlasSums {
   bool small_scores;      // scores within its small-matrix permit take sgemm_small_kernel_tn's sums
   bool threaded = false;  // the threaded driver's cut (level3_thread.c): between Q and 2Q, half rounded up
   size_t place = 0;       // the weighted values' blocks are placed over this many keys (0: the loop's end)
+
+  bool operator==(const BlasSums&) const = default;
 };
 
 static size_t next_block(size_t remaining, BlasSums b) {
@@ -1459,8 +1461,7 @@ class DecodeAttention : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const DecodeAttention&>(other);
     return std::string(name()) == other.name() && scale_ == o.scale_ && mask_kind_ == o.mask_kind_ &&
-           sums_.q == o.sums_.q && sums_.unroll == o.sums_.unroll &&
-           sums_.small_scores == o.sums_.small_scores && sums_.threaded == o.sums_.threaded;
+           sums_ == o.sums_;
   }
 
  private:
@@ -1567,8 +1568,9 @@ static void attention_vjp_one_kv_head(const AttentionVjpArgs& a, size_t b, size_
   const float* dout = a.dout + first * D;
   const float* k = a.k + static_cast<int64_t>(b) * a.k_strides[0] + static_cast<int64_t>(h) * a.k_strides[1];
   const float* v = a.v + static_cast<int64_t>(b) * a.v_strides[0] + static_cast<int64_t>(h) * a.v_strides[1];
-  // P as the fused forward computes it, and dS = the causal softmax's gradient of dP = dout @ v^T, each
-  // block of rows only over the keys one of them sees
+  // P as the fused forward computes it, dS = the causal softmax's gradient of dP = dout @ v^T, and
+  // dq = (dS @ k) * scale, each block of rows only over the keys one of them sees
+  float* dq = a.dq + first * D;
   for (size_t r0 = 0; r0 < rows; r0 += kPrefillRows) {
     size_t r1 = std::min(rows, r0 + kPrefillRows), end = 0;
     for (size_t r = r0; r < r1; r++) end = std::max(end, visible_keys(r % L, L, S));
@@ -1584,16 +1586,9 @@ static void attention_vjp_one_kv_head(const AttentionVjpArgs& a, size_t b, size_
       softmax_vjp_rows_f32(p, g, g, 1, row_end);
       std::fill(g + row_end, g + S, 0.0f);  // Select's vjp: 0 * d where masked
     }
+    weighted_values(t.grads.data() + r0 * S, r1 - r0, k, a.k_strides[2], 0, end, S, D, a.sums, dq + r0 * D);
+    for (size_t i = r0 * D; i < r1 * D; i++) dq[i] = dq[i] * a.scale;
   }
-  // dq = (dS @ k) * scale
-  for (size_t r0 = 0; r0 < rows; r0 += kPrefillRows) {
-    size_t r1 = std::min(rows, r0 + kPrefillRows), end = 0;
-    for (size_t r = r0; r < r1; r++) end = std::max(end, visible_keys(r % L, L, S));
-    weighted_values(t.grads.data() + r0 * S, r1 - r0, k, a.k_strides[2], 0, end, S, D, a.sums,
-                    a.dq + (first + r0) * D);
-  }
-  float* dq = a.dq + first * D;
-  for (size_t i = 0; i < rows * D; i++) dq[i] = dq[i] * a.scale;
   // dk = sum over the query heads of dS^T @ qs, dv = sum of P^T @ dout, in head order
   size_t kv = (b * a.Hkv + h) * S * D;
   t.transposed.resize(S * L);
@@ -1643,8 +1638,7 @@ class AttentionVJP : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     if (std::string(name()) != other.name()) return false;
     auto& o = static_cast<const AttentionVJP&>(other);
-    return scale_ == o.scale_ && sums_.q == o.sums_.q && sums_.unroll == o.sums_.unroll &&
-           sums_.threaded == o.sums_.threaded;
+    return scale_ == o.scale_ && sums_ == o.sums_;
   }
 
  private:
