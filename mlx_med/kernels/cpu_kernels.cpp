@@ -1180,12 +1180,13 @@ AVX2_FMA static void weighted_values_rows(const float* w, size_t w_row, const fl
   }
 }
 
-AVX2_FMA static void weighted_values_avx2(const float* w, size_t rows, const float* v, int64_t v_row, size_t first,
-                                          size_t end, size_t S, size_t D, BlasSums sums, float* out) {
+AVX2_FMA static void weighted_values_avx2(const float* w, size_t w_row, size_t rows, const float* v, int64_t v_row,
+                                          size_t first, size_t end, size_t S, size_t D, BlasSums sums, float* out) {
   size_t r = 0;
-  for (; r + 3 <= rows; r += 3) weighted_values_rows<3>(w + r * S, S, v, v_row, first, end, D, sums, out + r * D, D);
-  if (rows - r == 2) weighted_values_rows<2>(w + r * S, S, v, v_row, first, end, D, sums, out + r * D, D);
-  if (rows - r == 1) weighted_values_rows<1>(w + r * S, S, v, v_row, first, end, D, sums, out + r * D, D);
+  for (; r + 3 <= rows; r += 3)
+    weighted_values_rows<3>(w + r * w_row, w_row, v, v_row, first, end, D, sums, out + r * D, D);
+  if (rows - r == 2) weighted_values_rows<2>(w + r * w_row, w_row, v, v_row, first, end, D, sums, out + r * D, D);
+  if (rows - r == 1) weighted_values_rows<1>(w + r * w_row, w_row, v, v_row, first, end, D, sums, out + r * D, D);
 }
 // The decode attention with 16-float vectors, for CPUs with AVX-512 (whose OpenBLAS builds are the ones
 // with small-matrix scores). Same sums as the loops above: the lanes only change how many outputs a
@@ -1304,12 +1305,13 @@ AVX512F static void weighted_values_rows16(const float* w, size_t w_row, const f
   }
 }
 
-AVX512F static void weighted_values_avx512(const float* w, size_t rows, const float* v, int64_t v_row, size_t first,
-                                           size_t end, size_t S, size_t D, BlasSums sums, float* out) {
+AVX512F static void weighted_values_avx512(const float* w, size_t w_row, size_t rows, const float* v, int64_t v_row,
+                                           size_t first, size_t end, size_t S, size_t D, BlasSums sums, float* out) {
   size_t r = 0;
-  for (; r + 3 <= rows; r += 3) weighted_values_rows16<3>(w + r * S, S, v, v_row, first, end, D, sums, out + r * D, D);
-  if (rows - r == 2) weighted_values_rows16<2>(w + r * S, S, v, v_row, first, end, D, sums, out + r * D, D);
-  if (rows - r == 1) weighted_values_rows16<1>(w + r * S, S, v, v_row, first, end, D, sums, out + r * D, D);
+  for (; r + 3 <= rows; r += 3)
+    weighted_values_rows16<3>(w + r * w_row, w_row, v, v_row, first, end, D, sums, out + r * D, D);
+  if (rows - r == 2) weighted_values_rows16<2>(w + r * w_row, w_row, v, v_row, first, end, D, sums, out + r * D, D);
+  if (rows - r == 1) weighted_values_rows16<1>(w + r * w_row, w_row, v, v_row, first, end, D, sums, out + r * D, D);
 }
 #endif
 
@@ -1327,17 +1329,17 @@ static void attention_scores(const float* qs, size_t rows, const float* k, int64
   attention_scores_f32(qs, rows, k, k_row, first, end, S, D, sums, scores);
 }
 
-// Each of `rows` rows of weights (S apart) over the values, into rows of D outputs; the weights of keys
+// Each of `rows` rows of weights (w_row apart) over the values, into rows of D outputs; the weights of keys
 // before `first`, and from `end` on, are zero (masked out) and those keys are not read. `end` < S only
 // for uncut sums (a cut's blocks are placed by S).
-static void weighted_values(const float* w, size_t rows, const float* v, int64_t v_row, size_t first, size_t end,
-                            size_t S, size_t D, BlasSums sums, float* out) {
+static void weighted_values(const float* w, size_t w_row, size_t rows, const float* v, int64_t v_row, size_t first,
+                            size_t end, size_t S, size_t D, BlasSums sums, float* out) {
   sums.place = S;  // blocks over the whole call's keys, wherever the loops stop (value_block_end)
 #ifdef MLX_MED_AVX2
-  if (has_avx512f()) return weighted_values_avx512(w, rows, v, v_row, first, end, S, D, sums, out);
-  if (has_avx2_fma()) return weighted_values_avx2(w, rows, v, v_row, first, end, S, D, sums, out);
+  if (has_avx512f()) return weighted_values_avx512(w, w_row, rows, v, v_row, first, end, S, D, sums, out);
+  if (has_avx2_fma()) return weighted_values_avx2(w, w_row, rows, v, v_row, first, end, S, D, sums, out);
 #endif
-  for (size_t r = 0; r < rows; r++) weighted_values_f32(w + r * S, v, v_row, first, end, D, sums, out + r * D);
+  for (size_t r = 0; r < rows; r++) weighted_values_f32(w + r * w_row, v, v_row, first, end, D, sums, out + r * D);
 }
 
 // The keys every one of `rows` rows (S apart) masks out before its first visible one: a batch KV cache's
@@ -1422,7 +1424,7 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
       softmax_rows_f32(row, row, 1, row_end);
       std::fill(row + row_end, row + a.S, 0.0f);  // exp(lowest - max) of every key it does not see
     }
-    weighted_values(scores.data() + r0 * a.S, r1 - r0, v, a.v_strides[2], skip, end, a.S, a.D, a.sums,
+    weighted_values(scores.data() + r0 * a.S, a.S, r1 - r0, v, a.v_strides[2], skip, end, a.S, a.D, a.sums,
                     a.out + (first + r0) * a.D);
   }
 }
@@ -1535,25 +1537,31 @@ struct AttentionVjpScratch {
   std::vector<float> qs, weights, grads, transposed, partial, packed_keys;
 };
 
-// rows x cols of `in` (cols apart) into cols x rows, in tiles of 4 x 4: at 1024 keys the rows lie 4 KiB
-// apart, and a larger tile's lines fall into the same L1 sets (16 x 16 took the gradient of a 1024-key
-// block 113 ms, 4 x 4 88 ms, and less at every length).
-static void transpose_rows(const float* in, size_t rows, size_t cols, float* out) {
+// rows x cols of `in` (cols apart) into cols x rows (`out_row` apart), in tiles of 4 x 4: at 1024 keys
+// the rows lie 4 KiB apart, and a larger tile's lines fall into the same L1 sets (16 x 16 took the
+// gradient of a 1024-key block 113 ms, 4 x 4 88 ms, and less at every length; with the output's rows
+// spread too, spread_row, 65 ms, as at 1016 keys).
+static void transpose_rows(const float* in, size_t rows, size_t cols, float* out, size_t out_row) {
   for (size_t r0 = 0; r0 < rows; r0 += 4)
     for (size_t c0 = 0; c0 < cols; c0 += 4)
       for (size_t r = r0; r < std::min(rows, r0 + 4); r++)
-        for (size_t c = c0; c < std::min(cols, c0 + 4); c++) out[c * rows + r] = in[r * cols + c];
+        for (size_t c = c0; c < std::min(cols, c0 + 4); c++) out[c * out_row + r] = in[r * cols + c];
 }
+
+// The distance between a transposed buffer's rows of `length` floats: one cache line more where they
+// would lie a multiple of 4 KiB apart (then every row maps to the same L1 sets).
+static size_t spread_row(size_t length) { return length % 1024 == 0 ? length + 16 : length; }
 
 // Per block of output keys, sum over queries of weights^T (S x L, the queries a key is visible to
 // from the first) times `values` (L x D): the chains over queries, into `out` (S x D).
-static void over_queries(const AttentionVjpArgs& a, const float* transposed, const float* values, float* out) {
+static void over_queries(const AttentionVjpArgs& a, const float* transposed, size_t t_row, const float* values,
+                         float* out) {
   size_t hidden = a.S - a.L;  // keys before the first query's own: visible to every query
   for (size_t s0 = 0; s0 < a.S; s0 += kPrefillRows) {
     size_t s1 = std::min(a.S, s0 + kPrefillRows);
     size_t first = s0 > hidden ? s0 - hidden : 0;  // the first query that sees key s0 (earlier ones: weight 0)
-    weighted_values(transposed + s0 * a.L, s1 - s0, values, static_cast<int64_t>(a.D), first, a.L, a.L, a.D, a.sums,
-                    out + s0 * a.D);
+    weighted_values(transposed + s0 * t_row, t_row, s1 - s0, values, static_cast<int64_t>(a.D), first, a.L, a.L, a.D,
+                    a.sums, out + s0 * a.D);
   }
 }
 
@@ -1586,20 +1594,21 @@ static void attention_vjp_one_kv_head(const AttentionVjpArgs& a, size_t b, size_
       softmax_vjp_rows_f32(p, g, g, 1, row_end);
       std::fill(g + row_end, g + S, 0.0f);  // Select's vjp: 0 * d where masked
     }
-    weighted_values(t.grads.data() + r0 * S, r1 - r0, k, a.k_strides[2], 0, end, S, D, a.sums, dq + r0 * D);
+    weighted_values(t.grads.data() + r0 * S, S, r1 - r0, k, a.k_strides[2], 0, end, S, D, a.sums, dq + r0 * D);
     for (size_t i = r0 * D; i < r1 * D; i++) dq[i] = dq[i] * a.scale;
   }
   // dk = sum over the query heads of dS^T @ qs, dv = sum of P^T @ dout, in head order
   size_t kv = (b * a.Hkv + h) * S * D;
-  t.transposed.resize(S * L);
+  size_t t_row = spread_row(L);
+  t.transposed.resize(S * t_row);
   t.partial.resize(S * D);
   for (size_t r = 0; r < repeats; r++) {
     using Part = std::tuple<const float*, const float*, float*>;  // weights (L x S), values (L x D), output
     for (auto [weights, values, out] : {Part{t.grads.data(), t.qs.data(), a.dk + kv},
                                         Part{t.weights.data(), dout, a.dv + kv}}) {
-      transpose_rows(weights + r * L * S, L, S, t.transposed.data());
+      transpose_rows(weights + r * L * S, L, S, t.transposed.data(), t_row);
       float* target = r == 0 ? out : t.partial.data();
-      over_queries(a, t.transposed.data(), values + r * L * D, target);
+      over_queries(a, t.transposed.data(), t_row, values + r * L * D, target);
       if (r > 0)
         for (size_t i = 0; i < S * D; i++) out[i] = out[i] + t.partial[i];
     }
