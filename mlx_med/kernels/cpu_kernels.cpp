@@ -1619,7 +1619,7 @@ static void attention_vjp_one_kv_head(const AttentionVjpArgs& a, size_t b, size_
       std::fill(g + row_end, g + S, 0.0f);  // Select's vjp: 0 * d where masked
     }
     weighted_values(t.grads.data() + r0 * S, S, r1 - r0, k, a.k_strides[2], 0, end, S, D, a.sums, dq + r0 * D);
-    for (size_t i = r0 * D; i < r1 * D; i++) dq[i] = dq[i] * a.scale;
+    scale_f32(dq + r0 * D, a.scale, (r1 - r0) * D);
   }
   // dk = sum over the query heads of dS^T @ qs, dv = sum of P^T @ dout, in head order
   size_t kv = (b * a.Hkv + h) * S * D;

@@ -167,9 +167,9 @@ def attention(kernels: Kernels, queries, keys, values, scale: float, mask, cache
 def training_attention(kernels: Kernels, queries, keys, values, scale: float, sums: BlasSums):
     """A causal attention whose gradient is asked for: the fused prefill kernel forward, and its gradient in
     one pass (``cpu_kernels.cpp``: ``attention_vjp``), each the same bits as MLX's graph and its autodiff on
-    the shapes ``training_call_sums`` admits, adding the sums as it says. MLX's graph would keep the attention weights of every block for the
-    backward pass and run each of its six matmuls as one BLAS call per query head; this keeps the inputs and
-    computes the weights again."""
+    the shapes ``training_call_sums`` admits, adding the sums as it says. MLX's graph would keep the
+    attention weights of every block for the backward pass and run each of its six matmuls as one BLAS call
+    per query head; this keeps the inputs and computes the weights again."""
     scale = float(np.float32(scale))  # the graph multiplies by the scale as an fp32 array
     module = kernels.module
 
