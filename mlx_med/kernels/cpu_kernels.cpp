@@ -305,30 +305,75 @@ static void logsumexp_rows_f32(const float* in, float* out, size_t rows, size_t 
   }
 }
 
-// MLX's fp32 softmax, row by row: the maximum (NaN sticks), the exponentials, their sum added in
-// index order (the order MLX adds them in, so the same rounding), one reciprocal, one multiply each.
-static void softmax_rows_f32(const float* in, float* out, size_t rows, size_t cols) {
-  for (size_t r = 0; r < rows; r++, in += cols, out += cols) {
-    float maximum = row_max_f32(in, cols);
-    shifted_exp_f32(in, out, maximum, cols);
-    float normalizer = 0.0f;
-    for (size_t i = 0; i < cols; i++) normalizer += out[i];
-    scale_f32(out, 1 / normalizer, cols);
+// Each row's sum added in index order from 0, as MLX's CPU reductions add an fp32 row on x86 (one lane):
+// Chains rows, `stride` apart, row j over its first lengths[j] values. One row's adds each wait for the
+// one before; the rows' chains interleaved keep the adder busy, and every row gets the same bits.
+template <size_t Chains>
+static void interleaved_sums(const float* rows, size_t stride, const size_t* lengths, float* sums) {
+  size_t common = *std::min_element(lengths, lengths + Chains);
+  float total[Chains] = {};
+  for (size_t i = 0; i < common; i++)
+    for (size_t j = 0; j < Chains; j++) total[j] += rows[j * stride + i];
+  for (size_t j = 0; j < Chains; j++) {
+    for (size_t i = common; i < lengths[j]; i++) total[j] += rows[j * stride + i];
+    sums[j] = total[j];
   }
 }
 
-// MLX's Softmax::vjp for fp32, row by row: sv = y * c, the row sum of sv in index order, then
-// sv - y * sum (separate rounding for each product and difference, as MLX's Multiply/Sum/Subtract).
-static void softmax_vjp_rows_f32(const float* y, const float* c, float* d, size_t rows, size_t cols) {
-  for (size_t r = 0; r < rows; r++, y += cols, c += cols, d += cols) {
-    float total = 0.0f;
-    for (size_t i = 0; i < cols; i++) {
-      d[i] = y[i] * c[i];
-      total += d[i];
-    }
-    total = 0.0f + total;  // MLX adds the accumulated row to the reduction's initial 0
-    for (size_t i = 0; i < cols; i++) d[i] = d[i] - y[i] * total;
+static void ordered_row_sums(const float* rows, size_t stride, const size_t* lengths, size_t count, float* sums) {
+  size_t j = 0;
+  for (; j + 8 <= count; j += 8) interleaved_sums<8>(rows + j * stride, stride, lengths + j, sums + j);
+  for (; j + 4 <= count; j += 4) interleaved_sums<4>(rows + j * stride, stride, lengths + j, sums + j);
+  for (; j < count; j++) interleaved_sums<1>(rows + j * stride, stride, lengths + j, sums + j);
+}
+
+constexpr size_t kSoftmaxRows = 32;  // rows whose sums are taken together
+
+// MLX's fp32 softmax of `count` rows `stride` apart, row j over its first lengths[j] values (the rest
+// untouched): the maximum (NaN sticks), the exponentials, their sum added in index order (the order MLX
+// adds them in, so the same rounding), one reciprocal, one multiply each. `in` may be `out`.
+static void softmax_rows_f32(const float* in, float* out, size_t stride, const size_t* lengths, size_t count) {
+  float normalizers[kSoftmaxRows];
+  for (size_t j0 = 0; j0 < count; j0 += kSoftmaxRows) {
+    size_t rows = std::min(kSoftmaxRows, count - j0);
+    for (size_t j = j0; j < j0 + rows; j++)
+      shifted_exp_f32(in + j * stride, out + j * stride, row_max_f32(in + j * stride, lengths[j]), lengths[j]);
+    ordered_row_sums(out + j0 * stride, stride, lengths + j0, rows, normalizers);
+    for (size_t j = 0; j < rows; j++) scale_f32(out + (j0 + j) * stride, 1 / normalizers[j], lengths[j0 + j]);
   }
+}
+
+// The same for `rows` whole rows of `cols`.
+static void softmax_rows_f32(const float* in, float* out, size_t rows, size_t cols) {
+  size_t lengths[kSoftmaxRows];
+  std::fill(lengths, lengths + kSoftmaxRows, cols);
+  for (size_t r = 0; r < rows; r += kSoftmaxRows)
+    softmax_rows_f32(in + r * cols, out + r * cols, cols, lengths, std::min(kSoftmaxRows, rows - r));
+}
+
+// MLX's Softmax::vjp for fp32 (rows as softmax_rows_f32's): sv = y * c, the row sum of sv in index order,
+// then sv - y * sum (separate rounding for each product and difference, as MLX's Multiply/Sum/Subtract).
+// `c` may be `d`.
+static void softmax_vjp_rows_f32(const float* y, const float* c, float* d, size_t stride, const size_t* lengths,
+                                 size_t count) {
+  float totals[kSoftmaxRows];
+  for (size_t j0 = 0; j0 < count; j0 += kSoftmaxRows) {
+    size_t rows = std::min(kSoftmaxRows, count - j0);
+    for (size_t j = j0; j < j0 + rows; j++)
+      for (size_t i = 0, at = j * stride; i < lengths[j]; i++) d[at + i] = y[at + i] * c[at + i];
+    ordered_row_sums(d + j0 * stride, stride, lengths + j0, rows, totals);
+    for (size_t j = j0; j < j0 + rows; j++) {
+      float total = 0.0f + totals[j - j0];  // MLX adds the accumulated row to the reduction's initial 0
+      for (size_t i = 0, at = j * stride; i < lengths[j]; i++) d[at + i] = d[at + i] - y[at + i] * total;
+    }
+  }
+}
+
+static void softmax_vjp_rows_f32(const float* y, const float* c, float* d, size_t rows, size_t cols) {
+  size_t lengths[kSoftmaxRows];
+  std::fill(lengths, lengths + kSoftmaxRows, cols);
+  for (size_t r = 0; r < rows; r += kSoftmaxRows)
+    softmax_vjp_rows_f32(y + r * cols, c + r * cols, d + r * cols, cols, lengths, std::min(kSoftmaxRows, rows - r));
 }
 
 // The cross-entropy of MLX's nn.losses.cross_entropy for class-index targets (its CPU path), one row
@@ -1409,7 +1454,7 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
                      scores.data() + r0 * a.S, packed_keys);
     for (size_t r = r0; r < r1; r++) {
       float* row = scores.data() + r * a.S;
-      size_t at = (first + r) * a.S, row_end = by_blocks ? ends[r - r0] : a.S;
+      size_t at = (first + r) * a.S;
       std::fill(row + end, row + a.S, lowest);  // not scored: masked out for every row of the block
       if (a.mask_kind == 1) {
         const bool* keep = static_cast<const bool*>(a.mask) + at;
@@ -1421,8 +1466,14 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
       } else if (a.mask_kind == 3) {
         std::fill(row + visible_keys(r % a.L, a.L, a.S), row + a.S, lowest);
       }
-      softmax_rows_f32(row, row, 1, row_end);
-      std::fill(row + row_end, row + a.S, 0.0f);  // exp(lowest - max) of every key it does not see
+    }
+    float* block_scores = scores.data() + r0 * a.S;
+    if (by_blocks) {
+      softmax_rows_f32(block_scores, block_scores, a.S, ends, r1 - r0);
+      for (size_t r = r0; r < r1; r++)  // exp(lowest - max) of every key the row does not see
+        std::fill(block_scores + (r - r0) * a.S + ends[r - r0], block_scores + (r - r0 + 1) * a.S, 0.0f);
+    } else {
+      softmax_rows_f32(block_scores, block_scores, r1 - r0, a.S);
     }
     weighted_values(scores.data() + r0 * a.S, a.S, r1 - r0, v, a.v_strides[2], skip, end, a.S, a.D, a.sums,
                     a.out + (first + r0) * a.D);
@@ -1610,13 +1661,14 @@ static void attention_vjp_one_kv_head(const AttentionVjpArgs& a, size_t b, size_
                      t.weights.data() + r0 * S, t.packed_keys);
     attention_scores(dout + r0 * D, r1 - r0, v, a.v_strides[2], 0, end, S, D, a.sums, t.grads.data() + r0 * S,
                      t.packed_keys);
-    for (size_t r = r0; r < r1; r++) {
-      float *p = t.weights.data() + r * S, *g = t.grads.data() + r * S;
-      size_t row_end = visible_keys(r % L, L, S);
-      softmax_rows_f32(p, p, 1, row_end);
-      std::fill(p + row_end, p + S, 0.0f);  // exp(lowest - max) of every key it does not see
-      softmax_vjp_rows_f32(p, g, g, 1, row_end);
-      std::fill(g + row_end, g + S, 0.0f);  // Select's vjp: 0 * d where masked
+    size_t row_ends[kPrefillRows];
+    for (size_t r = r0; r < r1; r++) row_ends[r - r0] = visible_keys(r % L, L, S);
+    float *p = t.weights.data() + r0 * S, *g = t.grads.data() + r0 * S;
+    softmax_rows_f32(p, p, S, row_ends, r1 - r0);
+    softmax_vjp_rows_f32(p, g, g, S, row_ends, r1 - r0);
+    for (size_t r = 0; r < r1 - r0; r++) {
+      std::fill(p + r * S + row_ends[r], p + (r + 1) * S, 0.0f);  // exp(lowest - max) of every key it does not see
+      std::fill(g + r * S + row_ends[r], g + (r + 1) * S, 0.0f);  // Select's vjp: 0 * d where masked
     }
     weighted_values(t.grads.data() + r0 * S, S, r1 - r0, k, a.k_strides[2], 0, end, S, D, a.sums, dq + r0 * D);
     scale_f32(dq + r0 * D, a.scale, (r1 - r0) * D);
