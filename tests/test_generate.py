@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
 import mlx_med  # noqa: F401
@@ -9,6 +11,7 @@ from mlx_med.evaluation.decoding import DecodingConfig, make_sampler
 from mlx_med.evaluation.generate import (
     DecodeStep,
     GenerationProfile,
+    GenerationProgress,
     candidate_sampler,
     encode_chat,
     generate_batch,
@@ -150,3 +153,30 @@ def test_system_prompt_is_added_once(loaded):
 
 def test_empty_input_gives_empty_output(loaded):
     assert generate_batch(loaded.model, loaded.tokenizer, [], DecodingConfig(), progress=False) == []
+
+
+def test_progress_counts_a_stopped_rows_unused_budget():
+    bar = GenerationProgress(rows=4, max_new_tokens=10, file=io.StringIO())
+    for _ in range(3):
+        bar.token()
+    assert bar.bar.n == 3
+    bar.row_done(3)  # stopped after 3 of its 10 tokens: all 10 are done
+    assert bar.bar.n == 10 and bar.bar.total == 40
+    bar.refresh(3)
+    assert bar.bar.postfix.startswith("1/4 seq, ")
+    bar.close()
+
+
+def test_generation_bar_ends_at_its_whole_budget(loaded, monkeypatch):
+    import mlx_med.evaluation.generate as generate
+
+    closed = []
+
+    class Recording(generate.GenerationProgress):
+        def close(self):
+            closed.append((self.bar.n, self.bar.total, self.rows_done))
+            super().close()
+
+    monkeypatch.setattr(generate, "GenerationProgress", Recording)
+    generate_batch(loaded.model, loaded.tokenizer, CONVERSATIONS, DecodingConfig(max_new_tokens=12), batch_size=4)
+    assert closed == [(len(CONVERSATIONS) * 12, len(CONVERSATIONS) * 12, len(CONVERSATIONS))]

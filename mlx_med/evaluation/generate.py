@@ -230,7 +230,8 @@ def generate_batch(
         decoding: sampling settings; ``decoding.seed`` seeds MLX's RNG when sampling.
         batch_size: sequences decoded together.
         system: system prompt added to conversations that have none.
-        progress: show a tqdm bar (sequences done, generated tokens/s) on stderr.
+        progress: show a tqdm bar on stderr (``GenerationProgress``: percentage and ETA over the
+            token budget, sequences done, generated tokens/s).
         on_result: called as ``on_result(index, result)`` as soon as a sequence finishes, in
             completion order (the eval runner appends it to disk so an interrupted run resumes).
         prefill_batch_size: prompts prefilled together (default ``min(batch_size, PREFILL_ROWS)``).
@@ -278,7 +279,7 @@ def generate_batch(
         prefill_batch_size=min(batch_size, prefill_batch_size or PREFILL_ROWS),
     )
     detokenize_s = 0.0
-    bar = _progress_bar(len(prompts), progress)
+    bar = GenerationProgress(len(prompts), decoding.max_new_tokens) if progress else None
     results: list[GenerationResult | None] = [None] * len(prompts)
     try:
         with gen.stats() as stats:
@@ -301,6 +302,8 @@ def generate_batch(
                     if r.finish_reason != "stop":  # the stop token itself is not part of the answer
                         tokens[r.uid].append(r.token)
                         generated += 1
+                        if bar is not None:
+                            bar.token()
                     if r.finish_reason is None:
                         continue
                     i = index_of[r.uid]
@@ -317,9 +320,9 @@ def generate_batch(
                     if on_result is not None:
                         on_result(i, results[i])
                     if bar is not None:
-                        bar.update(1)
+                        bar.row_done(len(ids))
                 if bar is not None:
-                    bar.set_postfix_str(f"{generated / max(bar.format_dict['elapsed'], 1e-9):.1f} tok/s")
+                    bar.refresh(generated)
     finally:
         gen.close()
         if row_weights is not None:
@@ -338,9 +341,34 @@ def generate_batch(
     return results  # type: ignore[return-value]
 
 
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
+class GenerationProgress:
+    """The generation's tqdm bar on stderr. Its percentage and ETA count the token budget (rows x max new
+    tokens; a row that stops early has its unused tokens counted when it stops), so the estimate follows
+    the decode steps: rows finish in waves, and a bar counting rows extrapolated from the first to finish
+    (an ETA of hours for a three-minute sweep). The rows done and the tokens/s are in its postfix."""
 
-    return tqdm(total=total, desc="generate", unit="seq", leave=False, dynamic_ncols=True)
+    def __init__(self, rows: int, max_new_tokens: int, file=None):
+        from tqdm import tqdm
+
+        self.rows, self.max_new_tokens, self.rows_done = rows, max_new_tokens, 0
+        self.bar = tqdm(total=rows * max_new_tokens, desc="generate", unit="tok", leave=False,
+                        dynamic_ncols=True, file=file,
+                        bar_format="{l_bar}{bar}| [{elapsed}<{remaining}{postfix}]")
+        self.bar.set_postfix_str(f"0/{rows} seq", refresh=False)
+
+    def token(self) -> None:
+        """One generated token of a row still running."""
+        self.bar.update(1)
+
+    def row_done(self, generated: int) -> None:
+        """A row ended after `generated` tokens: the rest of its budget is done too."""
+        self.rows_done += 1
+        self.bar.update(self.max_new_tokens - generated)
+
+    def refresh(self, generated: int) -> None:
+        """After a step: the rows done and the tokens generated per second so far."""
+        rate = generated / max(self.bar.format_dict["elapsed"], 1e-9)
+        self.bar.set_postfix_str(f"{self.rows_done}/{self.rows} seq, {rate:.1f} tok/s")
+
+    def close(self) -> None:
+        self.bar.close()
