@@ -305,9 +305,9 @@ static void logsumexp_rows_f32(const float* in, float* out, size_t rows, size_t 
   }
 }
 
-// Each row's sum added in index order from 0, as MLX's CPU reductions add an fp32 row on x86 (one lane):
-// Chains rows, `stride` apart, row j over its first lengths[j] values. One row's adds each wait for the
-// one before; the rows' chains interleaved keep the adder busy, and every row gets the same bits.
+// The sums of `Chains` rows `stride` apart, row j over its first lengths[j] values, each added in index
+// order from 0 as MLX's CPU reductions add an fp32 row on x86 (one lane). In one row each add waits for
+// the one before; the rows' chains interleaved keep the adder busy, and every row gets the same bits.
 template <size_t Chains>
 static void interleaved_sums(const float* rows, size_t stride, const size_t* lengths, float* sums) {
   size_t common = *std::min_element(lengths, lengths + Chains);
@@ -320,6 +320,7 @@ static void interleaved_sums(const float* rows, size_t stride, const size_t* len
   }
 }
 
+// interleaved_sums over `count` rows, eight at a time while eight are left.
 static void ordered_row_sums(const float* rows, size_t stride, const size_t* lengths, size_t count, float* sums) {
   size_t j = 0;
   for (; j + 8 <= count; j += 8) interleaved_sums<8>(rows + j * stride, stride, lengths + j, sums + j);
