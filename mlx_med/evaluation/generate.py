@@ -351,7 +351,7 @@ class GenerationProgress:
         from tqdm import tqdm
 
         self.rows, self.max_new_tokens, self.rows_done = rows, max_new_tokens, 0
-        self.bar = tqdm(total=rows * max_new_tokens, desc="generate", unit="tok", leave=False,
+        self.bar = tqdm(total=rows * max_new_tokens, desc="generate", leave=False,
                         dynamic_ncols=True, file=file,
                         bar_format="{l_bar}{bar}| [{elapsed}<{remaining}{postfix}]")
         self.bar.set_postfix_str(f"0/{rows} seq", refresh=False)

@@ -344,12 +344,20 @@ static void softmax_rows_f32(const float* in, float* out, size_t stride, const s
   }
 }
 
-// The same for `rows` whole rows of `cols`.
-static void softmax_rows_f32(const float* in, float* out, size_t rows, size_t cols) {
+// `rows` whole rows of `cols` for the functions above: body(offset of the group's first row, lengths,
+// rows in the group), kSoftmaxRows rows at a time.
+template <typename Body>
+static void in_row_groups(size_t rows, size_t cols, Body body) {
   size_t lengths[kSoftmaxRows];
   std::fill(lengths, lengths + kSoftmaxRows, cols);
-  for (size_t r = 0; r < rows; r += kSoftmaxRows)
-    softmax_rows_f32(in + r * cols, out + r * cols, cols, lengths, std::min(kSoftmaxRows, rows - r));
+  for (size_t r = 0; r < rows; r += kSoftmaxRows) body(r * cols, lengths, std::min(kSoftmaxRows, rows - r));
+}
+
+// The same for `rows` whole rows of `cols`.
+static void softmax_rows_f32(const float* in, float* out, size_t rows, size_t cols) {
+  in_row_groups(rows, cols, [&](size_t at, const size_t* lengths, size_t count) {
+    softmax_rows_f32(in + at, out + at, cols, lengths, count);
+  });
 }
 
 // MLX's Softmax::vjp for fp32 (rows as softmax_rows_f32's): sv = y * c, the row sum of sv in index order,
@@ -371,10 +379,14 @@ static void softmax_vjp_rows_f32(const float* y, const float* c, float* d, size_
 }
 
 static void softmax_vjp_rows_f32(const float* y, const float* c, float* d, size_t rows, size_t cols) {
-  size_t lengths[kSoftmaxRows];
-  std::fill(lengths, lengths + kSoftmaxRows, cols);
-  for (size_t r = 0; r < rows; r += kSoftmaxRows)
-    softmax_vjp_rows_f32(y + r * cols, c + r * cols, d + r * cols, cols, lengths, std::min(kSoftmaxRows, rows - r));
+  in_row_groups(rows, cols, [&](size_t at, const size_t* lengths, size_t count) {
+    softmax_vjp_rows_f32(y + at, c + at, d + at, cols, lengths, count);
+  });
+}
+
+// Zeros in each of `count` rows (`stride` apart) from its end to the stride.
+static void zero_past_ends(float* rows, size_t stride, const size_t* ends, size_t count) {
+  for (size_t r = 0; r < count; r++) std::fill(rows + r * stride + ends[r], rows + (r + 1) * stride, 0.0f);
 }
 
 // The cross-entropy of MLX's nn.losses.cross_entropy for class-index targets (its CPU path), one row
@@ -1483,12 +1495,11 @@ static void attend_one_kv_head(const AttentionArgs& a, size_t b, size_t h, std::
     float* block_scores = scores.data() + r0 * a.S;
     if (by_blocks) {
       softmax_rows_f32(block_scores, block_scores, a.S, ends, r1 - r0);
-      for (size_t r = r0; r < r1; r++)  // exp(lowest - max) of every key the row does not see
-        std::fill(block_scores + (r - r0) * a.S + ends[r - r0], block_scores + (r - r0 + 1) * a.S, 0.0f);
+      zero_past_ends(block_scores, a.S, ends, r1 - r0);  // exp(lowest - max) of every key a row does not see
     } else {
       softmax_rows_f32(block_scores, block_scores, r1 - r0, a.S);
     }
-    weighted_values(scores.data() + r0 * a.S, a.S, r1 - r0, v, a.v_strides[2], skip, end, a.S, a.D, a.sums,
+    weighted_values(block_scores, a.S, r1 - r0, v, a.v_strides[2], skip, end, a.S, a.D, a.sums,
                     a.out + (first + r0) * a.D);
   }
 }
@@ -1679,10 +1690,8 @@ static void attention_vjp_one_kv_head(const AttentionVjpArgs& a, size_t b, size_
     float *p = t.weights.data() + r0 * S, *g = t.grads.data() + r0 * S;
     softmax_rows_f32(p, p, S, row_ends, r1 - r0);
     softmax_vjp_rows_f32(p, g, g, S, row_ends, r1 - r0);
-    for (size_t r = 0; r < r1 - r0; r++) {
-      std::fill(p + r * S + row_ends[r], p + (r + 1) * S, 0.0f);  // exp(lowest - max) of every key it does not see
-      std::fill(g + r * S + row_ends[r], g + (r + 1) * S, 0.0f);  // Select's vjp: 0 * d where masked
-    }
+    zero_past_ends(p, S, row_ends, r1 - r0);  // exp(lowest - max) of every key a row does not see
+    zero_past_ends(g, S, row_ends, r1 - r0);  // Select's vjp: 0 * d where masked
     weighted_values(t.grads.data() + r0 * S, S, r1 - r0, k, a.k_strides[2], 0, end, S, D, a.sums, dq + r0 * D);
     scale_f32(dq + r0 * D, a.scale, (r1 - r0) * D);
   }
